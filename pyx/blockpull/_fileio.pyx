@@ -1,0 +1,412 @@
+# cython: language_level=3
+"""One open file: positional and vectored I/O with the GIL released.
+
+Every system call runs inside ``with nogil``; its errno is captured there and raised
+afterwards as the matching ``OSError`` subclass (``FileNotFoundError``, ``PermissionError``,
+...). A test-only fault injector can be attached to a ``File`` (``faults``); when none is
+attached the cost is one pointer comparison per call.
+"""
+from libc.errno cimport errno, EINTR, EINVAL
+from libc.stdint cimport int64_t, uint64_t
+from libc.string cimport memset, strerror
+from cpython.buffer cimport PyObject_GetBuffer, PyBuffer_Release, PyBUF_SIMPLE, PyBUF_WRITABLE
+from cpython.bytes cimport PyBytes_FromStringAndSize, PyBytes_AS_STRING
+from libc.stdlib cimport malloc, free
+import os
+
+cdef extern from "<unistd.h>" nogil:
+    ssize_t pread(int fd, void* buf, size_t n, int64_t off)
+    ssize_t pwrite(int fd, const void* buf, size_t n, int64_t off)
+    int fdatasync(int fd)
+    int fsync(int fd)
+    int close(int fd)
+    int ftruncate(int fd, int64_t length)
+    int64_t lseek(int fd, int64_t off, int whence)
+    int SEEK_END
+    int SEEK_DATA
+    int SEEK_HOLE
+
+cdef extern from "<sys/uio.h>" nogil:
+    struct iovec:
+        void* iov_base
+        size_t iov_len
+    ssize_t pwritev(int fd, const iovec* iov, int cnt, int64_t off)
+    ssize_t preadv(int fd, const iovec* iov, int cnt, int64_t off)
+
+cdef extern from "<fcntl.h>" nogil:
+    int open "open"(const char* path, int flags, int mode)
+    int fallocate(int fd, int mode, int64_t off, int64_t length)
+    int fcntl(int fd, int cmd, ...)
+    int O_RDONLY
+    int O_RDWR
+    int O_CLOEXEC
+    int O_CREAT
+    int O_EXCL
+    int F_OFD_SETLK
+    int F_OFD_GETLK
+    int F_RDLCK
+    int F_WRLCK
+    int F_UNLCK
+    int FALLOC_FL_KEEP_SIZE
+    int FALLOC_FL_PUNCH_HOLE
+    int FALLOC_FL_ZERO_RANGE
+    struct flock:
+        short l_type
+        short l_whence
+        int64_t l_start
+        int64_t l_len
+        int l_pid
+
+cdef extern from "<sys/stat.h>" nogil:
+    struct stat:
+        uint64_t st_dev
+        uint64_t st_ino
+        int64_t st_size
+    int fstat(int fd, stat* st)
+
+DEF IOV_MAX_BATCH = 1024
+
+FALLOC_PUNCH_HOLE = FALLOC_FL_PUNCH_HOLE | FALLOC_FL_KEEP_SIZE
+FALLOC_ZERO_RANGE = FALLOC_FL_ZERO_RANGE
+LOCK_READ = F_RDLCK
+LOCK_WRITE = F_WRLCK
+
+
+cdef raise_errno(int err, object path, str what):
+    raise OSError(err, "%s: %s" % (what, strerror(err).decode("utf-8", "replace")), str(path))
+
+
+cdef class File:
+    """An open file with positional, vectored I/O that releases the GIL.
+
+    ``role`` names the file's place in a chain ("top", "backing") for fault injection
+    and error messages. ``faults`` (tests only) may hold an object with
+    ``check(op, role, offset, length) -> errno-or-0`` and ``record(op, offset, data)``.
+    """
+
+    def __cinit__(self):
+        self.fd = -1
+
+    def __init__(self, path, bint writable=False, str role="top", bint create=False):
+        cdef bytes bpath = os.fsencode(path)
+        cdef const char* cpath = bpath
+        cdef int flags = (O_RDWR if writable else O_RDONLY) | O_CLOEXEC
+        cdef int fd
+        cdef int err = 0
+        if create:
+            flags |= O_CREAT | O_EXCL
+        with nogil:
+            fd = open(cpath, flags, 0o644)
+            if fd < 0:
+                err = errno
+        if fd < 0:
+            raise_errno(err, path, "open")
+        self.fd = fd
+        self.path = os.fspath(path)
+        self.writable = writable
+        self.role = role
+        self.faults = None
+
+    def __dealloc__(self):
+        if self.fd >= 0:
+            close(self.fd)
+            self.fd = -1
+
+    def close(self):
+        """Close the file (idempotent)."""
+        cdef int fd = self.fd
+        self.fd = -1
+        if fd >= 0:
+            with nogil:
+                close(fd)
+
+    @property
+    def closed(self):
+        return self.fd < 0
+
+    cdef int _check_open(self) except -1:
+        if self.fd < 0:
+            raise ValueError("I/O on closed file %r" % (self.path,))
+        return 0
+
+    cdef int _fault(self, str op, int64_t off, int64_t n, object data=None) except -1:
+        cdef int err
+        if self.faults is not None:
+            err = self.faults.check(op, self.role, off, n)
+            if err:
+                raise_errno(err, self.path, op)
+            if data is not None and op == "write":
+                self.faults.record(op, self.path, off, bytes(data))
+        return 0
+
+    cdef int read_full(self, unsigned char* buf, size_t n, int64_t off) except -1:
+        """Read n bytes at off; bytes past the end of file read as zeros."""
+        cdef ssize_t r
+        cdef size_t done = 0
+        cdef int err = 0
+        self._check_open()
+        if self.faults is not None:
+            self._fault("read", off, n)
+        with nogil:
+            while done < n:
+                r = pread(self.fd, buf + done, n - done, off + <int64_t>done)
+                if r < 0:
+                    if errno == EINTR:
+                        continue
+                    err = errno
+                    break
+                if r == 0:
+                    memset(buf + done, 0, n - done)
+                    done = n
+                    break
+                done += r
+        if err:
+            raise_errno(err, self.path, "read")
+        return 0
+
+    cdef int write_full(self, const unsigned char* buf, size_t n, int64_t off) except -1:
+        cdef ssize_t r
+        cdef size_t done = 0
+        cdef int err = 0
+        self._check_open()
+        if self.faults is not None:
+            self._fault("write", off, n, (<const char*>buf)[:n])
+        with nogil:
+            while done < n:
+                r = pwrite(self.fd, buf + done, n - done, off + <int64_t>done)
+                if r < 0:
+                    if errno == EINTR:
+                        continue
+                    err = errno
+                    break
+                done += r
+        if err:
+            raise_errno(err, self.path, "write")
+        return 0
+
+    cdef int writev_full(self, object views, int64_t off) except -1:
+        """Write a list of buffers back to back at off with as few pwritev calls as possible."""
+        cdef Py_ssize_t nv = len(views)
+        cdef Py_ssize_t i, j, start
+        cdef iovec* iov
+        cdef Py_buffer* bufs
+        cdef ssize_t r
+        cdef size_t total = 0, done, skip
+        cdef int cnt, err = 0
+        cdef int64_t pos
+        if nv == 0:
+            return 0
+        self._check_open()
+        if self.faults is not None:
+            pos = off
+            for v in views:
+                self._fault("write", pos, len(v), v)
+                pos += len(v)
+        bufs = <Py_buffer*>malloc(nv * sizeof(Py_buffer))
+        iov = <iovec*>malloc(nv * sizeof(iovec))
+        if bufs == NULL or iov == NULL:
+            free(bufs); free(iov)
+            raise MemoryError()
+        j = 0
+        try:
+            for i in range(nv):
+                PyObject_GetBuffer(views[i], &bufs[i], PyBUF_SIMPLE)
+                j = i + 1
+                iov[i].iov_base = bufs[i].buf
+                iov[i].iov_len = bufs[i].len
+            start = 0
+            pos = off
+            with nogil:
+                while start < nv:
+                    cnt = <int>(nv - start) if nv - start < IOV_MAX_BATCH else IOV_MAX_BATCH
+                    r = pwritev(self.fd, &iov[start], cnt, pos)
+                    if r < 0:
+                        if errno == EINTR:
+                            continue
+                        err = errno
+                        break
+                    pos += r
+                    # advance over fully written vectors, trim a partial one
+                    while r > 0 and start < nv:
+                        if <size_t>r >= iov[start].iov_len:
+                            r -= iov[start].iov_len
+                            start += 1
+                        else:
+                            iov[start].iov_base = <char*>iov[start].iov_base + r
+                            iov[start].iov_len -= r
+                            r = 0
+                    while start < nv and iov[start].iov_len == 0:
+                        start += 1
+        finally:
+            for i in range(j):
+                PyBuffer_Release(&bufs[i])
+            free(bufs)
+            free(iov)
+        if err:
+            raise_errno(err, self.path, "write")
+        return 0
+
+    # ---- Python-visible API -------------------------------------------------------
+
+    def pread(self, int64_t offset, Py_ssize_t length):
+        """Return ``length`` bytes at ``offset`` (zeros past the end of file)."""
+        if length < 0 or offset < 0:
+            raise ValueError("negative offset or length")
+        out = PyBytes_FromStringAndSize(NULL, length)
+        self.read_full(<unsigned char*>PyBytes_AS_STRING(out), length, offset)
+        return out
+
+    def preadinto(self, buf, int64_t offset):
+        """Fill the writable buffer ``buf`` from ``offset``; returns its length. No copy."""
+        cdef Py_buffer pb
+        PyObject_GetBuffer(buf, &pb, PyBUF_WRITABLE)
+        try:
+            self.read_full(<unsigned char*>pb.buf, pb.len, offset)
+            return pb.len
+        finally:
+            PyBuffer_Release(&pb)
+
+    def pwrite(self, data, int64_t offset):
+        """Write all of ``data`` at ``offset``."""
+        cdef Py_buffer pb
+        PyObject_GetBuffer(data, &pb, PyBUF_SIMPLE)
+        try:
+            self.write_full(<const unsigned char*>pb.buf, pb.len, offset)
+            return pb.len
+        finally:
+            PyBuffer_Release(&pb)
+
+    def pwritev(self, views, int64_t offset):
+        """Write the buffers in ``views`` back to back at ``offset`` (vectored)."""
+        self.writev_full(list(views), offset)
+
+    def fdatasync(self):
+        """Make written data (and the metadata needed to read it) durable."""
+        cdef int r, err = 0
+        self._check_open()
+        if self.faults is not None:
+            self._fault("sync", 0, 0)
+            self.faults.record("sync", self.path, 0, None)
+        with nogil:
+            r = fdatasync(self.fd)
+            if r < 0:
+                err = errno
+        if err:
+            raise_errno(err, self.path, "fdatasync")
+
+    def fallocate(self, int64_t offset, int64_t length, int mode=0):
+        """Reserve (mode 0), punch (FALLOC_PUNCH_HOLE) or zero (FALLOC_ZERO_RANGE) a range."""
+        cdef int r, err = 0
+        self._check_open()
+        if self.faults is not None:
+            self._fault("write", offset, length)
+        with nogil:
+            r = fallocate(self.fd, mode, offset, length)
+            if r < 0:
+                err = errno
+        if err:
+            raise_errno(err, self.path, "fallocate")
+
+    def size(self):
+        """Current size of the file in bytes."""
+        cdef stat st
+        cdef int r, err = 0
+        self._check_open()
+        with nogil:
+            r = fstat(self.fd, &st)
+            if r < 0:
+                err = errno
+        if err:
+            raise_errno(err, self.path, "fstat")
+        return st.st_size
+
+    def identity(self):
+        """(st_dev, st_ino) of the open file: two opens of one file compare equal."""
+        cdef stat st
+        self._check_open()
+        if fstat(self.fd, &st) < 0:
+            raise_errno(errno, self.path, "fstat")
+        return (st.st_dev, st.st_ino)
+
+    def truncate(self, int64_t length):
+        """Set the file's size."""
+        cdef int r, err = 0
+        self._check_open()
+        if self.faults is not None:
+            self._fault("write", length, 0)
+        with nogil:
+            r = ftruncate(self.fd, length)
+            if r < 0:
+                err = errno
+        if err:
+            raise_errno(err, self.path, "truncate")
+
+    def next_data(self, int64_t offset):
+        """(data_start, hole_start) at or after offset via SEEK_DATA/SEEK_HOLE, or None
+        when there is no data after offset. Used to map sparse raw files."""
+        cdef int64_t d, h
+        cdef int err = 0
+        self._check_open()
+        with nogil:
+            d = lseek(self.fd, offset, SEEK_DATA)
+            if d < 0:
+                err = errno
+            else:
+                h = lseek(self.fd, d, SEEK_HOLE)
+                if h < 0:
+                    err = errno
+        if err:
+            if err == 6:  # ENXIO: no data past offset
+                return None
+            if err == EINVAL:  # file system without SEEK_DATA: all data
+                return (offset, self.size())
+            raise_errno(err, self.path, "lseek")
+        return (d, h)
+
+    # ---- OFD byte-range locks, as QEMU uses them ----------------------------------
+
+    def lock(self, int64_t start, int exclusive):
+        """Take an OFD lock on byte ``start`` (shared, or exclusive). False if held elsewhere."""
+        cdef flock fl
+        cdef int r, err = 0
+        self._check_open()
+        fl.l_type = F_WRLCK if exclusive else F_RDLCK
+        fl.l_whence = 0
+        fl.l_start = start
+        fl.l_len = 1
+        fl.l_pid = 0
+        r = fcntl(self.fd, F_OFD_SETLK, &fl)
+        if r < 0:
+            err = errno
+            if err in (11, 13):  # EAGAIN, EACCES
+                return False
+            raise_errno(err, self.path, "lock")
+        return True
+
+    def unlock(self, int64_t start):
+        """Drop this file's OFD lock on byte ``start``."""
+        cdef flock fl
+        self._check_open()
+        fl.l_type = F_UNLCK
+        fl.l_whence = 0
+        fl.l_start = start
+        fl.l_len = 1
+        fl.l_pid = 0
+        fcntl(self.fd, F_OFD_SETLK, &fl)
+
+    def lock_conflicts(self, int64_t start, int exclusive):
+        """True if another open file description holds a lock on byte ``start`` that
+        conflicts with a shared (or exclusive) lock taken by this one."""
+        cdef flock fl
+        self._check_open()
+        fl.l_type = F_WRLCK if exclusive else F_RDLCK
+        fl.l_whence = 0
+        fl.l_start = start
+        fl.l_len = 1
+        fl.l_pid = 0
+        if fcntl(self.fd, F_OFD_GETLK, &fl) < 0:
+            raise_errno(errno, self.path, "lock test")
+        return fl.l_type != F_UNLCK
+
+    def __repr__(self):
+        return "<blockpull File %r %s fd=%d>" % (self.path, "rw" if self.writable else "ro", self.fd)

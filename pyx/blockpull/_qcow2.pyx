@@ -1,0 +1,1148 @@
+# cython: language_level=3
+"""qcow2 (versions 2 and 3): header, L1/L2 translation, refcounts, allocation, ordering.
+
+Tables live in memory in their on-disk (big-endian) form so that they can be written
+back without conversion. The L2 and refcount-block caches are bounded. Metadata is
+written back in the order shared/docs/formats.md gives:
+
+1. data clusters are written by the caller (``write`` / the stream loop);
+2. ``flush_metadata``: refcount blocks and brand-new L2 tables are written, fdatasync;
+   new refcount-table entries (rare) are written, fdatasync; then the L2 tables and L1
+   entries that point at the synced clusters are written; the next fdatasync covers them;
+3. reference drops (copy-on-write of shared clusters, overwritten compressed clusters)
+   decrement refcounts only after the new reference is durable.
+
+A crash at any instant therefore leaves at worst leaked clusters, never a reference to a
+cluster whose data or count is not on disk.
+"""
+from libc.stdint cimport int64_t, uint64_t, uint32_t, uint8_t
+from libc.string cimport memcpy, memset, memcmp
+from libc.stdlib cimport malloc, free, calloc
+from cpython.bytes cimport PyBytes_FromStringAndSize, PyBytes_AS_STRING
+
+from blockpull._fileio cimport File
+from blockpull._driver cimport (Driver, KIND_UNALLOC, KIND_DATA, KIND_ZERO,
+                                KIND_COMPRESSED)
+import os
+import struct
+import zlib
+from collections import OrderedDict
+
+from blockpull.errors import ImageFormatError
+
+cdef extern from *:
+    uint64_t bswap64 "__builtin_bswap64"(uint64_t x) nogil
+    uint32_t bswap32 "__builtin_bswap32"(uint32_t x) nogil
+
+MAGIC = b"QFI\xfb"
+EXT_END = 0
+EXT_BACKING_FORMAT = 0xE2792ACA
+EXT_FEATURE_TABLE = 0x6803F857
+EXT_BITMAPS = 0x23852875
+EXT_CRYPTO = 0x0537BE77
+EXT_DATA_FILE = 0x44415441
+
+INCOMPAT_DIRTY = 1
+INCOMPAT_CORRUPT = 2
+INCOMPAT_DATA_FILE = 4
+INCOMPAT_COMPRESSION = 8
+INCOMPAT_EXTL2 = 16
+KNOWN_INCOMPAT = 0x1F
+
+cdef uint64_t OFFSET_MASK = 0x00FFFFFFFFFFFE00ULL
+cdef uint64_t COPIED = 1ULL << 63
+cdef uint64_t COMPRESSED_FLAG = 1ULL << 62
+cdef uint64_t ZERO_FLAG = 1ULL
+
+cdef int64_t MAX_L1_BYTES = 32 * 1024 * 1024
+cdef int64_t MAX_REFTABLE_BYTES = 8 * 1024 * 1024
+cdef int64_t MAX_VIRTUAL_SIZE = 1LL << 61
+cdef int64_t L2_CACHE_BYTES = 32 * 1024 * 1024
+cdef int64_t RB_CACHE_BYTES = 16 * 1024 * 1024
+
+FEATURE_NAMES = [
+    (0, 0, b"dirty bit"), (0, 1, b"corrupt bit"), (0, 2, b"external data file"),
+    (0, 3, b"compression type"), (0, 4, b"extended L2 entries"),
+    (1, 0, b"lazy refcounts"), (2, 0, b"bitmaps"), (2, 1, b"raw external data"),
+]
+
+
+cdef inline uint64_t ld64(const unsigned char* p) noexcept nogil:
+    cdef uint64_t v
+    memcpy(&v, p, 8)
+    return bswap64(v)
+
+
+cdef inline void st64(unsigned char* p, uint64_t v) noexcept nogil:
+    v = bswap64(v)
+    memcpy(p, &v, 8)
+
+
+cdef class Table:
+    """One cluster-sized (or L1-sized) table kept in on-disk byte order."""
+    cdef unsigned char* buf
+    cdef readonly int64_t offset
+    cdef readonly Py_ssize_t nbytes
+    cdef public bint dirty
+    cdef public bint new
+
+    def __cinit__(self, int64_t offset, Py_ssize_t nbytes):
+        self.buf = <unsigned char*>calloc(nbytes if nbytes > 0 else 1, 1)
+        if self.buf == NULL:
+            raise MemoryError()
+        self.offset = offset
+        self.nbytes = nbytes
+
+    def __dealloc__(self):
+        free(self.buf)
+
+    cdef inline uint64_t get(self, Py_ssize_t i) noexcept:
+        return ld64(self.buf + 8 * i)
+
+    cdef inline void put(self, Py_ssize_t i, uint64_t v) noexcept:
+        st64(self.buf + 8 * i, v)
+        self.dirty = True
+
+    cdef bytes tobytes(self):
+        return PyBytes_FromStringAndSize(<char*>self.buf, self.nbytes)
+
+
+def _fmt_err(path, msg):
+    return ImageFormatError("%s: %s" % (path, msg))
+
+
+cdef class Qcow2(Driver):
+    """A qcow2 image file (v2 or v3)."""
+    cdef readonly int version
+    cdef readonly int refcount_order
+    cdef readonly int64_t l1_offset
+    cdef readonly int64_t l1_size
+    cdef readonly int64_t rt_offset
+    cdef readonly int64_t rt_clusters
+    cdef readonly uint64_t incompatible
+    cdef readonly uint64_t compatible
+    cdef readonly uint64_t autoclear
+    cdef readonly int header_length
+    cdef readonly int nb_snapshots
+    cdef readonly int64_t snapshots_offset
+    cdef readonly int compression_type
+    cdef readonly list extensions
+    cdef readonly int64_t backing_offset
+    cdef readonly int backing_size
+    cdef int l2_bits
+    cdef int64_t l2_entries
+    cdef int rb_bits
+    cdef int64_t rb_entries
+    cdef uint64_t rc_max
+    cdef Table l1
+    cdef Table reftable
+    cdef object l2_cache          # OrderedDict offset -> Table
+    cdef object rb_cache          # OrderedDict index -> Table
+    cdef int64_t l2_cache_max
+    cdef int64_t rb_cache_max
+    cdef set l1_dirty             # dirty L1 indexes
+    cdef set rt_dirty             # reftable indexes that point at new blocks
+    cdef bint rt_moved
+    cdef tuple rt_old             # (offset, clusters) of a replaced reftable
+    cdef readonly int64_t next_free
+    cdef readonly int64_t syncs
+    cdef list free_waiting        # reference dropped in memory, not yet written
+    cdef list free_after_sync     # reference drop written, durable after the next sync
+    cdef bint autoclear_done
+    cdef int64_t file_size
+    cdef object zstd_dctx
+    cdef int64_t last_comp_vcluster
+    cdef bytes last_comp_data
+    cdef public object lock
+
+    def __init__(self, File f, bint writable):
+        self.file = f
+        self.writable = writable
+        self.format = "qcow2"
+        self.l2_cache = OrderedDict()
+        self.rb_cache = OrderedDict()
+        self.l1_dirty = set()
+        self.rt_dirty = set()
+        self.free_waiting = []
+        self.free_after_sync = []
+        self.last_comp_vcluster = -1
+        self._parse()
+
+    # ---- header -----------------------------------------------------------------
+
+    def _parse(self):
+        path = self.file.path
+        self.file_size = self.file.size()
+        if self.file_size < 72:
+            raise _fmt_err(path, "file is too short for a qcow2 header (%d bytes)" % self.file_size)
+        hdr = self.file.pread(0, 112 if self.file_size >= 112 else 72)
+        if hdr[:4] != MAGIC:
+            raise _fmt_err(path, "not a qcow2 image (bad magic)")
+        (version, bfo, bfs, cbits, size, crypt, l1_size, l1_off, rt_off, rt_cl,
+         nb_snap, snap_off) = struct.unpack(">IQIIQIIQQIIQ", hdr[4:72])
+        if version not in (2, 3):
+            raise _fmt_err(path, "unsupported qcow2 version %d (only 2 and 3)" % version)
+        self.version = version
+        if not 9 <= cbits <= 21:
+            raise _fmt_err(path, "cluster_bits %d out of range 9..21" % cbits)
+        self.cluster_bits = cbits
+        self.cluster_size = 1 << cbits
+        cs = self.cluster_size
+        if crypt != 0:
+            raise _fmt_err(path, "encrypted images (crypt_method %d) are not supported" % crypt)
+        if size > MAX_VIRTUAL_SIZE:
+            raise _fmt_err(path, "virtual size %d is too large" % size)
+        self.size = size
+        if version == 3:
+            if self.file_size < 104:
+                raise _fmt_err(path, "file is too short for a qcow2 v3 header")
+            (self.incompatible, self.compatible, self.autoclear, rorder,
+             hlen) = struct.unpack(">QQQII", hdr[72:104])
+            if hlen < 104 or hlen % 8 or hlen > cs:
+                raise _fmt_err(path, "header_length %d invalid" % hlen)
+            if not 0 <= rorder <= 6:
+                raise _fmt_err(path, "refcount_order %d out of range 0..6" % rorder)
+            self.header_length = hlen
+            self.refcount_order = rorder
+            if hlen > 104:
+                self.compression_type = hdr[104] if len(hdr) > 104 else 0
+        else:
+            self.incompatible = self.compatible = self.autoclear = 0
+            self.refcount_order = 4
+            self.header_length = 72
+        unknown = self.incompatible & ~KNOWN_INCOMPAT
+        if unknown:
+            raise _fmt_err(path, "unknown incompatible feature bits 0x%x; this image needs a newer tool" % unknown)
+        if self.incompatible & INCOMPAT_DATA_FILE:
+            raise _fmt_err(path, "external data files (incompatible bit 2) are not supported")
+        if self.incompatible & INCOMPAT_EXTL2:
+            raise _fmt_err(path, "extended L2 entries (incompatible bit 4) are not supported")
+        if self.incompatible & INCOMPAT_COMPRESSION:
+            if self.compression_type not in (0, 1):
+                raise _fmt_err(path, "unknown compression type %d" % self.compression_type)
+        elif self.compression_type != 0:
+            raise _fmt_err(path, "compression type %d set without incompatible bit 3" % self.compression_type)
+        if self.writable and self.incompatible & INCOMPAT_CORRUPT:
+            raise _fmt_err(path, "image is marked corrupt; repair it (qemu-img check -r all) "
+                           "or open it read-only")
+        if self.writable and self.incompatible & INCOMPAT_DIRTY:
+            raise _fmt_err(path, "image is marked dirty (refcounts may be stale); run "
+                           "'qemu-img check -r all' on it or open it read-only")
+        self.l2_bits = cbits - 3
+        self.l2_entries = 1 << self.l2_bits
+        self.rb_bits = cbits + 3 - self.refcount_order
+        self.rb_entries = 1LL << self.rb_bits
+        self.rc_max = (1ULL << (1 << self.refcount_order)) - 1 if self.refcount_order < 6 else <uint64_t>-1
+        # L1
+        need_l1 = (size + (1 << (cbits + self.l2_bits)) - 1) >> (cbits + self.l2_bits)
+        if l1_size * 8 > MAX_L1_BYTES:
+            raise _fmt_err(path, "L1 table of %d entries is too large" % l1_size)
+        if l1_size < need_l1:
+            raise _fmt_err(path, "L1 table (%d entries) too small for virtual size %d" % (l1_size, size))
+        if l1_size and (l1_off % cs or l1_off == 0):
+            raise _fmt_err(path, "L1 table offset 0x%x is not cluster aligned" % l1_off)
+        if l1_size and l1_off + l1_size * 8 > self.file_size:
+            raise _fmt_err(path, "L1 table at 0x%x lies past the end of the file" % l1_off)
+        self.l1_offset = l1_off
+        self.l1_size = l1_size
+        self.l1 = Table(l1_off, l1_size * 8)
+        if l1_size:
+            self.file.read_full(self.l1.buf, l1_size * 8, l1_off)
+        # refcount table
+        if rt_cl == 0 or rt_cl * cs > MAX_REFTABLE_BYTES:
+            raise _fmt_err(path, "refcount table size %d clusters invalid" % rt_cl)
+        if rt_off % cs or rt_off == 0:
+            raise _fmt_err(path, "refcount table offset 0x%x is not cluster aligned" % rt_off)
+        if rt_off + rt_cl * cs > self.file_size:
+            raise _fmt_err(path, "refcount table at 0x%x lies past the end of the file" % rt_off)
+        self.rt_offset = rt_off
+        self.rt_clusters = rt_cl
+        self.reftable = Table(rt_off, rt_cl * cs)
+        self.file.read_full(self.reftable.buf, rt_cl * cs, rt_off)
+        # snapshots
+        if nb_snap:
+            if nb_snap > 65536:
+                raise _fmt_err(path, "too many snapshots (%d)" % nb_snap)
+            if snap_off % cs or snap_off == 0 or snap_off >= self.file_size:
+                raise _fmt_err(path, "snapshot table offset 0x%x invalid" % snap_off)
+        self.nb_snapshots = nb_snap
+        self.snapshots_offset = snap_off
+        # header extensions and backing file name
+        cluster0 = self.file.pread(0, min(cs, self.file_size))
+        self.extensions = []
+        self.backing_format = None
+        off = self.header_length
+        end = bfo if (bfo and bfo < cs) else cs
+        while True:
+            if off + 8 > end:
+                break  # no end marker before the name/cluster end: tolerate like QEMU
+            etype, elen = struct.unpack(">II", cluster0[off:off + 8])
+            if etype == EXT_END:
+                break
+            if off + 8 + elen > end:
+                raise _fmt_err(path, "header extension 0x%x overruns the header cluster" % etype)
+            data = cluster0[off + 8:off + 8 + elen]
+            if etype == EXT_BACKING_FORMAT:
+                try:
+                    self.backing_format = data.decode("ascii")
+                except UnicodeDecodeError:
+                    raise _fmt_err(path, "backing format name is not ASCII")
+            elif etype == EXT_CRYPTO:
+                raise _fmt_err(path, "encryption header extension present: encrypted images are not supported")
+            self.extensions.append((etype, data, off))
+            off += 8 + ((elen + 7) & ~7)
+        self.backing_name = None
+        self.backing_offset = bfo
+        self.backing_size = bfs
+        if bfo:
+            if bfs == 0 or bfs > 1023:
+                raise _fmt_err(path, "backing file name length %d invalid (1..1023)" % bfs)
+            if bfo + bfs > cs or bfo < 72:
+                raise _fmt_err(path, "backing file name lies outside the header cluster")
+            raw = cluster0[bfo:bfo + bfs]
+            if len(raw) != bfs:
+                raise _fmt_err(path, "backing file name lies past the end of the file")
+            if b"\0" in raw:
+                raise _fmt_err(path, "backing file name contains a NUL byte")
+            self.backing_name = raw.decode("utf-8", "surrogateescape")
+        self.has_zero_flag = version == 3
+        per_table = self.cluster_size
+        self.l2_cache_max = max(16, L2_CACHE_BYTES // per_table)
+        self.rb_cache_max = max(16, RB_CACHE_BYTES // per_table)
+        self.next_free = (self.file_size + cs - 1) >> cbits
+        self.autoclear_done = self.autoclear == 0
+
+    # ---- tables -----------------------------------------------------------------
+
+    cdef Table _load_l2(self, int64_t off):
+        cdef Table t = self.l2_cache.get(off)
+        if t is not None:
+            self.l2_cache.move_to_end(off)
+            return t
+        if off % self.cluster_size or off + self.cluster_size > max(self.file_size, self.next_free << self.cluster_bits):
+            raise _fmt_err(self.file.path, "L2 table offset 0x%x invalid" % off)
+        t = Table(off, self.cluster_size)
+        self.file.read_full(t.buf, self.cluster_size, off)
+        self._cache_put_l2(t)
+        return t
+
+    cdef _cache_put_l2(self, Table t):
+        cdef Table old
+        self.l2_cache[t.offset] = t
+        if len(self.l2_cache) > self.l2_cache_max:
+            # evict the least recently used clean table; flush when all are dirty
+            for k in list(self.l2_cache.keys())[:len(self.l2_cache) - self.l2_cache_max]:
+                old = self.l2_cache[k]
+                if old.dirty or old.new:
+                    self.flush_metadata()
+                self.l2_cache.pop(k, None)
+
+    cdef inline uint64_t _l2_entry(self, int64_t cluster) except? 0xFFFFFFFFFFFFFFFF:
+        cdef int64_t l1i = cluster >> self.l2_bits
+        cdef uint64_t l1e
+        cdef int64_t l2off
+        if l1i >= self.l1_size:
+            return 0
+        l1e = self.l1.get(l1i)
+        l2off = l1e & OFFSET_MASK
+        if l2off == 0:
+            return 0
+        return self._load_l2(l2off).get(cluster & (self.l2_entries - 1))
+
+    cpdef tuple block_status(self, int64_t vaddr, int64_t n):
+        cdef int64_t cs = self.cluster_size
+        cdef int64_t c = vaddr >> self.cluster_bits
+        cdef int64_t inoff = vaddr & (cs - 1)
+        cdef int64_t l1i = c >> self.l2_bits
+        cdef int64_t l2i, run, i, span_end, limit
+        cdef uint64_t e, e2, off, host0
+        cdef int kind, k2
+        cdef Table t
+        if vaddr >= self.size:
+            return (KIND_UNALLOC, n, 0)
+        limit = min(n, self.size - vaddr)
+        if l1i >= self.l1_size or (self.l1.get(l1i) & OFFSET_MASK) == 0:
+            # skip every unallocated L1 range at once: cost follows the data
+            i = l1i + 1
+            while i < self.l1_size and (self.l1.get(i) & OFFSET_MASK) == 0 and \
+                    ((i << (self.l2_bits + self.cluster_bits)) - vaddr) < limit:
+                i += 1
+            run = (i << (self.l2_bits + self.cluster_bits)) - vaddr
+            return (KIND_UNALLOC, min(run, limit), 0)
+        t = self._load_l2(self.l1.get(l1i) & OFFSET_MASK)
+        l2i = c & (self.l2_entries - 1)
+        e = t.get(l2i)
+        kind = self._kind(e)
+        off = e & OFFSET_MASK
+        if kind == KIND_DATA and off & (cs - 1):
+            raise _fmt_err(self.file.path, "L2 entry for cluster %d points at unaligned offset 0x%x" % (c, off))
+        if kind == KIND_COMPRESSED:
+            return (KIND_COMPRESSED, min(cs - inoff, limit), 0)
+        host0 = off
+        run = cs - inoff
+        i = l2i + 1
+        while run < limit and i < self.l2_entries:
+            e2 = t.get(i)
+            k2 = self._kind(e2)
+            if k2 != kind:
+                break
+            if kind == KIND_DATA and (e2 & OFFSET_MASK) != host0 + (i - l2i) * cs:
+                break
+            run += cs
+            i += 1
+        return (kind, min(run, limit), (host0 + inoff) if kind == KIND_DATA else 0)
+
+    cdef inline int _kind(self, uint64_t e) noexcept:
+        if e & COMPRESSED_FLAG:
+            return KIND_COMPRESSED
+        if self.version == 3 and (e & ZERO_FLAG):
+            return KIND_ZERO
+        if e & OFFSET_MASK:
+            return KIND_DATA
+        return KIND_UNALLOC
+
+    cdef int read_layer(self, int64_t vaddr, unsigned char* out, int64_t n, int kind,
+                        int64_t host) except -1:
+        cdef int64_t cs = self.cluster_size
+        cdef int64_t inoff, c
+        cdef bytes plain
+        if kind == KIND_DATA:
+            self.file.read_full(out, n, host)
+        elif kind == KIND_ZERO:
+            memset(out, 0, n)
+        elif kind == KIND_COMPRESSED:
+            c = vaddr >> self.cluster_bits
+            inoff = vaddr & (cs - 1)
+            if inoff + n > cs:
+                raise ValueError("compressed read crosses a cluster")
+            plain = self._decompress(c)
+            memcpy(out, PyBytes_AS_STRING(plain) + inoff, n)
+        else:
+            raise ValueError("read_layer of an unallocated range")
+        return 0
+
+    cdef bytes _decompress(self, int64_t c):
+        cdef uint64_t e
+        cdef int x, nb_bits
+        cdef int64_t coff, nsect, clen
+        if c == self.last_comp_vcluster:
+            return self.last_comp_data
+        e = self._l2_entry(c)
+        x = 62 - (self.cluster_bits - 8)
+        coff = e & ((1ULL << x) - 1)
+        nsect = ((e >> x) & ((1ULL << (self.cluster_bits - 8)) - 1)) + 1
+        clen = nsect * 512 - (coff & 511)
+        if coff >= self.file_size:
+            raise _fmt_err(self.file.path, "compressed cluster %d lies past the end of the file" % c)
+        clen = min(clen, self.file_size - coff)
+        comp = self.file.pread(coff, clen)
+        cs = self.cluster_size
+        try:
+            if self.compression_type == 0:
+                d = zlib.decompressobj(-12)
+                plain = d.decompress(comp, cs)
+            else:
+                if self.zstd_dctx is None:
+                    import zstandard
+                    self.zstd_dctx = zstandard.ZstdDecompressor()
+                plain = self._zstd(comp, cs)
+        except zlib.error as exc:
+            raise _fmt_err(self.file.path, "compressed cluster %d is corrupt (%s)" % (c, exc))
+        if len(plain) != cs:
+            raise _fmt_err(self.file.path, "compressed cluster %d decompresses to %d bytes, not %d" % (c, len(plain), cs))
+        self.last_comp_vcluster = c
+        self.last_comp_data = plain
+        return plain
+
+    def _zstd(self, comp, int64_t cs):
+        import zstandard
+        out = bytearray()
+        pos = 0
+        try:
+            while len(out) < cs and pos < len(comp):
+                dobj = self.zstd_dctx.decompressobj()
+                chunk = dobj.decompress(comp[pos:])
+                out += chunk
+                rest = dobj.unused_data
+                if not dobj.eof:
+                    break
+                pos = len(comp) - len(rest)
+        except zstandard.ZstdError as exc:
+            raise _fmt_err(self.file.path, "zstd compressed cluster is corrupt (%s)" % exc)
+        return bytes(out[:cs]) if len(out) >= cs else bytes(out)
+
+    # ---- refcounts ----------------------------------------------------------------
+
+    cdef Table _refblock(self, int64_t idx, bint create):
+        cdef Table t = self.rb_cache.get(idx)
+        cdef uint64_t e
+        cdef int64_t off
+        if t is not None:
+            self.rb_cache.move_to_end(idx)
+            return t
+        if idx >= (self.reftable.nbytes >> 3):
+            return None
+        e = self.reftable.get(idx)
+        off = e & ~(<uint64_t>0x1FF)
+        if off == 0:
+            return None
+        if off % self.cluster_size:
+            raise _fmt_err(self.file.path, "refcount block offset 0x%x is not aligned" % off)
+        t = Table(off, self.cluster_size)
+        self.file.read_full(t.buf, self.cluster_size, off)
+        self.rb_cache[idx] = t
+        if len(self.rb_cache) > self.rb_cache_max:
+            for k in list(self.rb_cache.keys())[:len(self.rb_cache) - self.rb_cache_max]:
+                old = <Table>self.rb_cache[k]
+                if old.new:
+                    continue  # its reftable entry is not yet durable
+                if old.dirty:
+                    self.file.write_full(old.buf, old.nbytes, old.offset)
+                    old.dirty = False
+                del self.rb_cache[k]
+        return t
+
+    cdef uint64_t _rc_get_in(self, Table t, int64_t i) noexcept:
+        cdef int order = self.refcount_order
+        cdef int bits
+        cdef int64_t byte, shift
+        cdef uint64_t v = 0
+        cdef int k
+        if order == 4:
+            return (<uint64_t>t.buf[2 * i] << 8) | t.buf[2 * i + 1]
+        if order >= 3:
+            bits = 1 << order
+            for k in range(bits >> 3):
+                v = (v << 8) | t.buf[i * (bits >> 3) + k]
+            return v
+        bits = 1 << order
+        byte = (i * bits) >> 3
+        shift = (i * bits) & 7
+        return (t.buf[byte] >> shift) & ((1 << bits) - 1)
+
+    cdef void _rc_set_in(self, Table t, int64_t i, uint64_t v) noexcept:
+        cdef int order = self.refcount_order
+        cdef int bits, k, nb
+        cdef int64_t byte, shift
+        cdef unsigned char mask
+        if order >= 3:
+            bits = 1 << order
+            nb = bits >> 3
+            for k in range(nb - 1, -1, -1):
+                t.buf[i * nb + k] = v & 0xFF
+                v >>= 8
+        else:
+            bits = 1 << order
+            byte = (i * bits) >> 3
+            shift = (i * bits) & 7
+            mask = ((1 << bits) - 1) << shift
+            t.buf[byte] = (t.buf[byte] & ~mask) | ((v << shift) & mask)
+        t.dirty = True
+
+    def refcount(self, int64_t cluster):
+        """Refcount of host cluster ``cluster`` (0 where no refcount block covers it)."""
+        cdef Table t = self._refblock(cluster >> self.rb_bits, False)
+        if t is None:
+            return 0
+        return self._rc_get_in(t, cluster & (self.rb_entries - 1))
+
+    cdef int _rc_add(self, int64_t cluster, int delta) except -1:
+        cdef Table t = self._refblock(cluster >> self.rb_bits, False)
+        cdef uint64_t v
+        if t is None:
+            if delta < 0:
+                raise _fmt_err(self.file.path, "freeing cluster %d that has no refcount block" % cluster)
+            raise RuntimeError("refcount block missing for cluster %d" % cluster)
+        v = self._rc_get_in(t, cluster & (self.rb_entries - 1))
+        if delta < 0 and v == 0:
+            raise _fmt_err(self.file.path, "refcount of cluster %d would drop below zero" % cluster)
+        if delta > 0 and v >= self.rc_max:
+            raise _fmt_err(self.file.path, "refcount of cluster %d would overflow" % cluster)
+        self._rc_set_in(t, cluster & (self.rb_entries - 1), v + delta)
+        return 0
+
+    cdef int _ensure_reftable(self, int64_t idx) except -1:
+        """Grow the in-memory refcount table so that entry ``idx`` exists. The new table
+        is written and switched to at the next flush."""
+        cdef int64_t cs = self.cluster_size
+        cdef int64_t entries = self.reftable.nbytes >> 3
+        cdef int64_t new_entries, new_clusters, start, c
+        cdef Table nt
+        if idx < entries:
+            return 0
+        new_entries = max(idx + 1, entries) * 2
+        new_clusters = (new_entries * 8 + cs - 1) // cs
+        if new_clusters * cs > MAX_REFTABLE_BYTES:
+            raise _fmt_err(self.file.path, "image too large: refcount table would exceed %d bytes" % MAX_REFTABLE_BYTES)
+        nt = Table(0, new_clusters * cs)
+        memcpy(nt.buf, self.reftable.buf, self.reftable.nbytes)
+        start = self.next_free
+        self.next_free += new_clusters
+        nt.offset = start << self.cluster_bits
+        if not self.rt_moved:
+            self.rt_old = (self.rt_offset, self.rt_clusters)
+        else:
+            # an unwritten replacement is replaced again: give its clusters back
+            self._free_now(self.rt_offset >> self.cluster_bits, self.rt_clusters)
+        self.reftable = nt
+        self.rt_offset = nt.offset
+        self.rt_clusters = new_clusters
+        self.rt_moved = True
+        for c in range(start, start + new_clusters):
+            self._count_new(c)
+        return 0
+
+    cdef int _count_new(self, int64_t c) except -1:
+        """Set refcount 1 on a just-reserved cluster, creating its refcount block."""
+        cdef int64_t idx = c >> self.rb_bits
+        cdef Table rb = self._refblock(idx, False)
+        cdef int64_t b
+        if rb is None:
+            self._ensure_reftable(idx)
+            b = self.next_free
+            self.next_free += 1
+            rb = Table(b << self.cluster_bits, self.cluster_size)
+            rb.new = True
+            rb.dirty = True
+            self.rb_cache[idx] = rb
+            self.reftable.put(idx, <uint64_t>(b << self.cluster_bits))
+            self.rt_dirty.add(idx)
+            self._count_new(b)
+        self._rc_add(c, 1)
+        return 0
+
+    cpdef int64_t alloc_clusters(self, int64_t n) except -1:
+        cdef int64_t start, c
+        if not self.writable:
+            raise PermissionError("image %s is open read-only" % self.file.path)
+        self._autoclear()
+        # refcount blocks for the range may themselves need clusters: reserve those first
+        while True:
+            start = self.next_free
+            for c in range(start, start + n):
+                if self._refblock(c >> self.rb_bits, False) is None:
+                    break
+            else:
+                break
+            self._count_new_block_for(c >> self.rb_bits)
+        start = self.next_free
+        self.next_free += n
+        for c in range(start, start + n):
+            self._rc_add(c, 1)
+        return start << self.cluster_bits
+
+    cdef int _count_new_block_for(self, int64_t idx) except -1:
+        cdef int64_t b
+        cdef Table rb
+        self._ensure_reftable(idx)
+        if self._refblock(idx, False) is not None:
+            return 0
+        b = self.next_free
+        self.next_free += 1
+        rb = Table(b << self.cluster_bits, self.cluster_size)
+        rb.new = True
+        rb.dirty = True
+        self.rb_cache[idx] = rb
+        self.reftable.put(idx, <uint64_t>(b << self.cluster_bits))
+        self.rt_dirty.add(idx)
+        self._count_new(b)
+        return 0
+
+    cdef int _free_now(self, int64_t c, int64_t n) except -1:
+        cdef int64_t i
+        for i in range(c, c + n):
+            self._rc_add(i, -1)
+        return 0
+
+    cpdef free_clusters(self, int64_t host, int64_t n):
+        # never referenced: the count can drop at once
+        self._free_now(host >> self.cluster_bits, n)
+
+    cdef _drop_ref(self, int64_t host_cluster, int64_t n):
+        """A reference to these clusters was removed in memory: decrement their counts only
+        once that removal is durable."""
+        self.free_waiting.append((host_cluster, n))
+
+    cdef _autoclear(self):
+        """Clear autoclear feature bits we do not maintain before the first change."""
+        cdef unsigned char b[8]
+        if self.autoclear_done:
+            return
+        self.autoclear_done = True
+        if self.version == 3 and self.autoclear:
+            self.autoclear = 0
+            memset(b, 0, 8)
+            self.file.write_full(b, 8, 88)
+            self._sync()
+
+    # ---- writes -------------------------------------------------------------------
+
+    cdef Table _l2_for_write(self, int64_t l1i):
+        """The L2 table for L1 entry l1i, allocated or copied so that it may be written."""
+        cdef uint64_t l1e
+        cdef int64_t off, newoff
+        cdef Table t, nt
+        if l1i >= self.l1_size:
+            raise _fmt_err(self.file.path, "write past the L1 table")
+        l1e = self.l1.get(l1i)
+        off = l1e & OFFSET_MASK
+        if off == 0:
+            newoff = self.alloc_clusters(1)
+            nt = Table(newoff, self.cluster_size)
+            nt.new = True
+            nt.dirty = True
+            self._cache_put_l2(nt)
+            self.l1.put(l1i, <uint64_t>newoff | COPIED)
+            self.l1_dirty.add(l1i)
+            return nt
+        t = self._load_l2(off)
+        if l1e & COPIED:
+            return t
+        if self.refcount(off >> self.cluster_bits) == 1:
+            self.l1.put(l1i, l1e | COPIED)
+            self.l1_dirty.add(l1i)
+            return t
+        # shared with a snapshot: copy the table, never write the shared one
+        newoff = self.alloc_clusters(1)
+        nt = Table(newoff, self.cluster_size)
+        memcpy(nt.buf, t.buf, self.cluster_size)
+        nt.new = True
+        nt.dirty = True
+        self._cache_put_l2(nt)
+        self.l1.put(l1i, <uint64_t>newoff | COPIED)
+        self.l1_dirty.add(l1i)
+        self._drop_ref(off >> self.cluster_bits, 1)
+        return nt
+
+    cdef bint _writable_in_place(self, uint64_t e):
+        cdef int64_t off = e & OFFSET_MASK
+        if e & COMPRESSED_FLAG or off == 0:
+            return False
+        if self.version == 3 and e & ZERO_FLAG:
+            return False
+        if e & COPIED:
+            return True
+        return self.refcount(off >> self.cluster_bits) == 1
+
+    cpdef write(self, int64_t vaddr, object data, object fill):
+        cdef const unsigned char[::1] src
+        cdef int64_t cs = self.cluster_size
+        cdef int64_t n, pos, v, c, coff, take, run_start, run_n, i, host, k
+        cdef uint64_t e, e2
+        cdef Table t
+        cdef bytearray buf
+        cdef unsigned char[::1] bv
+        if not self.writable:
+            raise PermissionError("image %s is open read-only" % self.file.path)
+        src = memoryview(data).cast("B")
+        n = src.shape[0]
+        if vaddr < 0 or vaddr + n > self.size:
+            raise ValueError("write [%d, %d) outside the virtual size %d" % (vaddr, vaddr + n, self.size))
+        self._autoclear()
+        pos = 0
+        while pos < n:
+            v = vaddr + pos
+            c = v >> self.cluster_bits
+            coff = v & (cs - 1)
+            take = min(cs - coff, n - pos)
+            e = self._l2_entry(c)
+            if self._writable_in_place(e):
+                # in place: extend over following clusters that are contiguous on the host
+                host = (e & OFFSET_MASK) + coff
+                run_n = take
+                k = 1
+                while pos + run_n < n:
+                    e2 = self._l2_entry(c + k)
+                    if not self._writable_in_place(e2) or (e2 & OFFSET_MASK) != (e & OFFSET_MASK) + k * cs:
+                        break
+                    run_n += min(cs, n - pos - run_n)
+                    k += 1
+                self.file.write_full(&src[pos], run_n, host)
+                if not (e & COPIED):
+                    self._set_l2(c, e | COPIED)
+                pos += run_n
+                continue
+            # allocate: a run of clusters that all need new space
+            run_start = c
+            k = 1
+            while pos + (k * cs - coff) < n and k < 256:
+                e2 = self._l2_entry(c + k)
+                if self._writable_in_place(e2):
+                    break
+                k += 1
+            run_n = min(k * cs - coff, n - pos)
+            buf = bytearray(k * cs)
+            bv = buf
+            # fill the head and tail clusters that the write covers only in part
+            if coff:
+                self._old_content(c, bv[:cs], fill)
+            if (coff + run_n) & (cs - 1):
+                self._old_content(c + k - 1, bv[(k - 1) * cs:], fill)
+            memcpy(&bv[coff], &src[pos], run_n)
+            host = self.alloc_clusters(k)
+            self.file.write_full(&bv[0], k * cs, host)
+            for i in range(k):
+                self._replace(c + i, <uint64_t>(host + i * cs) | COPIED)
+            pos += run_n
+
+    cdef _old_content(self, int64_t c, unsigned char[::1] out, object fill):
+        """What cluster c reads now, into out (one cluster)."""
+        cdef uint64_t e = self._l2_entry(c)
+        cdef int kind = self._kind(e)
+        cdef int64_t cs = self.cluster_size
+        cdef int64_t vc = c << self.cluster_bits
+        cdef int64_t want = min(cs, self.size - vc)
+        if kind == KIND_UNALLOC:
+            memset(&out[0], 0, cs)
+            if fill is not None and want > 0:
+                fill(vc, out[:want])
+        elif kind == KIND_ZERO:
+            memset(&out[0], 0, cs)
+        elif kind == KIND_COMPRESSED:
+            self.read_layer(vc, &out[0], cs, kind, 0)
+        else:
+            self.file.read_full(&out[0], cs, e & OFFSET_MASK)
+
+    cdef _set_l2(self, int64_t c, uint64_t e):
+        cdef Table t = self._l2_for_write(c >> self.l2_bits)
+        t.put(c & (self.l2_entries - 1), e)
+
+    cdef _replace(self, int64_t c, uint64_t newe):
+        """Point cluster c at newe, dropping what it referenced before."""
+        cdef Table t = self._l2_for_write(c >> self.l2_bits)
+        cdef int64_t i = c & (self.l2_entries - 1)
+        cdef uint64_t old = t.get(i)
+        cdef int64_t off
+        cdef int x
+        cdef int64_t coff, nsect, first, last
+        t.put(i, newe)
+        if old & COMPRESSED_FLAG:
+            x = 62 - (self.cluster_bits - 8)
+            coff = old & ((1ULL << x) - 1)
+            nsect = ((old >> x) & ((1ULL << (self.cluster_bits - 8)) - 1)) + 1
+            first = coff >> self.cluster_bits
+            last = ((coff & ~511) + nsect * 512 - 1) >> self.cluster_bits
+            self._drop_ref(first, last - first + 1)
+            if c == self.last_comp_vcluster:
+                self.last_comp_vcluster = -1
+        else:
+            off = old & OFFSET_MASK
+            if off:
+                self._drop_ref(off >> self.cluster_bits, 1)
+
+    cpdef bint link(self, int64_t vaddr, int64_t host) except -1:
+        cdef int64_t c = vaddr >> self.cluster_bits
+        if self._l2_entry(c) != 0:
+            return False
+        self._set_l2(c, <uint64_t>host | COPIED)
+        return True
+
+    cpdef bint link_zero(self, int64_t vaddr) except -1:
+        cdef int64_t c = vaddr >> self.cluster_bits
+        if self.version < 3:
+            raise ValueError("qcow2 v2 has no zero clusters")
+        if self._l2_entry(c) != 0:
+            return False
+        self._set_l2(c, ZERO_FLAG)
+        return True
+
+    def write_zeroes(self, int64_t vaddr, int64_t n, object fill, bint backed):
+        """Make [vaddr, vaddr+n) read zeros: zero flags for whole clusters on v3,
+        zero data elsewhere (and on v2 where a backing file would show through)."""
+        cdef int64_t cs = self.cluster_size
+        cdef int64_t end = vaddr + n, v = vaddr, c, nxt
+        cdef uint64_t e
+        while v < end:
+            c = v >> self.cluster_bits
+            nxt = min((c + 1) << self.cluster_bits, end)
+            if (v & (cs - 1)) == 0 and nxt - v == cs:
+                e = self._l2_entry(c)
+                if self.version == 3:
+                    if e != ZERO_FLAG:
+                        self._autoclear()
+                        self._replace(c, ZERO_FLAG)
+                    v = nxt
+                    continue
+                if e == 0 and not backed:
+                    v = nxt
+                    continue
+            self.write(v, bytes(nxt - v), fill)
+            v = nxt
+
+    # ---- ordering -----------------------------------------------------------------
+
+    cdef _sync(self):
+        self.file.fdatasync()
+        self.syncs += 1
+        if self.free_after_sync:
+            pending = self.free_after_sync
+            self.free_after_sync = []
+            for c, n in pending:
+                self._free_now(c, n)
+
+    cdef _write_refblocks(self):
+        cdef Table t
+        for t in self.rb_cache.values():
+            if t.dirty:
+                self.file.write_full(t.buf, t.nbytes, t.offset)
+                t.dirty = False
+
+    cpdef flush_metadata(self):
+        cdef Table t
+        cdef unsigned char hdr[12]
+        cdef int64_t idx, sect
+        if not self.writable:
+            return
+        # 1. counts and new tables, then a sync that also covers the data written so far
+        self._write_refblocks()
+        for t in list(self.l2_cache.values()):
+            if t.new:
+                self.file.write_full(t.buf, t.nbytes, t.offset)
+        if self.rt_moved:
+            self.file.write_full(self.reftable.buf, self.reftable.nbytes, self.reftable.offset)
+        self._sync()
+        if self.rt_moved:
+            st64(hdr, self.rt_offset)
+            (<uint32_t*>(hdr + 8))[0] = bswap32(<uint32_t>self.rt_clusters)
+            self.file.write_full(hdr, 12, 48)
+            self._sync()
+            old_off, old_cl = self.rt_old
+            self.free_after_sync.append((old_off >> self.cluster_bits, old_cl))
+            self.rt_moved = False
+            self.rt_dirty.clear()
+            for t in self.rb_cache.values():
+                t.new = False
+        elif self.rt_dirty:
+            for sect in sorted({(i * 8) & ~511 for i in self.rt_dirty}):
+                self.file.write_full(self.reftable.buf + sect,
+                                     min(512, self.reftable.nbytes - sect),
+                                     self.reftable.offset + sect)
+            self.rt_dirty.clear()
+            self._sync()
+            for t in self.rb_cache.values():
+                t.new = False
+        # 2. the references: L2 tables and L1 entries
+        for t in list(self.l2_cache.values()):
+            if t.new:
+                t.new = False
+                t.dirty = False
+            elif t.dirty:
+                self.file.write_full(t.buf, t.nbytes, t.offset)
+                t.dirty = False
+        if self.l1_dirty:
+            for sect in sorted({(i * 8) & ~511 for i in self.l1_dirty}):
+                self.file.write_full(self.l1.buf + sect, min(512, self.l1.nbytes - sect),
+                                     self.l1.offset + sect)
+            self.l1_dirty.clear()
+            self.l1.dirty = False
+        # 3. dropped references become free after the next sync
+        self.free_after_sync.extend(self.free_waiting)
+        self.free_waiting = []
+
+    cpdef flush(self):
+        if not self.writable:
+            return
+        self.flush_metadata()
+        self._sync()
+        cdef Table t
+        for t in self.rb_cache.values():
+            if t.dirty:
+                self._write_refblocks()
+                self._sync()
+                break
+
+    # ---- backing link ---------------------------------------------------------------
+
+    def set_backing(self, name, fmt):
+        """Point the image at backing ``name`` of format ``fmt`` (or at none) crash-safely:
+        the new name goes where the old one is not, is made durable, and only then does one
+        write of the first sector switch the link."""
+        cdef int64_t cs = self.cluster_size
+        self.flush()
+        path = self.file.path
+        cluster0 = bytearray(self.file.pread(0, cs))
+        fmt_ext = None
+        for (etype, data, off) in self.extensions:
+            if etype == EXT_BACKING_FORMAT:
+                fmt_ext = (off, len(data))
+        ext_end = self.header_length
+        for (etype, data, off) in self.extensions:
+            ext_end = max(ext_end, off + 8 + ((len(data) + 7) & ~7))
+        ext_end += 8  # end marker
+        if name is None:
+            sector0 = bytearray(cluster0[:512])
+            sector0[8:20] = b"\0" * 12
+            self.file.write_full(sector0, 512, 0)
+            self._sync()
+            self.backing_name = None
+            self.backing_offset = 0
+            self.backing_size = 0
+            return
+        bname = name.encode("utf-8", "surrogateescape")
+        if not bname or len(bname) > 1023 or b"\0" in bname:
+            raise ValueError("backing name must be 1..1023 bytes without NUL")
+        fmtb = fmt.encode("ascii") if fmt else None
+        in_place = (fmtb is not None and fmt_ext is not None and
+                    ((len(fmtb) + 7) & ~7) == ((fmt_ext[1] + 7) & ~7) and
+                    fmt_ext[0] + 8 + len(fmtb) <= 512)
+        if not in_place:
+            return self._rewrite_header(cluster0, bname, fmtb, ext_end)
+        # place the new name after the extensions and clear of the old name
+        old_lo = self.backing_offset
+        old_hi = old_lo + self.backing_size if old_lo else 0
+        pos = (max(ext_end, old_hi) + 7) & ~7
+        if pos + len(bname) > cs:
+            pos = (ext_end + 7) & ~7
+            if old_lo and pos + len(bname) > old_lo:
+                return self._rewrite_header(cluster0, bname, fmtb, ext_end)
+        self.file.write_full(bname, len(bname), pos)
+        self._sync()
+        cluster0 = self.file.pread(0, 512)
+        sector0 = bytearray(cluster0[:512])
+        sector0[8:20] = struct.pack(">QI", pos, len(bname))
+        fo = fmt_ext[0]
+        sector0[fo:fo + 8] = struct.pack(">II", EXT_BACKING_FORMAT, len(fmtb))
+        sector0[fo + 8:fo + 8 + ((len(fmtb) + 7) & ~7)] = fmtb.ljust((len(fmtb) + 7) & ~7, b"\0")
+        self.file.write_full(sector0, 512, 0)
+        self._sync()
+        self.backing_name = name
+        self.backing_format = fmt
+        self.backing_offset = pos
+        self.backing_size = len(bname)
+        self.extensions = [(t, (fmtb if t == EXT_BACKING_FORMAT else d), o) for (t, d, o) in self.extensions]
+
+    def _rewrite_header(self, cluster0, bytes bname, fmtb, int64_t ext_end):
+        """General case: lay out the header cluster anew (extensions kept, backing format
+        replaced), written name first and header last."""
+        cdef int64_t cs = self.cluster_size
+        exts = bytearray()
+        if fmtb is not None:
+            exts += struct.pack(">II", EXT_BACKING_FORMAT, len(fmtb)) + fmtb.ljust((len(fmtb) + 7) & ~7, b"\0")
+        for (etype, data, off) in self.extensions:
+            if etype != EXT_BACKING_FORMAT:
+                exts += struct.pack(">II", etype, len(data)) + bytes(data).ljust((len(data) + 7) & ~7, b"\0")
+        exts += b"\0" * 8
+        newc = bytearray(cluster0[:self.header_length]) + exts
+        name_off = len(newc)
+        if name_off + len(bname) > cs:
+            raise ValueError("backing name does not fit in the header cluster")
+        newc += bname
+        newc[8:20] = struct.pack(">QI", name_off, len(bname))
+        # tail first (beyond the first sector), then the first sector
+        if len(newc) > 512:
+            self.file.write_full(bytes(newc[512:]), len(newc) - 512, 512)
+            self._sync()
+        head = bytes(newc[:512])
+        self.file.write_full(head, len(head), 0)
+        self._sync()
+        self.backing_name = bname.decode("utf-8", "surrogateescape")
+        self.backing_format = fmtb.decode("ascii") if fmtb is not None else None
+        self.backing_offset = name_off
+        self.backing_size = len(bname)
+        # re-read extension offsets
+        self.extensions = []
+        off = self.header_length
+        while off + 8 <= name_off:
+            etype, elen = struct.unpack(">II", newc[off:off + 8])
+            if etype == 0:
+                break
+            self.extensions.append((etype, bytes(newc[off + 8:off + 8 + elen]), off))
+            off += 8 + ((elen + 7) & ~7)
+
+    # ---- introspection ------------------------------------------------------------
+
+    def l1_entries(self):
+        """The active L1 table as a list of raw entries."""
+        return [self.l1.get(i) for i in range(self.l1_size)]
+
+    def info(self):
+        return {
+            "version": self.version, "cluster_size": self.cluster_size,
+            "refcount_bits": 1 << self.refcount_order, "snapshots": self.nb_snapshots,
+            "compression_type": "zstd" if self.compression_type == 1 else "zlib",
+            "incompatible": self.incompatible, "compatible": self.compatible,
+            "autoclear": self.autoclear,
+        }
+
+
+def probe(bytes head):
+    return head[:4] == MAGIC
+
+
+def create(path, int64_t size, int64_t cluster_size=65536, str compat="1.1",
+           backing=None, backing_format=None):
+    """Write a new, empty qcow2 image (v3 for compat "1.1", v2 for "0.10")."""
+    cdef int cbits
+    if cluster_size < 512 or cluster_size > (1 << 21) or cluster_size & (cluster_size - 1):
+        raise ValueError("cluster_size must be a power of two from 512 to 2M")
+    if compat not in ("1.1", "0.10", "v3", "v2"):
+        raise ValueError("compat must be '1.1' (qcow2 v3) or '0.10' (qcow2 v2)")
+    version = 3 if compat in ("1.1", "v3") else 2
+    if size < 0 or size > MAX_VIRTUAL_SIZE:
+        raise ValueError("size out of range")
+    size = (size + 511) & ~511
+    cbits = cluster_size.bit_length() - 1
+    cs = cluster_size
+    l2_entries = cs // 8
+    l1_size = (size + cs * l2_entries - 1) // (cs * l2_entries)
+    if l1_size * 8 > MAX_L1_BYTES:
+        raise ValueError("size too large for this cluster size")
+    l1_clusters = max(1, (l1_size * 8 + cs - 1) // cs)
+    rb_entries = cs * 8 // 16
+    rt_clusters = 1
+    n_rb = 1
+    while True:
+        total = 1 + rt_clusters + n_rb + l1_clusters
+        need_rb = (total + rb_entries - 1) // rb_entries
+        need_rt = (need_rb * 8 + cs - 1) // cs
+        if need_rb <= n_rb and need_rt <= rt_clusters:
+            break
+        n_rb = max(n_rb, need_rb)
+        rt_clusters = max(rt_clusters, need_rt)
+    rt_off = cs
+    rb_off = rt_off + rt_clusters * cs
+    l1_off = rb_off + n_rb * cs
+    total = 1 + rt_clusters + n_rb + l1_clusters
+    hlen = 112 if version == 3 else 72
+    hdr = bytearray(cs)
+    exts = bytearray()
+    bname = None
+    if backing is not None:
+        bname = os.fsencode(backing)
+        if not bname or len(bname) > 1023 or b"\0" in bname:
+            raise ValueError("backing name must be 1..1023 bytes without NUL")
+        if backing_format is not None:
+            fb = backing_format.encode("ascii")
+            exts += struct.pack(">II", EXT_BACKING_FORMAT, len(fb)) + fb.ljust((len(fb) + 7) & ~7, b"\0")
+    if version == 3:
+        table = b"".join(struct.pack(">BB46s", t, b, name) for (t, b, name) in FEATURE_NAMES)
+        if hlen + len(exts) + 8 + len(table) + 8 + (len(bname) if bname else 0) <= min(cs, 4096):
+            exts += struct.pack(">II", EXT_FEATURE_TABLE, len(table)) + table
+    exts += b"\0" * 8
+    name_off = hlen + len(exts)
+    if bname is not None and name_off + len(bname) > cs:
+        raise ValueError("backing name does not fit in a %d-byte header cluster" % cs)
+    struct.pack_into(">4sIQIIQIIQQIIQ", hdr, 0, MAGIC, version,
+                     name_off if bname else 0, len(bname) if bname else 0,
+                     cbits, size, 0, l1_size, l1_off, rt_off, rt_clusters, 0, 0)
+    if version == 3:
+        struct.pack_into(">QQQII", hdr, 72, 0, 0, 0, 4, hlen)
+    hdr[hlen:hlen + len(exts)] = exts
+    if bname:
+        hdr[name_off:name_off + len(bname)] = bname
+    rt = bytearray(rt_clusters * cs)
+    for i in range(n_rb):
+        struct.pack_into(">Q", rt, 8 * i, rb_off + i * cs)
+    rbs = bytearray(n_rb * cs)
+    for c in range(total):
+        struct.pack_into(">H", rbs, 2 * c, 1)
+    f = File(path, True, "top", True)
+    try:
+        f.pwrite(hdr, 0)
+        f.pwrite(rt, rt_off)
+        f.pwrite(rbs, rb_off)
+        f.truncate(total * cs)
+        f.fdatasync()
+    finally:
+        f.close()
+

@@ -1,0 +1,49 @@
+"""The exception hierarchy. Every error a user can cause derives from BlockpullError."""
+from __future__ import annotations
+
+from typing import Optional
+
+__all__ = [
+    "BlockpullError",
+    "ImageFormatError",
+    "BackingChainError",
+    "ImageLockedError",
+    "JobActiveError",
+    "PullError",
+    "PullCancelled",
+]
+
+
+class BlockpullError(Exception):
+    """Base class of every error blockpull raises on purpose."""
+
+
+class ImageFormatError(BlockpullError, ValueError):
+    """Not an image of the stated format, a malformed one, or an unsupported feature."""
+
+
+class BackingChainError(BlockpullError):
+    """A backing file is missing, unsafe, loops, or has no recorded format."""
+
+
+class ImageLockedError(BlockpullError):
+    """Another process (QEMU or blockpull) holds a conflicting lock on the image."""
+
+
+class JobActiveError(BlockpullError):
+    """A pull is already running on that image."""
+
+
+class PullError(BlockpullError):
+    """A pull failed. ``errno``, ``operation`` ("read" or "write") and ``offset`` say where."""
+
+    def __init__(self, message: str, errno: Optional[int] = None,
+                 operation: Optional[str] = None, offset: Optional[int] = None) -> None:
+        super().__init__(message)
+        self.errno = errno
+        self.operation = operation
+        self.offset = offset
+
+
+class PullCancelled(BlockpullError):
+    """The pull was aborted; the image is valid and still backed."""

@@ -1,0 +1,467 @@
+"""Opening and creating images, and the ``Image`` object people read, write and pull."""
+from __future__ import annotations
+
+import errno as _errno
+import logging
+import os
+import re
+import threading
+from typing import TYPE_CHECKING, Any, Callable, Dict, List, NamedTuple, Optional, Union
+
+from blockpull import _qcow2, _raw
+try:
+    from blockpull import _qed
+except ImportError:  # pragma: no cover
+    _qed = None
+from blockpull._chain import Chain
+from blockpull._driver import COMPRESSED, DATA, UNALLOC, ZERO
+from blockpull._fileio import File
+from blockpull.errors import (BackingChainError, BlockpullError, ImageFormatError,
+                              ImageLockedError)
+
+if TYPE_CHECKING:  # pragma: no cover
+    from blockpull.job import PullJob
+
+log = logging.getLogger("blockpull")
+
+__all__ = ["create", "open", "Image", "ChainEntry", "Extent", "MAX_CHAIN_DEPTH"]
+
+#: the format drivers: name -> (driver class, probe(head) -> bool, create function)
+DRIVERS: Dict[str, Any] = {
+    "qcow2": (_qcow2.Qcow2, _qcow2.probe, _qcow2.create),
+    **({"qed": (_qed.Qed, _qed.probe, _qed.create)} if _qed else {}),
+    "raw": (_raw.Raw, _raw.probe, None),
+}
+
+MAX_CHAIN_DEPTH = 64
+_PROTOCOL = re.compile(r"^[A-Za-z][A-Za-z0-9+.\-]*:")
+
+# QEMU's lock bytes: 100 + i "holds permission i", 200 + i "refuses to share i"
+_PERM_READ, _PERM_WRITE, _PERM_WRITE_UNCHANGED, _PERM_RESIZE = 0, 1, 2, 3
+
+
+class ChainEntry(NamedTuple):
+    """One image of a backing chain."""
+    path: str
+    format: str
+    size: int
+
+
+class Extent(NamedTuple):
+    """A run of the virtual disk that reads the same way (``qemu-img map`` semantics).
+
+    ``depth`` is the chain index that provides it, ``present`` whether any image of the
+    chain allocates it, ``offset`` the host offset in that image for plain data.
+    """
+    start: int
+    length: int
+    depth: int
+    data: bool
+    zero: bool
+    present: bool = True
+    offset: Optional[int] = None
+
+    def to_json(self) -> Dict[str, Any]:
+        """The dict `qemu-img map --output=json` prints for this extent."""
+        d: Dict[str, Any] = {"start": self.start, "length": self.length, "depth": self.depth,
+                             "present": self.present, "zero": self.zero, "data": self.data}
+        if self.offset is not None:
+            d["offset"] = self.offset
+        return d
+
+
+def _probe_format(path: str, f: File) -> str:
+    head = f.pread(0, 64)
+    for name, (_cls, probe, _c) in DRIVERS.items():
+        if name != "raw" and probe(head):
+            return name
+    raise ImageFormatError(f"{path}: not a qcow2 or QED image; name the format if it is raw")
+
+
+def _open_driver(path: str, fmt: Optional[str], writable: bool, role: str):
+    try:
+        f = File(path, writable, role)
+    except FileNotFoundError:
+        raise
+    except IsADirectoryError:
+        raise ImageFormatError(f"{path}: is a directory, not an image")
+    try:
+        if fmt is None:
+            fmt = _probe_format(path, f)
+        if fmt not in DRIVERS:
+            raise ImageFormatError(f"{path}: unsupported format {fmt!r} (qcow2, qed or raw)")
+        cls = DRIVERS[fmt][0]
+        if fmt == "raw" and writable:
+            raise ImageFormatError(f"{path}: raw images can only be backing files")
+        head = f.pread(0, 64)
+        if fmt != "raw" and not DRIVERS[fmt][1](head):
+            raise ImageFormatError(f"{path}: not a {fmt} image (bad magic)")
+        return cls(f, writable)
+    except BaseException:
+        f.close()
+        raise
+
+
+def _lock(f: File, writable: bool, path: str) -> None:
+    """Take QEMU's OFD lock bytes for a reader or a writer, refusing on conflict."""
+    perms = [_PERM_READ, _PERM_WRITE] if writable else [_PERM_READ]
+    unshared = [_PERM_WRITE, _PERM_RESIZE] if writable else [_PERM_WRITE]
+    for p in perms:
+        if f.lock_conflicts(200 + p, True):
+            raise ImageLockedError(
+                f"{path}: in use by another process that refuses to share "
+                f"{'write' if p else 'read'} access (close it or stop its VM first)")
+    for p in unshared:
+        if f.lock_conflicts(100 + p, True):
+            raise ImageLockedError(
+                f"{path}: another process (a VM or a pull) has it open for writing; "
+                f"stop it first, or use its own interface")
+    for b in [100 + p for p in perms] + [200 + p for p in unshared]:
+        if not f.lock(b, False):
+            raise ImageLockedError(f"{path}: lock byte {b} is held by another process")
+
+
+def _resolve_backing(name: str, parent: str) -> str:
+    if not name:
+        raise BackingChainError(f"{parent}: empty backing file name")
+    if "\0" in name:
+        raise BackingChainError(f"{parent}: backing file name contains NUL")
+    if len(name.encode("utf-8", "surrogateescape")) > 1023:
+        raise BackingChainError(f"{parent}: backing file name longer than 1023 bytes")
+    if _PROTOCOL.match(name) and not name.startswith("file:"):
+        raise BackingChainError(
+            f"{parent}: backing file {name!r} is not a plain local path (protocols are refused)")
+    if name.startswith("file:"):
+        name = name[5:]
+    if not os.path.isabs(name):
+        name = os.path.join(os.path.dirname(os.path.abspath(parent)), name)
+    return os.path.normpath(name)
+
+
+class Image:
+    """An open image and its backing chain. Use ``blockpull.open`` to get one.
+
+    Reads go through the whole chain; writes go to the top image with copy-on-write of
+    partial clusters. All methods are thread-safe: a lock serialises metadata changes,
+    so reads and writes may run from other threads while a pull runs.
+    """
+
+    def __init__(self, path: str, *, readonly: bool = False, copy_on_read: bool = False,
+                 backing_format: Union[None, str, Dict[str, str]] = None,
+                 format: Optional[str] = None, _lock_files: bool = True) -> None:
+        self.path = os.path.abspath(os.fspath(path))
+        self.readonly = readonly
+        self.copy_on_read = copy_on_read and not readonly
+        self._lock = threading.RLock()
+        self._job: Optional["PullJob"] = None
+        self._closed = False
+        self._drivers: list = []
+        self._backing_format = backing_format
+        try:
+            self._open_chain(format, _lock_files)
+        except BaseException:
+            self._close_files()
+            raise
+        self.chain_obj = Chain(self._drivers)
+        log.debug("opened %s: %s", self.path, self.chain)
+
+    # ---- opening ----------------------------------------------------------------
+
+    def _named_format(self, name: str, resolved: str) -> Optional[str]:
+        bf = self._backing_format
+        if bf is None:
+            return None
+        if isinstance(bf, str):
+            return bf
+        return bf.get(name) or bf.get(resolved)
+
+    def _open_chain(self, fmt: Optional[str], lock_files: bool) -> None:
+        if not os.path.exists(self.path):
+            raise BlockpullErrorNotFound(f"{self.path}: no such image file")
+        top = _open_driver(self.path, fmt, not self.readonly, "top")
+        self._drivers.append(top)
+        if lock_files:
+            _lock(top.file, not self.readonly, self.path)
+        seen = {top.file.identity()}
+        cur = top
+        cur_path = self.path
+        while cur.backing_name is not None:
+            if len(self._drivers) > MAX_CHAIN_DEPTH:
+                raise BackingChainError(f"{self.path}: backing chain deeper than {MAX_CHAIN_DEPTH}")
+            name = cur.backing_name
+            bpath = _resolve_backing(name, cur_path)
+            bfmt = cur.backing_format or self._named_format(name, bpath)
+            if bfmt is None:
+                raise BackingChainError(
+                    f"{cur_path}: backing file {name!r} has no recorded format; pass "
+                    f"backing_format= to name it (formats are never guessed)")
+            if bfmt not in DRIVERS:
+                raise BackingChainError(f"{cur_path}: backing format {bfmt!r} is not supported")
+            if not os.path.exists(bpath):
+                raise BackingChainError(f"{cur_path}: backing file {bpath} does not exist")
+            try:
+                drv = _open_driver(bpath, bfmt, False, "backing")
+            except ImageFormatError as exc:
+                raise BackingChainError(f"{cur_path}: backing file unusable: {exc}") from exc
+            except OSError as exc:
+                raise BackingChainError(f"{cur_path}: cannot open backing file {bpath}: {exc.strerror}") from exc
+            self._drivers.append(drv)
+            ident = drv.file.identity()
+            if ident in seen:
+                raise BackingChainError(f"{self.path}: backing chain loops back to {bpath}")
+            seen.add(ident)
+            if lock_files:
+                _lock(drv.file, False, bpath)
+            cur, cur_path = drv, bpath
+
+    # ---- properties -------------------------------------------------------------
+
+    @property
+    def size(self) -> int:
+        """Virtual size in bytes."""
+        return self._top.size
+
+    @property
+    def format(self) -> str:
+        """Format of the top image: "qcow2" or "qed"."""
+        return self._top.format
+
+    @property
+    def cluster_size(self) -> int:
+        """Cluster size of the top image in bytes."""
+        return self._top.cluster_size
+
+    @property
+    def backing(self) -> Optional[str]:
+        """Absolute path of the backing file, or None."""
+        return self._drivers[1].file.path if len(self._drivers) > 1 else None
+
+    @property
+    def backing_name(self) -> Optional[str]:
+        """The backing file name as the image records it, or None."""
+        return self._top.backing_name
+
+    @property
+    def chain(self) -> List[ChainEntry]:
+        """The images of the chain, top first."""
+        return [ChainEntry(d.file.path, d.format, d.size) for d in self._drivers]
+
+    @property
+    def _top(self):
+        if self._closed:
+            raise ValueError(f"{self.path}: image is closed")
+        return self._drivers[0]
+
+    @property
+    def job(self) -> Optional["PullJob"]:
+        """The pull job running (or last run) on this image, if any."""
+        return self._job
+
+    # ---- I/O --------------------------------------------------------------------
+
+    def _check_range(self, offset: int, length: int) -> None:
+        if offset < 0 or length < 0 or offset + length > self.size:
+            raise ValueError(f"range [{offset}, {offset + length}) outside the disk (size {self.size})")
+
+    def read(self, offset: int, length: int) -> bytes:
+        """Read ``length`` bytes at ``offset`` through the chain."""
+        buf = bytearray(length)
+        self.readinto(offset, buf)
+        return bytes(buf)
+
+    def readinto(self, offset: int, buffer: Any) -> int:
+        """Read into a writable buffer (bytearray, memoryview, mmap...) without a copy."""
+        mv = memoryview(buffer).cast("B")
+        n = mv.nbytes
+        self._check_range(offset, n)
+        with self._lock:
+            self._top  # closed check
+            self.chain_obj.readinto(offset, mv, 0)
+            if self.copy_on_read and len(self._drivers) > 1:
+                from blockpull._stream import copy_on_read
+                copy_on_read(self, offset, n)
+        return n
+
+    def write(self, offset: int, data: Any) -> None:
+        """Write ``data`` at ``offset`` (any alignment; partial clusters copy-on-write)."""
+        if self.readonly:
+            raise PermissionError(f"{self.path}: image is open read-only")
+        mv = memoryview(data).cast("B")
+        self._check_range(offset, mv.nbytes)
+        if not mv.nbytes:
+            return
+        with self._lock:
+            self._top.write(offset, mv, self.chain_obj.filler(1))
+
+    def write_zeroes(self, offset: int, length: int) -> None:
+        """Make a range read as zeros, with zero clusters where the format has them."""
+        if self.readonly:
+            raise PermissionError(f"{self.path}: image is open read-only")
+        self._check_range(offset, length)
+        with self._lock:
+            top = self._top
+            if hasattr(top, "write_zeroes"):
+                top.write_zeroes(offset, length, self.chain_obj.filler(1), len(self._drivers) > 1)
+            else:
+                top.write(offset, bytes(length), self.chain_obj.filler(1))
+
+    def flush(self) -> None:
+        """Make every write so far durable."""
+        with self._lock:
+            if not self.readonly:
+                self._top.flush()
+
+    def map(self) -> List[Extent]:
+        """Allocation map of the whole disk, extent for extent as ``qemu-img map``."""
+        out: List[Extent] = []
+        pos, size = 0, self.size
+        with self._lock:
+            while pos < size:
+                depth, kind, run, host = self.chain_obj.find(pos, size - pos)
+                present = kind != UNALLOC
+                data = kind in (DATA, COMPRESSED)
+                zero = kind in (ZERO, UNALLOC)
+                off = host if kind == DATA else None
+                if self._drivers[depth].format == "raw" and kind == DATA:
+                    off = host
+                e = Extent(pos, run, depth, data, zero, present, off)
+                if out:
+                    p = out[-1]
+                    if (p.depth, p.data, p.zero, p.present) == (depth, data, zero, present) and \
+                            ((p.offset is None and off is None) or
+                             (p.offset is not None and off is not None and p.offset + p.length == off)):
+                        out[-1] = p._replace(length=p.length + run)
+                        pos += run
+                        continue
+                out.append(e)
+                pos += run
+        return out
+
+    # ---- pulling ----------------------------------------------------------------
+
+    def pull(self, base: Optional[str] = None, bandwidth: Union[int, str] = 0,
+             on_error: str = "report", on_event: Optional[Callable[[Any], None]] = None,
+             ) -> "PullJob":
+        """Start pulling the backing chain (down to ``base``) into this image in the
+        background; returns the running ``PullJob``."""
+        from blockpull.job import PullJob
+        return PullJob.start(self, base=base, bandwidth=bandwidth, on_error=on_error,
+                             on_event=on_event)
+
+    def base_depth(self, base: Optional[str]) -> int:
+        """Chain index of ``base`` (by the name the chain uses, or a path to the same file);
+        the chain length for None."""
+        if base is None:
+            return len(self._drivers)
+        cands = []
+        for i, d in enumerate(self._drivers):
+            if i == 0:
+                continue
+            names = {d.file.path, os.path.abspath(d.file.path)}
+            parent = self._drivers[i - 1]
+            if parent.backing_name:
+                names.add(parent.backing_name)
+            if base in names:
+                return i
+            cands.append(d)
+        try:
+            st = os.stat(base)
+        except OSError:
+            raise BackingChainError(f"{self.path}: base {base!r} is not an image of the chain")
+        for i, d in enumerate(self._drivers[1:], 1):
+            if d.file.identity() == (st.st_dev, st.st_ino):
+                return i
+        raise BackingChainError(f"{self.path}: base {base!r} is not an image of its backing chain")
+
+    # ---- closing ----------------------------------------------------------------
+
+    def _close_files(self) -> None:
+        err = None
+        for d in self._drivers:
+            try:
+                d.close()
+            except Exception as exc:  # keep closing the rest
+                err = err or exc
+        if err is not None:
+            raise err
+
+    def close(self) -> None:
+        """Flush and close the image (a running pull is aborted first)."""
+        if self._closed:
+            return
+        job = self._job
+        if job is not None and not job.done():
+            job.abort(wait=True)
+        with self._lock:
+            self._closed = True
+            self._close_files()
+
+    @property
+    def closed(self) -> bool:
+        return self._closed
+
+    def __enter__(self) -> "Image":
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        self.close()
+
+    def __repr__(self) -> str:
+        return f"<blockpull.Image {self.path!r} {self.format} size={self.size}>"
+
+
+class BlockpullErrorNotFound(BlockpullError, FileNotFoundError):
+    """The image file does not exist."""
+
+
+def open(path: Union[str, os.PathLike], *, readonly: bool = False, copy_on_read: bool = False,
+         backing_format: Union[None, str, Dict[str, str]] = None,
+         format: Optional[str] = None) -> Image:
+    """Open an image and its whole backing chain.
+
+    ``readonly`` opens the top read-only (backing files always are). ``copy_on_read`` makes
+    reads of inherited data also copy it into the top. ``backing_format`` names the format
+    of backing files whose format the image does not record (a string for all of them, or
+    a dict from backing name to format); formats are never guessed.
+    """
+    return Image(os.fspath(path), readonly=readonly, copy_on_read=copy_on_read,
+                 backing_format=backing_format, format=format)
+
+
+def create(path: Union[str, os.PathLike], size: Union[int, str], *, fmt: str = "qcow2",
+           backing: Optional[str] = None, backing_format: Optional[str] = None,
+           cluster_size: int = 65536, compat: str = "1.1") -> None:
+    """Create an empty image (qcow2 v3, qcow2 v2 with compat="0.10", or QED).
+
+    ``backing`` is recorded as given (relative names resolve against the new image's
+    directory); its format is taken from ``backing_format`` or probed from the file and
+    recorded, so the chain never depends on guessing later. ``size`` may be None-like 0
+    with a backing: the backing's size is used.
+    """
+    from blockpull.units import parse_size
+    path = os.fspath(path)
+    size = parse_size(size) if isinstance(size, str) else int(size)
+    if fmt not in ("qcow2", "qed"):
+        raise ImageFormatError(f"{path}: cannot create format {fmt!r} (qcow2 or qed)")
+    if os.path.exists(path):
+        raise FileExistsError(_errno.EEXIST, "image already exists", path)
+    if backing is not None:
+        bpath = _resolve_backing(backing, path)
+        if not os.path.exists(bpath):
+            raise BackingChainError(f"{path}: backing file {bpath} does not exist")
+        if backing_format is None:
+            f = File(bpath, False, "backing")
+            try:
+                backing_format = _probe_format(bpath, f)
+            finally:
+                f.close()
+        if size <= 0:
+            b = Image(bpath, readonly=True, format=backing_format, _lock_files=False)
+            try:
+                size = b.size
+            finally:
+                b.close()
+    if size <= 0:
+        raise ValueError("size must be positive (or give a backing file)")
+    DRIVERS[fmt][2](path, size, cluster_size=cluster_size, compat=compat,
+                    backing=backing, backing_format=backing_format)
