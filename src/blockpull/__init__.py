@@ -2,11 +2,12 @@
 from blockpull.errors import (BackingChainError, BlockpullError, ImageFormatError,
                               ImageLockedError, JobActiveError, PullCancelled, PullError)
 from blockpull.image import ChainEntry, Extent, Image, create, open
+from blockpull.check import CheckResult, check
 
 __version__ = "0.1.0"
 
 __all__ = [
     "BackingChainError", "BlockpullError", "ImageFormatError", "ImageLockedError",
     "JobActiveError", "PullCancelled", "PullError",
-    "ChainEntry", "Extent", "Image", "create", "open",
+    "ChainEntry", "CheckResult", "Extent", "Image", "check", "create", "open",
 ]

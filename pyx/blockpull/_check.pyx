@@ -1,0 +1,549 @@
+# cython: language_level=3
+"""Consistency checking of qcow2 images: the loops that touch every table entry.
+
+``Qcow2Check`` walks an image the way ``qemu-img check`` does and counts what it finds:
+
+* every cluster in use gets an expected refcount: the header cluster, the refcount table
+  and each refcount block, the snapshot table, each L1 table (active and one per snapshot),
+  each L2 table once per L1 entry that points at it, each data cluster once per L2 entry
+  (for a compressed cluster: every host cluster its compressed bytes touch);
+* the stored refcounts are read from the refcount blocks and compared: stored < expected is
+  a corruption, stored > expected a leak;
+* the active tables' COPIED flags must say "refcount is exactly 1" (a corruption otherwise),
+  compressed entries never carry COPIED, offsets must be cluster aligned and inside the file.
+
+Memory is bounded by the file, not by the virtual size: one 32-bit expected count, one
+64-bit stored count and one role byte per host cluster of the file, plus one table buffer.
+References past the end of the file are counted as corruptions where they are found and
+never grow those arrays.
+
+``parse_snapshot_table`` reads the snapshot table with every field bounded; the driver uses
+it to validate an image at open time, the checker to find the snapshots' L1 tables.
+"""
+from libc.stdint cimport int64_t, uint64_t, uint32_t, uint8_t
+from libc.string cimport memcpy, memset
+from libc.stdlib cimport malloc, free, calloc
+
+from blockpull._fileio cimport File
+
+import struct
+
+from blockpull.errors import ImageFormatError
+
+cdef extern from *:
+    uint64_t bswap64 "__builtin_bswap64"(uint64_t x) nogil
+
+cdef uint64_t OFFSET_MASK = 0x00FFFFFFFFFFFE00ULL
+cdef uint64_t COPIED = 1ULL << 63
+cdef uint64_t COMPRESSED_FLAG = 1ULL << 62
+cdef uint64_t ZERO_FLAG = 1ULL
+cdef uint64_t L1_RESERVED = 0x7F000000000001FFULL
+cdef uint64_t RT_RESERVED = 0x1FFULL
+
+#: the largest L1 table QEMU accepts (QCOW_MAX_L1_SIZE), in bytes
+MAX_L1_BYTES = 32 * 1024 * 1024
+#: the largest snapshot table QEMU accepts (QCOW_MAX_SNAPSHOTS_SIZE), in bytes
+MAX_SNAPSHOTS_BYTES = 64 * 1024 * 1024
+MAX_SNAPSHOTS = 65536
+MAX_SNAPSHOT_EXTRA = 1024
+#: messages kept in a result; the rest are counted
+MAX_MESSAGES = 1000
+
+# what a host cluster is used for (first user wins; a second, different user is an overlap)
+cdef enum:
+    R_NONE = 0
+    R_HEADER = 1
+    R_L1 = 2
+    R_L2 = 3
+    R_REFTABLE = 4
+    R_REFBLOCK = 5
+    R_SNAPTABLE = 6
+    R_DATA = 7
+    R_COMPRESSED = 8
+
+ROLE_NAMES = ["unused", "header", "L1 table", "L2 table", "refcount table",
+              "refcount block", "snapshot table", "data cluster", "compressed data"]
+
+
+cdef inline uint64_t ld64(const unsigned char* p) noexcept nogil:
+    cdef uint64_t v
+    memcpy(&v, p, 8)
+    return bswap64(v)
+
+
+cdef inline void st64(unsigned char* p, uint64_t v) noexcept nogil:
+    v = bswap64(v)
+    memcpy(p, &v, 8)
+
+
+def parse_snapshot_table(File f, uint64_t offset, uint64_t count, int cluster_bits,
+                         int64_t file_size):
+    """The snapshot table: ``([(l1_offset, l1_size, id, name, entry_offset)...], nbytes)``.
+
+    Every length is checked against the file before it is read: the table must lie inside
+    the file and within QEMU's limits (65536 snapshots, 64 MiB, 1 KiB of extra data per
+    entry). Raises ImageFormatError naming the file and the field; the L1 fields are
+    returned as stored (the caller decides whether a bad one is fatal).
+    """
+    cdef int64_t cs = 1LL << cluster_bits
+    cdef uint64_t pos, total, l1_off
+    cdef uint32_t l1_size, extra, id_len, name_len
+    path = f.path
+    out = []
+    if count == 0:
+        return out, 0
+    if count > MAX_SNAPSHOTS:
+        raise ImageFormatError("%s: nb_snapshots %d exceeds %d" % (path, count, MAX_SNAPSHOTS))
+    if offset == 0 or offset & (cs - 1) or offset >= <uint64_t>file_size:
+        raise ImageFormatError("%s: snapshots_offset 0x%x invalid (unaligned, zero or past "
+                               "the end of the file)" % (path, offset))
+    pos = offset
+    for i in range(count):
+        if pos + 40 > <uint64_t>file_size:
+            raise ImageFormatError("%s: snapshot table entry %d lies past the end of the file" % (path, i))
+        hdr = f.pread(pos, 40)
+        (l1_off, l1_size, id_len, name_len, _ds, _dn, _vmc, _vms,
+         extra) = struct.unpack(">QIHHIIQII", hdr)
+        if extra > MAX_SNAPSHOT_EXTRA:
+            raise ImageFormatError("%s: snapshot %d extra_data_size %d exceeds %d"
+                                   % (path, i, extra, MAX_SNAPSHOT_EXTRA))
+        total = 40 + extra + id_len + name_len
+        if pos + total > <uint64_t>file_size:
+            raise ImageFormatError("%s: snapshot table entry %d lies past the end of the file" % (path, i))
+        if pos + total - offset > MAX_SNAPSHOTS_BYTES:
+            raise ImageFormatError("%s: snapshot table larger than %d bytes" % (path, MAX_SNAPSHOTS_BYTES))
+        names = f.pread(pos + 40 + extra, id_len + name_len)
+        sid = names[:id_len].decode("utf-8", "replace")
+        sname = names[id_len:].decode("utf-8", "replace")
+        out.append((l1_off, l1_size, sid, sname, pos))
+        pos += (total + 7) & ~7ULL
+    return out, pos - offset
+
+
+cdef class Qcow2Check:
+    """One check of one qcow2 file; see the module docstring. Use ``run()``."""
+    cdef File f
+    cdef object path
+    cdef int cluster_bits
+    cdef int64_t cs
+    cdef int64_t file_size
+    cdef int64_t nb                  # host clusters of the file
+    cdef int version
+    cdef int refcount_order
+    cdef int64_t rb_entries
+    cdef uint32_t* expected
+    cdef uint64_t* stored
+    cdef uint8_t* role
+    cdef unsigned char* buf          # one cluster
+    cdef public int64_t corruptions
+    cdef public int64_t leaks
+    cdef public int64_t check_errors
+    cdef public int64_t allocated_clusters
+    cdef public int64_t compressed_clusters
+    cdef public int64_t highest
+    cdef public list messages
+    cdef public int64_t dropped_messages
+    cdef public object hdr           # dict of header fields
+
+    def __cinit__(self):
+        self.expected = NULL
+        self.stored = NULL
+        self.role = NULL
+        self.buf = NULL
+
+    def __init__(self, File f, dict hdr, int64_t file_size):
+        self.f = f
+        self.path = f.path
+        self.hdr = hdr
+        self.cluster_bits = hdr["cluster_bits"]
+        self.cs = 1LL << self.cluster_bits
+        self.version = hdr["version"]
+        self.refcount_order = hdr["refcount_order"]
+        self.rb_entries = (self.cs * 8) >> self.refcount_order
+        self.file_size = file_size
+        self.nb = (file_size + self.cs - 1) >> self.cluster_bits
+        self.messages = []
+        self.dropped_messages = 0
+        self.highest = -1
+        n = self.nb if self.nb > 0 else 1
+        self.expected = <uint32_t*>calloc(n, sizeof(uint32_t))
+        self.stored = <uint64_t*>calloc(n, sizeof(uint64_t))
+        self.role = <uint8_t*>calloc(n, 1)
+        self.buf = <unsigned char*>malloc(self.cs)
+        if not (self.expected and self.stored and self.role and self.buf):
+            raise MemoryError()
+
+    def __dealloc__(self):
+        free(self.expected)
+        free(self.stored)
+        free(self.role)
+        free(self.buf)
+
+    # ---- reporting ------------------------------------------------------------------
+
+    cdef void msg(self, str text):
+        if len(self.messages) < MAX_MESSAGES:
+            self.messages.append(text)
+        else:
+            self.dropped_messages += 1
+
+    cdef void corrupt(self, str text):
+        self.corruptions += 1
+        self.msg("ERROR " + text)
+
+    # ---- expected refcounts -----------------------------------------------------------
+
+    cdef int add(self, uint64_t offset, uint64_t size, int what) except -1:
+        """Count one reference to every cluster of [offset, offset + size)."""
+        cdef uint64_t first, last, c
+        cdef int r
+        if size == 0:
+            return 0
+        first = offset >> self.cluster_bits
+        last = (offset + size - 1) >> self.cluster_bits
+        if offset + size < offset:  # wrapped: a garbage length
+            self.corrupt("%s at 0x%x: size %d overflows" % (ROLE_NAMES[what], offset, size))
+            return 0
+        c = first
+        while c <= last:
+            if c >= <uint64_t>self.nb:
+                self.corrupt("%s at 0x%x lies past the end of the file (size %d)"
+                             % (ROLE_NAMES[what], c << self.cluster_bits, self.file_size))
+                return 0
+            r = self.role[c]
+            if r == R_NONE:
+                self.role[c] = what
+            elif r != what or what not in (R_L2, R_DATA, R_COMPRESSED):
+                # L2 tables and data may be shared between snapshots; nothing else may be
+                self.msg("overlap: %s at 0x%x is also used as %s"
+                         % (ROLE_NAMES[what], c << self.cluster_bits, ROLE_NAMES[r]))
+            if self.expected[c] == 0xFFFFFFFFU:
+                self.corrupt("too many references to cluster 0x%x" % (c << self.cluster_bits))
+            else:
+                self.expected[c] += 1
+            c += 1
+        return 0
+
+    cdef bint readable(self, uint64_t off, uint64_t n, str what):
+        """Is [off, off+n) cluster aligned and inside the file? Counts a corruption if not."""
+        if off & (self.cs - 1):
+            self.corrupt("%s offset 0x%x is not cluster aligned" % (what, off))
+            return False
+        if off + n > <uint64_t>self.file_size or off + n < off:
+            self.corrupt("%s at 0x%x (%d bytes) lies past the end of the file" % (what, off, n))
+            return False
+        return True
+
+    cdef int read(self, unsigned char* out, int64_t n, int64_t off, str what) except -1:
+        """Read, turning an I/O error into a check error; 0 on success, 1 on error."""
+        try:
+            self.f.read_full(out, n, off)
+        except OSError as exc:
+            self.check_errors += 1
+            self.msg("ERROR reading %s at 0x%x: %s" % (what, off, exc))
+            return 1
+        return 0
+
+    cdef int walk_l1(self, uint64_t l1_off, uint64_t l1_size, bint active, str label) except -1:
+        """Count the L1 table, its L2 tables and their clusters."""
+        cdef unsigned char* l1
+        cdef uint64_t i, e, l2_off
+        cdef int64_t nbytes
+        if l1_size == 0:
+            return 0
+        if l1_size * 8 > MAX_L1_BYTES:
+            self.corrupt("%s L1 table has %d entries, more than %d" % (label, l1_size, MAX_L1_BYTES // 8))
+            return 0
+        nbytes = l1_size * 8
+        if not self.readable(l1_off, nbytes, label + " L1 table"):
+            return 0
+        self.add(l1_off, nbytes, R_L1)
+        l1 = <unsigned char*>malloc(nbytes)
+        if l1 == NULL:
+            raise MemoryError()
+        try:
+            if self.read(l1, nbytes, l1_off, label + " L1 table"):
+                return 0
+            for i in range(l1_size):
+                e = ld64(l1 + 8 * i)
+                if e == 0:
+                    continue
+                if e & L1_RESERVED:
+                    self.corrupt("%s L1 entry %d has reserved bits set (0x%x)" % (label, i, e))
+                l2_off = e & OFFSET_MASK
+                if l2_off == 0:
+                    continue
+                # counted first, as QEMU does, so that what it overlaps shows up too
+                self.add(l2_off, self.cs, R_L2)
+                if l2_off & (self.cs - 1):
+                    self.corrupt("l2_offset=0x%x: %s L2 table is not cluster aligned; L1 entry "
+                                 "%d corrupted" % (l2_off, label, i))
+                    continue
+                if l2_off + self.cs > <uint64_t>self.file_size:
+                    continue  # add() counted it
+                if self.read(self.buf, self.cs, l2_off, "L2 table"):
+                    continue
+                self.walk_l2(l2_off, active)
+        finally:
+            free(l1)
+        return 0
+
+    cdef int walk_l2(self, uint64_t l2_off, bint active) except -1:
+        cdef int64_t j, n = self.cs >> 3
+        cdef uint64_t e, off, coff, csize
+        cdef int x = 62 - (self.cluster_bits - 8)
+        cdef uint64_t cmask = (1ULL << x) - 1
+        cdef uint64_t smask = (1ULL << (self.cluster_bits - 8)) - 1
+        for j in range(n):
+            e = ld64(self.buf + 8 * j)
+            if e == 0:
+                continue
+            if e & COMPRESSED_FLAG:
+                if e & COPIED:
+                    self.corrupt("L2 table 0x%x entry %d: compressed cluster with COPIED set"
+                                 % (l2_off, j))
+                coff = e & cmask
+                csize = (((e >> x) & smask) + 1) * 512 - (coff & 511)
+                if active:
+                    self.allocated_clusters += 1
+                    self.compressed_clusters += 1
+                self.add(coff, csize, R_COMPRESSED)
+                continue
+            off = e & OFFSET_MASK
+            if off == 0:
+                continue  # unallocated or zero cluster without space
+            if active:
+                self.allocated_clusters += 1
+            if off & (self.cs - 1):
+                self.corrupt("offset=0x%x: data cluster is not properly aligned; L2 entry "
+                             "corrupted (L2 table 0x%x entry %d)" % (off, l2_off, j))
+            self.add(off, self.cs, R_DATA)
+        return 0
+
+    # ---- stored refcounts -------------------------------------------------------------
+
+    cdef int load_refcounts(self) except -1:
+        """Read every refcount block the table names into ``stored``; count the table and
+        the blocks as references."""
+        cdef uint64_t rt_off = self.hdr["refcount_table_offset"]
+        cdef int64_t rt_bytes = self.hdr["refcount_table_clusters"] * self.cs
+        cdef unsigned char* rt
+        cdef int64_t i, j, base, lim
+        cdef uint64_t e, off
+        if not self.readable(rt_off, rt_bytes, "refcount table"):
+            return 0
+        self.add(rt_off, rt_bytes, R_REFTABLE)
+        rt = <unsigned char*>malloc(rt_bytes)
+        if rt == NULL:
+            raise MemoryError()
+        try:
+            if self.read(rt, rt_bytes, rt_off, "refcount table"):
+                return 0
+            for i in range(rt_bytes >> 3):
+                e = ld64(rt + 8 * i)
+                if e == 0:
+                    continue
+                if e & RT_RESERVED:
+                    self.corrupt("refcount table entry %d has reserved bits set (0x%x)" % (i, e))
+                    continue
+                off = e
+                if off & (self.cs - 1):
+                    self.corrupt("refcount block %d offset 0x%x is not cluster aligned" % (i, off))
+                    continue
+                if off + self.cs > <uint64_t>self.file_size:
+                    self.corrupt("refcount block %d at 0x%x is outside the image" % (i, off))
+                    continue
+                self.add(off, self.cs, R_REFBLOCK)
+                if self.expected[off >> self.cluster_bits] != 1:
+                    self.corrupt("refcount block %d at 0x%x has %d references, not 1"
+                                 % (i, off, self.expected[off >> self.cluster_bits]))
+                if self.read(self.buf, self.cs, off, "refcount block"):
+                    continue
+                base = i * self.rb_entries
+                if base >= self.nb:
+                    continue
+                lim = min(self.rb_entries, self.nb - base)
+                for j in range(lim):
+                    self.stored[base + j] = self.rc_get(self.buf, j)
+        finally:
+            free(rt)
+        return 0
+
+    cdef uint64_t rc_get(self, const unsigned char* b, int64_t i) noexcept:
+        cdef int order = self.refcount_order
+        cdef int bits = 1 << order
+        cdef int k
+        cdef uint64_t v = 0
+        if order >= 3:
+            for k in range(bits >> 3):
+                v = (v << 8) | b[i * (bits >> 3) + k]
+            return v
+        return (b[(i * bits) >> 3] >> ((i * bits) & 7)) & ((1 << bits) - 1)
+
+    cdef void rc_set(self, unsigned char* b, int64_t i, uint64_t v) noexcept:
+        cdef int order = self.refcount_order
+        cdef int bits = 1 << order
+        cdef int k, nbytes
+        cdef int64_t byte, shift
+        cdef unsigned char mask
+        if order >= 3:
+            nbytes = bits >> 3
+            for k in range(nbytes - 1, -1, -1):
+                b[i * nbytes + k] = v & 0xFF
+                v >>= 8
+        else:
+            byte = (i * bits) >> 3
+            shift = (i * bits) & 7
+            mask = ((1 << bits) - 1) << shift
+            b[byte] = (b[byte] & ~mask) | ((v << shift) & mask)
+
+    # ---- comparison ---------------------------------------------------------------------
+
+    cdef int compare(self) except -1:
+        cdef int64_t i
+        cdef uint64_t s, x
+        self.highest = -1
+        for i in range(self.nb):
+            s = self.stored[i]
+            x = self.expected[i]
+            if s or x:
+                self.highest = i
+            if s == x:
+                continue
+            if s < x:
+                self.corruptions += 1
+                self.msg("ERROR cluster %d refcount=%d reference=%d" % (i, s, x))
+            else:
+                self.leaks += 1
+                self.msg("Leaked cluster %d refcount=%d reference=%d" % (i, s, x))
+        return 0
+
+    cdef int check_copied(self, set fixable, list fixes) except -1:
+        """COPIED must be set exactly where the refcount is 1, in the active tables.
+        Entries whose cluster is in ``fixable`` and lacks COPIED are queued in ``fixes``
+        as (file offset of the entry, new entry) instead of being counted."""
+        cdef uint64_t l1_off = self.hdr["l1_table_offset"]
+        cdef uint64_t l1_size = self.hdr["l1_size"]
+        cdef unsigned char* l1
+        cdef uint64_t i, e, l2_off, off, rc, c
+        cdef int64_t j
+        if l1_size == 0 or l1_size * 8 > MAX_L1_BYTES:
+            return 0
+        if l1_off & (self.cs - 1) or l1_off + l1_size * 8 > <uint64_t>self.file_size:
+            return 0
+        l1 = <unsigned char*>malloc(l1_size * 8)
+        if l1 == NULL:
+            raise MemoryError()
+        try:
+            if self.read(l1, l1_size * 8, l1_off, "L1 table"):
+                return 0
+            for i in range(l1_size):
+                e = ld64(l1 + 8 * i)
+                l2_off = e & OFFSET_MASK
+                if l2_off == 0:
+                    continue
+                c = l2_off >> self.cluster_bits
+                rc = self.stored[c] if c < <uint64_t>self.nb else 0
+                if (rc == 1) != ((e & COPIED) != 0):
+                    if rc == 1 and c in fixable:
+                        fixes.append((l1_off + 8 * i, e | COPIED))
+                    else:
+                        self.corrupt("OFLAG_COPIED L2 cluster: l1_index=%d l1_entry=%x refcount=%d"
+                                     % (i, e, rc))
+                if l2_off & (self.cs - 1) or l2_off + self.cs > <uint64_t>self.file_size:
+                    continue  # counted by walk_l1
+                if self.read(self.buf, self.cs, l2_off, "L2 table"):
+                    continue
+                for j in range(self.cs >> 3):
+                    e = ld64(self.buf + 8 * j)
+                    if e & COMPRESSED_FLAG:
+                        continue
+                    off = e & OFFSET_MASK
+                    if off == 0:
+                        continue
+                    c = off >> self.cluster_bits
+                    rc = self.stored[c] if c < <uint64_t>self.nb else 0
+                    if (rc == 1) != ((e & COPIED) != 0):
+                        if rc == 1 and c in fixable:
+                            fixes.append((l2_off + 8 * j, e | COPIED))
+                        else:
+                            self.corrupt("OFLAG_COPIED data cluster: l2_entry=%x refcount=%d"
+                                         % (e, rc))
+        finally:
+            free(l1)
+        return 0
+
+    # ---- the whole check ------------------------------------------------------------------
+
+    def run(self, list snapshots):
+        """Count references, load and compare refcounts; COPIED flags are checked by
+        ``check_flags`` (after an optional leak repair)."""
+        h = self.hdr
+        self.add(0, self.cs, R_HEADER)
+        self.walk_l1(h["l1_table_offset"], h["l1_size"], True, "active")
+        for (l1_off, l1_size, sid, name, _pos) in snapshots:
+            label = "snapshot %s (%s)" % (sid, name)
+            if l1_off & (self.cs - 1):
+                self.corrupt("%s l1_offset=0x%x: L1 table is not cluster aligned; snapshot "
+                             "table entry corrupted" % (label, l1_off))
+                continue
+            if l1_size * 8 > MAX_L1_BYTES:
+                self.corrupt("%s l1_size=%d: L1 table is too large; snapshot table entry "
+                             "corrupted" % (label, l1_size))
+                continue
+            self.walk_l1(l1_off, l1_size, False, label)
+        if snapshots:
+            self.add(h["snapshots_offset"], h["snapshots_size"], R_SNAPTABLE)
+        self.load_refcounts()
+        self.compare()
+
+    def check_flags(self, fixable=None):
+        """Check COPIED flags against the stored refcounts; returns the (entry offset,
+        new entry) fixes for clusters in ``fixable`` (a set of host cluster numbers)."""
+        fixes = []
+        self.check_copied(fixable if fixable is not None else set(), fixes)
+        return fixes
+
+    def leaked_blocks(self):
+        """Leak repairs, by refcount block: a list of (block offset, new block bytes,
+        [host clusters whose count drops]) for every block holding a leaked cluster."""
+        cdef uint64_t rt_off = self.hdr["refcount_table_offset"]
+        cdef int64_t rt_bytes = self.hdr["refcount_table_clusters"] * self.cs
+        cdef int64_t i, j, base, lim
+        cdef uint64_t off
+        cdef bytearray block
+        cdef bytes rt
+        cdef unsigned char* b
+        out = []
+        if rt_off & (self.cs - 1) or rt_off + rt_bytes > <uint64_t>self.file_size:
+            return out
+        rt = self.f.pread(rt_off, rt_bytes)
+        for i in range(rt_bytes >> 3):
+            base = i * self.rb_entries
+            if base >= self.nb:
+                break
+            off = ld64(<const unsigned char*><char*>rt + 8 * i)
+            if off == 0 or off & (self.cs - 1) or off + self.cs > <uint64_t>self.file_size:
+                continue
+            lim = min(self.rb_entries, self.nb - base)
+            dropped = []
+            for j in range(lim):
+                if self.stored[base + j] > self.expected[base + j]:
+                    dropped.append(base + j)
+            if not dropped:
+                continue
+            block = bytearray(self.f.pread(off, self.cs))
+            b = <unsigned char*>(<char*>block)
+            for c in dropped:
+                self.rc_set(b, c - base, self.expected[c])
+            out.append((off, bytes(block), dropped))
+        return out
+
+    def set_stored(self, int64_t c, uint64_t v):
+        """Record that host cluster ``c`` now has refcount ``v`` on disk."""
+        if 0 <= c < self.nb:
+            self.stored[c] = v
+
+    def expected_count(self, int64_t c):
+        """The number of references to host cluster ``c`` found by ``run``."""
+        return self.expected[c] if 0 <= c < self.nb else 0
