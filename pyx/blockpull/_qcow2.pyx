@@ -241,7 +241,7 @@ cdef class Qcow2(Driver):
             raise _fmt_err(path, "L1 table (%d entries) too small for virtual size %d" % (l1_size, size))
         if l1_size and (l1_off % cs or l1_off == 0):
             raise _fmt_err(path, "L1 table offset 0x%x is not cluster aligned" % l1_off)
-        if l1_size and l1_off + l1_size * 8 > self.file_size:
+        if l1_off + l1_size * 8 > self.file_size and (l1_size or l1_off >= 1 << 62):
             raise _fmt_err(path, "L1 table at 0x%x lies past the end of the file" % l1_off)
         self.l1_offset = l1_off
         self.l1_size = l1_size
@@ -262,13 +262,16 @@ cdef class Qcow2(Driver):
         # snapshots
         if nb_snap:
             if nb_snap > 65536:
-                raise _fmt_err(path, "too many snapshots (%d)" % nb_snap)
+                raise _fmt_err(path, "too many snapshots (nb_snapshots %d)" % nb_snap)
             if snap_off % cs or snap_off == 0 or snap_off >= self.file_size:
                 raise _fmt_err(path, "snapshot table offset 0x%x invalid" % snap_off)
+            self._validate_snapshots(snap_off, nb_snap)
+        elif snap_off >= 1 << 62:
+            raise _fmt_err(path, "snapshots_offset 0x%x invalid" % snap_off)
         self.nb_snapshots = nb_snap
         self.snapshots_offset = snap_off
         # header extensions and backing file name
-        cluster0 = self.file.pread(0, min(cs, self.file_size))
+        cluster0 = self.file.pread(0, cs)  # zeros past the end of a short file
         self.extensions = []
         self.backing_format = None
         off = self.header_length
@@ -292,25 +295,40 @@ cdef class Qcow2(Driver):
             self.extensions.append((etype, data, off))
             off += 8 + ((elen + 7) & ~7)
         self.backing_name = None
-        self.backing_offset = bfo
-        self.backing_size = bfs
         if bfo:
             if bfs == 0 or bfs > 1023:
-                raise _fmt_err(path, "backing file name length %d invalid (1..1023)" % bfs)
+                raise _fmt_err(path, "backing_file_size %d invalid (1..1023)" % bfs)
             if bfo + bfs > cs or bfo < 72:
-                raise _fmt_err(path, "backing file name lies outside the header cluster")
+                raise _fmt_err(path, "backing_file_offset 0x%x: name lies outside the header "
+                               "cluster" % bfo)
             raw = cluster0[bfo:bfo + bfs]
             if len(raw) != bfs:
                 raise _fmt_err(path, "backing file name lies past the end of the file")
             if b"\0" in raw:
                 raise _fmt_err(path, "backing file name contains a NUL byte")
             self.backing_name = raw.decode("utf-8", "surrogateescape")
+        self.backing_offset = bfo
+        self.backing_size = bfs if bfo else 0
         self.has_zero_flag = version == 3
         per_table = self.cluster_size
         self.l2_cache_max = max(16, L2_CACHE_BYTES // per_table)
         self.rb_cache_max = max(16, RB_CACHE_BYTES // per_table)
         self.next_free = (self.file_size + cs - 1) >> cbits
         self.autoclear_done = self.autoclear == 0
+
+    def _validate_snapshots(self, uint64_t snap_off, uint64_t nb_snap):
+        """Every snapshot's L1 table must be aligned, inside the file and of sane size;
+        the table itself is read with every length bounded by the file."""
+        from blockpull._check import parse_snapshot_table
+        path = self.file.path
+        cdef int64_t cs = self.cluster_size
+        snaps, _n = parse_snapshot_table(self.file, snap_off, nb_snap, self.cluster_bits,
+                                         self.file_size)
+        for (l1_off, l1_size, sid, _name, _pos) in snaps:
+            if l1_size * 8 > MAX_L1_BYTES:
+                raise _fmt_err(path, "snapshot %s: l1_size %d too large" % (sid, l1_size))
+            if l1_off % cs or (l1_size and (l1_off == 0 or l1_off + l1_size * 8 > self.file_size)):
+                raise _fmt_err(path, "snapshot %s: L1 table offset 0x%x invalid" % (sid, l1_off))
 
     # ---- tables -----------------------------------------------------------------
 
@@ -355,7 +373,7 @@ cdef class Qcow2(Driver):
         cdef int64_t inoff = vaddr & (cs - 1)
         cdef int64_t l1i = c >> self.l2_bits
         cdef int64_t l2i, run, i, span_end, limit
-        cdef uint64_t e, e2, off, host0
+        cdef uint64_t e, e2, off, host0, bound
         cdef int kind, k2
         cdef Table t
         if vaddr >= self.size:
@@ -376,6 +394,10 @@ cdef class Qcow2(Driver):
         off = e & OFFSET_MASK
         if kind == KIND_DATA and off & (cs - 1):
             raise _fmt_err(self.file.path, "L2 entry for cluster %d points at unaligned offset 0x%x" % (c, off))
+        bound = self._host_end()
+        if kind == KIND_DATA and off + cs > bound:
+            raise _fmt_err(self.file.path, "L2 entry for cluster %d points past the end of the "
+                           "file (0x%x)" % (c, off))
         if kind == KIND_COMPRESSED:
             return (KIND_COMPRESSED, min(cs - inoff, limit), 0)
         host0 = off
@@ -386,11 +408,17 @@ cdef class Qcow2(Driver):
             k2 = self._kind(e2)
             if k2 != kind:
                 break
-            if kind == KIND_DATA and (e2 & OFFSET_MASK) != host0 + (i - l2i) * cs:
+            if kind == KIND_DATA and ((e2 & OFFSET_MASK) != host0 + (i - l2i) * cs or
+                                      host0 + (i - l2i + 1) * cs > bound):
                 break
             run += cs
             i += 1
         return (kind, min(run, limit), (host0 + inoff) if kind == KIND_DATA else 0)
+
+    cdef inline uint64_t _host_end(self) noexcept:
+        """End of the host space a table may point into: the file, plus what this driver
+        has allocated since it was opened."""
+        return max(self.file_size, self.next_free << self.cluster_bits)
 
     cdef inline int _kind(self, uint64_t e) noexcept:
         if e & COMPRESSED_FLAG:
@@ -442,9 +470,6 @@ cdef class Qcow2(Driver):
                 d = zlib.decompressobj(-12)
                 plain = d.decompress(comp, cs)
             else:
-                if self.zstd_dctx is None:
-                    import zstandard
-                    self.zstd_dctx = zstandard.ZstdDecompressor()
                 plain = self._zstd(comp, cs)
         except zlib.error as exc:
             raise _fmt_err(self.file.path, "compressed cluster %d is corrupt (%s)" % (c, exc))
@@ -455,21 +480,26 @@ cdef class Qcow2(Driver):
         return plain
 
     def _zstd(self, comp, int64_t cs):
-        import zstandard
-        out = bytearray()
-        pos = 0
+        """Decompress zstd frames until a cluster's worth of bytes: never more, whatever
+        sizes the frames claim."""
         try:
-            while len(out) < cs and pos < len(comp):
-                dobj = self.zstd_dctx.decompressobj()
-                chunk = dobj.decompress(comp[pos:])
-                out += chunk
-                rest = dobj.unused_data
-                if not dobj.eof:
+            import zstandard
+        except ImportError:
+            raise _fmt_err(self.file.path, "zstd compressed clusters need the 'zstandard' "
+                           "module (pip install zstandard)")
+        if self.zstd_dctx is None:
+            self.zstd_dctx = zstandard.ZstdDecompressor()
+        out = bytearray()
+        try:
+            reader = self.zstd_dctx.stream_reader(comp, read_across_frames=True)
+            while len(out) < cs:
+                chunk = reader.read(cs - len(out))
+                if not chunk:
                     break
-                pos = len(comp) - len(rest)
+                out += chunk
         except zstandard.ZstdError as exc:
             raise _fmt_err(self.file.path, "zstd compressed cluster is corrupt (%s)" % exc)
-        return bytes(out[:cs]) if len(out) >= cs else bytes(out)
+        return bytes(out)
 
     # ---- refcounts ----------------------------------------------------------------
 
@@ -488,6 +518,9 @@ cdef class Qcow2(Driver):
             return None
         if off % self.cluster_size:
             raise _fmt_err(self.file.path, "refcount block offset 0x%x is not aligned" % off)
+        if <uint64_t>off + self.cluster_size > self._host_end():
+            raise _fmt_err(self.file.path, "refcount block %d at 0x%x lies past the end of the "
+                           "file" % (idx, off))
         t = Table(off, self.cluster_size)
         self.file.read_full(t.buf, self.cluster_size, off)
         self.rb_cache[idx] = t
