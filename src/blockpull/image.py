@@ -373,6 +373,34 @@ class Image:
                 return i
         raise BackingChainError(f"{self.path}: base {base!r} is not an image of its backing chain")
 
+    def _finish_pull(self, base_depth: int) -> None:
+        """After a complete pull: point the top at the base (or at nothing) crash-safely
+        and drop the images it no longer needs from the chain."""
+        with self._lock:
+            drivers = self._drivers
+            top = drivers[0]
+            if base_depth == 1:
+                return  # the base is the immediate backing: nothing to change
+            if base_depth >= len(drivers):
+                top.set_backing(None, None)
+            else:
+                base = drivers[base_depth]
+                above = drivers[base_depth - 1]
+                recorded = above.backing_name or base.file.path
+                if os.path.isabs(recorded):
+                    name = base.file.path
+                else:
+                    name = os.path.relpath(base.file.path, os.path.dirname(top.file.path))
+                top.set_backing(name, base.format)
+            dropped = drivers[1:base_depth]
+            self._drivers = [top] + drivers[base_depth:]
+            self.chain_obj = Chain(self._drivers)
+            for d in dropped:
+                d.close()
+            log.info("%s now %s", self.path,
+                     f"backed by {self._drivers[1].file.path}" if len(self._drivers) > 1
+                     else "stands alone")
+
     # ---- closing ----------------------------------------------------------------
 
     def _close_files(self) -> None:
