@@ -154,6 +154,9 @@ cdef class Qcow2(Driver):
     cdef int64_t last_comp_vcluster
     cdef bytes last_comp_data
     cdef public object lock
+    cdef list snap_l1             # each internal snapshot's L1 table (Table), or []
+    cdef list snap_l1_dirty       # dirty entry indexes per snapshot L1
+    cdef dict l2_refs             # with snapshots: L2 offset -> L1 entries pointing at it
 
     def __init__(self, File f, bint writable):
         self.file = f
@@ -311,6 +314,44 @@ cdef class Qcow2(Driver):
         self.rb_cache_max = max(16, RB_CACHE_BYTES // per_table)
         self.next_free = (self.file_size + cs - 1) >> cbits
         self.autoclear_done = self.autoclear == 0
+        self._load_snapshots()
+
+    def _load_snapshots(self):
+        """Read every internal snapshot's L1 table. A pull fills what the snapshots lack
+        too, since their unallocated clusters read the same backing chain."""
+        cdef int64_t off = self.snapshots_offset
+        cdef int64_t l1_off, l1_size, i, e
+        cdef Table t
+        self.snap_l1 = []
+        self.snap_l1_dirty = []
+        self.l2_refs = {}
+        if not self.nb_snapshots:
+            return
+        path = self.file.path
+        for i in range(self.nb_snapshots):
+            if off + 40 > self.file_size:
+                raise _fmt_err(path, "snapshot table entry %d lies past the end of the file" % i)
+            hdr = self.file.pread(off, 40)
+            l1_off, l1_size, id_len, name_len = struct.unpack(">QIHH", hdr[:16])
+            extra = struct.unpack(">I", hdr[36:40])[0]
+            if extra > 1024:
+                raise _fmt_err(path, "snapshot %d extra data size %d invalid" % (i, extra))
+            if l1_size * 8 > MAX_L1_BYTES:
+                raise _fmt_err(path, "snapshot %d L1 table of %d entries is too large" % (i, l1_size))
+            if l1_size and (l1_off % self.cluster_size or l1_off == 0 or
+                            l1_off + l1_size * 8 > self.file_size):
+                raise _fmt_err(path, "snapshot %d L1 table offset 0x%x invalid" % (i, l1_off))
+            t = Table(l1_off, l1_size * 8)
+            if l1_size:
+                self.file.read_full(t.buf, l1_size * 8, l1_off)
+            self.snap_l1.append(t)
+            self.snap_l1_dirty.append(set())
+            off += (40 + extra + id_len + name_len + 7) & ~7
+        for t in [self.l1] + self.snap_l1:
+            for i in range(t.nbytes >> 3):
+                e = t.get(i) & OFFSET_MASK
+                if e:
+                    self.l2_refs[e] = self.l2_refs.get(e, 0) + 1
 
     # ---- tables -----------------------------------------------------------------
 
@@ -694,6 +735,8 @@ cdef class Qcow2(Driver):
             self._cache_put_l2(nt)
             self.l1.put(l1i, <uint64_t>newoff | COPIED)
             self.l1_dirty.add(l1i)
+            if self.snap_l1:
+                self.l2_refs[newoff] = 1
             return nt
         t = self._load_l2(off)
         if l1e & COPIED:
@@ -712,6 +755,9 @@ cdef class Qcow2(Driver):
         self.l1.put(l1i, <uint64_t>newoff | COPIED)
         self.l1_dirty.add(l1i)
         self._drop_ref(off >> self.cluster_bits, 1)
+        if self.snap_l1:
+            self.l2_refs[newoff] = 1
+            self.l2_refs[off] = self.l2_refs.get(off, 1) - 1
         return nt
 
     cdef bint _writable_in_place(self, uint64_t e):
@@ -830,21 +876,115 @@ cdef class Qcow2(Driver):
             if off:
                 self._drop_ref(off >> self.cluster_bits, 1)
 
+    cpdef tuple pull_status(self, int64_t vaddr, int64_t n):
+        """Like block_status, but a cluster that any internal snapshot lacks counts as
+        unallocated: the pull fills the snapshots too."""
+        cdef int64_t cs = self.cluster_size
+        cdef int64_t c, run, k, i
+        cdef int kind
+        st = self.block_status(vaddr, n)
+        if not self.snap_l1 or st[0] == KIND_UNALLOC:
+            return st
+        kind, run, host = st
+        c = vaddr >> self.cluster_bits
+        k = (vaddr + run + cs - 1) >> self.cluster_bits
+        for i in range(c, k):
+            if self._snap_lacks(i):
+                if i == c:
+                    return (KIND_UNALLOC, min(run, cs - (vaddr & (cs - 1))), 0)
+                return (kind, (i << self.cluster_bits) - vaddr, host)
+        return st
+
+    cdef bint _snap_lacks(self, int64_t c) except -1:
+        cdef int64_t l1i = c >> self.l2_bits
+        cdef Table sl1
+        cdef int64_t off
+        for sl1 in self.snap_l1:
+            if l1i >= (sl1.nbytes >> 3):
+                continue
+            off = sl1.get(l1i) & OFFSET_MASK
+            if off == 0:
+                return True
+            if self._load_l2(off).get(c & (self.l2_entries - 1)) == 0:
+                return True
+        return False
+
+    cdef int64_t _link_views(self, int64_t c, uint64_t entry) except -1:
+        """Put ``entry`` into every view (active L1 and each snapshot's) that lacks
+        cluster c; an L2 table shared by several views takes it in place, since each of
+        them lacked it. Returns the number of references made."""
+        cdef int64_t l1i = c >> self.l2_bits
+        cdef int64_t i2 = c & (self.l2_entries - 1)
+        cdef int64_t refs = 0, off, newoff, si
+        cdef Table t, sl1, nt
+        cdef set done = set()
+        off = self.l1.get(l1i) & OFFSET_MASK if l1i < self.l1_size else 0
+        if l1i < self.l1_size:
+            if off == 0:
+                t = self._l2_for_write(l1i)
+                t.put(i2, entry)
+                refs += 1
+                done.add(t.offset)
+            else:
+                t = self._load_l2(off)
+                if t.get(i2) == 0:
+                    t.put(i2, entry)
+                    refs += self.l2_refs.get(off, 1)
+                done.add(off)
+        for si in range(len(self.snap_l1)):
+            sl1 = self.snap_l1[si]
+            if l1i >= (sl1.nbytes >> 3):
+                continue
+            off = sl1.get(l1i) & OFFSET_MASK
+            if off in done:
+                continue
+            if off == 0:
+                newoff = self.alloc_clusters(1)
+                nt = Table(newoff, self.cluster_size)
+                nt.new = True
+                nt.dirty = True
+                self._cache_put_l2(nt)
+                sl1.put(l1i, <uint64_t>newoff)
+                self.snap_l1_dirty[si].add(l1i)
+                self.l2_refs[newoff] = 1
+                nt.put(i2, entry)
+                refs += 1
+                done.add(newoff)
+            else:
+                t = self._load_l2(off)
+                if t.get(i2) == 0:
+                    t.put(i2, entry)
+                    refs += self.l2_refs.get(off, 1)
+                done.add(off)
+        return refs
+
     cpdef bint link(self, int64_t vaddr, int64_t host) except -1:
         cdef int64_t c = vaddr >> self.cluster_bits
-        if self._l2_entry(c) != 0:
+        cdef int64_t refs, k
+        if not self.snap_l1:
+            if self._l2_entry(c) != 0:
+                return False
+            self._set_l2(c, <uint64_t>host | COPIED)
+            return True
+        refs = self._link_views(c, <uint64_t>host)
+        if refs == 0:
             return False
-        self._set_l2(c, <uint64_t>host | COPIED)
+        for k in range(refs - 1):
+            self._rc_add(host >> self.cluster_bits, 1)
+        if refs == 1 and (self._l2_entry(c) & OFFSET_MASK) == <uint64_t>host:
+            self._set_l2(c, <uint64_t>host | COPIED)
         return True
 
     cpdef bint link_zero(self, int64_t vaddr) except -1:
         cdef int64_t c = vaddr >> self.cluster_bits
         if self.version < 3:
             raise ValueError("qcow2 v2 has no zero clusters")
-        if self._l2_entry(c) != 0:
-            return False
-        self._set_l2(c, ZERO_FLAG)
-        return True
+        if not self.snap_l1:
+            if self._l2_entry(c) != 0:
+                return False
+            self._set_l2(c, ZERO_FLAG)
+            return True
+        return self._link_views(c, ZERO_FLAG) > 0
 
     def write_zeroes(self, int64_t vaddr, int64_t n, object fill, bint backed):
         """Make [vaddr, vaddr+n) read zeros: zero flags for whole clusters on v3,
@@ -888,7 +1028,8 @@ cdef class Qcow2(Driver):
                 t.dirty = False
 
     cpdef flush_metadata(self):
-        cdef Table t
+        cdef Table t, sl1
+        cdef Py_ssize_t si
         cdef unsigned char hdr[12]
         cdef int64_t idx, sect
         if not self.writable:
@@ -935,6 +1076,14 @@ cdef class Qcow2(Driver):
                                      self.l1.offset + sect)
             self.l1_dirty.clear()
             self.l1.dirty = False
+        for si in range(len(self.snap_l1)):
+            dirty = self.snap_l1_dirty[si]
+            if dirty:
+                sl1 = <Table>self.snap_l1[si]
+                for sect in sorted({(i * 8) & ~511 for i in dirty}):
+                    self.file.write_full(sl1.buf + sect, min(512, sl1.nbytes - sect),
+                                         sl1.offset + sect)
+                dirty.clear()
         # 3. dropped references become free after the next sync
         self.free_after_sync.extend(self.free_waiting)
         self.free_waiting = []

@@ -98,7 +98,7 @@ cdef class Stream:
         cdef int kind, d, k2
         cdef bint inc
         while pos < size:
-            kind, run, host = top.block_status(pos, size - pos)
+            kind, run, host = top.pull_status(pos, size - pos)
             if kind != KIND_UNALLOC:
                 pos += run
                 continue
@@ -229,7 +229,7 @@ cdef class Stream:
             i = 0
             while i < ncl:
                 v = off + i * cs
-                kind, run, _h = top.block_status(v, n - i * cs)
+                kind, run, _h = top.pull_status(v, n - i * cs)
                 k = (run + cs - 1) // cs
                 if kind == KIND_UNALLOC:
                     clen = min(run, n - i * cs)
