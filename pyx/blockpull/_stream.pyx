@@ -146,7 +146,7 @@ cdef class Stream:
 
     def run(self):
         """Copy everything; returns "completed" or "cancelled". I/O errors come back
-        through ``control.on_error(StreamIOError) -> "retry" | "skip" | "fail"``."""
+        through ``control.on_io_error(StreamIOError) -> "retry" | "skip" | "fail"``."""
         cdef int64_t s = 0, n = 0, off, take
         cdef int64_t cs = self.top.cluster_size
         cdef int64_t chunk
@@ -177,7 +177,7 @@ cdef class Stream:
                     try:
                         self.copy_chunk(buf, off, take)
                     except StreamIOError as exc:
-                        action = self.control.on_error(exc) if self.control is not None else "fail"
+                        action = self.control.on_io_error(exc) if self.control is not None else "fail"
                         if action == "retry":
                             continue
                         if action == "skip":
