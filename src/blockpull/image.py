@@ -426,6 +426,7 @@ class Image:
 
     @property
     def closed(self) -> bool:
+        """True once ``close()`` has run."""
         return self._closed
 
     def __enter__(self) -> "Image":
@@ -463,8 +464,8 @@ def create(path: Union[str, os.PathLike], size: Union[int, str], *, fmt: str = "
 
     ``backing`` is recorded as given (relative names resolve against the new image's
     directory); its format is taken from ``backing_format`` or probed from the file and
-    recorded, so the chain never depends on guessing later. ``size`` may be None-like 0
-    with a backing: the backing's size is used.
+    recorded, so the chain never depends on guessing later. With a backing, ``size`` 0
+    means the backing's size.
     """
     from blockpull.units import parse_size
     path = os.fspath(path)
