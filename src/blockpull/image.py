@@ -321,9 +321,13 @@ class Image:
                 present = kind != UNALLOC
                 data = kind in (DATA, COMPRESSED)
                 zero = kind in (ZERO, UNALLOC)
-                off = host if kind == DATA else None
-                if self._drivers[depth].format == "raw" and kind == DATA:
-                    off = host
+                off = host if kind == DATA or (kind == ZERO and host) else None
+                if kind == UNALLOC and pos < self._drivers[depth].size:
+                    # qemu-img map shows where the bottom image keeps space for a range
+                    # that reads through (allocated but unused subclusters)
+                    k2, r2, h2 = self._drivers[depth].block_status(pos, run)
+                    if k2 == UNALLOC and h2:
+                        off, run = h2, min(run, r2)
                 e = Extent(pos, run, depth, data, zero, present, off)
                 if out:
                     p = out[-1]
