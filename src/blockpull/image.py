@@ -207,8 +207,10 @@ class Image:
         cur = top
         cur_path = self.path
         while cur.backing_name is not None:
-            if len(self._drivers) > MAX_CHAIN_DEPTH:
-                raise BackingChainError(f"{self.path}: backing chain deeper than {MAX_CHAIN_DEPTH}")
+            if len(self._drivers) >= MAX_CHAIN_DEPTH:
+                raise BackingChainError(
+                    f"{self.path}: backing chain deeper than {MAX_CHAIN_DEPTH} images; "
+                    f"flatten part of it first (qemu-img commit or convert)")
             name = cur.backing_name
             bpath = _resolve_backing(name, cur_path)
             bfmt = cur.backing_format or self._named_format(name, bpath)
