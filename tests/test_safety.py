@@ -32,7 +32,7 @@ def set_backing_raw(path, name: bytes, at: int = 2048) -> None:
     b"",
     b"base.qcow2\0../../etc/passwd",
     b"a" * 1024,
-])
+], ids=["json", "nbd", "nbd+unix", "http", "ssh", "empty", "nul", "1024-bytes"])
 def test_unsafe_backing_names_refused(tmp_path, qemu, name):
     base = qemu.create(tmp_path / "base.qcow2", 1 << 20)
     top = qemu.create(tmp_path / "top.qcow2", 1 << 20, backing="base.qcow2")
