@@ -40,7 +40,7 @@ def filled(tmp_path, qemu):
 @pytest.mark.parametrize("opts", [
     "compat=1.1", "compat=0.10", "cluster_size=512", "cluster_size=2M",
     "refcount_bits=1", "refcount_bits=2", "refcount_bits=8", "refcount_bits=64",
-    "compression_type=zstd",
+    "compression_type=zstd", "extended_l2=on",
 ])
 def test_clean_images_agree(tmp_path, qemu, opts):
     p = qemu.create(tmp_path / "c.qcow2", 8 << 20, opts=[opts])

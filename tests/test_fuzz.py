@@ -35,6 +35,8 @@ def make_seeds(qemu, d):
     qemu.io(e, "write -P 1 0 4k", "write -c -P 3 8k 512")
     f = qemu.create(d / "zstd.qcow2", size, opts=["compression_type=zstd"])
     qemu.io(f, "write -c -P 4 0 64k", "write -P 5 64k 64k")
+    x = qemu.create(d / "extl2.qcow2", size, opts=["extended_l2=on,cluster_size=32k"])
+    qemu.io(x, "write -P 7 0 4k", "write -P 8 40k 8k", "write -z 100k 32k")
     with open(d / "base.raw", "wb") as fh:
         fh.truncate(size)
     g = qemu.create(d / "backed.qcow2", size, backing="base.raw", backing_fmt="raw")

@@ -20,6 +20,7 @@ SRC = os.path.join(os.path.dirname(HERE), "src")
 MASK = 0x00FFFFFFFFFFFE00
 FMT_ERR = "ImageFormatError"
 CHAIN_ERR = "BackingChainError"
+EITHER = (FMT_ERR, CHAIN_ERR)   # what the name says is judged by the chain, where it lies by the format
 
 
 @pytest.fixture(scope="module")
@@ -40,6 +41,7 @@ def originals(tmp_path_factory):
     snap = qm.create(d / "snap.qcow2", 4 << 20)
     qm.io(snap, "write -P 1 0 64k")
     qm.img("snapshot", "-c", "s1", snap)
+    qm.img("snapshot", "-c", "s2", snap)
     base = qm.create(d / "base.qcow2", 4 << 20)
     top = qm.create(d / "top.qcow2", 4 << 20, backing="base.qcow2")
     return {"v3": v3, "v2": v2, "zstd": zstd, "snap": snap, "top": top, "base": base}
@@ -96,6 +98,25 @@ def snapshot_entry(offset_in_entry, fmt, value):
     def mutate(p, d):
         q.poke(p, q.header(p)["snapshots_offset"] + offset_in_entry, fmt, value)
     return mutate
+
+
+def snapshots_share_one_big_l1(p, d):
+    # two snapshots name the same L1 table, each as large as the file allows: loading
+    # every snapshot's L1 must not cost more memory than the file holds
+    from blockpull._check import parse_snapshot_table
+    from blockpull._fileio import File
+    h = q.header(p)
+    f = File(p)
+    try:
+        snaps, _n = parse_snapshot_table(f, h["snapshots_offset"], h["nb_snapshots"],
+                                         h["cluster_bits"], f.size())
+    finally:
+        f.close()
+    size = os.path.getsize(p)
+    n = (size - 0x10000) // 8
+    for (_off, _size, _id, _name, pos) in snaps:
+        q.poke(p, pos, ">Q", 0x10000)
+        q.poke(p, pos + 8, ">I", n)
 
 
 def truncate(n):
@@ -167,7 +188,6 @@ CASES = [
     ("incompat_unknown", "v3", field("incompatible_features", 1 << 5), FMT_ERR),
     ("incompat_bit_63", "v3", field("incompatible_features", 1 << 63), FMT_ERR),
     ("incompat_data_file", "v3", field("incompatible_features", 4), FMT_ERR),
-    ("incompat_extended_l2", "v3", field("incompatible_features", 16), FMT_ERR),
     ("compression_type_2", "v3", lambda p, d: (q.set_field(p, "incompatible_features", 8),
                                                q.poke(p, 104, ">B", 2)), FMT_ERR),
     ("compression_type_without_bit", "v3", lambda p, d: q.poke(p, 104, ">B", 1), FMT_ERR),
@@ -182,9 +202,9 @@ CASES = [
     ("backing_offset_past_cluster", "top", field("backing_file_offset", 70000), FMT_ERR),
     ("backing_offset_2_64", "top", field("backing_file_offset", (1 << 64) - 8), FMT_ERR),
     ("backing_offset_in_header", "top", field("backing_file_offset", 8), FMT_ERR),
-    ("backing_size_zero", "top", field("backing_file_size", 0), FMT_ERR),
-    ("backing_size_2000", "top", field("backing_file_size", 2000), FMT_ERR),
-    ("backing_name_nul", "top", backing_name(b"base\0.qcow2"), FMT_ERR),
+    ("backing_size_zero", "top", field("backing_file_size", 0), EITHER),
+    ("backing_size_2000", "top", field("backing_file_size", 2000), EITHER),
+    ("backing_name_nul", "top", backing_name(b"base\0.qcow2"), EITHER),
     ("backing_protocol", "top", backing_name(b"nbd://evil:10809/x"), CHAIN_ERR),
     ("backing_json", "top", backing_name(b'json:{"file.filename":"/etc/passwd"}'), CHAIN_ERR),
     ("backing_missing", "top", backing_name(b"nothere.qcow2"), CHAIN_ERR),
@@ -212,6 +232,7 @@ CASES = [
     ("snapshot_l1_unaligned", "snap", snapshot_entry(0, ">Q", 0x30100), FMT_ERR),
     ("snapshot_l1_size_huge", "snap", snapshot_entry(8, ">I", 0xFFFFFFFF), FMT_ERR),
     ("snapshot_extra_data_huge", "snap", snapshot_entry(36, ">I", 0xFFFFFFF0), FMT_ERR),
+    ("snapshots_share_one_big_l1", "snap", snapshots_share_one_big_l1, FMT_ERR),
     ("snapshot_names_past_eof", "snap", snapshot_entry(12, ">H", 0xFFFF), FMT_ERR),
 ]
 
@@ -234,7 +255,7 @@ def _run_case(tmp_path, originals, src, mutate, want, mode):
     mutate(str(p), str(tmp_path))
     out = run_child(p, mode)
     assert not out["ok"], f"malformed image opened and read without error: {out}"
-    assert out["type"] == want, out
+    assert out["type"] in ((want,) if isinstance(want, str) else want), out
     assert "\n" not in out["msg"] and str(tmp_path) in out["msg"], out["msg"]
     assert out["seconds"] < 1.0, out
     assert out["outside"] == [], f"read outside the file: {out['outside']}"

@@ -130,6 +130,7 @@ cdef class Qcow2Check:
     cdef int64_t nb                  # host clusters of the file
     cdef int version
     cdef int refcount_order
+    cdef int entry_bytes             # 8, or 16 with extended L2 entries
     cdef int64_t rb_entries
     cdef uint32_t* expected
     cdef uint64_t* stored
@@ -159,6 +160,7 @@ cdef class Qcow2Check:
         self.cs = 1LL << self.cluster_bits
         self.version = hdr["version"]
         self.refcount_order = hdr["refcount_order"]
+        self.entry_bytes = 16 if hdr.get("extended_l2") else 8
         self.rb_entries = (self.cs * 8) >> self.refcount_order
         self.file_size = file_size
         self.nb = (file_size + self.cs - 1) >> self.cluster_bits
@@ -289,13 +291,13 @@ cdef class Qcow2Check:
         return 0
 
     cdef int walk_l2(self, uint64_t l2_off, bint active) except -1:
-        cdef int64_t j, n = self.cs >> 3
+        cdef int64_t j, n = self.cs // self.entry_bytes
         cdef uint64_t e, off, coff, csize
         cdef int x = 62 - (self.cluster_bits - 8)
         cdef uint64_t cmask = (1ULL << x) - 1
         cdef uint64_t smask = (1ULL << (self.cluster_bits - 8)) - 1
         for j in range(n):
-            e = ld64(self.buf + 8 * j)
+            e = ld64(self.buf + self.entry_bytes * j)
             if e == 0:
                 continue
             if e & COMPRESSED_FLAG:
@@ -454,8 +456,8 @@ cdef class Qcow2Check:
                     continue  # counted by walk_l1
                 if self.read(self.buf, self.cs, l2_off, "L2 table"):
                     continue
-                for j in range(self.cs >> 3):
-                    e = ld64(self.buf + 8 * j)
+                for j in range(self.cs // self.entry_bytes):
+                    e = ld64(self.buf + self.entry_bytes * j)
                     if e & COMPRESSED_FLAG:
                         continue
                     off = e & OFFSET_MASK
@@ -465,7 +467,7 @@ cdef class Qcow2Check:
                     rc = self.stored[c] if c < <uint64_t>self.nb else 0
                     if (rc == 1) != ((e & COPIED) != 0):
                         if rc == 1 and c in fixable:
-                            fixes.append((l2_off + 8 * j, e | COPIED))
+                            fixes.append((l2_off + self.entry_bytes * j, e | COPIED))
                         else:
                             self.corrupt("OFLAG_COPIED data cluster: l2_entry=%x refcount=%d"
                                          % (e, rc))

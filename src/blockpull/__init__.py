@@ -1,8 +1,23 @@
-"""blockpull: pull a copy-on-write disk image free of its backing chain while it is in use."""
+"""blockpull: pull a copy-on-write disk image free of its backing chain while it is in use.
+
+The Python API is the product: ``open``/``create`` images, ``Image.pull()`` starts a
+``PullJob`` (progress, speed, pause, abort, events, asyncio), ``pull()`` is the blocking
+one-shot, and the libvirt-shaped functions (``block_pull`` ...) sit on top.
+"""
+import logging as _logging
+
+from blockpull.compat import (BLOCK_JOB_SPEED_BANDWIDTH_BYTES, BLOCK_PULL_BANDWIDTH_BYTES,
+                              BLOCK_PULL_CANCELED, BLOCK_PULL_COMPLETED, BLOCK_PULL_FAILED,
+                              EVENT_ID_BLOCK_PULL, BlockPullInfo, block_job_set_speed,
+                              block_pull, block_pull_abort, event_deregister, event_register,
+                              get_block_pull_info)
 from blockpull.errors import (BackingChainError, BlockpullError, ImageFormatError,
                               ImageLockedError, JobActiveError, PullCancelled, PullError)
 from blockpull.image import ChainEntry, Extent, Image, create, open
 from blockpull.check import CheckResult, check
+from blockpull.job import PullEvent, PullInfo, PullJob, pull
+
+_logging.getLogger("blockpull").addHandler(_logging.NullHandler())
 
 __version__ = "0.1.0"
 
@@ -10,4 +25,9 @@ __all__ = [
     "BackingChainError", "BlockpullError", "ImageFormatError", "ImageLockedError",
     "JobActiveError", "PullCancelled", "PullError",
     "ChainEntry", "CheckResult", "Extent", "Image", "check", "create", "open",
+    "PullEvent", "PullInfo", "PullJob", "pull",
+    "BlockPullInfo", "block_pull", "get_block_pull_info", "block_pull_abort",
+    "block_job_set_speed", "event_register", "event_deregister",
+    "BLOCK_PULL_COMPLETED", "BLOCK_PULL_FAILED", "BLOCK_PULL_CANCELED",
+    "BLOCK_PULL_BANDWIDTH_BYTES", "BLOCK_JOB_SPEED_BANDWIDTH_BYTES", "EVENT_ID_BLOCK_PULL",
 ]

@@ -93,6 +93,7 @@ def _check_qcow2(path: str, repair: bool) -> CheckResult:
             "refcount_table_offset": drv.rt_offset,
             "refcount_table_clusters": drv.rt_clusters,
             "snapshots_offset": drv.snapshots_offset, "snapshots_size": snap_bytes,
+            "extended_l2": bool(drv.incompatible & _qcow2.INCOMPAT_EXTL2),
         }
         chk = Qcow2Check(f, hdr, file_size)
         chk.run(snaps)

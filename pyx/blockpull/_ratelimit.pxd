@@ -1,0 +1,17 @@
+# cython: language_level=3
+from libc.stdint cimport int64_t
+
+cdef extern from "<pthread.h>" nogil:
+    ctypedef struct pthread_mutex_t:
+        pass
+    ctypedef struct pthread_cond_t:
+        pass
+
+cdef class RateLimiter:
+    cdef pthread_mutex_t mu
+    cdef pthread_cond_t cond
+    cdef int64_t _rate
+    cdef double t0
+    cdef int64_t sent
+    cdef int64_t gen
+    cdef int consume_nogil(self, int64_t n) noexcept nogil

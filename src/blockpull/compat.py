@@ -1,0 +1,132 @@
+"""The libvirt-shaped functions: block_pull, get_block_pull_info, block_pull_abort,
+block_job_set_speed and event registration, over a per-process registry of pulls.
+
+Paths are the registry's keys (compared as absolute paths). The registry keeps each image
+open while its pull runs and closes it when the pull ends. Event callbacks run on the
+pull's thread as ``callback(path, status)`` with one of the BLOCK_PULL_* statuses.
+"""
+from __future__ import annotations
+
+import itertools
+import os
+import threading
+from typing import Callable, Dict, NamedTuple, Optional, Tuple
+
+from blockpull.errors import BlockpullError
+from blockpull.image import Image
+from blockpull.job import PullEvent, PullJob
+
+__all__ = [
+    "BLOCK_PULL_COMPLETED", "BLOCK_PULL_FAILED", "BLOCK_PULL_CANCELED",
+    "BLOCK_PULL_BANDWIDTH_BYTES", "BLOCK_JOB_SPEED_BANDWIDTH_BYTES", "EVENT_ID_BLOCK_PULL",
+    "BlockPullInfo", "block_pull", "get_block_pull_info", "block_pull_abort",
+    "block_job_set_speed", "event_register", "event_deregister",
+]
+
+BLOCK_PULL_COMPLETED = 0
+BLOCK_PULL_FAILED = 1
+BLOCK_PULL_CANCELED = 2
+#: flag: ``bandwidth`` is in bytes/s instead of MiB/s
+BLOCK_PULL_BANDWIDTH_BYTES = 1 << 6
+BLOCK_JOB_SPEED_BANDWIDTH_BYTES = 1 << 0
+EVENT_ID_BLOCK_PULL = 1
+
+_STATUS = {"completed": BLOCK_PULL_COMPLETED, "failed": BLOCK_PULL_FAILED,
+           "cancelled": BLOCK_PULL_CANCELED}
+
+
+class BlockPullInfo(NamedTuple):
+    """Progress of the pull on a path: bytes done and bytes in all."""
+    cur: int
+    end: int
+
+
+_lock = threading.Lock()
+_jobs: Dict[str, Tuple[Image, PullJob]] = {}
+_callbacks: Dict[int, Callable[[str, int], None]] = {}
+_ids = itertools.count(1)
+
+
+def _key(path: str) -> str:
+    return os.path.realpath(os.fspath(path))
+
+
+def _dispatch(event: PullEvent) -> None:
+    status = _STATUS.get(event.kind)
+    if status is None:
+        return
+    # the job has ended: release the image (and its locks) before anyone hears of it,
+    # so that a callback may start the next pull on the same path at once
+    event.job.image.close()
+    with _lock:
+        cbs = list(_callbacks.values())
+    for cb in cbs:
+        try:
+            cb(event.job.path, status)
+        except Exception:  # one bad callback must not starve the others
+            import logging
+            logging.getLogger("blockpull").exception("block pull event callback raised")
+
+
+def _job(path: str) -> PullJob:
+    with _lock:
+        entry = _jobs.get(_key(path))
+    if entry is None:
+        raise BlockpullError(f"{path}: no block pull has run on this path in this process")
+    return entry[1]
+
+
+def block_pull(path: str, bandwidth: int = 0, flags: int = 0) -> int:
+    """Start pulling the whole backing chain of ``path`` into it; returns 0.
+
+    ``bandwidth`` is in MiB/s (0 = unlimited), or in bytes/s with
+    ``flags=BLOCK_PULL_BANDWIDTH_BYTES``.
+    """
+    bw = int(bandwidth) if flags & BLOCK_PULL_BANDWIDTH_BYTES else int(bandwidth) << 20
+    key = _key(path)
+    img = Image(path)
+    try:
+        job = img.pull(bandwidth=bw, on_event=_dispatch)
+    except BaseException:
+        img.close()
+        raise
+    with _lock:
+        _jobs[key] = (img, job)
+    return 0
+
+
+def get_block_pull_info(path: str) -> BlockPullInfo:
+    """cur/end of the running or last pull on ``path``."""
+    info = _job(path).info()
+    return BlockPullInfo(info.cur, info.end)
+
+
+def block_pull_abort(path: str) -> int:
+    """Abort the pull on ``path`` and wait until it has stopped; returns 0."""
+    _job(path).abort(wait=True)
+    return 0
+
+
+def block_job_set_speed(path: str, bandwidth: int, flags: int = 0) -> int:
+    """Change the pull's limit: MiB/s, or bytes/s with BLOCK_JOB_SPEED_BANDWIDTH_BYTES."""
+    bw = int(bandwidth) if flags & BLOCK_JOB_SPEED_BANDWIDTH_BYTES else int(bandwidth) << 20
+    _job(path).set_speed(bw)
+    return 0
+
+
+def event_register(event_id: int, callback: Callable[[str, int], None]) -> int:
+    """Call ``callback(path, status)`` when any pull ends; returns an id to deregister."""
+    if event_id != EVENT_ID_BLOCK_PULL:
+        raise ValueError(f"unknown event id {event_id}")
+    with _lock:
+        eid = next(_ids)
+        _callbacks[eid] = callback
+    return eid
+
+
+def event_deregister(eid: int) -> int:
+    """Stop calling the callback registered as ``eid``; returns 0."""
+    with _lock:
+        if _callbacks.pop(eid, None) is None:
+            raise ValueError(f"no event callback with id {eid}")
+    return 0

@@ -1,0 +1,336 @@
+"""PullJob: a pull running in the background, and how to watch and steer it."""
+from __future__ import annotations
+
+import logging
+import os
+import threading
+import time
+from typing import TYPE_CHECKING, Any, Callable, Generator, List, NamedTuple, Optional, Union
+
+from blockpull._ratelimit import RateLimiter
+from blockpull._stream import Stream, StreamIOError
+from blockpull.errors import JobActiveError, PullCancelled, PullError
+from blockpull.units import parse_bandwidth
+
+if TYPE_CHECKING:  # pragma: no cover
+    from blockpull.image import Image
+
+log = logging.getLogger("blockpull")
+
+__all__ = ["PullJob", "PullInfo", "PullEvent", "pull", "STATUSES"]
+
+#: every value ``PullJob.status`` takes
+STATUSES = ("running", "paused", "completed", "failed", "cancelled")
+_ON_ERROR = ("report", "stop", "ignore")
+
+_active_lock = threading.Lock()
+_active: dict = {}   # (st_dev, st_ino) of a top image -> its running PullJob
+
+
+class PullInfo(NamedTuple):
+    """A snapshot of a pull's progress.
+
+    ``cur`` bytes of ``end`` processed (``end`` is known from the start and equals ``cur``
+    at completion); ``copied_bytes`` were written as data, ``zeroed_bytes`` recorded as
+    zero clusters; ``errors`` counts chunks skipped under ``on_error="ignore"``.
+    """
+    cur: int
+    end: int
+    bandwidth: int
+    status: str
+    copied_bytes: int
+    zeroed_bytes: int
+    errors: int
+    elapsed: float
+    path: str
+    base: Optional[str]
+
+
+class PullEvent(NamedTuple):
+    """What ``on_event`` receives: ``kind`` is one of "completed", "failed", "cancelled"
+    (exactly one of these per job, last), "paused", "resumed", "error"."""
+    kind: str
+    job: "PullJob"
+    info: PullInfo
+    error: Optional[PullError] = None
+
+
+class PullJob:
+    """A pull running on its own thread. Get one from ``Image.pull()``.
+
+    Callbacks (``on_event``, ``add_done_callback``) run on the job's thread: keep them
+    short, and do not call ``wait``/``abort(wait=True)`` of the same job from them.
+    """
+
+    def __init__(self, image: "Image", base_depth: int, base: Optional[str],
+                 bandwidth: int, on_error: str,
+                 on_event: Optional[Callable[[PullEvent], None]]) -> None:
+        self.image = image
+        self.path = image.path
+        self.base = base
+        self.on_error = on_error
+        self._on_event = on_event
+        self._base_depth = base_depth
+        self._limiter = RateLimiter(bandwidth)
+        self._stream = Stream(image, base_depth, self._limiter, control=self)
+        self._status = "running"
+        self._error: Optional[PullError] = None
+        self._last_error: Optional[PullError] = None
+        self._done = threading.Event()
+        self._resume = threading.Event()
+        self._resume.set()
+        self._parked = threading.Event()
+        self._callbacks: List[Callable[["PullJob"], None]] = []
+        self._cb_lock = threading.Lock()
+        self._t0 = time.monotonic()
+        self._t1: Optional[float] = None
+        self._thread: Optional[threading.Thread] = None
+        self._key: Any = None
+
+    # ---- starting ---------------------------------------------------------------
+
+    @classmethod
+    def start(cls, image: "Image", base: Optional[str] = None, bandwidth: Union[int, str] = 0,
+              on_error: str = "report",
+              on_event: Optional[Callable[[PullEvent], None]] = None) -> "PullJob":
+        """Plan and start a pull of ``image`` (what ``Image.pull`` calls)."""
+        if on_error not in _ON_ERROR:
+            raise ValueError(f"on_error must be one of {', '.join(_ON_ERROR)}, not {on_error!r}")
+        bw = parse_bandwidth(bandwidth)
+        if image.readonly:
+            raise PermissionError(f"{image.path}: open the image read-write to pull into it")
+        key = image._top.file.identity()
+        with _active_lock:
+            other = _active.get(key)
+            if other is not None and not other.done():
+                raise JobActiveError(f"{image.path}: a pull is already running on this image; "
+                                     f"wait for it or abort it first")
+            base_depth = image.base_depth(base)
+            job = cls(image, base_depth, base, bw, on_error, on_event)
+            job._key = key
+            _active[key] = job
+        image._job = job
+        try:
+            job._stream.prepare()
+        except BaseException:
+            with _active_lock:
+                _active.pop(key, None)
+            raise
+        job._thread = threading.Thread(target=job._run, daemon=True,
+                                       name=f"blockpull-pull:{os.path.basename(image.path)}")
+        job._thread.start()
+        log.info("pull of %s started: %d bytes to copy, base %s, bandwidth %s",
+                 image.path, job._stream.end, base, bw or "unlimited")
+        return job
+
+    # ---- the job's thread ---------------------------------------------------------
+
+    def _run(self) -> None:
+        kind = "failed"
+        try:
+            result = self._stream.run()
+            if result == "cancelled":
+                kind = "cancelled"
+            elif self._last_error is not None:
+                self._error = PullError(
+                    f"{self.path}: pull finished with {self._stream.errors} unreadable or "
+                    f"unwritable chunk(s); the backing file is kept: {self._last_error}",
+                    self._last_error.errno, self._last_error.operation, self._last_error.offset)
+            else:
+                self._stream.finish_sync()
+                self.image._finish_pull(self._base_depth)
+                kind = "completed"
+        except StreamIOError as exc:
+            self._error = self._pull_error(exc)
+        except Exception as exc:  # an unexpected failure still ends the job cleanly
+            log.exception("pull of %s failed", self.path)
+            self._error = PullError(f"{self.path}: pull failed: {exc}",
+                                    getattr(exc, "errno", None), None, None)
+        self._t1 = time.monotonic()
+        if kind == "completed" and self._stream.cur < self._stream.end:
+            pass
+        self._status = kind
+        log.info("pull of %s %s", self.path, kind)
+        with _active_lock:
+            if _active.get(self._key) is self:
+                del _active[self._key]
+        self._done.set()
+        self._parked.set()
+        self._emit(kind, self._error)
+        with self._cb_lock:
+            callbacks, self._callbacks = self._callbacks, []
+        for fn in callbacks:
+            self._call(fn)
+
+    def _pull_error(self, exc: StreamIOError) -> PullError:
+        what = "reading the backing chain" if exc.operation == "read" else "writing the image"
+        return PullError(f"{self.path}: I/O error {what} at offset {exc.offset}: "
+                         f"{getattr(exc.exc, 'strerror', None) or exc}; the image is intact "
+                         f"and still backed, pull again to resume",
+                         exc.errno, exc.operation, exc.offset)
+
+    def _emit(self, kind: str, error: Optional[PullError] = None) -> None:
+        if self._on_event is None:
+            return
+        try:
+            self._on_event(PullEvent(kind, self, self.info(), error))
+        except Exception:
+            log.exception("on_event callback of the pull of %s raised", self.path)
+
+    def _call(self, fn: Callable[["PullJob"], None]) -> None:
+        try:
+            fn(self)
+        except Exception:
+            log.exception("done callback of the pull of %s raised", self.path)
+
+    # the Stream's control interface
+    def wait_while_paused(self) -> None:
+        """Called by the copy loop when a pause was asked for."""
+        self._status = "paused"
+        self._parked.set()
+        self._emit("paused")
+        while not self._resume.wait(0.5):
+            if self._stream.cancel_requested:
+                break
+        self._parked.clear()
+        if not self._stream.cancel_requested:
+            self._status = "running"
+            self._emit("resumed")
+
+    def on_io_error(self, exc: StreamIOError) -> str:
+        """Called by the copy loop on an I/O error: "fail", "retry" or "skip"."""
+        err = self._pull_error(exc)
+        self._last_error = err
+        if self.on_error == "report":
+            return "fail"
+        self._emit("error", err)
+        if self.on_error == "ignore":
+            return "skip"
+        # "stop": pause until resumed, then retry the chunk
+        self._resume.clear()
+        self._stream.pause_requested = True
+        self.wait_while_paused()
+        self._last_error = None
+        return "retry"
+
+    # ---- watching -----------------------------------------------------------------
+
+    def info(self) -> PullInfo:
+        """Progress now: cheap enough to poll thousands of times a second."""
+        s = self._stream
+        t1 = self._t1
+        return PullInfo(s.cur, s.end, self._limiter.rate, self._status, s.copied, s.zeroed,
+                        s.errors, (t1 if t1 is not None else time.monotonic()) - self._t0,
+                        self.path, self.base)
+
+    @property
+    def status(self) -> str:
+        """"running", "paused", "completed", "failed" or "cancelled"."""
+        return self._status
+
+    @property
+    def error(self) -> Optional[PullError]:
+        """The error that failed the job, if it failed."""
+        return self._error
+
+    def done(self) -> bool:
+        """True once the job has completed, failed or been cancelled."""
+        return self._done.is_set()
+
+    def wait(self, timeout: Optional[float] = None) -> bool:
+        """Wait for the job to end; False if ``timeout`` seconds passed first."""
+        return self._done.wait(timeout)
+
+    def result(self, timeout: Optional[float] = None) -> PullInfo:
+        """The final PullInfo; raises PullError if the job failed, PullCancelled if it was
+        aborted, TimeoutError if it is still running after ``timeout`` seconds."""
+        if not self._done.wait(timeout):
+            raise TimeoutError(f"{self.path}: pull still running")
+        if self._status == "cancelled":
+            raise PullCancelled(f"{self.path}: pull was aborted; the image is valid and still "
+                                f"backed, pull again to resume")
+        if self._error is not None:
+            raise self._error
+        return self.info()
+
+    def add_done_callback(self, fn: Callable[["PullJob"], None]) -> None:
+        """Call ``fn(job)`` when the job ends (at once, here, if it already has)."""
+        with self._cb_lock:
+            if not self._done.is_set():
+                self._callbacks.append(fn)
+                return
+        self._call(fn)
+
+    def __await__(self) -> Generator[Any, None, PullInfo]:
+        import asyncio
+        loop = asyncio.get_running_loop()
+        fut = loop.create_future()
+
+        def _done(_job: "PullJob") -> None:
+            def _set() -> None:
+                if not fut.done():
+                    fut.set_result(None)
+            loop.call_soon_threadsafe(_set)
+        self.add_done_callback(_done)
+        yield from fut.__await__()
+        return self.result(0)
+
+    # ---- steering -----------------------------------------------------------------
+
+    def set_speed(self, bandwidth: Union[int, str]) -> None:
+        """Change the limit in bytes/s (0 = unlimited; "50M" = 50 MiB/s) at once."""
+        self._limiter.set_rate(parse_bandwidth(bandwidth))
+
+    def pause(self, wait: bool = True) -> None:
+        """Stop copying after the chunk in flight; ``resume()`` carries on."""
+        if self.done():
+            return
+        self._resume.clear()
+        self._stream.pause_requested = True
+        self._limiter.wake()
+        if wait:
+            while not self.done() and not self._parked.wait(0.1):
+                pass
+
+    def resume(self) -> None:
+        """Carry on after ``pause()`` (or after an error under on_error="stop")."""
+        self._stream.pause_requested = False
+        self._resume.set()
+
+    def abort(self, wait: bool = True) -> None:
+        """Cancel the pull. The image stays valid and still backed; what was copied stays
+        and a later pull copies only the rest."""
+        self._stream.cancel_requested = True
+        self._resume.set()
+        self._limiter.wake()
+        if wait and threading.current_thread() is not self._thread:
+            self._done.wait()
+
+    def __repr__(self) -> str:
+        i = self.info()
+        return f"<PullJob {self.path!r} {i.status} {i.cur}/{i.end}>"
+
+
+def pull(path: Union[str, "os.PathLike[str]"], base: Optional[str] = None,
+         bandwidth: Union[int, str] = 0,
+         progress: Optional[Callable[[PullInfo], None]] = None,
+         interval: float = 0.2, on_error: str = "report") -> PullInfo:
+    """Pull ``path`` (down to ``base``) and wait for it: the one-shot, blocking form.
+
+    ``progress(info)`` is called from this thread every ``interval`` seconds and once at
+    the end. Ctrl-C aborts the pull cleanly (the image stays valid and backed) and
+    re-raises KeyboardInterrupt. Returns the final PullInfo or raises PullError.
+    """
+    from blockpull.image import open as _open
+    with _open(path) as img:
+        job = img.pull(base=base, bandwidth=bandwidth, on_error=on_error)
+        try:
+            while not job.wait(interval):
+                if progress is not None:
+                    progress(job.info())
+        except KeyboardInterrupt:
+            job.abort(wait=True)
+            raise
+        if progress is not None:
+            progress(job.info())
+        return job.result()
