@@ -722,12 +722,15 @@ def create(path, int64_t size, int64_t cluster_size=65536, compat=None, backing=
     ``compat`` exists for a uniform signature: QED has no compatibility levels, so only
     None or the default "1.1" are accepted. Of ``backing_format`` QED records only "raw"
     (the 0x04 feature bit); a backing of any other format must be named when opening.
+    ``table_size`` (clusters per table) is 2..16: QEMU cannot open images with 1.
     """
     if cluster_size < MIN_CLUSTER_SIZE or cluster_size > MAX_CLUSTER_SIZE or \
             cluster_size & (cluster_size - 1):
         raise ValueError("QED cluster_size must be a power of two from 4K to 64M")
-    if table_size < 1 or table_size > MAX_TABLE_SIZE or table_size & (table_size - 1):
-        raise ValueError("QED table_size must be a power of two from 1 to 16")
+    if table_size < 2 or table_size > MAX_TABLE_SIZE or table_size & (table_size - 1):
+        # the format allows 1, but QEMU refuses to open such images ("QED table offset
+        # is invalid"), so none is made here
+        raise ValueError("QED table_size must be a power of two from 2 to 16")
     if table_size * cluster_size > MAX_TABLE_BYTES:
         raise ValueError("QED tables of %d bytes are too large" % (table_size * cluster_size))
     if compat not in (None, "1.1"):
