@@ -153,7 +153,7 @@ cdef class Qed(Driver):
     cdef readonly uint64_t autoclear_features
     cdef readonly int64_t l1_offset
     cdef readonly int64_t backing_offset
-    cdef readonly int backing_size
+    cdef readonly int64_t backing_size
     cdef readonly int64_t table_bytes
     cdef readonly int64_t next_free       # host byte offset where the next append goes
     cdef readonly int64_t syncs
