@@ -35,7 +35,6 @@ allocation), table sizes bounded. Errors are ``ImageFormatError`` naming the fil
 from libc.stdint cimport int64_t, uint64_t
 from libc.string cimport memcpy, memset
 from libc.stdlib cimport calloc, free
-from cpython.bytes cimport PyBytes_FromStringAndSize
 
 from blockpull._fileio cimport File
 from blockpull._driver cimport Driver, KIND_UNALLOC, KIND_DATA, KIND_ZERO
