@@ -346,3 +346,56 @@ def test_bad_arguments(tmp_path, qemu, chain3):
     with blockpull.open(top, readonly=True) as img:
         with pytest.raises(PermissionError):
             img.pull()
+
+
+@pytest.mark.parametrize("base", [None, "b.qed"])
+def test_qed_chain_pull(tmp_path, qemu, base):
+    b = qemu.create(tmp_path / "b.qed", 6 << 20, fmt="qed")
+    qemu.io(b, "write -P 1 0 5M", fmt="qed")
+    m = qemu.create(tmp_path / "m.qed", 6 << 20, fmt="qed", backing="b.qed", backing_fmt="qed")
+    qemu.io(m, "write -P 2 1M 1M", "write -z 3M 64k", "write -P 0 4M 64k", fmt="qed")
+    t = qemu.create(tmp_path / "t.qed", 6 << 20, fmt="qed", backing="m.qed", backing_fmt="qed")
+    qemu.io(t, "write -P 3 100k 10k", fmt="qed")
+    want = tmp_path / "want.raw"
+    qemu.to_raw(t, want)
+    # QED records no backing format beyond "raw": it is named, never guessed
+    with blockpull.open(t, backing_format="qed") as img:
+        info = img.pull(base=base).result(timeout=60)
+    assert info.cur == info.end
+    assert qemu.check(t) == 0
+    assert qemu.compare(t, want, "qed", "raw")
+    assert qemu.info(t).get("backing-filename") == base
+
+
+def test_qed_over_raw_and_compressed(tmp_path, qemu):
+    raw = tmp_path / "base.raw"
+    raw.write_bytes(random.Random(5).randbytes(2 << 20) + bytes(1 << 20))
+    t = qemu.create(tmp_path / "t.qed", 3 << 20, fmt="qed", backing="base.raw", backing_fmt="raw")
+    qemu.io(t, "write -P 9 1M 4k", fmt="qed")
+    want = tmp_path / "want.raw"
+    qemu.to_raw(t, want)
+    blockpull.pull(t)
+    assert qemu.check(t) == 0
+    assert qemu.compare(t, want, "qed", "raw")
+    # a zlib-compressed qcow2 under a QED top
+    c = tmp_path / "c.qcow2"
+    qemu.img("convert", "-c", "-O", "qcow2", "-f", "raw", str(raw), str(c))
+    t2 = qemu.create(tmp_path / "t2.qed", 3 << 20, fmt="qed", backing="c.qcow2", backing_fmt="qcow2")
+    with blockpull.open(t2, backing_format="qcow2") as img:
+        img.pull().result(timeout=60)
+    assert qemu.check(t2) == 0
+    assert qemu.compare(t2, raw, "qed", "raw")
+
+
+def test_qcow2_v2_chain_partial_pull_with_raw_base(tmp_path, qemu):
+    raw = tmp_path / "base.raw"
+    raw.write_bytes(b"\x11" * (2 << 20))
+    o = ["compat=0.10"]
+    m = qemu.create(tmp_path / "m.qcow2", 2 << 20, backing="base.raw", backing_fmt="raw", opts=o)
+    qemu.io(m, "write -z 0 64k", "write -P 2 1M 100k")
+    t = qemu.create(tmp_path / "t.qcow2", 2 << 20, backing="m.qcow2", opts=o)
+    want = tmp_path / "want.raw"
+    qemu.to_raw(t, want)
+    blockpull.pull(t, base=str(raw))
+    info = pulled_ok(qemu, t, want, "base.raw")
+    assert info["backing-filename-format"] == "raw"
