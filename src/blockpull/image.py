@@ -469,8 +469,10 @@ def create(path: Union[str, os.PathLike], size: Union[int, str], *, fmt: str = "
     from blockpull.units import parse_size
     path = os.fspath(path)
     size = parse_size(size) if isinstance(size, str) else int(size)
-    if fmt not in ("qcow2", "qed"):
-        raise ImageFormatError(f"{path}: cannot create format {fmt!r} (qcow2 or qed)")
+    creatable = [name for name, (_cls, _probe, make) in DRIVERS.items() if make is not None]
+    if fmt not in creatable:
+        raise ImageFormatError(f"{path}: cannot create format {fmt!r} "
+                               f"(this build creates {' or '.join(creatable)})")
     if os.path.exists(path):
         raise FileExistsError(_errno.EEXIST, "image already exists", path)
     if backing is not None:
