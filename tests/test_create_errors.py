@@ -16,3 +16,11 @@ def test_create_unavailable_format_is_a_named_error(tmp_path, fmt):
     with pytest.raises(blockpull.ImageFormatError, match="cannot create format"):
         blockpull.create(path, 1 << 20, fmt=fmt)
     assert not path.exists()
+
+
+@pytest.mark.parametrize("size", [1 << 63, 100 << 60, "100E"])
+def test_create_size_beyond_int64_is_a_value_error(tmp_path, size):
+    path = tmp_path / "huge.qcow2"
+    with pytest.raises(ValueError, match="too large"):
+        blockpull.create(path, size)
+    assert not path.exists()

@@ -493,5 +493,7 @@ def create(path: Union[str, os.PathLike], size: Union[int, str], *, fmt: str = "
                 b.close()
     if size <= 0:
         raise ValueError("size must be positive (or give a backing file)")
+    if size >= 1 << 63:
+        raise ValueError(f"{path}: size {size} is too large for any image format")
     DRIVERS[fmt][2](path, size, cluster_size=cluster_size, compat=compat,
                     backing=backing, backing_format=backing_format)
