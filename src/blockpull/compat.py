@@ -55,6 +55,9 @@ def _dispatch(event: PullEvent) -> None:
     status = _STATUS.get(event.kind)
     if status is None:
         return
+    # the job has ended: release the image (and its locks) before anyone hears of it,
+    # so that a callback may start the next pull on the same path at once
+    event.job.image.close()
     with _lock:
         cbs = list(_callbacks.values())
     for cb in cbs:
@@ -93,7 +96,7 @@ def block_pull(path: str, bandwidth: int = 0, flags: int = 0) -> int:
         raise
     closed = threading.Event()
 
-    def _close(_job: PullJob) -> None:
+    def _close(_job: PullJob) -> None:   # _dispatch has closed it already, if it ran
         try:
             img.close()
         finally:
