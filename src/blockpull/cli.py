@@ -273,20 +273,26 @@ def cmd_create(args: argparse.Namespace) -> int:
         raise UsageError("SIZE must be positive (omit it to take the backing file's size)")
     blockpull.create(args.path, size, fmt=args.fmt, backing=args.backing,
                      backing_format=args.backing_format, **opts)
-    # read back what was written, without locks: a VM may be using the backing file
-    with Image(args.path, readonly=True, _lock_files=False) as img:
-        chain = img.chain
+    # report what the new header says, reading it alone (the backing file may be in use)
+    from blockpull.image import _open_driver
+    drv = _open_driver(args.path, args.fmt, False, "top")
+    try:
         report: Dict[str, Any] = {
-            "path": img.path, "format": img.format, "virtual_size": img.size,
-            "cluster_size": img.cluster_size, "backing": img.backing_name,
-            "backing_format": chain[1].format if len(chain) > 1 else None}
+            "path": os.path.abspath(args.path), "format": drv.format,
+            "virtual_size": drv.size, "cluster_size": drv.cluster_size,
+            "backing": drv.backing_name, "backing_format": drv.backing_format}
+    finally:
+        drv.close()
     if args.output == "json":
         _emit_json(report, sys.stdout)
     else:
         line = (f"created {args.path}: {report['format']}, {format_size(report['virtual_size'])} "
                 f"({report['virtual_size']} bytes), cluster size {format_size(report['cluster_size'])}")
-        if report["backing"]:
+        if report["backing"] and report["backing_format"]:
             line += f", backed by {report['backing']} ({report['backing_format']})"
+        elif report["backing"]:
+            line += (f", backed by {report['backing']} (its format cannot be recorded in "
+                     f"{report['format']}: name it with -F when you open the image)")
         print(line)
     return EXIT_OK
 
