@@ -42,7 +42,7 @@ class BlockPullInfo(NamedTuple):
 
 
 _lock = threading.Lock()
-_jobs: Dict[str, Tuple[Image, PullJob]] = {}
+_jobs: Dict[str, Tuple[Image, PullJob, threading.Event]] = {}   # ... and "image closed"
 _callbacks: Dict[int, Callable[[str, int], None]] = {}
 _ids = itertools.count(1)
 
@@ -68,12 +68,16 @@ def _dispatch(event: PullEvent) -> None:
             logging.getLogger("blockpull").exception("block pull event callback raised")
 
 
-def _job(path: str) -> PullJob:
+def _entry(path: str) -> Tuple[Image, PullJob, threading.Event]:
     with _lock:
         entry = _jobs.get(_key(path))
     if entry is None:
         raise BlockpullError(f"{path}: no block pull has run on this path in this process")
-    return entry[1]
+    return entry
+
+
+def _job(path: str) -> PullJob:
+    return _entry(path)[1]
 
 
 def block_pull(path: str, bandwidth: int = 0, flags: int = 0) -> int:
@@ -90,8 +94,16 @@ def block_pull(path: str, bandwidth: int = 0, flags: int = 0) -> int:
     except BaseException:
         img.close()
         raise
+    closed = threading.Event()
+
+    def _close(_job: PullJob) -> None:   # _dispatch has closed it already, if it ran
+        try:
+            img.close()
+        finally:
+            closed.set()
+    job.add_done_callback(_close)
     with _lock:
-        _jobs[key] = (img, job)
+        _jobs[key] = (img, job, closed)
     return 0
 
 
@@ -102,8 +114,12 @@ def get_block_pull_info(path: str) -> BlockPullInfo:
 
 
 def block_pull_abort(path: str) -> int:
-    """Abort the pull on ``path`` and wait until it has stopped; returns 0."""
-    _job(path).abort(wait=True)
+    """Abort the pull on ``path`` and wait until it has stopped and the image is closed
+    (so the caller may open it at once); returns 0."""
+    _img, job, closed = _entry(path)
+    job.abort(wait=True)
+    if threading.current_thread() is not job._thread:   # not from an event callback
+        closed.wait()
     return 0
 
 

@@ -497,8 +497,10 @@ def create(path: Union[str, os.PathLike], size: Union[int, str], *, fmt: str = "
     from blockpull.units import parse_size
     path = os.fspath(path)
     size = parse_size(size) if isinstance(size, str) else int(size)
-    if fmt not in ("qcow2", "qed"):
-        raise ImageFormatError(f"{path}: cannot create format {fmt!r} (qcow2 or qed)")
+    creatable = [name for name, (_cls, _probe, make) in DRIVERS.items() if make is not None]
+    if fmt not in creatable:
+        raise ImageFormatError(f"{path}: cannot create format {fmt!r} "
+                               f"(this build creates {' or '.join(creatable)})")
     if os.path.exists(path):
         raise FileExistsError(_errno.EEXIST, "image already exists", path)
     if backing is not None:
@@ -519,5 +521,7 @@ def create(path: Union[str, os.PathLike], size: Union[int, str], *, fmt: str = "
                 b.close()
     if size <= 0:
         raise ValueError("size must be positive (or give a backing file)")
+    if size >= 1 << 63:
+        raise ValueError(f"{path}: size {size} is too large for any image format")
     DRIVERS[fmt][2](path, size, cluster_size=cluster_size, compat=compat,
                     backing=backing, backing_format=backing_format)
