@@ -68,7 +68,7 @@ class PullJob:
         self.image = image
         self.path = image.path
         self.base = base
-        self.on_error = on_error
+        self.error_policy = on_error  # "report" | "stop" | "ignore"
         self._on_event = on_event
         self._base_depth = base_depth
         self._limiter = RateLimiter(bandwidth)
@@ -201,10 +201,10 @@ class PullJob:
         """Called by the copy loop on an I/O error: "fail", "retry" or "skip"."""
         err = self._pull_error(exc)
         self._last_error = err
-        if self.on_error == "report":
+        if self.error_policy == "report":
             return "fail"
         self._emit("error", err)
-        if self.on_error == "ignore":
+        if self.error_policy == "ignore":
             return "skip"
         # "stop": pause until resumed, then retry the chunk
         self._resume.clear()
