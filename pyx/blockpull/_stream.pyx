@@ -24,6 +24,7 @@ from blockpull._ratelimit cimport RateLimiter
 from blockpull._pool import BufferPool
 
 import time
+from concurrent.futures import ThreadPoolExecutor
 
 DEFAULT_CHUNK = 8 * 1024 * 1024
 DEFAULT_BATCH = 256 * 1024 * 1024
@@ -46,6 +47,24 @@ class StreamIOError(Exception):
         self.errno = getattr(exc, "errno", None)
         self.operation = operation
         self.offset = offset
+
+
+cdef class _Chunk:
+    """One chunk between its read and its link: where it is, what to write where."""
+    cdef int64_t off
+    cdef int64_t n
+    cdef int64_t host
+    cdef list todo
+    cdef list zeros
+    cdef list views
+    cdef object bmv
+    cdef object future
+
+    cdef release_views(self):
+        self.views = None
+        if self.bmv is not None:
+            self.bmv.release()
+            self.bmv = None
 
 
 cdef class Stream:
@@ -71,6 +90,8 @@ cdef class Stream:
     cdef int64_t since_batch
     cdef object pool
     cdef object control
+    cdef object writer
+    cdef public bint direct
 
     def __init__(self, image, int base_depth, RateLimiter limiter, control=None,
                  int64_t chunk=DEFAULT_CHUNK, int64_t batch=DEFAULT_BATCH):
@@ -85,6 +106,7 @@ cdef class Stream:
         self.chunk = chunk
         self.batch = batch
         self.pos = 0
+        self.direct = True
 
     # ---- planning -------------------------------------------------------------------
 
@@ -146,61 +168,137 @@ cdef class Stream:
 
     def run(self):
         """Copy everything; returns "completed" or "cancelled". I/O errors come back
-        through ``control.on_error(StreamIOError) -> "retry" | "skip" | "fail"``."""
-        cdef int64_t s = 0, n = 0, off, take
+        through ``control.on_error(StreamIOError) -> "retry" | "skip" | "fail"``.
+
+        Two buffers and one writer thread: while chunk k is written to the top, chunk k+1
+        is read from the chain; chunk k is linked once its write has completed. A chunk
+        whose write fails is given back and handled by ``on_error``; the chunk read after
+        it is given back too and read again."""
+        cdef int64_t pos = 0, run_end = -1, s, n, take
         cdef int64_t cs = self.top.cluster_size
         cdef int64_t chunk
-        cdef int64_t bufsize
+        cdef int which = 0
+        cdef _Chunk ch, pending = None
         chunk = max(cs, self.chunk - self.chunk % cs)
-        self.pool = BufferPool(1, chunk)
-        buf = self.pool.acquire()
+        if self.direct:
+            self.top.file.enable_direct()
+        self.pool = BufferPool(2, chunk)
+        bufs = [self.pool.acquire(), self.pool.acquire()]
+        self.writer = ThreadPoolExecutor(1, thread_name_prefix="blockpull-write")
         try:
             self.pos = 0
             while True:
                 if self.cancel_requested:
+                    self._drain(pending)
+                    pending = None
                     return "cancelled"
-                with self.lock:
-                    s, n = self.next_run(self.pos)
-                if s < 0:
-                    break
-                off = s
-                while off < s + n:
-                    if self.cancel_requested:
-                        return "cancelled"
-                    if self.pause_requested and self.control is not None:
-                        self.control.wait_while_paused()
-                        self.limiter.restart()
+                if self.pause_requested and self.control is not None:
+                    self._drain(pending)
+                    pending = None
+                    self.control.wait_while_paused()
+                    self.limiter.restart()
+                    continue
+                if pos >= run_end:
+                    with self.lock:
+                        s, n = self.next_run(pos)
+                    if s < 0:
+                        if pending is None:
+                            break
+                        # the last chunk: link it (an error sends the loop back to it)
+                        ch, pending = pending, None
+                        try:
+                            self.finish_chunk(ch)
+                        except StreamIOError as exc:
+                            pos = ch.off
+                            if self._on_error(exc) == "skip":
+                                self._skipped(ch.n)
+                                pos += ch.n
+                            run_end = -1
                         continue
-                    take = min(self.chunk_limit(chunk, cs), s + n - off)
-                    if self.limiter.consume(take):
-                        continue  # woken: re-check cancel/pause/speed, then draw again
+                    pos = s
+                    run_end = s + n
+                take = min(self.chunk_limit(chunk, cs), run_end - pos)
+                if self.limiter.consume(take):
+                    continue  # woken: re-check cancel/pause/speed, then draw again
+                try:
+                    ch = self.prepare_chunk(bufs[which], pos, take)
+                except StreamIOError as exc:
+                    self._drain(pending)
+                    pending = None
+                    if self._on_error(exc) == "skip":
+                        self._skipped(take)
+                        pos += take
+                    run_end = -1
+                    continue
+                if ch.todo:
+                    ch.future = self.writer.submit(self.top.file.pwritev_data, ch.views, ch.host)
+                which ^= 1
+                if pending is not None:
                     try:
-                        self.copy_chunk(buf, off, take)
+                        self.finish_chunk(pending)
                     except StreamIOError as exc:
-                        action = self.control.on_error(exc) if self.control is not None else "fail"
-                        if action == "retry":
-                            continue
-                        if action == "skip":
-                            self.errors += 1
-                            self.cur += take
-                            off += take
-                            continue
-                        raise
-                    self.cur += take
-                    off += take
-                    self.pos = off
-                    if self.cur > self.end:
-                        self.end = self.cur
-                self.pos = s + n
+                        self._discard(ch)
+                        pos = pending.off
+                        if self._on_error(exc) == "skip":
+                            self._skipped(pending.n)
+                            pos += pending.n
+                        pending = None
+                        run_end = -1
+                        continue
+                pending = ch
+                pos += take
+                self.pos = pos
             return "completed"
         finally:
+            if pending is not None:
+                self._discard(pending)
+            self.writer.shutdown(wait=True)
+            self.writer = None
             try:
                 with self.lock:
                     self.top.flush_metadata()
             except OSError:
                 pass
-            buf.release()
+            for b in bufs:
+                b.release()
             self.pool = None
+
+    cdef str _on_error(self, exc):
+        """"retry" or "skip" as the control says; raises the error on "fail"."""
+        action = self.control.on_error(exc) if self.control is not None else "fail"
+        if action in ("retry", "skip"):
+            return action
+        raise exc
+
+    cdef _skipped(self, int64_t n):
+        self.errors += 1
+        self.cur += n
+        if self.cur > self.end:
+            self.end = self.cur
+
+    cdef _drain(self, _Chunk ch):
+        """Finish a chunk in flight before pausing or cancelling; an error on it is kept
+        for a later pull to find (the range stays unallocated in the top)."""
+        if ch is None:
+            return
+        try:
+            self.finish_chunk(ch)
+        except StreamIOError:
+            pass
+
+    cdef _discard(self, _Chunk ch):
+        """Give back the clusters of a chunk that will not be linked."""
+        if ch.future is not None:
+            try:
+                ch.future.result()
+            except OSError:
+                pass
+            ch.future = None
+        ch.release_views()
+        if ch.todo:
+            with self.lock:
+                self.top.free_clusters(ch.host, len(ch.todo))
+            ch.todo = []
 
     cdef int64_t chunk_limit(self, int64_t chunk, int64_t cs):
         """Chunk size: smaller under a low rate so the limiter stays smooth."""
@@ -213,19 +311,24 @@ cdef class Stream:
                 c = cs
         return c
 
-    cdef copy_chunk(self, buf, int64_t off, int64_t n):
+    cdef _Chunk prepare_chunk(self, buf, int64_t off, int64_t n):
+        """Under the lock: read what the top still lacks in [off, off+n) through the chain
+        and reserve host clusters for the non-zero clusters; the views to write are set
+        up, nothing is written yet."""
         cdef Driver top = self.top
         cdef int64_t cs = top.cluster_size
         cdef int64_t ncl = (n + cs - 1) // cs
-        cdef int64_t i, j, v, host = 0, k, run, clen, nz = 0
+        cdef int64_t i, j, v, k, run, clen, last, pad
         cdef int kind
         cdef const unsigned char[::1] mv = buf
         cdef const unsigned char* p = &mv[0]
-        cdef list todo = []       # virtual offsets of clusters to copy, in order
+        cdef _Chunk ch = _Chunk.__new__(_Chunk)
+        cdef list todo = []       # cluster indexes (within the chunk) to copy, in order
         cdef list zeros = []
         cdef list views
+        ch.off = off
+        ch.n = n
         with self.lock:
-            # 1. which clusters does the top still lack?
             i = 0
             while i < ncl:
                 v = off + i * cs
@@ -249,48 +352,66 @@ cdef class Stream:
                 i += k
             if todo:
                 try:
-                    host = top.alloc_clusters(len(todo))
+                    ch.host = top.alloc_clusters(len(todo))
                 except OSError as exc:
                     raise StreamIOError(exc, "write", off)
+        ch.todo = todo
+        ch.zeros = zeros
         if todo:
-            # 2. one vectored write of the clusters to copy (unreachable until linked)
+            # one vectored write of the clusters to copy (unreachable until linked)
             views = []
-            bmv = memoryview(buf)
+            ch.bmv = memoryview(buf)
             i = 0
             while i < len(todo):
                 k = i
                 while k + 1 < len(todo) and todo[k + 1] == todo[k] + 1:
                     k += 1
-                views.append(bmv[todo[i] * cs:min((todo[k] + 1) * cs, n)])
+                views.append(ch.bmv[<int64_t>todo[i] * cs:min((<int64_t>todo[k] + 1) * cs, n)])
                 i = k + 1
             # a short last cluster is padded to a whole cluster on disk
             last = todo[len(todo) - 1]
             pad = (last + 1) * cs - n
             if pad > 0:
                 views.append(bytes(pad))
+            ch.views = views
+        return ch
+
+    cdef finish_chunk(self, _Chunk ch):
+        """Wait for the chunk's write, then under the lock link each cluster the top still
+        lacks (a guest write that came first wins and the copy is given back)."""
+        cdef Driver top = self.top
+        cdef int64_t cs = top.cluster_size
+        cdef int64_t i, j, v, n = ch.n, off = ch.off, host = ch.host
+        cdef list todo = ch.todo
+        if ch.future is not None:
+            fut, ch.future = ch.future, None
             try:
-                top.file.writev_full(views, host)
+                fut.result()
             except OSError as exc:
+                ch.release_views()
                 with self.lock:
                     top.free_clusters(host, len(todo))
-                raise StreamIOError(exc, "write", off + todo[0] * cs)
-            views = None
-            bmv.release()
-        # 3. link what the top still lacks; a guest write that came first wins
+                ch.todo = []
+                raise StreamIOError(exc, "write", off + <int64_t>todo[0] * cs)
+        ch.release_views()
         with self.lock:
             for i in range(len(todo)):
-                v = off + todo[i] * cs
+                v = off + <int64_t>todo[i] * cs
                 if top.link(v, host + i * cs):
-                    self.copied += min(cs, n - todo[i] * cs)
+                    self.copied += min(cs, n - <int64_t>todo[i] * cs)
                 else:
                     top.free_clusters(host + i * cs, 1)
-            for j in zeros:
+            for j in ch.zeros:
                 v = off + j * cs
                 if top.has_zero_flag:
                     if top.link_zero(v):
                         self.zeroed += min(cs, n - j * cs)
                 else:
                     self._write_zero_cluster(v, min(cs, n - j * cs))
+            ch.todo = []
+            self.cur += n
+            if self.cur > self.end:
+                self.end = self.cur
             self.since_batch += n
             if self.since_batch >= self.batch:
                 self.since_batch = 0
