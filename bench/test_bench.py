@@ -6,6 +6,7 @@ relink), an fdatasync of the output after block-stream / convert / cp.
 from __future__ import annotations
 
 import json
+import mmap
 import os
 import statistics
 import sys
@@ -231,18 +232,20 @@ def test_rate_limit(benchmark, chains, rate_mib):
 
 # ---- memory ----------------------------------------------------------------------------
 
+# VmHWM, not getrusage: ru_maxrss survives execve and would report the parent's peak.
 _CHILD = r"""
-import resource, sys
+import sys
 sys.path.insert(0, sys.argv[2])
 import blockpull
 with blockpull.open(sys.argv[1]) as img:
     img.pull().result()
-print(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss)
+with open("/proc/self/status") as f:
+    print([l.split()[1] for l in f if l.startswith("VmHWM:")][0])
 """
 
 
 def _child_rss(path: str) -> int:
-    """Peak RSS in KiB of a fresh interpreter that opens and pulls ``path``."""
+    """Peak RSS in KiB (VmHWM) of a fresh interpreter that opens and pulls ``path``."""
     src = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "src")
     r = run(sys.executable, "-c", _CHILD, path, src)
     return int(r.stdout.split()[-1])
@@ -288,7 +291,7 @@ class TestCopyOnRead:
     BLOCK = 8 * MiB
 
     def _read_image(self, path, cor):
-        buf = bytearray(self.BLOCK)
+        buf = mmap.mmap(-1, self.BLOCK)  # page aligned, as a VMM's guest memory is
         with blockpull.open(path, readonly=not cor, copy_on_read=cor) as img:
             for off in range(0, img.size, self.BLOCK):
                 n = min(self.BLOCK, img.size - off)
@@ -300,7 +303,7 @@ class TestCopyOnRead:
         c = chains.get("dense", "qcow2", size=DENSE)
 
         def target():
-            buf = bytearray(self.BLOCK)
+            buf = mmap.mmap(-1, self.BLOCK)
             with open(c.ref_raw, "rb", buffering=0) as f:
                 while f.readinto(buf):
                     pass

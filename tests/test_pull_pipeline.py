@@ -188,3 +188,30 @@ def test_write_error_ignored_skips_one_chunk(tmp_path, qemu, small_chunks):
     _pull(top)
     assert qemu.compare(top, ref, "qcow2", "raw")
     assert "backing-filename" not in qemu.info(top)
+
+
+@pytest.mark.parametrize("cs", [4096, 65536])
+def test_copy_on_read_fills_top(tmp_path, qemu, cs):
+    """Reads with copy-on-read (aligned, unaligned, partly covered clusters) return the
+    chain's data and leave it in the top; a pull afterwards has less to copy."""
+    size = 8 << 20
+    names = _chain(qemu, tmp_path, size, cs)
+    top = names[-1]
+    ref = tmp_path / "ref.raw"
+    model = qemu.to_raw(top, ref)
+    import mmap
+    aligned = mmap.mmap(-1, 1 << 20)
+    with blockpull.open(top, copy_on_read=True) as img:
+        img.readinto(0, memoryview(aligned)[:1 << 20])
+        assert bytes(aligned[:1 << 20]) == model[:1 << 20]
+        for off, n in [(1234567, 300000), (3 << 20, 5), (5 << 20, 2 << 20), (size - 777, 777)]:
+            assert img.read(off, n) == model[off:off + n]
+    qemu.assert_clean(top)
+    assert qemu.compare(top, ref, "qcow2", "raw")
+    in_top = sum(e["length"] for e in qemu.map(top) if e["depth"] == 0 and e["data"])
+    assert in_top >= 3 << 20
+    with blockpull.open(top) as img:
+        info = img.pull().result()
+    assert info.copied_bytes < size - (3 << 20)
+    qemu.assert_clean(top)
+    assert qemu.compare(top, ref, "qcow2", "raw")

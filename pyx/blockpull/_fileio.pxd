@@ -9,6 +9,7 @@ cdef class File:
     cdef public object faults
     cdef int64_t _size_hint
     cdef int dfd
+    cdef bint direct_refused
 
     cdef int _check_open(self) except -1
     cdef int _fault(self, str op, int64_t off, int64_t n, object data=*) except -1

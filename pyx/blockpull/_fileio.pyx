@@ -147,11 +147,14 @@ cdef class File:
             return False
         if self.dfd >= 0:
             return True
+        if self.direct_refused:
+            return False
         bpath = os.fsencode(self.path)
         cpath = bpath
         with nogil:
             fd = open(cpath, O_RDWR | O_CLOEXEC | O_DIRECT, 0)
         if fd < 0:
+            self.direct_refused = True
             return False
         self.dfd = fd
         return True
@@ -309,6 +312,7 @@ cdef class File:
         if refused and self.dfd >= 0:
             fd = self.dfd
             self.dfd = -1
+            self.direct_refused = True
             close(fd)
         if err:
             raise_errno(err, self.path, "write")

@@ -301,11 +301,12 @@ cdef class Stream:
             ch.todo = []
 
     cdef int64_t chunk_limit(self, int64_t chunk, int64_t cs):
-        """Chunk size: smaller under a low rate so the limiter stays smooth."""
+        """Chunk size: under a limit, about 1/64 s of budget, so that the limiter stays
+        smooth and the wait before the first chunk costs little of the achieved rate."""
         cdef int64_t rate = self.limiter.rate
         cdef int64_t c = chunk
         if rate > 0:
-            c = min(chunk, max(cs, rate // 16))
+            c = min(chunk, max(cs, rate // 64))
             c -= c % cs
             if c < cs:
                 c = cs
@@ -439,35 +440,77 @@ cdef class Stream:
             self.top.flush()
 
 
-def copy_on_read(image, int64_t offset, int64_t n):
+cdef _cor_group(Driver top, list views, list vaddrs, int64_t cs):
+    """Write a run of whole clusters into fresh host clusters and link what the top still
+    lacks (a guest write that came first wins)."""
+    cdef int64_t host, i
+    if not vaddrs:
+        return
+    host = top.alloc_clusters(len(vaddrs))
+    try:
+        top.file.writev_data(views, host)
+    except OSError:
+        top.free_clusters(host, len(vaddrs))
+        raise
+    for i in range(len(vaddrs)):
+        if not top.link(vaddrs[i], host + i * cs):
+            top.free_clusters(host + i * cs, 1)
+
+
+def copy_on_read(image, int64_t offset, int64_t n, buf=None):
     """Copy the clusters under [offset, offset+n) that the top still lacks from the
-    chain into the top (the caller holds the image lock)."""
+    chain into the top (the caller holds the image lock). ``buf``, when given, holds
+    what the chain reads at [offset, offset+n): the clusters it covers whole are written
+    from it without a second read; only partly covered edge clusters are read again.
+    All-zero clusters are left where they are (the chain reads them cheaply)."""
     cdef Chain chain = <Chain>image.chain_obj
     cdef Driver top = <Driver>chain.layers[0]
     cdef int64_t cs = top.cluster_size
     cdef int64_t v = offset - offset % cs
     cdef int64_t end = min(offset + n, top.size)
-    cdef int64_t run, host, clen
+    cdef int64_t run, vc, vend, clen
     cdef int kind
     cdef bytearray data
     cdef unsigned char[::1] dv
+    cdef const unsigned char[::1] src
+    cdef const unsigned char* p
+    cdef list views, vaddrs
+    bmv = None
+    top.file.enable_direct()
+    if buf is not None:
+        bmv = memoryview(buf).cast("B")
+        src = bmv
     while v < end:
         kind, run, _h = top.block_status(v, end - v)
         if kind != KIND_UNALLOC:
             v += run
             continue
-        run = min(run, end - v)
-        run = ((run + cs - 1) // cs) * cs
-        clen = min(run, top.size - v)
-        data = bytearray(run)
-        dv = data
-        chain.c_read(1, v, &dv[0], clen)
-        if all_zero(&dv[0], run):
-            v += run  # zeros stay where they are: the chain reads them cheaply
-            continue
-        host = top.alloc_clusters(run // cs)
-        top.file.writev_full([data], host)
-        for i in range(run // cs):
-            if not top.link(v + i * cs, host + i * cs):
-                top.free_clusters(host + i * cs, 1)
-        v += run
+        vend = v + ((min(run, end - v) + cs - 1) // cs) * cs
+        views = []
+        vaddrs = []
+        vc = v
+        while vc < vend:
+            clen = min(cs, top.size - vc)
+            if bmv is not None and vc >= offset and vc + clen <= offset + n:
+                p = &src[vc - offset]
+                piece = bmv[vc - offset:vc - offset + clen]
+            else:
+                data = bytearray(cs)
+                dv = data
+                chain.c_read(1, vc, &dv[0], clen)
+                p = &dv[0]
+                piece = data
+            if all_zero(p, clen):
+                _cor_group(top, views, vaddrs, cs)
+                views = []
+                vaddrs = []
+            else:
+                views.append(piece)
+                if clen < cs:
+                    views.append(bytes(cs - clen))
+                vaddrs.append(vc)
+            vc += cs
+        _cor_group(top, views, vaddrs, cs)
+        views = None
+        piece = None
+        v = vend
