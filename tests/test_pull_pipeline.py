@@ -13,12 +13,14 @@ from blockpull._stream import Stream
 @pytest.fixture
 def small_chunks(monkeypatch):
     """Pulls made from here on copy in 1 MiB chunks and sync every 4 MiB, so that even a
-    small chain goes through the pipeline many times; ``direct`` sets the write path."""
-    opts = {"direct": True}
+    small chain goes through the pipeline many times; ``direct`` sets the write path,
+    ``depth`` the chunk writes in flight."""
+    opts = {"direct": True, "depth": 2}
 
     def make(*a, **kw):
         s = Stream(*a, chunk=1 << 20, batch=4 << 20, **kw)
         s.direct = opts["direct"]
+        s.depth = opts["depth"]
         return s
     monkeypatch.setattr(blockpull.job, "Stream", make)
     return opts
@@ -46,7 +48,9 @@ def _chain(qemu, tmp_path, size, cs=65536, compat="1.1", layers=3):
 
 @pytest.mark.parametrize("cs", [512, 4096, 65536, 2 << 20])
 @pytest.mark.parametrize("compat", ["1.1", "0.10"])
-def test_pull_many_chunks_matches_chain(tmp_path, qemu, small_chunks, cs, compat):
+@pytest.mark.parametrize("depth", [1, 3])
+def test_pull_many_chunks_matches_chain(tmp_path, qemu, small_chunks, cs, compat, depth):
+    small_chunks["depth"] = depth
     size = 24 << 20
     names = _chain(qemu, tmp_path, size, cs, compat)
     top = names[-1]
@@ -151,7 +155,9 @@ class _FailNthWrite:
 
 
 @pytest.mark.parametrize("nth", [1, 3])
-def test_write_error_fails_cleanly_and_resumes(tmp_path, qemu, small_chunks, nth):
+@pytest.mark.parametrize("depth", [1, 3])
+def test_write_error_fails_cleanly_and_resumes(tmp_path, qemu, small_chunks, nth, depth):
+    small_chunks["depth"] = depth
     size = 16 << 20
     names = _chain(qemu, tmp_path, size)
     top = names[-1]

@@ -28,6 +28,7 @@ from concurrent.futures import ThreadPoolExecutor
 
 DEFAULT_CHUNK = 8 * 1024 * 1024
 DEFAULT_BATCH = 256 * 1024 * 1024
+DEFAULT_DEPTH = 2     # chunk writes in flight while the next chunk is read
 
 
 cdef inline bint all_zero(const unsigned char* p, int64_t n) noexcept nogil:
@@ -59,6 +60,7 @@ cdef class _Chunk:
     cdef list views
     cdef object bmv
     cdef object future
+    cdef object buf
 
     cdef release_views(self):
         self.views = None
@@ -92,6 +94,7 @@ cdef class Stream:
     cdef object control
     cdef object writer
     cdef public bint direct
+    cdef public int depth
 
     def __init__(self, image, int base_depth, RateLimiter limiter, control=None,
                  int64_t chunk=DEFAULT_CHUNK, int64_t batch=DEFAULT_BATCH):
@@ -107,6 +110,7 @@ cdef class Stream:
         self.batch = batch
         self.pos = 0
         self.direct = True
+        self.depth = DEFAULT_DEPTH
 
     # ---- planning -------------------------------------------------------------------
 
@@ -170,31 +174,35 @@ cdef class Stream:
         """Copy everything; returns "completed" or "cancelled". I/O errors come back
         through ``control.on_error(StreamIOError) -> "retry" | "skip" | "fail"``.
 
-        Two buffers and one writer thread: while chunk k is written to the top, chunk k+1
-        is read from the chain; chunk k is linked once its write has completed. A chunk
-        whose write fails is given back and handled by ``on_error``; the chunk read after
-        it is given back too and read again."""
+        ``depth`` chunks are written at once by as many writer threads while the next
+        chunk is read from the chain into a spare buffer; chunks are linked in order,
+        each once its own write has completed. A chunk whose write fails is given back
+        and handled by ``on_error``; the chunks read after it are given back too and
+        read again."""
         cdef int64_t pos = 0, run_end = -1, s, n, take
         cdef int64_t cs = self.top.cluster_size
         cdef int64_t chunk
-        cdef int which = 0
-        cdef _Chunk ch, pending = None
+        cdef int depth = max(1, self.depth)
+        cdef _Chunk ch
+        cdef list inflight = []      # chunks being written, oldest first
+        cdef list spare
         chunk = max(cs, self.chunk - self.chunk % cs)
         if self.direct:
             self.top.file.enable_direct()
-        self.pool = BufferPool(2, chunk)
-        bufs = [self.pool.acquire(), self.pool.acquire()]
-        self.writer = ThreadPoolExecutor(1, thread_name_prefix="blockpull-write")
+        self.pool = BufferPool(depth + 1, chunk)
+        bufs = [self.pool.acquire() for _ in range(depth + 1)]
+        spare = list(bufs)
+        self.writer = ThreadPoolExecutor(depth, thread_name_prefix="blockpull-write")
         try:
             self.pos = 0
             while True:
-                if self.cancel_requested:
-                    self._drain(pending)
-                    pending = None
-                    return "cancelled"
-                if self.pause_requested and self.control is not None:
-                    self._drain(pending)
-                    pending = None
+                if self.cancel_requested or (self.pause_requested and self.control is not None):
+                    failed = self._settle(inflight, spare, len(inflight))
+                    if self.cancel_requested:
+                        return "cancelled"  # a failed write just stays uncopied
+                    if failed is not None:
+                        pos, run_end = self._handle(failed), -1
+                        continue
                     self.control.wait_while_paused()
                     self.limiter.restart()
                     continue
@@ -202,56 +210,43 @@ cdef class Stream:
                     with self.lock:
                         s, n = self.next_run(pos)
                     if s < 0:
-                        if pending is None:
+                        if not inflight:
                             break
-                        # the last chunk: link it (an error sends the loop back to it)
-                        ch, pending = pending, None
-                        try:
-                            self.finish_chunk(ch)
-                        except StreamIOError as exc:
-                            pos = ch.off
-                            if self._on_error(exc) == "skip":
-                                self._skipped(ch.n)
-                                pos += ch.n
-                            run_end = -1
+                        failed = self._settle(inflight, spare, 1)
+                        if failed is not None:
+                            pos, run_end = self._handle(failed), -1
                         continue
                     pos = s
                     run_end = s + n
+                if len(inflight) >= depth:
+                    failed = self._settle(inflight, spare, 1)
+                    if failed is not None:
+                        pos, run_end = self._handle(failed), -1
+                    continue
                 take = min(self.chunk_limit(chunk, cs), run_end - pos)
                 if self.limiter.consume(take):
                     continue  # woken: re-check cancel/pause/speed, then draw again
+                buf = spare.pop()
                 try:
-                    ch = self.prepare_chunk(bufs[which], pos, take)
+                    ch = self.prepare_chunk(buf, pos, take)
                 except StreamIOError as exc:
-                    self._drain(pending)
-                    pending = None
-                    if self._on_error(exc) == "skip":
-                        self._skipped(take)
-                        pos += take
-                    run_end = -1
+                    spare.append(buf)
+                    failed = self._settle(inflight, spare, len(inflight))
+                    if failed is None:
+                        failed = (pos, take, exc)
+                    pos, run_end = self._handle(failed), -1
                     continue
+                ch.buf = buf
                 if ch.todo:
                     ch.future = self.writer.submit(self.top.file.pwritev_data, ch.views, ch.host)
-                which ^= 1
-                if pending is not None:
-                    try:
-                        self.finish_chunk(pending)
-                    except StreamIOError as exc:
-                        self._discard(ch)
-                        pos = pending.off
-                        if self._on_error(exc) == "skip":
-                            self._skipped(pending.n)
-                            pos += pending.n
-                        pending = None
-                        run_end = -1
-                        continue
-                pending = ch
+                inflight.append(ch)
                 pos += take
                 self.pos = pos
             return "completed"
         finally:
-            if pending is not None:
-                self._discard(pending)
+            for ch in inflight:
+                self._discard(ch)
+            inflight = []
             self.writer.shutdown(wait=True)
             self.writer = None
             try:
@@ -262,6 +257,37 @@ cdef class Stream:
             for b in bufs:
                 b.release()
             self.pool = None
+
+    cdef object _settle(self, list inflight, list spare, int count):
+        """Link the ``count`` oldest chunks in flight, in order. On a failed write the
+        chunks after it are given back as well; returns (offset, length, error) of the
+        failed one, or None."""
+        cdef _Chunk ch
+        while count > 0 and inflight:
+            ch = inflight.pop(0)
+            count -= 1
+            try:
+                self.finish_chunk(ch)
+            except StreamIOError as exc:
+                spare.append(ch.buf)
+                ch.buf = None
+                while inflight:
+                    later = <_Chunk>inflight.pop(0)
+                    self._discard(later)
+                    spare.append(later.buf)
+                    later.buf = None
+                return (ch.off, ch.n, exc)
+            spare.append(ch.buf)
+            ch.buf = None
+        return None
+
+    cdef int64_t _handle(self, tuple failed) except -1:
+        """Ask ``on_error`` about a failed chunk; the position to carry on from."""
+        off, n, exc = failed
+        if self._on_error(exc) == "skip":
+            self._skipped(n)
+            return off + n
+        return off
 
     cdef str _on_error(self, exc):
         """"retry" or "skip" as the control says; raises the error on "fail"."""
@@ -275,16 +301,6 @@ cdef class Stream:
         self.cur += n
         if self.cur > self.end:
             self.end = self.cur
-
-    cdef _drain(self, _Chunk ch):
-        """Finish a chunk in flight before pausing or cancelling; an error on it is kept
-        for a later pull to find (the range stays unallocated in the top)."""
-        if ch is None:
-            return
-        try:
-            self.finish_chunk(ch)
-        except StreamIOError:
-            pass
 
     cdef _discard(self, _Chunk ch):
         """Give back the clusters of a chunk that will not be linked."""
