@@ -124,7 +124,7 @@ cdef class Stream:
         cdef int kind, d, k2
         cdef bint inc
         while pos < size:
-            kind, run, host = top.block_status(pos, size - pos)
+            kind, run, host = top.pull_status(pos, size - pos)
             if kind != KIND_UNALLOC:
                 pos += run
                 continue
@@ -172,7 +172,7 @@ cdef class Stream:
 
     def run(self):
         """Copy everything; returns "completed" or "cancelled". I/O errors come back
-        through ``control.on_error(StreamIOError) -> "retry" | "skip" | "fail"``.
+        through ``control.on_io_error(StreamIOError) -> "retry" | "skip" | "fail"``.
 
         ``depth`` chunks are written at once by as many writer threads while the next
         chunk is read from the chain into a spare buffer; chunks are linked in order,
@@ -291,7 +291,7 @@ cdef class Stream:
 
     cdef str _on_error(self, exc):
         """"retry" or "skip" as the control says; raises the error on "fail"."""
-        action = self.control.on_error(exc) if self.control is not None else "fail"
+        action = self.control.on_io_error(exc) if self.control is not None else "fail"
         if action in ("retry", "skip"):
             return action
         raise exc
@@ -349,7 +349,7 @@ cdef class Stream:
             i = 0
             while i < ncl:
                 v = off + i * cs
-                kind, run, _h = top.block_status(v, n - i * cs)
+                kind, run, _h = top.pull_status(v, n - i * cs)
                 k = (run + cs - 1) // cs
                 if kind == KIND_UNALLOC:
                     clen = min(run, n - i * cs)

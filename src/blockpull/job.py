@@ -68,7 +68,7 @@ class PullJob:
         self.image = image
         self.path = image.path
         self.base = base
-        self.error_policy = on_error  # "report" | "stop" | "ignore"
+        self.on_error = on_error
         self._on_event = on_event
         self._base_depth = base_depth
         self._limiter = RateLimiter(bandwidth)
@@ -197,14 +197,14 @@ class PullJob:
             self._status = "running"
             self._emit("resumed")
 
-    def on_error(self, exc: StreamIOError) -> str:
+    def on_io_error(self, exc: StreamIOError) -> str:
         """Called by the copy loop on an I/O error: "fail", "retry" or "skip"."""
         err = self._pull_error(exc)
         self._last_error = err
-        if self.error_policy == "report":
+        if self.on_error == "report":
             return "fail"
         self._emit("error", err)
-        if self.error_policy == "ignore":
+        if self.on_error == "ignore":
             return "skip"
         # "stop": pause until resumed, then retry the chunk
         self._resume.clear()
@@ -267,7 +267,10 @@ class PullJob:
         fut = loop.create_future()
 
         def _done(_job: "PullJob") -> None:
-            loop.call_soon_threadsafe(lambda: fut.done() or fut.set_result(None))
+            def _set() -> None:
+                if not fut.done():
+                    fut.set_result(None)
+            loop.call_soon_threadsafe(_set)
         self.add_done_callback(_done)
         yield from fut.__await__()
         return self.result(0)
