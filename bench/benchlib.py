@@ -244,10 +244,11 @@ class StorageDaemon:
         drop_file(self.sock)
 
 
-def blockpull_pull(path: str, bandwidth: int = 0):
-    """Open, pull, wait: the whole job including its final fdatasync and relink."""
+def blockpull_pull(path: str, bandwidth: int = 0, backing_format: Optional[str] = None):
+    """Open, pull, wait: the whole job including its final fdatasync and relink.
+    QED records no backing format: name it (``backing_format``), formats are not guessed."""
     import blockpull
-    with blockpull.open(path) as img:
+    with blockpull.open(path, backing_format=backing_format) as img:
         job = img.pull(bandwidth=bandwidth)
         return job.result()
 

@@ -24,8 +24,6 @@ ROUNDS = int(os.environ.get("BLOCKPULL_BENCH_ROUNDS", "5"))
 DENSE = GiB
 FORMATS = [f for f in ("qcow2", "qed") if f in DRIVERS]
 
-MEDIANS: dict = {}
-
 
 def _median(benchmark) -> float:
     return benchmark.stats.stats.median
@@ -43,109 +41,56 @@ def _verify_pulled(path: str, ref_raw: str, fmt: str) -> None:
     run("qemu-img", "compare", "-f", fmt, "-F", "raw", path, ref_raw)
 
 
-def _ratio_row(name: str, key: str, peer: str) -> None:
-    a, b = MEDIANS.get(key), MEDIANS.get(peer)
-    if a and b:
-        record(name, figure="%.2fx" % (b / a), notes=f"time of {peer} / time of {key}")
+def _bfmt(fmt: str):
+    """The backing format to name when opening: QED records none."""
+    return fmt if fmt == "qed" else None
 
 
-# ---- dense chain: 1 GiB of random data over three layers --------------------------------
+class Peer:
+    """One contender of a side-by-side benchmark: ``setup`` (untimed) returns the argument
+    of ``run`` (timed, ends with the copy durable); ``check`` judges the last output."""
 
-@pytest.mark.parametrize("fmt", FORMATS)
-class TestDense:
-    def test_blockpull(self, benchmark, chains, fmt):
-        c = chains.get("dense", fmt, size=DENSE)
-        out = {}
+    def __init__(self, name, setup, run, check=None, teardown=None):
+        self.name, self.setup, self.run, self.check = name, setup, run, check
+        self.teardown = teardown
+        self.times: list = []
 
-        def setup():
-            out["p"] = c.fresh_top()
-            return (out["p"],), {}
-        benchmark.pedantic(blockpull_pull, setup=setup, rounds=ROUNDS, iterations=1)
-        _verify_pulled(out["p"], c.ref_raw, fmt)
-        t = MEDIANS[f"dense-{fmt}-blockpull"] = _median(benchmark)
-        record(f"dense {fmt}: blockpull pull", figure=_rate(DENSE, t),
-               notes="median of %d, %.3f s" % (ROUNDS, t))
 
-    def test_blockstream(self, benchmark, chains, fmt):
-        c = chains.get("dense", fmt, size=DENSE)
-        out = {}
+def side_by_side(benchmark, peers, rounds):
+    """Rounds in which every peer runs once, in an order that rotates from round to round,
+    so that a change in the machine's load falls on all of them alike. Returns the median
+    time of each peer."""
+    state = {"round": 0}
 
-        def setup():
-            if "d" in out:
-                out.pop("d").close()
-            out["p"] = c.fresh_top()
-            out["d"] = StorageDaemon(out["p"], fmt)
-            return (), {}
+    def one_round():
+        k = state["round"] % len(peers)
+        state["round"] += 1
+        for peer in peers[k:] + peers[:k]:
+            arg = peer.setup()
+            t0 = time.perf_counter()
+            peer.run(arg)
+            peer.times.append(time.perf_counter() - t0)
+            if peer.teardown is not None:
+                peer.teardown(arg)
+    benchmark.pedantic(one_round, rounds=rounds, iterations=1)
+    for peer in peers:
+        if peer.check is not None:
+            peer.check()
+    benchmark.extra_info["times"] = {p.name: p.times for p in peers}
+    return {p.name: statistics.median(p.times) for p in peers}
 
-        def target():
-            out["d"].stream()
-            fdatasync_path(out["p"])
-        try:
-            benchmark.pedantic(target, setup=setup, rounds=ROUNDS, iterations=1)
-        finally:
-            if "d" in out:
-                out.pop("d").close()
-        run("qemu-img", "compare", "-f", fmt, "-F", "raw", out["p"], c.ref_raw)
-        t = MEDIANS[f"dense-{fmt}-blockstream"] = _median(benchmark)
-        record(f"dense {fmt}: QEMU block-stream", figure=_rate(DENSE, t),
-               notes="median of %d, %.3f s" % (ROUNDS, t))
-        _ratio_row(f"dense {fmt}: blockpull / block-stream", f"dense-{fmt}-blockpull",
-                   f"dense-{fmt}-blockstream")
 
-    def test_convert(self, benchmark, chains, fmt):
-        c = chains.get("dense", fmt, size=DENSE)
-        dst = os.path.join(c.dir, "converted.qcow2")
+def _pull_peer(name, c, fmt, poll=False):
+    out = {"polls": []}
 
-        def setup():
-            drop_file(dst)
-            settle()
-            return (), {}
+    def setup():
+        out["p"] = c.fresh_top()
+        return out["p"]
 
-        def target():
-            run("qemu-img", "convert", "-f", fmt, "-O", "qcow2", c.top, dst)
-            fdatasync_path(dst)
-        benchmark.pedantic(target, setup=setup, rounds=ROUNDS, iterations=1)
-        t = MEDIANS[f"dense-{fmt}-convert"] = _median(benchmark)
-        record(f"dense {fmt}: qemu-img convert -O qcow2", figure=_rate(DENSE, t),
-               notes="median of %d, %.3f s" % (ROUNDS, t))
-        _ratio_row(f"dense {fmt}: blockpull / convert", f"dense-{fmt}-blockpull",
-                   f"dense-{fmt}-convert")
-        drop_file(dst)
-
-    def test_cp(self, benchmark, chains, fmt):
-        c = chains.get("dense", fmt, size=DENSE)
-        dst = os.path.join(c.dir, "copied.raw")
-        with open(c.ref_raw, "rb") as f:
-            while f.read(16 * MiB):
-                pass
-
-        def setup():
-            drop_file(dst)
-            settle()
-            return (), {}
-
-        def target():
-            run("cp", c.ref_raw, dst)
-            fdatasync_path(dst)
-        benchmark.pedantic(target, setup=setup, rounds=ROUNDS, iterations=1)
-        t = MEDIANS[f"dense-{fmt}-cp"] = _median(benchmark)
-        record(f"dense {fmt}: cp of the same bytes (raw)", figure=_rate(DENSE, t),
-               notes="median of %d, %.3f s" % (ROUNDS, t))
-        _ratio_row(f"dense {fmt}: blockpull / cp", f"dense-{fmt}-blockpull", f"dense-{fmt}-cp")
-        drop_file(dst)
-
-    def test_blockpull_polled(self, benchmark, chains, fmt):
-        """The same pull while another thread polls info() at 1 kHz."""
-        c = chains.get("dense", fmt, size=DENSE)
-        out = {"polls": []}
-
-        def setup():
-            out["p"] = c.fresh_top()
-            return (out["p"],), {}
-
-        def target(path):
-            with blockpull.open(path) as img:
-                job = img.pull()
+    def run_pull(path):
+        with blockpull.open(path, backing_format=_bfmt(fmt)) as img:
+            job = img.pull()
+            if poll:
                 n = 0
                 nxt = time.perf_counter()
                 while not job.done():
@@ -156,14 +101,75 @@ class TestDense:
                     if d > 0:
                         time.sleep(d)
                 out["polls"].append(n)
-                return job.result()
-        benchmark.pedantic(target, setup=setup, rounds=ROUNDS, iterations=1)
-        t = MEDIANS[f"dense-{fmt}-polled"] = _median(benchmark)
-        base = MEDIANS.get(f"dense-{fmt}-blockpull")
-        cost = "" if not base else ", throughput cost %+.1f%%" % ((t / base - 1) * 100)
-        record(f"dense {fmt}: blockpull, info() at 1 kHz", figure=_rate(DENSE, t),
-               notes="median of %d, %d polls per run%s" % (
-                   ROUNDS, statistics.median(out["polls"]), cost))
+            job.result()
+
+    peer = Peer(name, setup, run_pull, lambda: _verify_pulled(out["p"], c.ref_raw, fmt))
+    peer.out = out
+    return peer
+
+
+def _stream_peer(c, fmt, check_raw=True):
+    out = {}
+
+    def setup():
+        out["p"] = c.fresh_top()
+        out["d"] = StorageDaemon(out["p"], fmt)
+        return out["d"]
+
+    def run_stream(d):
+        d.stream()
+        fdatasync_path(out["p"])
+
+    def check():
+        if check_raw:
+            run("qemu-img", "compare", "-f", fmt, "-F", "raw", out["p"], c.ref_raw)
+    return Peer("QEMU block-stream", setup, run_stream, check, lambda d: d.close())
+
+
+# ---- dense chain: 1 GiB of random data over three layers --------------------------------
+
+@pytest.mark.parametrize("fmt", FORMATS)
+def test_dense(benchmark, chains, fmt):
+    """blockpull, blockpull polled by info() at 1 kHz, block-stream, convert, cp."""
+    c = chains.get("dense", fmt, size=DENSE)
+    conv = os.path.join(c.dir, f"converted.{fmt}")
+    copied = os.path.join(c.dir, "copied.raw")
+
+    def fresh(path):
+        def setup():
+            drop_file(path)
+            settle()
+            return path
+        return setup
+
+    def convert(dst):
+        run("qemu-img", "convert", "-f", fmt, "-O", fmt, c.top, dst)
+        fdatasync_path(dst)
+
+    def cp(dst):
+        run("cp", c.ref_raw, dst)
+        fdatasync_path(dst)
+
+    with open(c.ref_raw, "rb") as f:  # cp reads it: have it cached like the chain
+        while f.read(16 * MiB):
+            pass
+    polled = _pull_peer("blockpull, info() at 1 kHz", c, fmt, poll=True)
+    peers = [_pull_peer("blockpull", c, fmt), _stream_peer(c, fmt),
+             Peer(f"qemu-img convert -O {fmt}", fresh(conv), convert,
+                  lambda: run("qemu-img", "compare", "-f", fmt, "-F", "raw", conv, c.ref_raw)),
+             Peer("cp of the same bytes (raw)", fresh(copied), cp), polled]
+    med = side_by_side(benchmark, peers, ROUNDS)
+    drop_file(conv)
+    drop_file(copied)
+    bp = med["blockpull"]
+    for name, t in med.items():
+        note = "median of %d, %.3f s" % (ROUNDS, t)
+        if name != "blockpull":
+            note += "; blockpull is %.2fx as fast" % (t / bp)
+        if name == polled.name:
+            note = "median of %d, %.3f s, %d polls per run; throughput cost %+.1f%%" % (
+                ROUNDS, t, statistics.median(polled.out["polls"]), (t / bp - 1) * 100)
+        record(f"dense {fmt}: {name}", figure=_rate(DENSE, t), notes=note)
 
 
 # ---- sparse chain: 1 TiB virtual, 64 MiB of data ---------------------------------------
@@ -171,42 +177,17 @@ class TestDense:
 SPARSE_ROUNDS = max(3, ROUNDS // 2 + 1)
 
 
-class TestSparse:
-    def test_blockpull(self, benchmark, chains):
-        c = chains.get("sparse", "qcow2", size=TiB, data=64 * MiB)
-
-        def setup():
-            return (c.fresh_top(),), {}
-        res = benchmark.pedantic(blockpull_pull, setup=setup, rounds=SPARSE_ROUNDS, iterations=1)
-        assert res.copied_bytes == 64 * MiB
-        t = MEDIANS["sparse-blockpull"] = _median(benchmark)
-        record("sparse 1 TiB/64 MiB: blockpull pull", figure="%.3f s" % t,
-               notes="median of %d" % SPARSE_ROUNDS)
-
-    def test_blockstream(self, benchmark, chains):
-        c = chains.get("sparse", "qcow2", size=TiB, data=64 * MiB)
-        out = {}
-
-        def setup():
-            if "d" in out:
-                out.pop("d").close()
-            out["p"] = c.fresh_top()
-            out["d"] = StorageDaemon(out["p"], "qcow2")
-            return (), {}
-
-        def target():
-            out["d"].stream()
-            fdatasync_path(out["p"])
-        try:
-            benchmark.pedantic(target, setup=setup, rounds=SPARSE_ROUNDS, iterations=1)
-        finally:
-            if "d" in out:
-                out.pop("d").close()
-        t = MEDIANS["sparse-blockstream"] = _median(benchmark)
-        record("sparse 1 TiB/64 MiB: QEMU block-stream", figure="%.3f s" % t,
-               notes="median of %d" % SPARSE_ROUNDS)
-        _ratio_row("sparse: blockpull speed-up over block-stream", "sparse-blockpull",
-                   "sparse-blockstream")
+def test_sparse(benchmark, chains):
+    c = chains.get("sparse", "qcow2", size=TiB, data=64 * MiB)
+    pull = _pull_peer("blockpull", c, "qcow2")
+    pull.check = None
+    med = side_by_side(benchmark, [pull, _stream_peer(c, "qcow2", check_raw=False)],
+                       SPARSE_ROUNDS)
+    bp, qs = med["blockpull"], med["QEMU block-stream"]
+    record("sparse 1 TiB/64 MiB: blockpull", figure="%.3f s" % bp,
+           notes="median of %d; %.0f MiB/s of data" % (SPARSE_ROUNDS, 64 / bp))
+    record("sparse 1 TiB/64 MiB: QEMU block-stream", figure="%.3f s" % qs,
+           notes="median of %d; blockpull is %.1fx as fast" % (SPARSE_ROUNDS, qs / bp))
 
 
 # ---- rate limit ------------------------------------------------------------------------
@@ -226,8 +207,7 @@ def test_rate_limit(benchmark, chains, rate_mib):
     got = size / t / MiB
     record(f"rate limit {rate_mib} MiB/s", figure="%.2f MiB/s" % got,
            notes="%.2f%% of the limit over %.2f s" % (got / rate_mib * 100, t))
-    if rate_mib != 200:
-        chains.drop("dense", "qcow2", size=size)
+    chains.drop("dense", "qcow2", size=size)
 
 
 # ---- memory ----------------------------------------------------------------------------
@@ -287,49 +267,43 @@ def test_info_latency(benchmark, chains):
 
 # ---- copy-on-read ------------------------------------------------------------------------
 
-class TestCopyOnRead:
-    BLOCK = 8 * MiB
+BLOCK = 8 * MiB
 
-    def _read_image(self, path, cor):
-        buf = mmap.mmap(-1, self.BLOCK)  # page aligned, as a VMM's guest memory is
+
+def test_copy_on_read(benchmark, chains):
+    """Read the whole disk in 8 MiB reads into a page-aligned buffer (as a VMM's guest
+    memory is): the raw file of the same bytes with plain reads, the chain through
+    blockpull, and the chain through blockpull with copy-on-read (its flush included)."""
+    c = chains.get("dense", "qcow2", size=DENSE)
+    buf = mmap.mmap(-1, BLOCK)
+    out = {}
+
+    def plain(_):
+        with open(c.ref_raw, "rb", buffering=0) as f:
+            while f.readinto(buf):
+                pass
+
+    def through(path_cor):
+        path, cor = path_cor
         with blockpull.open(path, readonly=not cor, copy_on_read=cor) as img:
-            for off in range(0, img.size, self.BLOCK):
-                n = min(self.BLOCK, img.size - off)
-                img.readinto(off, memoryview(buf)[:n])
+            for off in range(0, img.size, BLOCK):
+                img.readinto(off, memoryview(buf)[:min(BLOCK, img.size - off)])
             if cor:
                 img.flush()
 
-    def test_plain_file(self, benchmark, chains):
-        c = chains.get("dense", "qcow2", size=DENSE)
+    def cor_setup():
+        out["p"] = c.fresh_top("cor")
+        return (out["p"], True)
 
-        def target():
-            buf = mmap.mmap(-1, self.BLOCK)
-            with open(c.ref_raw, "rb", buffering=0) as f:
-                while f.readinto(buf):
-                    pass
-        benchmark.pedantic(target, rounds=ROUNDS, iterations=1)
-        t = MEDIANS["read-plain"] = _median(benchmark)
-        record("read whole disk: plain raw file", figure=_rate(DENSE, t))
-
-    def test_chain(self, benchmark, chains):
-        c = chains.get("dense", "qcow2", size=DENSE)
-        benchmark.pedantic(self._read_image, args=(c.top, False), rounds=ROUNDS, iterations=1)
-        t = MEDIANS["read-chain"] = _median(benchmark)
-        record("read whole disk: through the chain", figure=_rate(DENSE, t),
-               notes="%.2fx the plain file's time" % (t / MEDIANS["read-plain"])
-               if "read-plain" in MEDIANS else "")
-
-    def test_copy_on_read(self, benchmark, chains):
-        c = chains.get("dense", "qcow2", size=DENSE)
-        out = {}
-
-        def setup():
-            out["p"] = c.fresh_top("cor")
-            return (out["p"], True), {}
-        benchmark.pedantic(self._read_image, setup=setup, rounds=ROUNDS, iterations=1)
+    def cor_check():
         run("qemu-img", "check", out["p"])
-        t = MEDIANS["read-cor"] = _median(benchmark)
-        record("read whole disk: copy-on-read (incl. flush)", figure=_rate(DENSE, t),
-               notes="%.2fx the plain file's time" % (t / MEDIANS["read-plain"])
-               if "read-plain" in MEDIANS else "")
-        drop_file(out["p"])
+        run("qemu-img", "compare", "-F", "raw", out["p"], c.ref_raw)
+    peers = [Peer("plain reads of the raw file", lambda: None, plain),
+             Peer("reads through the chain", lambda: (c.top, False), through),
+             Peer("reads with copy-on-read (and flush)", cor_setup, through, cor_check)]
+    med = side_by_side(benchmark, peers, ROUNDS)
+    base = med["plain reads of the raw file"]
+    for name, t in med.items():
+        record(f"whole-disk read: {name}", figure=_rate(DENSE, t),
+               notes="median of %d, %.3f s; %.2fx the plain reads' time" % (ROUNDS, t, t / base))
+    drop_file(out["p"])
