@@ -62,10 +62,10 @@ def pytest_terminal_summary(terminalreporter, exitstatus, config):
                   % (m["nproc"], m["cpu"], m["kernel"], m["filesystem"],
                      "/".join("%.2f" % x for x in (_LOAD_START or ())),
                      "/".join("%.2f" % x for x in m["loadavg"])))
-    tr.write_line("%-44s %12s  %s" % ("benchmark", "figure", "notes"))
+    tr.write_line("%-52s %12s  %s" % ("benchmark", "figure", "notes"))
     for name in ORDER:
         row = RESULTS[name]
-        tr.write_line("%-44s %12s  %s" % (name, row.get("figure", ""), row.get("notes", "")))
+        tr.write_line("%-52s %12s  %s" % (name, row.get("figure", ""), row.get("notes", "")))
     out = os.environ.get("BLOCKPULL_BENCH_JSON") or os.path.join(HERE, "results", "latest.json")
     os.makedirs(os.path.dirname(out), exist_ok=True)
     with open(out, "w") as f:
