@@ -2,6 +2,7 @@
 summary table."""
 from __future__ import annotations
 
+import logging
 import os
 import platform
 import shutil
@@ -194,6 +195,9 @@ class Chains:
 class StorageDaemon:
     """qemu-storage-daemon with one image open, driven over QMP."""
 
+    # a connect attempt before the daemon listens is expected: not worth an ERROR line
+    logging.getLogger("qemu.qmp").setLevel(logging.CRITICAL)
+
     def __init__(self, image: str, fmt: str) -> None:
         from qemu.qmp.legacy import QEMUMonitorProtocol
         self.sock = image + ".qmp"
@@ -204,14 +208,20 @@ class StorageDaemon:
              "--chardev", f"socket,id=mon,path={self.sock},server=on,wait=off",
              "--monitor", "chardev=mon"],
             stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+        # the socket file appears at bind(), before listen(): retry until it answers
         deadline = time.monotonic() + 10
-        while not os.path.exists(self.sock):
+        while True:
             if self.proc.poll() is not None or time.monotonic() > deadline:
                 raise RuntimeError("qemu-storage-daemon did not start: %s"
                                    % self.proc.stderr.read().decode())
+            if os.path.exists(self.sock):
+                self.qmp = QEMUMonitorProtocol(self.sock)
+                try:
+                    self.qmp.connect()
+                    break
+                except (OSError, Exception):
+                    self.qmp.close()
             time.sleep(0.005)
-        self.qmp = QEMUMonitorProtocol(self.sock)
-        self.qmp.connect()
 
     def stream(self, speed: int = 0) -> None:
         """Run block-stream on the top node and wait for it to complete."""
