@@ -7,13 +7,16 @@ Per chunk (at most ``chunk`` bytes of one run, cluster aligned):
 1. under the image lock: re-check which top clusters are still unallocated, read them
    through the chain into a pool buffer, reserve contiguous host clusters for the ones
    that are not all zeros;
-2. without the lock: one vectored write of those clusters (nobody can see them yet);
-3. under the lock: link each cluster that is still unallocated (a guest write that got
-   there first wins and the copy is given back); zeros over a kept base become zero
-   clusters; every ``batch`` bytes the driver syncs and writes its tables.
+2. without the lock, on a writer thread: one vectored write of those clusters (nobody
+   can see them yet), through the top's O_DIRECT descriptor when it is aligned;
+3. once that write has completed, under the lock: link each cluster that is still
+   unallocated (a guest write that got there first wins and the copy is given back);
+   zeros over a kept base become zero clusters; every ``batch`` bytes the driver syncs
+   and writes its tables.
 
-The progress counters are C integers read without a lock. The system calls release the
-GIL; nothing per cluster goes back to Python.
+The steps overlap: while ``depth`` chunks are being written, the next one is read into a
+spare buffer; chunks are linked in order. The progress counters are C integers read
+without a lock. The system calls release the GIL; nothing per cluster goes back to Python.
 """
 from libc.stdint cimport int64_t
 from libc.string cimport memcmp
