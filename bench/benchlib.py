@@ -212,6 +212,8 @@ class StorageDaemon:
         deadline = time.monotonic() + 10
         while True:
             if self.proc.poll() is not None or time.monotonic() > deadline:
+                self.proc.kill()
+                self.proc.wait()
                 raise RuntimeError("qemu-storage-daemon did not start: %s"
                                    % self.proc.stderr.read().decode())
             if os.path.exists(self.sock):
@@ -219,7 +221,7 @@ class StorageDaemon:
                 try:
                     self.qmp.connect()
                     break
-                except (OSError, Exception):
+                except Exception:
                     self.qmp.close()
             time.sleep(0.005)
 
