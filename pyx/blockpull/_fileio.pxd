@@ -8,9 +8,13 @@ cdef class File:
     cdef readonly str role
     cdef public object faults
     cdef int64_t _size_hint
+    cdef int dfd
+    cdef bint direct_refused
 
     cdef int _check_open(self) except -1
     cdef int _fault(self, str op, int64_t off, int64_t n, object data=*) except -1
     cdef int read_full(self, unsigned char* buf, size_t n, int64_t off) except -1
     cdef int write_full(self, const unsigned char* buf, size_t n, int64_t off) except -1
     cdef int writev_full(self, object iov_views, int64_t off) except -1
+    cdef int writev_data(self, object iov_views, int64_t off) except -1
+    cdef int _writev(self, object views, int64_t off, bint direct) except -1

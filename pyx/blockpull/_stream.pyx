@@ -7,13 +7,16 @@ Per chunk (at most ``chunk`` bytes of one run, cluster aligned):
 1. under the image lock: re-check which top clusters are still unallocated, read them
    through the chain into a pool buffer, reserve contiguous host clusters for the ones
    that are not all zeros;
-2. without the lock: one vectored write of those clusters (nobody can see them yet);
-3. under the lock: link each cluster that is still unallocated (a guest write that got
-   there first wins and the copy is given back); zeros over a kept base become zero
-   clusters; every ``batch`` bytes the driver syncs and writes its tables.
+2. without the lock, on a writer thread: one vectored write of those clusters (nobody
+   can see them yet), through the top's O_DIRECT descriptor when it is aligned;
+3. once that write has completed, under the lock: link each cluster that is still
+   unallocated (a guest write that got there first wins and the copy is given back);
+   zeros over a kept base become zero clusters; every ``batch`` bytes the driver syncs
+   and writes its tables.
 
-The progress counters are C integers read without a lock. The system calls release the
-GIL; nothing per cluster goes back to Python.
+The steps overlap: while ``depth`` chunks are being written, the next one is read into a
+spare buffer; chunks are linked in order. The progress counters are C integers read
+without a lock. The system calls release the GIL; nothing per cluster goes back to Python.
 """
 from libc.stdint cimport int64_t
 from libc.string cimport memcmp
@@ -24,9 +27,11 @@ from blockpull._ratelimit cimport RateLimiter
 from blockpull._pool import BufferPool
 
 import time
+from concurrent.futures import ThreadPoolExecutor
 
 DEFAULT_CHUNK = 8 * 1024 * 1024
 DEFAULT_BATCH = 256 * 1024 * 1024
+DEFAULT_DEPTH = 2     # chunk writes in flight while the next chunk is read
 
 
 cdef inline bint all_zero(const unsigned char* p, int64_t n) noexcept nogil:
@@ -46,6 +51,25 @@ class StreamIOError(Exception):
         self.errno = getattr(exc, "errno", None)
         self.operation = operation
         self.offset = offset
+
+
+cdef class _Chunk:
+    """One chunk between its read and its link: where it is, what to write where."""
+    cdef int64_t off
+    cdef int64_t n
+    cdef int64_t host
+    cdef list todo
+    cdef list zeros
+    cdef list views
+    cdef object bmv
+    cdef object future
+    cdef object buf
+
+    cdef release_views(self):
+        self.views = None
+        if self.bmv is not None:
+            self.bmv.release()
+            self.bmv = None
 
 
 cdef class Stream:
@@ -71,6 +95,9 @@ cdef class Stream:
     cdef int64_t since_batch
     cdef object pool
     cdef object control
+    cdef object writer
+    cdef public bint direct
+    cdef public int depth
 
     def __init__(self, image, int base_depth, RateLimiter limiter, control=None,
                  int64_t chunk=DEFAULT_CHUNK, int64_t batch=DEFAULT_BATCH):
@@ -85,6 +112,8 @@ cdef class Stream:
         self.chunk = chunk
         self.batch = batch
         self.pos = 0
+        self.direct = True
+        self.depth = DEFAULT_DEPTH
 
     # ---- planning -------------------------------------------------------------------
 
@@ -146,86 +175,180 @@ cdef class Stream:
 
     def run(self):
         """Copy everything; returns "completed" or "cancelled". I/O errors come back
-        through ``control.on_io_error(StreamIOError) -> "retry" | "skip" | "fail"``."""
-        cdef int64_t s = 0, n = 0, off, take
+        through ``control.on_io_error(StreamIOError) -> "retry" | "skip" | "fail"``.
+
+        ``depth`` chunks are written at once by as many writer threads while the next
+        chunk is read from the chain into a spare buffer; chunks are linked in order,
+        each once its own write has completed. A chunk whose write fails is given back
+        and handled by ``on_error``; the chunks read after it are given back too and
+        read again."""
+        cdef int64_t pos = 0, run_end = -1, s, n, take
         cdef int64_t cs = self.top.cluster_size
         cdef int64_t chunk
-        cdef int64_t bufsize
+        cdef int depth = max(1, self.depth)
+        cdef _Chunk ch
+        cdef list inflight = []      # chunks being written, oldest first
+        cdef list spare
         chunk = max(cs, self.chunk - self.chunk % cs)
-        self.pool = BufferPool(1, chunk)
-        buf = self.pool.acquire()
+        if self.direct:
+            self.top.file.enable_direct()
+        self.pool = BufferPool(depth + 1, chunk)
+        bufs = [self.pool.acquire() for _ in range(depth + 1)]
+        spare = list(bufs)
+        self.writer = ThreadPoolExecutor(depth, thread_name_prefix="blockpull-write")
         try:
             self.pos = 0
             while True:
-                if self.cancel_requested:
-                    return "cancelled"
-                with self.lock:
-                    s, n = self.next_run(self.pos)
-                if s < 0:
-                    break
-                off = s
-                while off < s + n:
+                if self.cancel_requested or (self.pause_requested and self.control is not None):
+                    failed = self._settle(inflight, spare, len(inflight))
                     if self.cancel_requested:
-                        return "cancelled"
-                    if self.pause_requested and self.control is not None:
-                        self.control.wait_while_paused()
-                        self.limiter.restart()
+                        return "cancelled"  # a failed write just stays uncopied
+                    if failed is not None:
+                        pos, run_end = self._handle(failed), -1
                         continue
-                    take = min(self.chunk_limit(chunk, cs), s + n - off)
-                    if self.limiter.consume(take):
-                        continue  # woken: re-check cancel/pause/speed, then draw again
-                    try:
-                        self.copy_chunk(buf, off, take)
-                    except StreamIOError as exc:
-                        action = self.control.on_io_error(exc) if self.control is not None else "fail"
-                        if action == "retry":
-                            continue
-                        if action == "skip":
-                            self.errors += 1
-                            self.cur += take
-                            off += take
-                            continue
-                        raise
-                    self.cur += take
-                    off += take
-                    self.pos = off
-                    if self.cur > self.end:
-                        self.end = self.cur
-                self.pos = s + n
+                    self.control.wait_while_paused()
+                    self.limiter.restart()
+                    continue
+                if pos >= run_end:
+                    with self.lock:
+                        s, n = self.next_run(pos)
+                    if s < 0:
+                        if not inflight:
+                            break
+                        failed = self._settle(inflight, spare, 1)
+                        if failed is not None:
+                            pos, run_end = self._handle(failed), -1
+                        continue
+                    pos = s
+                    run_end = s + n
+                if len(inflight) >= depth:
+                    failed = self._settle(inflight, spare, 1)
+                    if failed is not None:
+                        pos, run_end = self._handle(failed), -1
+                    continue
+                take = min(self.chunk_limit(chunk, cs), run_end - pos)
+                if self.limiter.consume(take):
+                    continue  # woken: re-check cancel/pause/speed, then draw again
+                buf = spare.pop()
+                try:
+                    ch = self.prepare_chunk(buf, pos, take)
+                except StreamIOError as exc:
+                    spare.append(buf)
+                    failed = self._settle(inflight, spare, len(inflight))
+                    if failed is None:
+                        failed = (pos, take, exc)
+                    pos, run_end = self._handle(failed), -1
+                    continue
+                ch.buf = buf
+                if ch.todo:
+                    ch.future = self.writer.submit(self.top.file.pwritev_data, ch.views, ch.host)
+                inflight.append(ch)
+                pos += take
+                self.pos = pos
             return "completed"
         finally:
+            for ch in inflight:
+                self._discard(ch)
+            inflight = []
+            self.writer.shutdown(wait=True)
+            self.writer = None
             try:
                 with self.lock:
                     self.top.flush_metadata()
             except OSError:
                 pass
-            buf.release()
+            for b in bufs:
+                b.release()
             self.pool = None
 
+    cdef object _settle(self, list inflight, list spare, int count):
+        """Link the ``count`` oldest chunks in flight, in order. On a failed write the
+        chunks after it are given back as well; returns (offset, length, error) of the
+        failed one, or None."""
+        cdef _Chunk ch
+        while count > 0 and inflight:
+            ch = inflight.pop(0)
+            count -= 1
+            try:
+                self.finish_chunk(ch)
+            except StreamIOError as exc:
+                spare.append(ch.buf)
+                ch.buf = None
+                while inflight:
+                    later = <_Chunk>inflight.pop(0)
+                    self._discard(later)
+                    spare.append(later.buf)
+                    later.buf = None
+                return (ch.off, ch.n, exc)
+            spare.append(ch.buf)
+            ch.buf = None
+        return None
+
+    cdef int64_t _handle(self, tuple failed) except -1:
+        """Ask ``on_error`` about a failed chunk; the position to carry on from."""
+        off, n, exc = failed
+        if self._on_error(exc) == "skip":
+            self._skipped(n)
+            return off + n
+        return off
+
+    cdef str _on_error(self, exc):
+        """"retry" or "skip" as the control says; raises the error on "fail"."""
+        action = self.control.on_io_error(exc) if self.control is not None else "fail"
+        if action in ("retry", "skip"):
+            return action
+        raise exc
+
+    cdef _skipped(self, int64_t n):
+        self.errors += 1
+        self.cur += n
+        if self.cur > self.end:
+            self.end = self.cur
+
+    cdef _discard(self, _Chunk ch):
+        """Give back the clusters of a chunk that will not be linked."""
+        if ch.future is not None:
+            try:
+                ch.future.result()
+            except OSError:
+                pass
+            ch.future = None
+        ch.release_views()
+        if ch.todo:
+            with self.lock:
+                self.top.free_clusters(ch.host, len(ch.todo))
+            ch.todo = []
+
     cdef int64_t chunk_limit(self, int64_t chunk, int64_t cs):
-        """Chunk size: smaller under a low rate so the limiter stays smooth."""
+        """Chunk size: under a limit, about 1/64 s of budget, so that the limiter stays
+        smooth and the wait before the first chunk costs little of the achieved rate."""
         cdef int64_t rate = self.limiter.rate
         cdef int64_t c = chunk
         if rate > 0:
-            c = min(chunk, max(cs, rate // 16))
+            c = min(chunk, max(cs, rate // 64))
             c -= c % cs
             if c < cs:
                 c = cs
         return c
 
-    cdef copy_chunk(self, buf, int64_t off, int64_t n):
+    cdef _Chunk prepare_chunk(self, buf, int64_t off, int64_t n):
+        """Under the lock: read what the top still lacks in [off, off+n) through the chain
+        and reserve host clusters for the non-zero clusters; the views to write are set
+        up, nothing is written yet."""
         cdef Driver top = self.top
         cdef int64_t cs = top.cluster_size
         cdef int64_t ncl = (n + cs - 1) // cs
-        cdef int64_t i, j, v, host = 0, k, run, clen, nz = 0
+        cdef int64_t i, j, v, k, run, clen, last, pad
         cdef int kind
         cdef const unsigned char[::1] mv = buf
         cdef const unsigned char* p = &mv[0]
-        cdef list todo = []       # virtual offsets of clusters to copy, in order
+        cdef _Chunk ch = _Chunk.__new__(_Chunk)
+        cdef list todo = []       # cluster indexes (within the chunk) to copy, in order
         cdef list zeros = []
         cdef list views
+        ch.off = off
+        ch.n = n
         with self.lock:
-            # 1. which clusters does the top still lack?
             i = 0
             while i < ncl:
                 v = off + i * cs
@@ -249,48 +372,66 @@ cdef class Stream:
                 i += k
             if todo:
                 try:
-                    host = top.alloc_clusters(len(todo))
+                    ch.host = top.alloc_clusters(len(todo))
                 except OSError as exc:
                     raise StreamIOError(exc, "write", off)
+        ch.todo = todo
+        ch.zeros = zeros
         if todo:
-            # 2. one vectored write of the clusters to copy (unreachable until linked)
+            # one vectored write of the clusters to copy (unreachable until linked)
             views = []
-            bmv = memoryview(buf)
+            ch.bmv = memoryview(buf)
             i = 0
             while i < len(todo):
                 k = i
                 while k + 1 < len(todo) and todo[k + 1] == todo[k] + 1:
                     k += 1
-                views.append(bmv[todo[i] * cs:min((todo[k] + 1) * cs, n)])
+                views.append(ch.bmv[<int64_t>todo[i] * cs:min((<int64_t>todo[k] + 1) * cs, n)])
                 i = k + 1
             # a short last cluster is padded to a whole cluster on disk
             last = todo[len(todo) - 1]
             pad = (last + 1) * cs - n
             if pad > 0:
                 views.append(bytes(pad))
+            ch.views = views
+        return ch
+
+    cdef finish_chunk(self, _Chunk ch):
+        """Wait for the chunk's write, then under the lock link each cluster the top still
+        lacks (a guest write that came first wins and the copy is given back)."""
+        cdef Driver top = self.top
+        cdef int64_t cs = top.cluster_size
+        cdef int64_t i, j, v, n = ch.n, off = ch.off, host = ch.host
+        cdef list todo = ch.todo
+        if ch.future is not None:
+            fut, ch.future = ch.future, None
             try:
-                top.file.writev_full(views, host)
+                fut.result()
             except OSError as exc:
+                ch.release_views()
                 with self.lock:
                     top.free_clusters(host, len(todo))
-                raise StreamIOError(exc, "write", off + todo[0] * cs)
-            views = None
-            bmv.release()
-        # 3. link what the top still lacks; a guest write that came first wins
+                ch.todo = []
+                raise StreamIOError(exc, "write", off + <int64_t>todo[0] * cs)
+        ch.release_views()
         with self.lock:
             for i in range(len(todo)):
-                v = off + todo[i] * cs
+                v = off + <int64_t>todo[i] * cs
                 if top.link(v, host + i * cs):
-                    self.copied += min(cs, n - todo[i] * cs)
+                    self.copied += min(cs, n - <int64_t>todo[i] * cs)
                 else:
                     top.free_clusters(host + i * cs, 1)
-            for j in zeros:
+            for j in ch.zeros:
                 v = off + j * cs
                 if top.has_zero_flag:
                     if top.link_zero(v):
                         self.zeroed += min(cs, n - j * cs)
                 else:
                     self._write_zero_cluster(v, min(cs, n - j * cs))
+            ch.todo = []
+            self.cur += n
+            if self.cur > self.end:
+                self.end = self.cur
             self.since_batch += n
             if self.since_batch >= self.batch:
                 self.since_batch = 0
@@ -318,35 +459,77 @@ cdef class Stream:
             self.top.flush()
 
 
-def copy_on_read(image, int64_t offset, int64_t n):
+cdef _cor_group(Driver top, list views, list vaddrs, int64_t cs):
+    """Write a run of whole clusters into fresh host clusters and link what the top still
+    lacks (a guest write that came first wins)."""
+    cdef int64_t host, i
+    if not vaddrs:
+        return
+    host = top.alloc_clusters(len(vaddrs))
+    try:
+        top.file.writev_data(views, host)
+    except OSError:
+        top.free_clusters(host, len(vaddrs))
+        raise
+    for i in range(len(vaddrs)):
+        if not top.link(vaddrs[i], host + i * cs):
+            top.free_clusters(host + i * cs, 1)
+
+
+def copy_on_read(image, int64_t offset, int64_t n, buf=None):
     """Copy the clusters under [offset, offset+n) that the top still lacks from the
-    chain into the top (the caller holds the image lock)."""
+    chain into the top (the caller holds the image lock). ``buf``, when given, holds
+    what the chain reads at [offset, offset+n): the clusters it covers whole are written
+    from it without a second read; only partly covered edge clusters are read again.
+    All-zero clusters are left where they are (the chain reads them cheaply)."""
     cdef Chain chain = <Chain>image.chain_obj
     cdef Driver top = <Driver>chain.layers[0]
     cdef int64_t cs = top.cluster_size
     cdef int64_t v = offset - offset % cs
     cdef int64_t end = min(offset + n, top.size)
-    cdef int64_t run, host, clen
+    cdef int64_t run, vc, vend, clen
     cdef int kind
     cdef bytearray data
     cdef unsigned char[::1] dv
+    cdef const unsigned char[::1] src
+    cdef const unsigned char* p
+    cdef list views, vaddrs
+    bmv = None
+    top.file.enable_direct()
+    if buf is not None:
+        bmv = memoryview(buf).cast("B")
+        src = bmv
     while v < end:
         kind, run, _h = top.block_status(v, end - v)
         if kind != KIND_UNALLOC:
             v += run
             continue
-        run = min(run, end - v)
-        run = ((run + cs - 1) // cs) * cs
-        clen = min(run, top.size - v)
-        data = bytearray(run)
-        dv = data
-        chain.c_read(1, v, &dv[0], clen)
-        if all_zero(&dv[0], run):
-            v += run  # zeros stay where they are: the chain reads them cheaply
-            continue
-        host = top.alloc_clusters(run // cs)
-        top.file.writev_full([data], host)
-        for i in range(run // cs):
-            if not top.link(v + i * cs, host + i * cs):
-                top.free_clusters(host + i * cs, 1)
-        v += run
+        vend = v + ((min(run, end - v) + cs - 1) // cs) * cs
+        views = []
+        vaddrs = []
+        vc = v
+        while vc < vend:
+            clen = min(cs, top.size - vc)
+            if bmv is not None and vc >= offset and vc + clen <= offset + n:
+                p = &src[vc - offset]
+                piece = bmv[vc - offset:vc - offset + clen]
+            else:
+                data = bytearray(cs)
+                dv = data
+                chain.c_read(1, vc, &dv[0], clen)
+                p = &dv[0]
+                piece = data
+            if all_zero(p, clen):
+                _cor_group(top, views, vaddrs, cs)
+                views = []
+                vaddrs = []
+            else:
+                views.append(piece)
+                if clen < cs:
+                    views.append(bytes(cs - clen))
+                vaddrs.append(vc)
+            vc += cs
+        _cor_group(top, views, vaddrs, cs)
+        views = None
+        piece = None
+        v = vend

@@ -5,6 +5,7 @@ from blockpull._ratelimit import RateLimiter
 
 DEFAULT_CHUNK: int
 DEFAULT_BATCH: int
+DEFAULT_DEPTH: int
 
 class StreamIOError(Exception):
     exc: BaseException
@@ -28,6 +29,8 @@ class Stream:
     pause_requested: bool
     chunk: int
     batch: int
+    direct: bool
+    depth: int
     def __init__(self, image: Any, base_depth: int, limiter: RateLimiter, control: Any = ...,
                  chunk: int = ..., batch: int = ...) -> None: ...
     def plan_bytes(self) -> int: ...
@@ -35,4 +38,4 @@ class Stream:
     def run(self) -> str: ...
     def finish_sync(self) -> None: ...
 
-def copy_on_read(image: Any, offset: int, n: int) -> None: ...
+def copy_on_read(image: Any, offset: int, n: int, buf: Any = ...) -> None: ...

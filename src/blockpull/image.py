@@ -302,7 +302,7 @@ class Image:
             self.chain_obj.readinto(offset, mv, 0)
             if self.copy_on_read and len(self._drivers) > 1:
                 from blockpull._stream import copy_on_read
-                copy_on_read(self, offset, n)
+                copy_on_read(self, offset, n, mv)
         return n
 
     def write(self, offset: int, data: Any) -> None:

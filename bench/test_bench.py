@@ -1,0 +1,322 @@
+"""blockpull against QEMU's block-stream, qemu-img convert and cp, on the same chains.
+
+Timed regions end when the copied bytes are durable: blockpull's own final fdatasync (and
+relink), an fdatasync of the output after block-stream / convert / cp.
+"""
+from __future__ import annotations
+
+import json
+import mmap
+import os
+import statistics
+import sys
+import time
+
+import pytest
+
+from benchlib import (GiB, MiB, TiB, StorageDaemon, blockpull_pull, drop_file, fdatasync_path,
+                      record, run, settle)
+
+import blockpull
+from blockpull.image import DRIVERS
+
+ROUNDS = int(os.environ.get("BLOCKPULL_BENCH_ROUNDS", "5"))
+DENSE = GiB
+FORMATS = [f for f in ("qcow2", "qed") if f in DRIVERS]
+
+
+def _median(benchmark) -> float:
+    return benchmark.stats.stats.median
+
+
+def _rate(nbytes: int, seconds: float) -> str:
+    return "%.0f MiB/s" % (nbytes / seconds / MiB)
+
+
+def _verify_pulled(path: str, ref_raw: str, fmt: str) -> None:
+    """The pulled image stands alone, is clean and reads what the chain read."""
+    info = json.loads(run("qemu-img", "info", "-U", "--output=json", path).stdout)
+    assert "backing-filename" not in info, info
+    run("qemu-img", "check", "-f", fmt, path)
+    run("qemu-img", "compare", "-f", fmt, "-F", "raw", path, ref_raw)
+
+
+def _bfmt(fmt: str):
+    """The backing format to name when opening: QED records none."""
+    return fmt if fmt == "qed" else None
+
+
+class Peer:
+    """One contender of a side-by-side benchmark: ``setup`` (untimed) returns the argument
+    of ``run`` (timed, ends with the copy durable); ``check`` judges the last output."""
+
+    def __init__(self, name, setup, run, check=None, teardown=None):
+        self.name, self.setup, self.run, self.check = name, setup, run, check
+        self.teardown = teardown
+        self.times: list = []
+
+
+def side_by_side(benchmark, peers, rounds):
+    """Rounds in which every peer runs once, in an order that rotates from round to round,
+    so that a change in the machine's load falls on all of them alike. Returns the median
+    time of each peer."""
+    state = {"round": 0}
+
+    def one_round():
+        k = state["round"] % len(peers)
+        state["round"] += 1
+        for peer in peers[k:] + peers[:k]:
+            arg = peer.setup()
+            t0 = time.perf_counter()
+            peer.run(arg)
+            peer.times.append(time.perf_counter() - t0)
+            if peer.teardown is not None:
+                peer.teardown(arg)
+    benchmark.pedantic(one_round, rounds=rounds, iterations=1)
+    for peer in peers:
+        if peer.check is not None:
+            peer.check()
+    benchmark.extra_info["times"] = {p.name: p.times for p in peers}
+    return {p.name: statistics.median(p.times) for p in peers}
+
+
+def _pull_peer(name, c, fmt, poll=False):
+    out = {"polls": []}
+
+    def setup():
+        out["p"] = c.fresh_top()
+        return out["p"]
+
+    def run_pull(path):
+        with blockpull.open(path, backing_format=_bfmt(fmt)) as img:
+            job = img.pull()
+            if poll:
+                n = 0
+                nxt = time.perf_counter()
+                while not job.done():
+                    job.info()
+                    n += 1
+                    nxt += 0.001
+                    d = nxt - time.perf_counter()
+                    if d > 0:
+                        time.sleep(d)
+                out["polls"].append(n)
+            job.result()
+
+    peer = Peer(name, setup, run_pull, lambda: _verify_pulled(out["p"], c.ref_raw, fmt))
+    peer.out = out
+    return peer
+
+
+def _stream_peer(c, fmt, check_raw=True):
+    out = {}
+
+    def setup():
+        out["p"] = c.fresh_top()
+        out["d"] = StorageDaemon(out["p"], fmt)
+        return out["d"]
+
+    def run_stream(d):
+        d.stream()
+        fdatasync_path(out["p"])
+
+    def check():
+        if check_raw:
+            run("qemu-img", "compare", "-f", fmt, "-F", "raw", out["p"], c.ref_raw)
+    return Peer("QEMU block-stream", setup, run_stream, check, lambda d: d.close())
+
+
+# ---- dense chain: 1 GiB of random data over three layers --------------------------------
+
+@pytest.mark.parametrize("fmt", FORMATS)
+def test_dense(benchmark, chains, fmt):
+    """blockpull, QEMU block-stream, qemu-img convert, cp."""
+    c = chains.get("dense", fmt, size=DENSE)
+    conv = os.path.join(c.dir, f"converted.{fmt}")
+    copied = os.path.join(c.dir, "copied.raw")
+
+    def fresh(path):
+        def setup():
+            drop_file(path)
+            settle()
+            return path
+        return setup
+
+    def convert(dst):
+        run("qemu-img", "convert", "-f", fmt, "-O", fmt, c.top, dst)
+        fdatasync_path(dst)
+
+    def cp(dst):
+        run("cp", c.ref_raw, dst)
+        fdatasync_path(dst)
+
+    with open(c.ref_raw, "rb") as f:  # cp reads it: have it cached like the chain
+        while f.read(16 * MiB):
+            pass
+    peers = [_pull_peer("blockpull", c, fmt), _stream_peer(c, fmt),
+             Peer(f"qemu-img convert -O {fmt}", fresh(conv), convert,
+                  lambda: run("qemu-img", "compare", "-f", fmt, "-F", "raw", conv, c.ref_raw)),
+             Peer("cp of the same bytes (raw)", fresh(copied), cp)]
+    med = side_by_side(benchmark, peers, ROUNDS)
+    drop_file(conv)
+    drop_file(copied)
+    bp = med["blockpull"]
+    for name, t in med.items():
+        note = "median of %d, %.3f s" % (ROUNDS, t)
+        if name != "blockpull":
+            note += "; blockpull is %.2fx as fast" % (t / bp)
+        record(f"dense {fmt}: {name}", figure=_rate(DENSE, t), notes=note)
+
+
+POLL_ROUNDS = max(9, ROUNDS * 2 - 1)
+
+
+def test_info_polling_cost(benchmark, chains):
+    """The dense pull with and without another thread polling info() at 1 kHz, in
+    alternating rounds: the difference is small next to the machine's noise, so this
+    takes more rounds than the other benchmarks."""
+    c = chains.get("dense", "qcow2", size=DENSE)
+    polled = _pull_peer("blockpull, info() polled at 1 kHz", c, "qcow2", poll=True)
+    med = side_by_side(benchmark, [_pull_peer("blockpull", c, "qcow2"), polled], POLL_ROUNDS)
+    bp, t = med["blockpull"], med[polled.name]
+    record("dense qcow2: blockpull, info() polled at 1 kHz", figure=_rate(DENSE, t),
+           notes="median of %d, %d polls per run; throughput cost %+.1f%% (unpolled %.0f MiB/s "
+                 "in the same rounds)" % (POLL_ROUNDS, statistics.median(polled.out["polls"]),
+                                         (t / bp - 1) * 100, DENSE / bp / MiB))
+
+
+# ---- sparse chain: 1 TiB virtual, 64 MiB of data ---------------------------------------
+
+SPARSE_ROUNDS = max(3, ROUNDS // 2 + 1)
+
+
+def test_sparse(benchmark, chains):
+    c = chains.get("sparse", "qcow2", size=TiB, data=64 * MiB)
+    pull = _pull_peer("blockpull", c, "qcow2")
+    pull.check = None
+    med = side_by_side(benchmark, [pull, _stream_peer(c, "qcow2", check_raw=False)],
+                       SPARSE_ROUNDS)
+    bp, qs = med["blockpull"], med["QEMU block-stream"]
+    record("sparse 1 TiB/64 MiB: blockpull", figure="%.3f s" % bp,
+           notes="median of %d; %.0f MiB/s of data" % (SPARSE_ROUNDS, 64 / bp))
+    record("sparse 1 TiB/64 MiB: QEMU block-stream", figure="%.3f s" % qs,
+           notes="median of %d; blockpull is %.1fx as fast" % (SPARSE_ROUNDS, qs / bp))
+
+
+# ---- rate limit ------------------------------------------------------------------------
+
+@pytest.mark.parametrize("rate_mib", [10, 50, 200])
+def test_rate_limit(benchmark, chains, rate_mib):
+    """A chain holding 5 s worth of data at the limit; achieved = data / wall time."""
+    size = rate_mib * MiB * 5
+    c = chains.get("dense", "qcow2", size=size)
+    out = {}
+
+    def setup():
+        out["p"] = c.fresh_top()
+        return (out["p"],), {"bandwidth": rate_mib * MiB}
+    benchmark.pedantic(blockpull_pull, setup=setup, rounds=1, iterations=1)
+    t = _median(benchmark)
+    got = size / t / MiB
+    record(f"rate limit {rate_mib} MiB/s", figure="%.2f MiB/s" % got,
+           notes="%.2f%% of the limit over %.2f s" % (got / rate_mib * 100, t))
+    chains.drop("dense", "qcow2", size=size)
+
+
+# ---- memory ----------------------------------------------------------------------------
+
+# VmHWM, not getrusage: ru_maxrss survives execve and would report the parent's peak.
+_CHILD = r"""
+import sys
+sys.path.insert(0, sys.argv[2])
+import blockpull
+with blockpull.open(sys.argv[1]) as img:
+    img.pull().result()
+with open("/proc/self/status") as f:
+    print([l.split()[1] for l in f if l.startswith("VmHWM:")][0])
+"""
+
+
+def _child_rss(path: str) -> int:
+    """Peak RSS in KiB (VmHWM) of a fresh interpreter that opens and pulls ``path``."""
+    src = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "src")
+    r = run(sys.executable, "-c", _CHILD, path, src)
+    return int(r.stdout.split()[-1])
+
+
+def test_memory(benchmark, chains):
+    small = chains.get("patterned", "qcow2", size=256 * MiB)
+    big = chains.get("patterned", "qcow2", size=4 * GiB)
+    rss = {}
+
+    def target():
+        rss["small"] = _child_rss(small.fresh_top())
+        rss["big"] = _child_rss(big.fresh_top())
+    benchmark.pedantic(target, rounds=1, iterations=1)
+    d = (rss["big"] - rss["small"]) / 1024
+    record("peak RSS, pull of 256 MiB", figure="%.1f MiB" % (rss["small"] / 1024))
+    record("peak RSS, pull of 4 GiB", figure="%.1f MiB" % (rss["big"] / 1024),
+           notes="%+.1f MiB over the 256 MiB pull" % d)
+    chains.drop("patterned", "qcow2", size=4 * GiB)
+
+
+# ---- info() ------------------------------------------------------------------------------
+
+def test_info_latency(benchmark, chains):
+    """info() while a (rate-limited, so long-running) pull is live on its thread."""
+    c = chains.get("dense", "qcow2", size=DENSE)
+    p = c.fresh_top("info")
+    with blockpull.open(p) as img:
+        job = img.pull(bandwidth=100 * MiB)
+        try:
+            benchmark.pedantic(job.info, rounds=200, iterations=100, warmup_rounds=5)
+        finally:
+            job.abort()
+    t = _median(benchmark)
+    record("info() latency during a pull", figure="%.2f us" % (t * 1e6),
+           notes="median of 200 rounds x 100 calls")
+    drop_file(p)
+
+
+# ---- copy-on-read ------------------------------------------------------------------------
+
+BLOCK = 8 * MiB
+
+
+def test_copy_on_read(benchmark, chains):
+    """Read the whole disk in 8 MiB reads into a page-aligned buffer (as a VMM's guest
+    memory is): the raw file of the same bytes with plain reads, the chain through
+    blockpull, and the chain through blockpull with copy-on-read (its flush included)."""
+    c = chains.get("dense", "qcow2", size=DENSE)
+    buf = mmap.mmap(-1, BLOCK)
+    out = {}
+
+    def plain(_):
+        with open(c.ref_raw, "rb", buffering=0) as f:
+            while f.readinto(buf):
+                pass
+
+    def through(path_cor):
+        path, cor = path_cor
+        with blockpull.open(path, readonly=not cor, copy_on_read=cor) as img:
+            for off in range(0, img.size, BLOCK):
+                img.readinto(off, memoryview(buf)[:min(BLOCK, img.size - off)])
+            if cor:
+                img.flush()
+
+    def cor_setup():
+        out["p"] = c.fresh_top("cor")
+        return (out["p"], True)
+
+    def cor_check():
+        run("qemu-img", "check", out["p"])
+        run("qemu-img", "compare", "-F", "raw", out["p"], c.ref_raw)
+    peers = [Peer("plain reads of the raw file", lambda: None, plain),
+             Peer("reads through the chain", lambda: (c.top, False), through),
+             Peer("reads with copy-on-read (and flush)", cor_setup, through, cor_check)]
+    med = side_by_side(benchmark, peers, ROUNDS)
+    base = med["plain reads of the raw file"]
+    for name, t in med.items():
+        record(f"whole-disk read: {name}", figure=_rate(DENSE, t),
+               notes="median of %d, %.3f s; %.2fx the plain reads' time" % (ROUNDS, t, t / base))
+    drop_file(out["p"])
