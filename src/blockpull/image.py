@@ -341,12 +341,13 @@ class Image:
 
     def pull(self, base: Optional[str] = None, bandwidth: Union[int, str] = 0,
              on_error: str = "report", on_event: Optional[Callable[[Any], None]] = None,
-             ) -> "PullJob":
+             *, chunk: Optional[int] = None, batch: Optional[int] = None) -> "PullJob":
         """Start pulling the backing chain (down to ``base``) into this image in the
-        background; returns the running ``PullJob``."""
+        background; returns the running ``PullJob``. ``chunk`` and ``batch`` (bytes)
+        tune how much is copied per step and between metadata syncs."""
         from blockpull.job import PullJob
         return PullJob.start(self, base=base, bandwidth=bandwidth, on_error=on_error,
-                             on_event=on_event)
+                             on_event=on_event, chunk=chunk, batch=batch)
 
     def base_depth(self, base: Optional[str]) -> int:
         """Chain index of ``base`` (by the name the chain uses, or a path to the same file);

@@ -64,7 +64,8 @@ class PullJob:
 
     def __init__(self, image: "Image", base_depth: int, base: Optional[str],
                  bandwidth: int, on_error: str,
-                 on_event: Optional[Callable[[PullEvent], None]]) -> None:
+                 on_event: Optional[Callable[[PullEvent], None]],
+                 chunk: Optional[int] = None, batch: Optional[int] = None) -> None:
         self.image = image
         self.path = image.path
         self.base = base
@@ -73,6 +74,10 @@ class PullJob:
         self._base_depth = base_depth
         self._limiter = RateLimiter(bandwidth)
         self._stream = Stream(image, base_depth, self._limiter, control=self)
+        if chunk:
+            self._stream.chunk = int(chunk)
+        if batch:
+            self._stream.batch = int(batch)
         self._status = "running"
         self._error: Optional[PullError] = None
         self._last_error: Optional[PullError] = None
@@ -92,8 +97,12 @@ class PullJob:
     @classmethod
     def start(cls, image: "Image", base: Optional[str] = None, bandwidth: Union[int, str] = 0,
               on_error: str = "report",
-              on_event: Optional[Callable[[PullEvent], None]] = None) -> "PullJob":
-        """Plan and start a pull of ``image`` (what ``Image.pull`` calls)."""
+              on_event: Optional[Callable[[PullEvent], None]] = None,
+              chunk: Optional[int] = None, batch: Optional[int] = None) -> "PullJob":
+        """Plan and start a pull of ``image`` (what ``Image.pull`` calls).
+
+        ``chunk`` (bytes copied per step) and ``batch`` (bytes between metadata syncs)
+        tune the copy loop; the defaults suit real disks."""
         if on_error not in _ON_ERROR:
             raise ValueError(f"on_error must be one of {', '.join(_ON_ERROR)}, not {on_error!r}")
         bw = parse_bandwidth(bandwidth)
@@ -106,7 +115,7 @@ class PullJob:
                 raise JobActiveError(f"{image.path}: a pull is already running on this image; "
                                      f"wait for it or abort it first")
             base_depth = image.base_depth(base)
-            job = cls(image, base_depth, base, bw, on_error, on_event)
+            job = cls(image, base_depth, base, bw, on_error, on_event, chunk, batch)
             job._key = key
             _active[key] = job
         image._job = job
