@@ -145,9 +145,9 @@ class PullJob:
                     f"{self.path}: pull finished with {self._stream.errors} unreadable or "
                     f"unwritable chunk(s); the backing file is kept: {self._last_error}",
                     self._last_error.errno, self._last_error.operation, self._last_error.offset)
+            elif self._finish() == "cancelled":
+                kind = "cancelled"
             else:
-                self._stream.finish_sync()
-                self.image._finish_pull(self._base_depth)
                 kind = "completed"
         except StreamIOError as exc:
             self._error = self._pull_error(exc)
@@ -170,6 +170,22 @@ class PullJob:
             callbacks, self._callbacks = self._callbacks, []
         for fn in callbacks:
             self._call(fn)
+
+    def _finish(self) -> str:
+        """Make the copy durable and change the backing link, under the on_error policy:
+        an I/O error here fails the job ("report", and "ignore", which has nothing left
+        to carry on with) or pauses it until resumed, then tries again ("stop")."""
+        while True:
+            try:
+                self._stream.finish_sync()
+                self.image._finish_pull(self._base_depth)
+                return "completed"
+            except OSError as exc:
+                err = StreamIOError(exc, "write", 0)
+                if self.on_error(err) != "retry":
+                    raise err from exc
+                if self._stream.cancel_requested:
+                    return "cancelled"
 
     def _pull_error(self, exc: StreamIOError) -> PullError:
         what = "reading the backing chain" if exc.operation == "read" else "writing the image"
