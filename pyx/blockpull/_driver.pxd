@@ -21,6 +21,7 @@ cdef class Driver:
     cdef readonly bint has_zero_flag
 
     cpdef tuple block_status(self, int64_t vaddr, int64_t n)
+    cpdef tuple pull_status(self, int64_t vaddr, int64_t n)
     cdef int read_layer(self, int64_t vaddr, unsigned char* out, int64_t n, int kind,
                         int64_t host) except -1
     cpdef int64_t alloc_clusters(self, int64_t n) except -1

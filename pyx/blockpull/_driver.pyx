@@ -29,6 +29,11 @@ cdef class Driver:
         that this file alone answers in one way."""
         raise NotImplementedError
 
+    cpdef tuple pull_status(self, int64_t vaddr, int64_t n):
+        """block_status as a pull sees it: KIND_UNALLOC wherever the pull should link
+        data (formats with internal snapshots also report what a snapshot lacks)."""
+        return self.block_status(vaddr, n)
+
     cdef int read_layer(self, int64_t vaddr, unsigned char* out, int64_t n, int kind,
                         int64_t host) except -1:
         """Fill ``out`` with ``n`` bytes at ``vaddr`` that block_status called ``kind``."""

@@ -78,6 +78,56 @@ cdef inline void st64(unsigned char* p, uint64_t v) noexcept nogil:
     memcpy(p, &v, 8)
 
 
+def _zstd_frame_len(const unsigned char[::1] b, Py_ssize_t pos):
+    """Length in bytes of the zstd frame (or skippable frame) at ``b[pos:]``, from its
+    header and block headers alone (RFC 8878); -1 when it is malformed or truncated."""
+    cdef Py_ssize_t n = b.shape[0], p = pos
+    cdef uint32_t magic, bh, bsize
+    cdef int fhd, fcs_flag, single, did_flag, btype
+    if n - p < 8:
+        return -1
+    magic = b[p] | (b[p + 1] << 8) | (b[p + 2] << 16) | (<uint32_t>b[p + 3] << 24)
+    if (magic & 0xFFFFFFF0) == 0x184D2A50:
+        bsize = b[p + 4] | (b[p + 5] << 8) | (b[p + 6] << 16) | (<uint32_t>b[p + 7] << 24)
+        if bsize > n - p - 8:
+            return -1
+        return 8 + bsize
+    if magic != 0xFD2FB528:
+        return -1
+    fhd = b[p + 4]
+    if fhd & 0x08:
+        return -1
+    fcs_flag = fhd >> 6
+    single = (fhd >> 5) & 1
+    did_flag = fhd & 3
+    p += 5
+    if not single:
+        p += 1
+    p += (0, 1, 2, 4)[did_flag]
+    p += ((1 if single else 0), 2, 4, 8)[fcs_flag]
+    while True:
+        if n - p < 3:
+            return -1
+        bh = b[p] | (b[p + 1] << 8) | (b[p + 2] << 16)
+        p += 3
+        btype = (bh >> 1) & 3
+        bsize = bh >> 3
+        if btype == 3:
+            return -1
+        if btype == 1:
+            bsize = 1
+        if bsize > n - p:
+            return -1
+        p += bsize
+        if bh & 1:
+            break
+    if fhd & 0x04:
+        p += 4
+        if p > n:
+            return -1
+    return p - pos
+
+
 cdef class Table:
     """One cluster-sized (or L1-sized) table kept in on-disk byte order."""
     cdef unsigned char* buf
@@ -131,6 +181,8 @@ cdef class Qcow2(Driver):
     cdef readonly int backing_size
     cdef int l2_bits
     cdef int64_t l2_entries
+    cdef readonly bint extended_l2   # 128-bit L2 entries with subcluster bitmaps
+    cdef int sc_bits              # log2 of the subcluster size (extended L2 only)
     cdef int rb_bits
     cdef int64_t rb_entries
     cdef uint64_t rc_max
@@ -154,6 +206,9 @@ cdef class Qcow2(Driver):
     cdef int64_t last_comp_vcluster
     cdef bytes last_comp_data
     cdef public object lock
+    cdef list snap_l1             # each internal snapshot's L1 table (Table), or []
+    cdef list snap_l1_dirty       # dirty entry indexes per snapshot L1
+    cdef dict l2_refs             # with snapshots: L2 offset -> L1 entries pointing at it
 
     def __init__(self, File f, bint writable):
         self.file = f
@@ -215,8 +270,15 @@ cdef class Qcow2(Driver):
             raise _fmt_err(path, "unknown incompatible feature bits 0x%x; this image needs a newer tool" % unknown)
         if self.incompatible & INCOMPAT_DATA_FILE:
             raise _fmt_err(path, "external data files (incompatible bit 2) are not supported")
-        if self.incompatible & INCOMPAT_EXTL2:
-            raise _fmt_err(path, "extended L2 entries (incompatible bit 4) are not supported")
+        self.extended_l2 = bool(self.incompatible & INCOMPAT_EXTL2)
+        if self.extended_l2:
+            if cbits < 14:
+                raise _fmt_err(path, "extended L2 entries need clusters of at least 16 KiB "
+                               "(cluster_bits %d)" % cbits)
+            if self.writable:
+                raise _fmt_err(path, "images with extended L2 entries (incompatible bit 4) "
+                               "can only be opened read-only; open it with readonly=True or "
+                               "convert it with 'qemu-img convert -O qcow2 -o extended_l2=off'")
         if self.incompatible & INCOMPAT_COMPRESSION:
             if self.compression_type not in (0, 1):
                 raise _fmt_err(path, "unknown compression type %d" % self.compression_type)
@@ -228,7 +290,8 @@ cdef class Qcow2(Driver):
         if self.writable and self.incompatible & INCOMPAT_DIRTY:
             raise _fmt_err(path, "image is marked dirty (refcounts may be stale); run "
                            "'qemu-img check -r all' on it or open it read-only")
-        self.l2_bits = cbits - 3
+        self.l2_bits = cbits - 4 if self.extended_l2 else cbits - 3
+        self.sc_bits = cbits - 5
         self.l2_entries = 1 << self.l2_bits
         self.rb_bits = cbits + 3 - self.refcount_order
         self.rb_entries = 1LL << self.rb_bits
@@ -295,15 +358,13 @@ cdef class Qcow2(Driver):
         self.backing_offset = bfo
         self.backing_size = bfs
         if bfo:
-            if bfs == 0 or bfs > 1023:
-                raise _fmt_err(path, "backing file name length %d invalid (1..1023)" % bfs)
+            # where the name lies is the format's business; what it says (empty, NUL,
+            # over 1023 bytes, a protocol) is judged where the chain is resolved
             if bfo + bfs > cs or bfo < 72:
                 raise _fmt_err(path, "backing file name lies outside the header cluster")
             raw = cluster0[bfo:bfo + bfs]
             if len(raw) != bfs:
                 raise _fmt_err(path, "backing file name lies past the end of the file")
-            if b"\0" in raw:
-                raise _fmt_err(path, "backing file name contains a NUL byte")
             self.backing_name = raw.decode("utf-8", "surrogateescape")
         self.has_zero_flag = version == 3
         per_table = self.cluster_size
@@ -311,6 +372,44 @@ cdef class Qcow2(Driver):
         self.rb_cache_max = max(16, RB_CACHE_BYTES // per_table)
         self.next_free = (self.file_size + cs - 1) >> cbits
         self.autoclear_done = self.autoclear == 0
+        self._load_snapshots()
+
+    def _load_snapshots(self):
+        """Read every internal snapshot's L1 table. A pull fills what the snapshots lack
+        too, since their unallocated clusters read the same backing chain."""
+        cdef int64_t off = self.snapshots_offset
+        cdef int64_t l1_off, l1_size, i, e
+        cdef Table t
+        self.snap_l1 = []
+        self.snap_l1_dirty = []
+        self.l2_refs = {}
+        if not self.nb_snapshots:
+            return
+        path = self.file.path
+        for i in range(self.nb_snapshots):
+            if off + 40 > self.file_size:
+                raise _fmt_err(path, "snapshot table entry %d lies past the end of the file" % i)
+            hdr = self.file.pread(off, 40)
+            l1_off, l1_size, id_len, name_len = struct.unpack(">QIHH", hdr[:16])
+            extra = struct.unpack(">I", hdr[36:40])[0]
+            if extra > 1024:
+                raise _fmt_err(path, "snapshot %d extra data size %d invalid" % (i, extra))
+            if l1_size * 8 > MAX_L1_BYTES:
+                raise _fmt_err(path, "snapshot %d L1 table of %d entries is too large" % (i, l1_size))
+            if l1_size and (l1_off % self.cluster_size or l1_off == 0 or
+                            l1_off + l1_size * 8 > self.file_size):
+                raise _fmt_err(path, "snapshot %d L1 table offset 0x%x invalid" % (i, l1_off))
+            t = Table(l1_off, l1_size * 8)
+            if l1_size:
+                self.file.read_full(t.buf, l1_size * 8, l1_off)
+            self.snap_l1.append(t)
+            self.snap_l1_dirty.append(set())
+            off += (40 + extra + id_len + name_len + 7) & ~7
+        for t in [self.l1] + self.snap_l1:
+            for i in range(t.nbytes >> 3):
+                e = t.get(i) & OFFSET_MASK
+                if e:
+                    self.l2_refs[e] = self.l2_refs.get(e, 0) + 1
 
     # ---- tables -----------------------------------------------------------------
 
@@ -347,16 +446,15 @@ cdef class Qcow2(Driver):
         l2off = l1e & OFFSET_MASK
         if l2off == 0:
             return 0
-        return self._load_l2(l2off).get(cluster & (self.l2_entries - 1))
+        return self._load_l2(l2off).get((cluster & (self.l2_entries - 1)) << self.extended_l2)
 
     cpdef tuple block_status(self, int64_t vaddr, int64_t n):
         cdef int64_t cs = self.cluster_size
         cdef int64_t c = vaddr >> self.cluster_bits
         cdef int64_t inoff = vaddr & (cs - 1)
         cdef int64_t l1i = c >> self.l2_bits
-        cdef int64_t l2i, run, i, span_end, limit
-        cdef uint64_t e, e2, off, host0
-        cdef int kind, k2
+        cdef int64_t l2i, run, i, limit, uoff, host0 = 0, h2 = 0
+        cdef int kind, k2, ubits, per, sub
         cdef Table t
         if vaddr >= self.size:
             return (KIND_UNALLOC, n, 0)
@@ -371,31 +469,78 @@ cdef class Qcow2(Driver):
             return (KIND_UNALLOC, min(run, limit), 0)
         t = self._load_l2(self.l1.get(l1i) & OFFSET_MASK)
         l2i = c & (self.l2_entries - 1)
-        e = t.get(l2i)
-        kind = self._kind(e)
-        off = e & OFFSET_MASK
-        if kind == KIND_DATA and off & (cs - 1):
-            raise _fmt_err(self.file.path, "L2 entry for cluster %d points at unaligned offset 0x%x" % (c, off))
+        if self.extended_l2:
+            ubits = self.sc_bits
+            per = 32
+            sub = (vaddr >> ubits) & 31
+        else:
+            ubits = self.cluster_bits
+            per = 1
+            sub = 0
+        kind = self._unit(t, c, l2i, sub, &host0)
         if kind == KIND_COMPRESSED:
             return (KIND_COMPRESSED, min(cs - inoff, limit), 0)
-        host0 = off
-        run = cs - inoff
-        i = l2i + 1
-        while run < limit and i < self.l2_entries:
-            e2 = t.get(i)
-            k2 = self._kind(e2)
-            if k2 != kind:
+        uoff = vaddr & ((1LL << ubits) - 1)
+        run = (1LL << ubits) - uoff
+        while run < limit:
+            sub += 1
+            if sub == per:
+                sub = 0
+                l2i += 1
+                if l2i == self.l2_entries:
+                    break
+            k2 = self._unit(t, (vaddr + run) >> self.cluster_bits, l2i, sub, &h2)
+            if k2 != kind or (h2 == 0) != (host0 == 0):
                 break
-            if kind == KIND_DATA and (e2 & OFFSET_MASK) != host0 + (i - l2i) * cs:
+            if host0 and h2 != host0 + uoff + run:
                 break
-            run += cs
-            i += 1
-        return (kind, min(run, limit), (host0 + inoff) if kind == KIND_DATA else 0)
+            run += 1LL << ubits
+        return (kind, min(run, limit), (host0 + uoff) if host0 else 0)
+
+    cdef int _unit(self, Table t, int64_t c, int64_t l2i, int sub, int64_t* host) except -1:
+        """Kind of cluster ``c`` (entry ``l2i`` of L2 table ``t``) or, with extended L2
+        entries, of its subcluster ``sub``; ``host`` gets the host offset of that unit
+        wherever the image has one (data, preallocated zeros, allocated subclusters that
+        are not in use) and 0 elsewhere, as ``qemu-img map`` reports it."""
+        cdef uint64_t e, bm, off
+        cdef int kind
+        if not self.extended_l2:
+            e = t.get(l2i)
+            kind = self._kind(e)
+            off = e & OFFSET_MASK
+            if kind == KIND_COMPRESSED or kind == KIND_UNALLOC:
+                host[0] = 0
+                return kind
+            if off & (self.cluster_size - 1):
+                raise _fmt_err(self.file.path, "L2 entry for cluster %d points at unaligned offset 0x%x" % (c, off))
+            host[0] = off
+            return kind
+        e = t.get(2 * l2i)
+        bm = t.get(2 * l2i + 1)
+        host[0] = 0
+        if e & COMPRESSED_FLAG:
+            return KIND_COMPRESSED
+        off = e & OFFSET_MASK
+        if off & (self.cluster_size - 1):
+            raise _fmt_err(self.file.path, "L2 entry for cluster %d points at unaligned offset 0x%x" % (c, off))
+        if (bm >> 32) & bm & 0xFFFFFFFFULL:
+            raise _fmt_err(self.file.path, "extended L2 entry for cluster %d marks subclusters "
+                           "both allocated and zero (bitmap 0x%016x)" % (c, bm))
+        if off == 0 and bm & 0xFFFFFFFFULL:
+            raise _fmt_err(self.file.path, "extended L2 entry for cluster %d has allocated "
+                           "subclusters but no host offset" % c)
+        if off:
+            host[0] = off + (<uint64_t>sub << self.sc_bits)
+        if bm & (1ULL << (32 + sub)):
+            return KIND_ZERO
+        if bm & (1ULL << sub):
+            return KIND_DATA
+        return KIND_UNALLOC
 
     cdef inline int _kind(self, uint64_t e) noexcept:
         if e & COMPRESSED_FLAG:
             return KIND_COMPRESSED
-        if self.version == 3 and (e & ZERO_FLAG):
+        if self.version == 3 and (e & ZERO_FLAG) and not self.extended_l2:
             return KIND_ZERO
         if e & OFFSET_MASK:
             return KIND_DATA
@@ -455,21 +600,32 @@ cdef class Qcow2(Driver):
         return plain
 
     def _zstd(self, comp, int64_t cs):
+        """Decode zstd data the way QEMU does (block/qcow2-threads.c): one or more frames,
+        decoded in turn until exactly one cluster is out; bytes after the frame that
+        completes the cluster are padding and ignored; a frame that would run past the
+        cluster end is corruption. Output is bounded by the cluster size whatever the
+        input claims."""
         import zstandard
         out = bytearray()
         pos = 0
+        path = self.file.path
         try:
-            while len(out) < cs and pos < len(comp):
-                dobj = self.zstd_dctx.decompressobj()
-                chunk = dobj.decompress(comp[pos:])
+            while len(out) < cs:
+                if pos >= len(comp):
+                    raise _fmt_err(path, "zstd compressed cluster ends after %d of %d bytes" % (len(out), cs))
+                flen = _zstd_frame_len(comp, pos)
+                if flen <= 0:
+                    raise _fmt_err(path, "zstd compressed cluster: malformed frame at byte %d" % pos)
+                reader = self.zstd_dctx.stream_reader(comp[pos:pos + flen],
+                                                      read_across_frames=False)
+                chunk = reader.read(cs - len(out))
+                if reader.read(1):
+                    raise _fmt_err(path, "zstd compressed cluster decompresses to more than %d bytes" % cs)
                 out += chunk
-                rest = dobj.unused_data
-                if not dobj.eof:
-                    break
-                pos = len(comp) - len(rest)
+                pos += flen
         except zstandard.ZstdError as exc:
-            raise _fmt_err(self.file.path, "zstd compressed cluster is corrupt (%s)" % exc)
-        return bytes(out[:cs]) if len(out) >= cs else bytes(out)
+            raise _fmt_err(path, "zstd compressed cluster is corrupt (%s)" % exc)
+        return bytes(out)
 
     # ---- refcounts ----------------------------------------------------------------
 
@@ -683,16 +839,71 @@ cdef class Qcow2(Driver):
         self.free_waiting.append((host_cluster, n))
 
     cdef _autoclear(self):
-        """Clear autoclear feature bits we do not maintain before the first change."""
+        """Clear the autoclear feature bits (we maintain none of them) before the first
+        change. Persistent bitmaps (bit 0) go with their bit: once the cleared bit is
+        durable QEMU ignores them, so their clusters are given back and their extension
+        is dropped where one small write can do it; ``qemu-img check`` stays clean."""
         cdef unsigned char b[8]
         if self.autoclear_done:
             return
         self.autoclear_done = True
-        if self.version == 3 and self.autoclear:
-            self.autoclear = 0
-            memset(b, 0, 8)
-            self.file.write_full(b, 8, 88)
-            self._sync()
+        if self.version != 3 or not self.autoclear:
+            return
+        bitmap_clusters = self._bitmap_clusters() if self.autoclear & 1 else []
+        self.autoclear = 0
+        memset(b, 0, 8)
+        self.file.write_full(b, 8, 88)
+        self._sync()
+        for i, (etype, data, off) in enumerate(self.extensions):
+            if etype != EXT_BITMAPS:
+                continue
+            if i == len(self.extensions) - 1:
+                # the last extension: an end marker in its place drops it atomically
+                self.file.write_full(b, 8, off)
+                self._sync()
+                del self.extensions[i]
+            break
+        for c in bitmap_clusters:
+            self._free_now(c, 1)
+
+    cdef list _bitmap_clusters(self):
+        """Host clusters the persistent bitmaps use (directory, tables, data), as the
+        bitmaps extension describes them; each once per reference."""
+        cdef int64_t cs = self.cluster_size
+        cdef int64_t cb = self.cluster_bits
+        path = self.file.path
+        out = []
+        ext = [d for (t, d, o) in self.extensions if t == EXT_BITMAPS]
+        if not ext:
+            return out
+        if len(ext[0]) < 24:
+            raise _fmt_err(path, "bitmaps header extension is too short")
+        nb, _r, dsize, doff = struct.unpack(">IIQQ", ext[0][:24])
+        if nb == 0:
+            return out
+        if doff % cs or doff == 0 or dsize > 64 * 1024 * 1024 or doff + dsize > self.file_size:
+            raise _fmt_err(path, "bitmap directory (0x%x, %d bytes) is invalid" % (doff, dsize))
+        out.extend(range(doff >> cb, (doff + dsize + cs - 1) >> cb))
+        d = self.file.pread(doff, dsize)
+        pos = 0
+        for _ in range(nb):
+            if pos + 24 > len(d):
+                raise _fmt_err(path, "bitmap directory entry lies past the directory end")
+            toff, tsize, flags, btype, gbits, nsize, xsize = struct.unpack(">QIIBBHI", d[pos:pos + 24])
+            pos += (24 + xsize + nsize + 7) & ~7
+            if tsize == 0:
+                continue
+            if toff % cs or toff == 0 or tsize * 8 > 64 * 1024 * 1024 or toff + tsize * 8 > self.file_size:
+                raise _fmt_err(path, "bitmap table at 0x%x (%d entries) is invalid" % (toff, tsize))
+            out.extend(range(toff >> cb, (toff + tsize * 8 + cs - 1) >> cb))
+            table = self.file.pread(toff, tsize * 8)
+            for (e,) in struct.iter_unpack(">Q", table):
+                off = e & OFFSET_MASK
+                if off:
+                    if off % cs or off >= self.file_size:
+                        raise _fmt_err(path, "bitmap data cluster 0x%x is invalid" % off)
+                    out.append(off >> cb)
+        return out
 
     # ---- writes -------------------------------------------------------------------
 
@@ -713,6 +924,8 @@ cdef class Qcow2(Driver):
             self._cache_put_l2(nt)
             self.l1.put(l1i, <uint64_t>newoff | COPIED)
             self.l1_dirty.add(l1i)
+            if self.snap_l1:
+                self.l2_refs[newoff] = 1
             return nt
         t = self._load_l2(off)
         if l1e & COPIED:
@@ -731,6 +944,9 @@ cdef class Qcow2(Driver):
         self.l1.put(l1i, <uint64_t>newoff | COPIED)
         self.l1_dirty.add(l1i)
         self._drop_ref(off >> self.cluster_bits, 1)
+        if self.snap_l1:
+            self.l2_refs[newoff] = 1
+            self.l2_refs[off] = self.l2_refs.get(off, 1) - 1
         return nt
 
     cdef bint _writable_in_place(self, uint64_t e):
@@ -849,21 +1065,115 @@ cdef class Qcow2(Driver):
             if off:
                 self._drop_ref(off >> self.cluster_bits, 1)
 
+    cpdef tuple pull_status(self, int64_t vaddr, int64_t n):
+        """Like block_status, but a cluster that any internal snapshot lacks counts as
+        unallocated: the pull fills the snapshots too."""
+        cdef int64_t cs = self.cluster_size
+        cdef int64_t c, run, k, i
+        cdef int kind
+        st = self.block_status(vaddr, n)
+        if not self.snap_l1 or st[0] == KIND_UNALLOC:
+            return st
+        kind, run, host = st
+        c = vaddr >> self.cluster_bits
+        k = (vaddr + run + cs - 1) >> self.cluster_bits
+        for i in range(c, k):
+            if self._snap_lacks(i):
+                if i == c:
+                    return (KIND_UNALLOC, min(run, cs - (vaddr & (cs - 1))), 0)
+                return (kind, (i << self.cluster_bits) - vaddr, host)
+        return st
+
+    cdef bint _snap_lacks(self, int64_t c) except -1:
+        cdef int64_t l1i = c >> self.l2_bits
+        cdef Table sl1
+        cdef int64_t off
+        for sl1 in self.snap_l1:
+            if l1i >= (sl1.nbytes >> 3):
+                continue
+            off = sl1.get(l1i) & OFFSET_MASK
+            if off == 0:
+                return True
+            if self._load_l2(off).get(c & (self.l2_entries - 1)) == 0:
+                return True
+        return False
+
+    cdef int64_t _link_views(self, int64_t c, uint64_t entry) except -1:
+        """Put ``entry`` into every view (active L1 and each snapshot's) that lacks
+        cluster c; an L2 table shared by several views takes it in place, since each of
+        them lacked it. Returns the number of references made."""
+        cdef int64_t l1i = c >> self.l2_bits
+        cdef int64_t i2 = c & (self.l2_entries - 1)
+        cdef int64_t refs = 0, off, newoff, si
+        cdef Table t, sl1, nt
+        cdef set done = set()
+        off = self.l1.get(l1i) & OFFSET_MASK if l1i < self.l1_size else 0
+        if l1i < self.l1_size:
+            if off == 0:
+                t = self._l2_for_write(l1i)
+                t.put(i2, entry)
+                refs += 1
+                done.add(t.offset)
+            else:
+                t = self._load_l2(off)
+                if t.get(i2) == 0:
+                    t.put(i2, entry)
+                    refs += self.l2_refs.get(off, 1)
+                done.add(off)
+        for si in range(len(self.snap_l1)):
+            sl1 = self.snap_l1[si]
+            if l1i >= (sl1.nbytes >> 3):
+                continue
+            off = sl1.get(l1i) & OFFSET_MASK
+            if off in done:
+                continue
+            if off == 0:
+                newoff = self.alloc_clusters(1)
+                nt = Table(newoff, self.cluster_size)
+                nt.new = True
+                nt.dirty = True
+                self._cache_put_l2(nt)
+                sl1.put(l1i, <uint64_t>newoff)
+                self.snap_l1_dirty[si].add(l1i)
+                self.l2_refs[newoff] = 1
+                nt.put(i2, entry)
+                refs += 1
+                done.add(newoff)
+            else:
+                t = self._load_l2(off)
+                if t.get(i2) == 0:
+                    t.put(i2, entry)
+                    refs += self.l2_refs.get(off, 1)
+                done.add(off)
+        return refs
+
     cpdef bint link(self, int64_t vaddr, int64_t host) except -1:
         cdef int64_t c = vaddr >> self.cluster_bits
-        if self._l2_entry(c) != 0:
+        cdef int64_t refs, k
+        if not self.snap_l1:
+            if self._l2_entry(c) != 0:
+                return False
+            self._set_l2(c, <uint64_t>host | COPIED)
+            return True
+        refs = self._link_views(c, <uint64_t>host)
+        if refs == 0:
             return False
-        self._set_l2(c, <uint64_t>host | COPIED)
+        for k in range(refs - 1):
+            self._rc_add(host >> self.cluster_bits, 1)
+        if refs == 1 and (self._l2_entry(c) & OFFSET_MASK) == <uint64_t>host:
+            self._set_l2(c, <uint64_t>host | COPIED)
         return True
 
     cpdef bint link_zero(self, int64_t vaddr) except -1:
         cdef int64_t c = vaddr >> self.cluster_bits
         if self.version < 3:
             raise ValueError("qcow2 v2 has no zero clusters")
-        if self._l2_entry(c) != 0:
-            return False
-        self._set_l2(c, ZERO_FLAG)
-        return True
+        if not self.snap_l1:
+            if self._l2_entry(c) != 0:
+                return False
+            self._set_l2(c, ZERO_FLAG)
+            return True
+        return self._link_views(c, ZERO_FLAG) > 0
 
     def write_zeroes(self, int64_t vaddr, int64_t n, object fill, bint backed):
         """Make [vaddr, vaddr+n) read zeros: zero flags for whole clusters on v3,
@@ -907,7 +1217,8 @@ cdef class Qcow2(Driver):
                 t.dirty = False
 
     cpdef flush_metadata(self):
-        cdef Table t
+        cdef Table t, sl1
+        cdef Py_ssize_t si
         cdef unsigned char hdr[12]
         cdef int64_t idx, sect
         if not self.writable:
@@ -954,6 +1265,14 @@ cdef class Qcow2(Driver):
                                      self.l1.offset + sect)
             self.l1_dirty.clear()
             self.l1.dirty = False
+        for si in range(len(self.snap_l1)):
+            dirty = self.snap_l1_dirty[si]
+            if dirty:
+                sl1 = <Table>self.snap_l1[si]
+                for sect in sorted({(i * 8) & ~511 for i in dirty}):
+                    self.file.write_full(sl1.buf + sect, min(512, sl1.nbytes - sect),
+                                         sl1.offset + sect)
+                dirty.clear()
         # 3. dropped references become free after the next sync
         self.free_after_sync.extend(self.free_waiting)
         self.free_waiting = []

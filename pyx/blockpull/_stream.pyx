@@ -98,7 +98,7 @@ cdef class Stream:
         cdef int kind, d, k2
         cdef bint inc
         while pos < size:
-            kind, run, host = top.block_status(pos, size - pos)
+            kind, run, host = top.pull_status(pos, size - pos)
             if kind != KIND_UNALLOC:
                 pos += run
                 continue
@@ -146,7 +146,7 @@ cdef class Stream:
 
     def run(self):
         """Copy everything; returns "completed" or "cancelled". I/O errors come back
-        through ``control.on_error(StreamIOError) -> "retry" | "skip" | "fail"``."""
+        through ``control.on_io_error(StreamIOError) -> "retry" | "skip" | "fail"``."""
         cdef int64_t s = 0, n = 0, off, take
         cdef int64_t cs = self.top.cluster_size
         cdef int64_t chunk
@@ -177,7 +177,7 @@ cdef class Stream:
                     try:
                         self.copy_chunk(buf, off, take)
                     except StreamIOError as exc:
-                        action = self.control.on_error(exc) if self.control is not None else "fail"
+                        action = self.control.on_io_error(exc) if self.control is not None else "fail"
                         if action == "retry":
                             continue
                         if action == "skip":
@@ -229,7 +229,7 @@ cdef class Stream:
             i = 0
             while i < ncl:
                 v = off + i * cs
-                kind, run, _h = top.block_status(v, n - i * cs)
+                kind, run, _h = top.pull_status(v, n - i * cs)
                 k = (run + cs - 1) // cs
                 if kind == KIND_UNALLOC:
                     clen = min(run, n - i * cs)

@@ -55,6 +55,9 @@ def _dispatch(event: PullEvent) -> None:
     status = _STATUS.get(event.kind)
     if status is None:
         return
+    # the job has ended: release the image (and its locks) before anyone hears of it,
+    # so that a callback may start the next pull on the same path at once
+    event.job.image.close()
     with _lock:
         cbs = list(_callbacks.values())
     for cb in cbs:
@@ -87,7 +90,6 @@ def block_pull(path: str, bandwidth: int = 0, flags: int = 0) -> int:
     except BaseException:
         img.close()
         raise
-    job.add_done_callback(lambda j: img.close())
     with _lock:
         _jobs[key] = (img, job)
     return 0

@@ -102,23 +102,44 @@ def _open_driver(path: str, fmt: Optional[str], writable: bool, role: str):
         raise
 
 
+_PERM_NAMES = {_PERM_READ: "consistent read", _PERM_WRITE: "write",
+               _PERM_WRITE_UNCHANGED: "write unchanged", _PERM_RESIZE: "resize"}
+
+
 def _lock(f: File, writable: bool, path: str) -> None:
-    """Take QEMU's OFD lock bytes for a reader or a writer, refusing on conflict."""
-    perms = [_PERM_READ, _PERM_WRITE] if writable else [_PERM_READ]
-    unshared = [_PERM_WRITE, _PERM_RESIZE] if writable else [_PERM_WRITE]
-    for p in perms:
-        if f.lock_conflicts(200 + p, True):
-            raise ImageLockedError(
-                f"{path}: in use by another process that refuses to share "
-                f"{'write' if p else 'read'} access (close it or stop its VM first)")
-    for p in unshared:
-        if f.lock_conflicts(100 + p, True):
-            raise ImageLockedError(
-                f"{path}: another process (a VM or a pull) has it open for writing; "
-                f"stop it first, or use its own interface")
-    for b in [100 + p for p in perms] + [200 + p for p in unshared]:
-        if not f.lock(b, False):
-            raise ImageLockedError(f"{path}: lock byte {b} is held by another process")
+    """Take QEMU's OFD lock bytes as a qcow2 node of QEMU takes them, refusing on conflict.
+
+    A writer holds consistent read, write and resize (bytes 100, 101, 103) and refuses
+    to share write and resize (201, 203); a reader holds consistent read (100) and
+    refuses to share write and resize as well, so neither opens an image that a VM or
+    another pull writes (``qemu-img info`` without ``-U`` refuses the same way). As in
+    QEMU, the bytes are taken first and conflicts tested after, so two openers racing
+    cannot both miss each other.
+    """
+    perms = [_PERM_READ, _PERM_WRITE, _PERM_RESIZE] if writable else [_PERM_READ]
+    unshared = [_PERM_WRITE, _PERM_RESIZE]
+    taken = []
+    try:
+        for b in [100 + p for p in perms] + [200 + p for p in unshared]:
+            if not f.lock(b, False):
+                raise ImageLockedError(
+                    f"{path}: lock byte {b} is held exclusively by another process; "
+                    f"close the program that uses it first")
+            taken.append(b)
+        for p in perms:
+            if f.lock_conflicts(200 + p, True):
+                raise ImageLockedError(
+                    f"{path}: another process (a VM or a pull) refuses to share "
+                    f"{_PERM_NAMES[p]} access; stop it first, or use its own interface")
+        for p in unshared:
+            if f.lock_conflicts(100 + p, True):
+                raise ImageLockedError(
+                    f"{path}: another process (a VM or a pull) has it open with "
+                    f"{_PERM_NAMES[p]} access; stop it first, or use its own interface")
+    except BaseException:
+        for b in taken:
+            f.unlock(b)
+        raise
 
 
 def _resolve_backing(name: str, parent: str) -> str:
@@ -186,8 +207,10 @@ class Image:
         cur = top
         cur_path = self.path
         while cur.backing_name is not None:
-            if len(self._drivers) > MAX_CHAIN_DEPTH:
-                raise BackingChainError(f"{self.path}: backing chain deeper than {MAX_CHAIN_DEPTH}")
+            if len(self._drivers) >= MAX_CHAIN_DEPTH:
+                raise BackingChainError(
+                    f"{self.path}: backing chain deeper than {MAX_CHAIN_DEPTH} images; "
+                    f"flatten part of it first (qemu-img commit or convert)")
             name = cur.backing_name
             bpath = _resolve_backing(name, cur_path)
             bfmt = cur.backing_format or self._named_format(name, bpath)
@@ -321,9 +344,13 @@ class Image:
                 present = kind != UNALLOC
                 data = kind in (DATA, COMPRESSED)
                 zero = kind in (ZERO, UNALLOC)
-                off = host if kind == DATA else None
-                if self._drivers[depth].format == "raw" and kind == DATA:
-                    off = host
+                off = host if kind == DATA or (kind == ZERO and host) else None
+                if kind == UNALLOC and pos < self._drivers[depth].size:
+                    # qemu-img map shows where the bottom image keeps space for a range
+                    # that reads through (allocated but unused subclusters)
+                    k2, r2, h2 = self._drivers[depth].block_status(pos, run)
+                    if k2 == UNALLOC and h2:
+                        off, run = h2, min(run, r2)
                 e = Extent(pos, run, depth, data, zero, present, off)
                 if out:
                     p = out[-1]
@@ -427,6 +454,7 @@ class Image:
 
     @property
     def closed(self) -> bool:
+        """True once ``close()`` has run."""
         return self._closed
 
     def __enter__(self) -> "Image":
@@ -464,8 +492,8 @@ def create(path: Union[str, os.PathLike], size: Union[int, str], *, fmt: str = "
 
     ``backing`` is recorded as given (relative names resolve against the new image's
     directory); its format is taken from ``backing_format`` or probed from the file and
-    recorded, so the chain never depends on guessing later. ``size`` may be None-like 0
-    with a backing: the backing's size is used.
+    recorded, so the chain never depends on guessing later. With a backing, ``size`` 0
+    means the backing's size.
     """
     from blockpull.units import parse_size
     path = os.fspath(path)

@@ -182,7 +182,7 @@ class PullJob:
                 return "completed"
             except OSError as exc:
                 err = StreamIOError(exc, "write", 0)
-                if self.on_error(err) != "retry":
+                if self.on_io_error(err) != "retry":
                     raise err from exc
                 if self._stream.cancel_requested:
                     return "cancelled"
@@ -222,7 +222,7 @@ class PullJob:
             self._status = "running"
             self._emit("resumed")
 
-    def on_error(self, exc: StreamIOError) -> str:
+    def on_io_error(self, exc: StreamIOError) -> str:
         """Called by the copy loop on an I/O error: "fail", "retry" or "skip"."""
         err = self._pull_error(exc)
         self._last_error = err
@@ -292,7 +292,10 @@ class PullJob:
         fut = loop.create_future()
 
         def _done(_job: "PullJob") -> None:
-            loop.call_soon_threadsafe(lambda: fut.done() or fut.set_result(None))
+            def _set() -> None:
+                if not fut.done():
+                    fut.set_result(None)
+            loop.call_soon_threadsafe(_set)
         self.add_done_callback(_done)
         yield from fut.__await__()
         return self.result(0)

@@ -1,0 +1,763 @@
+# cython: language_level=3
+"""QED: header, two-level translation, append allocation, ordering.
+
+QED (QEMU Enhanced Disk) keeps a 64-byte little-endian header in the first ``header_size``
+clusters (the backing file name follows it there), one L1 table and L2 tables of
+``table_size`` clusters each, and data clusters. An L2 entry is 0 (unallocated: read the
+backing file), 1 (reads as zeros) or the cluster-aligned host offset of the data. There are
+no refcounts: new clusters are appended at the end of the file.
+
+Tables live in memory in their on-disk (little-endian) form so that they can be written
+back without conversion; the L2 cache is bounded. Metadata is written back in the order
+shared/docs/formats.md gives:
+
+1. data clusters are written by the caller (``write`` / the stream loop);
+2. ``flush_metadata``: brand-new L2 tables are written whole and the file is extended to
+   cover every cluster a table will point at; one fdatasync makes those and the data
+   durable; only then are the changed L2 entries and L1 entries written (the next
+   fdatasync covers them).
+
+The need-check bit (features 0x02). QEMU sets it while an image is open for writing and
+clears it on a clean close, because its own write-back can leave a table pointing at
+clusters that are not yet on disk. Ours cannot: no entry is ever written before what it
+points at is durable, and no reference is ever dropped to a cluster that stays in use
+(zeroing an allocated cluster writes zeros in place instead of unlinking it). A crash at
+any instant therefore leaves an image that reads what it read before, with at worst some
+unreferenced clusters at the end of the file, which ``qemu-img check`` reports as harmless
+leaks. So this driver never sets the bit. It does honour it: an image that has it set
+(QEMU crashed while writing) is refused read-write, with a hint to repair it first, and
+may be opened read-only.
+
+Every value read from the file is checked before use: header fields at open, each L1 and
+L2 entry when it is used (cluster aligned, after the header, inside the file or our own
+allocation), table sizes bounded. Errors are ``ImageFormatError`` naming the file and field.
+"""
+from libc.stdint cimport int64_t, uint64_t
+from libc.string cimport memcpy, memset
+from libc.stdlib cimport calloc, free
+
+from blockpull._fileio cimport File
+from blockpull._driver cimport Driver, KIND_UNALLOC, KIND_DATA, KIND_ZERO
+import os
+import struct
+from collections import OrderedDict
+
+from blockpull.errors import ImageFormatError
+
+cdef extern from "<endian.h>" nogil:
+    uint64_t le64toh(uint64_t x)
+    uint64_t htole64(uint64_t x)
+
+MAGIC = b"QED\0"
+#: bytes of the fixed header
+HEADER_BYTES = 64
+#: features: the image has a backing file
+F_BACKING_FILE = 0x01
+#: features: QEMU may have left the tables inconsistent; check (and repair) before writing
+F_NEED_CHECK = 0x02
+#: features: the backing file is raw (do not probe it)
+F_BACKING_RAW = 0x04
+KNOWN_FEATURES = F_BACKING_FILE | F_NEED_CHECK | F_BACKING_RAW
+
+MIN_CLUSTER_SIZE = 4096
+MAX_CLUSTER_SIZE = 64 * 1024 * 1024
+DEFAULT_TABLE_SIZE = 4
+MAX_TABLE_SIZE = 16
+
+cdef uint64_t ZERO_ENTRY = 1
+cdef int64_t MAX_TABLE_BYTES = 64 * 1024 * 1024
+cdef int64_t MAX_VIRTUAL_SIZE = 1LL << 61
+cdef int64_t L2_CACHE_BYTES = 32 * 1024 * 1024
+cdef int64_t MAX_NAME = 1023
+
+
+cdef inline uint64_t ld64(const unsigned char* p) noexcept nogil:
+    cdef uint64_t v
+    memcpy(&v, p, 8)
+    return le64toh(v)
+
+
+cdef inline void st64(unsigned char* p, uint64_t v) noexcept nogil:
+    v = htole64(v)
+    memcpy(p, &v, 8)
+
+
+cdef class Table:
+    """One L1 or L2 table kept in on-disk byte order, with the byte range changed since it
+    was last written (``new``: never written at all)."""
+    cdef unsigned char* buf
+    cdef readonly int64_t offset
+    cdef readonly Py_ssize_t nbytes
+    cdef public bint new
+    cdef Py_ssize_t dlo
+    cdef Py_ssize_t dhi
+
+    def __cinit__(self, int64_t offset, Py_ssize_t nbytes):
+        self.buf = <unsigned char*>calloc(nbytes if nbytes > 0 else 1, 1)
+        if self.buf == NULL:
+            raise MemoryError()
+        self.offset = offset
+        self.nbytes = nbytes
+        self.dlo = nbytes
+        self.dhi = 0
+
+    def __dealloc__(self):
+        free(self.buf)
+
+    cdef inline uint64_t get(self, Py_ssize_t i) noexcept:
+        return ld64(self.buf + 8 * i)
+
+    cdef inline void put(self, Py_ssize_t i, uint64_t v) noexcept:
+        st64(self.buf + 8 * i, v)
+        if 8 * i < self.dlo:
+            self.dlo = 8 * i
+        if 8 * i + 8 > self.dhi:
+            self.dhi = 8 * i + 8
+
+    cdef inline bint dirty(self) noexcept:
+        return self.dhi > self.dlo
+
+    cdef inline void clean(self) noexcept:
+        self.dlo = self.nbytes
+        self.dhi = 0
+
+    cdef int write_dirty(self, File f) except -1:
+        """Write the changed entries, widened to whole 512-byte sectors."""
+        cdef Py_ssize_t lo, hi
+        if self.dhi <= self.dlo:
+            return 0
+        lo = self.dlo & ~511
+        hi = min((self.dhi + 511) & ~511, self.nbytes)
+        f.write_full(self.buf + lo, hi - lo, self.offset + lo)
+        self.clean()
+        return 0
+
+
+def _fmt_err(path, msg):
+    return ImageFormatError("%s: %s" % (path, msg))
+
+
+def max_image_size(cluster_size, table_size):
+    """The largest virtual size that QED tables of this geometry can address."""
+    entries = table_size * cluster_size // 8
+    return min(cluster_size * entries * entries, MAX_VIRTUAL_SIZE)
+
+
+cdef class Qed(Driver):
+    """A QED image file."""
+    cdef readonly int table_size
+    cdef readonly int64_t header_size
+    cdef readonly uint64_t features
+    cdef readonly uint64_t compat_features
+    cdef readonly uint64_t autoclear_features
+    cdef readonly int64_t l1_offset
+    cdef readonly int64_t backing_offset
+    cdef readonly int64_t backing_size
+    cdef readonly int64_t table_bytes
+    cdef readonly int64_t next_free       # host byte offset where the next append goes
+    cdef readonly int64_t syncs
+    cdef int l2_bits
+    cdef int64_t l2_entries
+    cdef int64_t header_end               # header_size * cluster_size
+    cdef int64_t file_end0                # file size at open, rounded up to a cluster
+    cdef int64_t linked_end               # the file must reach this before references sync
+    cdef Table l1
+    cdef object l2_cache                  # OrderedDict offset -> Table
+    cdef int64_t l2_cache_max
+    cdef list free_runs                   # [(host, clusters)] given back, never linked
+    cdef bint autoclear_done
+    cdef public object lock
+
+    def __init__(self, File f, bint writable):
+        self.file = f
+        self.writable = writable
+        self.format = "qed"
+        self.has_zero_flag = True
+        self.l2_cache = OrderedDict()
+        self.free_runs = []
+        self._parse()
+
+    # ---- header -----------------------------------------------------------------
+
+    def _parse(self):
+        path = self.file.path
+        fsize = self.file.size()
+        if fsize < HEADER_BYTES:
+            raise _fmt_err(path, "file is too short for a QED header (%d bytes)" % fsize)
+        hdr = self.file.pread(0, HEADER_BYTES)
+        if hdr[:4] != MAGIC:
+            raise _fmt_err(path, "not a QED image (bad magic)")
+        (cs, tsize, hsize, features, compat, autoclear, l1_off, isize, bfo,
+         bfs) = struct.unpack("<IIIQQQQQII", hdr[4:64])
+        if cs < MIN_CLUSTER_SIZE or cs > MAX_CLUSTER_SIZE or cs & (cs - 1):
+            raise _fmt_err(path, "cluster_size %d invalid: QED needs a power of two from "
+                           "4 KiB to 64 MiB" % cs)
+        self.cluster_size = cs
+        self.cluster_bits = cs.bit_length() - 1
+        if tsize < 1 or tsize > MAX_TABLE_SIZE or tsize & (tsize - 1):
+            raise _fmt_err(path, "table_size %d invalid: QED needs a power of two from 1 "
+                           "to 16 clusters" % tsize)
+        if tsize * cs > MAX_TABLE_BYTES:
+            raise _fmt_err(path, "table_size %d with cluster_size %d makes %d-byte tables; "
+                           "at most %d are supported (convert the image with smaller "
+                           "clusters)" % (tsize, cs, tsize * cs, MAX_TABLE_BYTES))
+        self.table_size = tsize
+        self.table_bytes = tsize * cs
+        unknown = features & ~KNOWN_FEATURES
+        if unknown:
+            raise _fmt_err(path, "unknown bits 0x%x in the features field; this image needs "
+                           "a newer tool" % unknown)
+        self.features = features
+        self.compat_features = compat       # none defined; unknown ones may be ignored
+        self.autoclear_features = autoclear
+        if hsize < 1 or hsize * cs > fsize:
+            raise _fmt_err(path, "header_size %d clusters invalid (1 up to the file size)" % hsize)
+        self.header_size = hsize
+        self.header_end = hsize * cs
+        if l1_off % cs or l1_off < self.header_end:
+            raise _fmt_err(path, "l1_table_offset 0x%x invalid: must be cluster aligned and "
+                           "after the header" % l1_off)
+        if l1_off + (tsize - 1) * cs >= fsize:
+            raise _fmt_err(path, "l1_table_offset 0x%x: the L1 table lies past the end of "
+                           "the file" % l1_off)
+        self.l1_offset = l1_off
+        if isize % 512:
+            raise _fmt_err(path, "image_size %d is not a multiple of 512" % isize)
+        if isize > max_image_size(cs, tsize):
+            raise _fmt_err(path, "image_size %d is more than cluster_size %d and table_size %d "
+                           "can address" % (isize, cs, tsize))
+        self.size = isize
+        entries = tsize * cs // 8
+        self.l2_entries = entries
+        self.l2_bits = entries.bit_length() - 1
+        self.backing_name = None
+        self.backing_format = None
+        self.backing_offset = bfo
+        self.backing_size = bfs
+        if features & F_BACKING_FILE:
+            if bfs == 0 or bfs > MAX_NAME:
+                raise _fmt_err(path, "backing_filename_size %d invalid (1..%d)" % (bfs, MAX_NAME))
+            if bfo < HEADER_BYTES or bfo + bfs > self.header_end:
+                raise _fmt_err(path, "backing_filename_offset %d (size %d) lies outside the "
+                               "header (%d bytes)" % (bfo, bfs, self.header_end))
+            raw = self.file.pread(bfo, bfs)
+            if b"\0" in raw:
+                raise _fmt_err(path, "backing file name contains a NUL byte")
+            self.backing_name = raw.decode("utf-8", "surrogateescape")
+            # QED records no format but "raw": any other must be named by the caller
+            self.backing_format = "raw" if features & F_BACKING_RAW else None
+        if self.writable and features & F_NEED_CHECK:
+            raise _fmt_err(path, "the need-check feature bit is set (QEMU did not close it "
+                           "cleanly); repair it with 'qemu-img check -r all %s' or open it "
+                           "read-only" % path)
+        self.l1 = Table(l1_off, self.table_bytes)
+        self.file.read_full(self.l1.buf, self.table_bytes, l1_off)
+        self.l2_cache_max = max(2, L2_CACHE_BYTES // self.table_bytes)
+        self.file_end0 = (fsize + cs - 1) & ~(cs - 1)
+        self.next_free = self.file_end0
+        self.linked_end = 0
+        self.autoclear_done = autoclear == 0
+
+    # ---- tables -----------------------------------------------------------------
+
+    cdef inline int64_t _limit(self) noexcept:
+        """End of the space an entry may point into: the file, or what we appended."""
+        return self.file_end0 if self.file_end0 > self.next_free else self.next_free
+
+    cdef Table _load_l2(self, int64_t l1i):
+        cdef uint64_t off = self.l1.get(l1i)
+        cdef Table t = self.l2_cache.get(off)
+        if t is not None:
+            self.l2_cache.move_to_end(off)
+            return t
+        if (off & <uint64_t>(self.cluster_size - 1)) or off < <uint64_t>self.header_end or \
+                off > <uint64_t>(self._limit() - self.table_bytes):
+            raise _fmt_err(self.file.path, "L1 entry %d points at 0x%x: not a cluster aligned "
+                           "table inside the file" % (l1i, off))
+        t = Table(<int64_t>off, self.table_bytes)
+        self.file.read_full(t.buf, self.table_bytes, <int64_t>off)
+        self._cache_put(t)
+        return t
+
+    cdef _cache_put(self, Table t):
+        cdef Table old
+        self.l2_cache[t.offset] = t
+        if len(self.l2_cache) > self.l2_cache_max:
+            for k in list(self.l2_cache.keys())[:len(self.l2_cache) - self.l2_cache_max]:
+                old = self.l2_cache[k]
+                if old.new or old.dirty():
+                    self.flush_metadata()
+                self.l2_cache.pop(k, None)
+
+    cdef inline int _check_data(self, uint64_t e, int64_t c) except -1:
+        """A data entry must name a whole cluster after the header and inside the file."""
+        if (e & <uint64_t>(self.cluster_size - 1)) or e < <uint64_t>self.header_end or \
+                e > <uint64_t>(self._limit() - self.cluster_size) or \
+                (e >= <uint64_t>self.l1_offset and e < <uint64_t>(self.l1_offset + self.table_bytes)):
+            raise _fmt_err(self.file.path, "L2 entry for cluster %d points at 0x%x: not a "
+                           "cluster aligned offset inside the file, clear of the header "
+                           "and the L1 table" % (c, e))
+        return 0
+
+    cdef uint64_t _l2_entry(self, int64_t c) except? 0xFFFFFFFFFFFFFFFF:
+        """The raw L2 entry of virtual cluster c (0 where no L2 table covers it)."""
+        cdef int64_t l1i = c >> self.l2_bits
+        if l1i >= self.l2_entries or self.l1.get(l1i) == 0:
+            return 0
+        return self._load_l2(l1i).get(c & (self.l2_entries - 1))
+
+    cpdef tuple block_status(self, int64_t vaddr, int64_t n):
+        """(kind, length, host) of the longest run from ``vaddr`` (at most ``n`` bytes)
+        that this file answers in one way: unallocated L1 ranges are skipped at once and
+        data runs merge while they stay contiguous on the host."""
+        cdef int64_t cs = self.cluster_size
+        cdef int64_t c = vaddr >> self.cluster_bits
+        cdef int64_t inoff = vaddr & (cs - 1)
+        cdef int64_t l1i = c >> self.l2_bits
+        cdef int64_t l2i, run, i, limit
+        cdef int64_t span = self.l2_bits + self.cluster_bits
+        cdef uint64_t e, e2
+        cdef int kind
+        cdef Table t
+        if vaddr >= self.size or n <= 0:
+            return (KIND_UNALLOC, n, 0)
+        limit = min(n, self.size - vaddr)
+        if self.l1.get(l1i) == 0:
+            i = l1i + 1
+            while i < self.l2_entries and self.l1.get(i) == 0 and (i << span) - vaddr < limit:
+                i += 1
+            return (KIND_UNALLOC, min((i << span) - vaddr, limit), 0)
+        t = self._load_l2(l1i)
+        l2i = c & (self.l2_entries - 1)
+        e = t.get(l2i)
+        if e == 0:
+            kind = KIND_UNALLOC
+        elif e == ZERO_ENTRY:
+            kind = KIND_ZERO
+        else:
+            kind = KIND_DATA
+            self._check_data(e, c)
+        run = cs - inoff
+        i = l2i + 1
+        while run < limit and i < self.l2_entries:
+            e2 = t.get(i)
+            if kind == KIND_DATA:
+                if e2 != e + <uint64_t>((i - l2i) * cs):
+                    break
+                self._check_data(e2, c + i - l2i)
+            elif e2 != e:
+                break
+            run += cs
+            i += 1
+        return (kind, min(run, limit), <int64_t>e + inoff if kind == KIND_DATA else 0)
+
+    # ---- allocation ---------------------------------------------------------------
+
+    cdef int64_t _alloc(self, int64_t n) except -1:
+        """``n`` contiguous clusters: from space given back, else appended."""
+        cdef int64_t host, m, i
+        for i in range(len(self.free_runs)):
+            host, m = self.free_runs[i]
+            if m >= n:
+                if m > n:
+                    self.free_runs[i] = (host + n * self.cluster_size, m - n)
+                else:
+                    del self.free_runs[i]
+                return host
+        host = self.next_free
+        self.next_free += n * self.cluster_size
+        return host
+
+    cpdef int64_t alloc_clusters(self, int64_t n) except -1:
+        """Reserve ``n`` contiguous host clusters for data; returns the host offset.
+        Nothing points at them until ``link``; ``free_clusters`` gives them back."""
+        if not self.writable:
+            raise PermissionError("image %s is open read-only" % self.file.path)
+        if n <= 0:
+            raise ValueError("alloc_clusters needs n > 0")
+        self._autoclear()
+        return self._alloc(n)
+
+    cpdef free_clusters(self, int64_t host, int64_t n):
+        """Give back clusters from alloc_clusters that were never linked: at the end of
+        the file they are cut off, elsewhere kept for the next allocation (left
+        unreferenced if none comes, which ``qemu-img check`` counts as a harmless leak)."""
+        cdef int64_t cs = self.cluster_size
+        cdef int64_t h, m
+        if n <= 0:
+            return
+        if host + n * cs != self.next_free:
+            self.free_runs.append((host, n))
+            return
+        self.next_free = host
+        merged = True
+        while merged:
+            merged = False
+            for i, (h, m) in enumerate(self.free_runs):
+                if h + m * cs == self.next_free:
+                    self.next_free = h
+                    del self.free_runs[i]
+                    merged = True
+                    break
+        if self.next_free >= self.linked_end and self.file.size() > self.next_free:
+            self.file.truncate(self.next_free)
+
+    cdef Table _l2_for_write(self, int64_t l1i):
+        """The L2 table for L1 entry ``l1i``, allocated (appended, written at the next
+        flush_metadata before the L1 entry) when there is none."""
+        cdef int64_t off
+        cdef Table nt
+        if l1i >= self.l2_entries:
+            raise ValueError("write past the L1 table")
+        if self.l1.get(l1i) != 0:
+            return self._load_l2(l1i)
+        off = self._alloc(self.table_size)
+        nt = Table(off, self.table_bytes)
+        nt.new = True
+        self._cache_put(nt)
+        self.l1.put(l1i, <uint64_t>off)
+        self._note_linked(off + self.table_bytes)
+        return nt
+
+    cdef inline void _note_linked(self, int64_t end) noexcept:
+        if end > self.linked_end:
+            self.linked_end = end
+
+    cdef _set_l2(self, int64_t c, uint64_t e):
+        cdef Table t = self._l2_for_write(c >> self.l2_bits)
+        t.put(c & (self.l2_entries - 1), e)
+
+    cdef int _check_ours(self, int64_t host) except -1:
+        if host & (self.cluster_size - 1) or host < self.header_end or \
+                host + self.cluster_size > self.next_free:
+            raise ValueError("%s: host offset 0x%x was not allocated by alloc_clusters"
+                             % (self.file.path, host))
+        return 0
+
+    cpdef bint link(self, int64_t vaddr, int64_t host) except -1:
+        """Point the cluster at ``vaddr`` at ``host`` (from alloc_clusters, data already
+        written) if it is still unallocated here; False if it is not."""
+        cdef int64_t c = vaddr >> self.cluster_bits
+        if not self.writable:
+            raise PermissionError("image %s is open read-only" % self.file.path)
+        if vaddr < 0 or vaddr >= self.size:
+            raise ValueError("link at %d outside the virtual size %d" % (vaddr, self.size))
+        self._check_ours(host)
+        if self._l2_entry(c) != 0:
+            return False
+        self._set_l2(c, <uint64_t>host)
+        self._note_linked(host + self.cluster_size)
+        return True
+
+    cpdef bint link_zero(self, int64_t vaddr) except -1:
+        """Mark the cluster at ``vaddr`` as reading zeros if it is still unallocated."""
+        cdef int64_t c = vaddr >> self.cluster_bits
+        if not self.writable:
+            raise PermissionError("image %s is open read-only" % self.file.path)
+        if vaddr < 0 or vaddr >= self.size:
+            raise ValueError("link_zero at %d outside the virtual size %d" % (vaddr, self.size))
+        if self._l2_entry(c) != 0:
+            return False
+        self._autoclear()
+        self._set_l2(c, ZERO_ENTRY)
+        return True
+
+    cdef _autoclear(self):
+        """Clear autoclear feature bits (none are defined, so we maintain none) before the
+        first change, as the format asks of a writer that does not know them."""
+        cdef unsigned char b[8]
+        if self.autoclear_done:
+            return
+        self.autoclear_done = True
+        if self.autoclear_features:
+            self.autoclear_features = 0
+            memset(b, 0, 8)
+            self.file.write_full(b, 8, 32)
+            self._sync()
+
+    # ---- writes -------------------------------------------------------------------
+
+    cdef _old_content(self, int64_t c, uint64_t e, unsigned char[::1] out, object fill):
+        """What unallocated or zero cluster ``c`` (entry ``e``) reads now, into ``out``."""
+        cdef int64_t vc = c << self.cluster_bits
+        cdef int64_t want = min(self.cluster_size, self.size - vc)
+        memset(&out[0], 0, out.shape[0])
+        if e == 0 and fill is not None and want > 0:
+            fill(vc, out[:want])
+
+    cdef bytearray _partial(self, int64_t c, uint64_t e, object fill, const unsigned char[::1] src,
+                            int64_t at, int64_t n):
+        """One cluster: its old content with ``src[:n]`` laid over it at ``at``."""
+        cdef bytearray buf = bytearray(self.cluster_size)
+        cdef unsigned char[::1] bv = buf
+        self._old_content(c, e, bv, fill)
+        memcpy(&bv[at], &src[0], n)
+        return buf
+
+    cpdef write(self, int64_t vaddr, object data, object fill):
+        """Write ``data`` at ``vaddr``: in place over this file's data clusters (one write
+        per host-contiguous run), elsewhere into appended clusters, the partial first and
+        last ones completed from ``fill(vaddr, buffer)`` (the layers below) or zeros."""
+        cdef const unsigned char[::1] src
+        cdef int64_t cs = self.cluster_size
+        cdef int64_t n, pos, v, c, coff, take, run_n, k, i, host, mid, tail
+        cdef uint64_t e, e2
+        if not self.writable:
+            raise PermissionError("image %s is open read-only" % self.file.path)
+        mv = memoryview(data).cast("B")
+        src = mv
+        n = src.shape[0]
+        if vaddr < 0 or vaddr + n > self.size:
+            raise ValueError("write [%d, %d) outside the virtual size %d" % (vaddr, vaddr + n, self.size))
+        if n == 0:
+            return
+        self._autoclear()
+        pos = 0
+        while pos < n:
+            v = vaddr + pos
+            c = v >> self.cluster_bits
+            coff = v & (cs - 1)
+            take = min(cs - coff, n - pos)
+            e = self._l2_entry(c)
+            if e > ZERO_ENTRY:
+                self._check_data(e, c)
+                run_n = take
+                k = 1
+                while pos + run_n < n:
+                    e2 = self._l2_entry(c + k)
+                    if e2 != e + <uint64_t>(k * cs):
+                        break
+                    self._check_data(e2, c + k)
+                    run_n += min(cs, n - pos - run_n)
+                    k += 1
+                self.file.write_full(&src[pos], run_n, <int64_t>e + coff)
+                pos += run_n
+                continue
+            # a run of clusters with no data here: append them, written in one go
+            k = 1
+            while pos + (k * cs - coff) < n and self._l2_entry(c + k) <= ZERO_ENTRY:
+                k += 1
+            run_n = min(k * cs - coff, n - pos)
+            views = []
+            if k == 1:
+                if coff or take < cs:
+                    views.append(self._partial(c, e, fill, src[pos:], coff, take))
+                else:
+                    views.append(mv[pos:pos + cs])
+            else:
+                if coff:
+                    views.append(self._partial(c, e, fill, src[pos:], coff, take))
+                else:
+                    views.append(mv[pos:pos + cs])
+                mid = (k - 2) * cs
+                if mid:
+                    views.append(mv[pos + take:pos + take + mid])
+                tail = run_n - take - mid
+                if tail < cs:
+                    views.append(self._partial(c + k - 1, self._l2_entry(c + k - 1), fill,
+                                               src[pos + take + mid:], 0, tail))
+                else:
+                    views.append(mv[pos + take + mid:pos + run_n])
+            host = self._alloc(k)
+            self.file.writev_full(views, host)
+            for i in range(k):
+                self._set_l2(c + i, <uint64_t>(host + i * cs))
+            self._note_linked(host + k * cs)
+            pos += run_n
+
+    def write_zeroes(self, int64_t vaddr, int64_t n, object fill, bint backed):
+        """Make [vaddr, vaddr+n) read zeros. Ranges that already do (zero entries, and
+        unallocated ones when nothing is ``backed`` below) are left alone; data clusters
+        get zeros written in place (nothing is unlinked, so nothing leaks); whole
+        unallocated clusters over a backing file get zero entries; partial ones are
+        written through copy-on-write."""
+        cdef int64_t cs = self.cluster_size
+        cdef int64_t end = vaddr + n, v = vaddr, c, nxt, l1i
+        cdef int span = self.l2_bits + self.cluster_bits
+        cdef uint64_t e
+        cdef bytes zeros = None
+        if not self.writable:
+            raise PermissionError("image %s is open read-only" % self.file.path)
+        if vaddr < 0 or n < 0 or end > self.size:
+            raise ValueError("write_zeroes [%d, %d) outside the virtual size %d" % (vaddr, end, self.size))
+        self._autoclear()
+        while v < end:
+            c = v >> self.cluster_bits
+            nxt = min((c + 1) << self.cluster_bits, end)
+            l1i = c >> self.l2_bits
+            if not backed and self.l1.get(l1i) == 0:
+                v = min((l1i + 1) << span, end)
+                continue
+            e = self._l2_entry(c)
+            if e == ZERO_ENTRY or (e == 0 and not backed):
+                v = nxt
+                continue
+            if e > ZERO_ENTRY:
+                self._check_data(e, c)
+                if zeros is None:
+                    zeros = bytes(cs)
+                self.file.write_full(zeros, nxt - v, <int64_t>e + (v & (cs - 1)))
+            elif (v & (cs - 1)) == 0 and (nxt - v == cs or nxt == self.size):
+                self._set_l2(c, ZERO_ENTRY)
+            else:
+                self.write(v, bytes(nxt - v), fill)
+            v = nxt
+
+    # ---- ordering -----------------------------------------------------------------
+
+    cdef _sync(self):
+        self.file.fdatasync()
+        self.syncs += 1
+
+    cpdef flush_metadata(self):
+        """New L2 tables written whole and the file grown over every linked cluster, one
+        fdatasync (covering the data written so far too), then the L2 and L1 entries that
+        point at them."""
+        cdef Table t
+        if not self.writable:
+            return
+        for t in list(self.l2_cache.values()):
+            if t.new:
+                self.file.write_full(t.buf, t.nbytes, t.offset)
+        if self.linked_end > self.file.size():
+            # a data cluster written short must still lie inside the file
+            self.file.truncate(self.linked_end)
+        self._sync()
+        for t in list(self.l2_cache.values()):
+            if t.new:
+                t.new = False
+                t.clean()
+            elif t.dirty():
+                t.write_dirty(self.file)
+        self.l1.write_dirty(self.file)
+
+    cpdef flush(self):
+        """Make everything written so far durable."""
+        if not self.writable:
+            return
+        self.flush_metadata()
+        self._sync()
+
+    # ---- backing link ---------------------------------------------------------------
+
+    def set_backing(self, name, fmt):
+        """Point the image at backing ``name`` (None: no backing) crash-safely: the new
+        name is written where the old one is not and made durable, then one write of the
+        first sector switches offset, size and feature bits. QED records only the "raw"
+        format (bit 0x04); any other ``fmt`` holds for this open only and must be named
+        again when the image is next opened."""
+        cdef int64_t pos, old_lo, old_hi, ln
+        self.flush()
+        features = self.features
+        if name is None:
+            features &= ~(F_BACKING_FILE | F_BACKING_RAW)
+            self._switch(features, 0, 0)
+            self.backing_name = None
+            self.backing_format = None
+            return
+        bname = name.encode("utf-8", "surrogateescape")
+        ln = len(bname)
+        if ln == 0 or ln > MAX_NAME or b"\0" in bname:
+            raise ValueError("backing name must be 1..%d bytes without NUL" % MAX_NAME)
+        if self.features & F_BACKING_FILE:
+            old_lo, old_hi = self.backing_offset, self.backing_offset + self.backing_size
+        else:
+            old_lo = old_hi = 0
+        pos = HEADER_BYTES
+        if old_hi > old_lo and pos < old_hi and pos + ln > old_lo:
+            pos = (old_hi + 7) & ~7
+            if pos + ln > self.header_end:
+                raise ValueError("%s: no room for a %d-byte backing name in the header"
+                                 % (self.file.path, ln))
+        self.file.write_full(bname, ln, pos)
+        self._sync()
+        features |= F_BACKING_FILE
+        if fmt == "raw":
+            features |= F_BACKING_RAW
+        else:
+            features &= ~F_BACKING_RAW
+        self._switch(features, pos, ln)
+        self.backing_name = name
+        self.backing_format = fmt
+
+    def _switch(self, uint64_t features, int64_t offset, int64_t size):
+        """One write of the first sector: features and backing name offset/size."""
+        sector0 = bytearray(self.file.pread(0, 512))
+        struct.pack_into("<Q", sector0, 16, features)
+        struct.pack_into("<II", sector0, 56, offset, size)
+        self.file.pwrite(sector0, 0)
+        self._sync()
+        self.features = features
+        self.backing_offset = offset
+        self.backing_size = size
+
+    # ---- introspection ------------------------------------------------------------
+
+    def l1_entries(self):
+        """The L1 table as a list of raw entries."""
+        return [self.l1.get(i) for i in range(self.l2_entries)]
+
+    def info(self):
+        """Format-specific facts, for ``blockpull info``."""
+        return {
+            "cluster_size": self.cluster_size, "table_size": self.table_size,
+            "header_size": self.header_size, "features": self.features,
+            "compat_features": self.compat_features,
+            "autoclear_features": self.autoclear_features,
+            "need_check": bool(self.features & F_NEED_CHECK),
+        }
+
+
+def probe(bytes head):
+    """True if ``head`` (the file's first bytes) starts like a QED image."""
+    return head[:4] == MAGIC
+
+
+def create(path, int64_t size, int64_t cluster_size=65536, compat=None, backing=None,
+           backing_format=None, int table_size=DEFAULT_TABLE_SIZE):
+    """Write a new, empty QED image as ``qemu-img create -f qed`` lays it out: a one-cluster
+    header with the backing name after it, then an empty L1 table.
+
+    ``compat`` exists for a uniform signature: QED has no compatibility levels, so only
+    None or the default "1.1" are accepted. Of ``backing_format`` QED records only "raw"
+    (the 0x04 feature bit); a backing of any other format must be named when opening.
+    ``table_size`` (clusters per table) is 2..16: QEMU cannot open images with 1.
+    """
+    if cluster_size < MIN_CLUSTER_SIZE or cluster_size > MAX_CLUSTER_SIZE or \
+            cluster_size & (cluster_size - 1):
+        raise ValueError("QED cluster_size must be a power of two from 4K to 64M")
+    if table_size < 2 or table_size > MAX_TABLE_SIZE or table_size & (table_size - 1):
+        # the format allows 1, but QEMU refuses to open such images ("QED table offset
+        # is invalid"), so none is made here
+        raise ValueError("QED table_size must be a power of two from 2 to 16")
+    if table_size * cluster_size > MAX_TABLE_BYTES:
+        raise ValueError("QED tables of %d bytes are too large" % (table_size * cluster_size))
+    if compat not in (None, "1.1"):
+        raise ValueError("QED has no compat levels (compat=%r is for qcow2)" % (compat,))
+    if size < 0:
+        raise ValueError("size must not be negative")
+    size = (size + 511) & ~511
+    if size > max_image_size(cluster_size, table_size):
+        raise ValueError("size %d is too large for cluster_size %d" % (size, cluster_size))
+    features = 0
+    name_off = 0
+    bname = b""
+    if backing is not None:
+        bname = os.fsencode(backing)
+        if not bname or len(bname) > MAX_NAME or b"\0" in bname:
+            raise ValueError("backing name must be 1..%d bytes without NUL" % MAX_NAME)
+        features |= F_BACKING_FILE
+        if backing_format == "raw":
+            features |= F_BACKING_RAW
+        name_off = HEADER_BYTES
+    hdr = bytearray(cluster_size)
+    struct.pack_into("<4sIIIQQQQQII", hdr, 0, MAGIC, cluster_size, table_size, 1, features,
+                     0, 0, cluster_size, size, name_off, len(bname))
+    hdr[HEADER_BYTES:HEADER_BYTES + len(bname)] = bname
+    f = File(path, True, "top", True)
+    try:
+        f.pwrite(hdr, 0)
+        f.truncate(cluster_size + table_size * cluster_size)
+        f.fdatasync()
+    finally:
+        f.close()

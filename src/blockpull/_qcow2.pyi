@@ -1,0 +1,34 @@
+"""Type stubs for the compiled module blockpull._qcow2."""
+from typing import Any, Callable, Dict, List, Optional
+
+from blockpull._driver import Driver
+from blockpull._fileio import File
+
+MAGIC: bytes
+
+class Qcow2(Driver):
+    version: int
+    refcount_order: int
+    l1_offset: int
+    l1_size: int
+    rt_offset: int
+    rt_clusters: int
+    incompatible: int
+    compatible: int
+    autoclear: int
+    header_length: int
+    nb_snapshots: int
+    snapshots_offset: int
+    compression_type: int
+    extensions: List[Any]
+    next_free: int
+    syncs: int
+    def __init__(self, f: File, writable: bool) -> None: ...
+    def refcount(self, cluster: int) -> int: ...
+    def write_zeroes(self, vaddr: int, n: int, fill: Optional[Callable[[int, Any], None]], backed: bool) -> None: ...
+    def l1_entries(self) -> List[int]: ...
+    def info(self) -> Dict[str, Any]: ...
+
+def probe(head: bytes) -> bool: ...
+def create(path: Any, size: int, cluster_size: int = ..., compat: str = ...,
+           backing: Optional[str] = ..., backing_format: Optional[str] = ...) -> None: ...

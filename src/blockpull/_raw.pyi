@@ -1,0 +1,8 @@
+"""Type stubs for the compiled module blockpull._raw."""
+from blockpull._driver import Driver
+from blockpull._fileio import File
+
+class Raw(Driver):
+    def __init__(self, f: File, writable: bool = ...) -> None: ...
+
+def probe(head: bytes) -> bool: ...

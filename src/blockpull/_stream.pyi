@@ -1,0 +1,38 @@
+"""Type stubs for the compiled module blockpull._stream."""
+from typing import Any, Optional
+
+from blockpull._ratelimit import RateLimiter
+
+DEFAULT_CHUNK: int
+DEFAULT_BATCH: int
+
+class StreamIOError(Exception):
+    exc: BaseException
+    errno: Optional[int]
+    operation: str
+    offset: int
+    def __init__(self, exc: BaseException, operation: str, offset: int) -> None: ...
+
+class Stream:
+    base_depth: int
+    keep_base: bool
+    limiter: RateLimiter
+    cur: int
+    end: int
+    copied: int
+    zeroed: int
+    skipped_zero: int
+    errors: int
+    pos: int
+    cancel_requested: bool
+    pause_requested: bool
+    chunk: int
+    batch: int
+    def __init__(self, image: Any, base_depth: int, limiter: RateLimiter, control: Any = ...,
+                 chunk: int = ..., batch: int = ...) -> None: ...
+    def plan_bytes(self) -> int: ...
+    def prepare(self) -> int: ...
+    def run(self) -> str: ...
+    def finish_sync(self) -> None: ...
+
+def copy_on_read(image: Any, offset: int, n: int) -> None: ...
