@@ -151,6 +151,7 @@ cdef class Stream:
         cdef int64_t cs = self.top.cluster_size
         cdef int64_t chunk
         cdef int64_t bufsize
+        cdef bint clean = False
         chunk = max(cs, self.chunk - self.chunk % cs)
         self.pool = BufferPool(1, chunk)
         buf = self.pool.acquire()
@@ -192,13 +193,18 @@ cdef class Stream:
                     if self.cur > self.end:
                         self.end = self.cur
                 self.pos = s + n
+            clean = self.errors == 0
             return "completed"
         finally:
-            try:
-                with self.lock:
-                    self.top.flush_metadata()
-            except OSError:
-                pass
+            # A clean run leaves its last batch to the caller's final flush, which
+            # reports an I/O error under the job's policy; a failed or cancelled run
+            # writes what it linked as best it can (its own error is already on its way).
+            if not clean:
+                try:
+                    with self.lock:
+                        self.top.flush_metadata()
+                except OSError:
+                    pass
             buf.release()
             self.pool = None
 
