@@ -319,3 +319,20 @@ def test_persistent_eio_under_report_keeps_image(tmp_path_factory, tmp_path):
         img.pull().result(timeout=60)
     assert subprocess.run(["qemu-img", "compare", "-q", d["top"], s.before_raw]).returncode == 0
     assert_no_corruption(d["top"], "after the pull that followed")
+
+
+ENOSPC_CHILD = os.path.join(os.path.dirname(os.path.abspath(__file__)), "enospc_child.py")
+
+
+@pytest.mark.parametrize("policy", POLICIES)
+def test_real_enospc_on_small_tmpfs(tmp_path_factory, tmp_path, policy):
+    """A real full file system, not an injected one: a tmpfs with room for part of the
+    pull, mounted in a private mount namespace (as root: ``unshare --mount``; otherwise
+    a user namespace maps us to root for it)."""
+    s = sites(tmp_path_factory, "v3")
+    prefix = ["unshare", "--mount"] if os.geteuid() == 0 else \
+        ["unshare", "--user", "--map-root-user", "--mount"]
+    from relhelp import PY, child_env
+    r = subprocess.run(prefix + [PY, ENOSPC_CHILD, s.chain["dir"], str(tmp_path), policy],
+                       capture_output=True, text=True, env=child_env(), timeout=300)
+    assert r.returncode == 0 and r.stdout.strip().endswith("ok"), r.stdout + r.stderr
