@@ -22,7 +22,7 @@ from relhelp import guest_extents  # noqa: E402
 def main() -> None:
     top, base, kill_at, wseed, chunk, batch = sys.argv[1:7]
     kill_at, wseed, chunk, batch = int(kill_at), int(wseed), int(chunk), int(batch)
-    img = blockpull.open(top)
+    img = blockpull.open(top, backing_format="qcow2")
     inj = faults.FaultInjector(record_writes=False)
     if kill_at:
         inj.kill_at(role="top", nth=kill_at, match=lambda op, role, off, n: op != "read")

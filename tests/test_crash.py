@@ -105,13 +105,13 @@ def crash_round(t: Template, d: str, seed: int) -> str:
     got = raw_of(top, os.path.join(d, "after.raw"))
     problem = model.explain(got)
     assert problem is None, f"{what}: after the crash the disk {problem}"
-    with blockpull.open(top, readonly=True) as img:
+    with blockpull.open(top, readonly=True, backing_format="qcow2") as img:
         assert img.read(0, img.size) == got, f"{what}: blockpull reads differ from qemu-img"
     # 2. no corruption (leaks allowed)
     assert_no_corruption(top, f"{what}: after the crash")
     # 3. a new pull finishes the job
     if backing_of(top) != v.base:
-        with blockpull.open(top) as img:
+        with blockpull.open(top, backing_format="qcow2") as img:
             img.pull(base=v.base).result(timeout=120)
     assert backing_of(top) == v.base, f"{what}: backing after the second pull"
     assert raw_of(top, os.path.join(d, "final.raw")) == got, f"{what}: second pull changed data"

@@ -57,7 +57,7 @@ def record_pull(v, chain, before, seed):
     datas = [random.Random(wseed * 1000 + i).randbytes(n) for i, (o, n) in enumerate(ext)]
     chunk = max(v.cluster * rng.choice([1, 2, 4]), 8192)
     inj = faults.FaultInjector()
-    with blockpull.open(top) as img:
+    with blockpull.open(top, backing_format="qcow2") as img:
         faults.attach(img, inj)
         job = img.pull(base=v.base, chunk=chunk, batch=chunk * rng.choice([1, 2, 3]))
         pending = []
@@ -96,17 +96,17 @@ def check_state(path, data, model, marks, k, v, what, repull):
     assert rc in (0, 3), f"{what}: qemu-img check exit {rc}\n{out}"
     # the link is the old one or the one asked for (QEMU's read of the data below
     # shows that the chain it names reads right)
-    with blockpull.open(path, readonly=True) as img:
+    with blockpull.open(path, readonly=True, backing_format="qcow2") as img:
         link = img.backing_name
     assert link in ("mid.qcow2", v.base), f"{what}: backing link {link!r}"
     got = raw_of(path, path + ".raw")
     problem = model.explain(got)
     assert problem is None, f"{what}: the disk {problem}"
-    with blockpull.open(path, readonly=True) as img:
+    with blockpull.open(path, readonly=True, backing_format="qcow2") as img:
         assert img.read(0, img.size) == got, f"{what}: blockpull reads differ from qemu-img"
     if repull:
         if link != v.base:
-            with blockpull.open(path) as img:
+            with blockpull.open(path, backing_format="qcow2") as img:
                 img.pull(base=v.base).result(timeout=120)
         assert backing_of(path) == v.base, f"{what}: backing after a new pull"
         assert raw_of(path, path + ".raw") == got, f"{what}: a new pull changed the data"
