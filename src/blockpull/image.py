@@ -106,7 +106,31 @@ _PERM_NAMES = {_PERM_READ: "consistent read", _PERM_WRITE: "write",
                _PERM_WRITE_UNCHANGED: "write unchanged", _PERM_RESIZE: "resize"}
 
 
+#: how long a lock conflict may last before it is reported (see ``_lock``)
+LOCK_GRACE = 0.25
+
+
 def _lock(f: File, writable: bool, path: str) -> None:
+    """Take the lock bytes (``_lock_once``), trying again for ``LOCK_GRACE`` seconds on
+    a conflict before refusing.
+
+    A conflict can be a ghost: when any thread of a program forks (to start any other
+    program), the child holds a copy of every descriptor until it execs, and with it
+    the OFD locks of an image that was just closed. Reopening that image at that moment
+    would be refused although nobody uses it; the window lasts far less than the grace.
+    """
+    import time
+    deadline = time.monotonic() + LOCK_GRACE
+    while True:
+        try:
+            return _lock_once(f, writable, path)
+        except ImageLockedError:
+            if time.monotonic() >= deadline:
+                raise
+            time.sleep(0.005)
+
+
+def _lock_once(f: File, writable: bool, path: str) -> None:
     """Take QEMU's OFD lock bytes as a qcow2 node of QEMU takes them, refusing on conflict.
 
     A writer holds consistent read, write and resize (bytes 100, 101, 103) and refuses
