@@ -175,8 +175,9 @@ cdef class File:
         cdef ssize_t r
         cdef size_t done = 0
         cdef int err = 0
+        cdef bint observed = self.faults is not None   # the one check when unused
         self._check_open()
-        if self.faults is not None:
+        if observed:
             self._fault("write", off, n)
         with nogil:
             while done < n:
@@ -187,7 +188,7 @@ cdef class File:
                     err = errno
                     break
                 done += r
-        if self.faults is not None and done:
+        if observed and done:
             # what reached the file, even when a later part of the write failed
             self._record("write", off, (<const char*>buf)[:done])
         if err:
@@ -204,10 +205,11 @@ cdef class File:
         cdef size_t total = 0, done, skip
         cdef int cnt, err = 0
         cdef int64_t pos
+        cdef bint observed = self.faults is not None   # the one check when unused
         if nv == 0:
             return 0
         self._check_open()
-        if self.faults is not None:
+        if observed:
             pos = off
             for v in views:
                 self._fault("write", pos, len(v))
@@ -252,7 +254,7 @@ cdef class File:
                 PyBuffer_Release(&bufs[i])
             free(bufs)
             free(iov)
-        if self.faults is not None:
+        if observed:
             # what reached the file: whole vectors up to where a failure stopped it
             done = <size_t>(pos - off)
             pos = off
