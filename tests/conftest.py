@@ -16,6 +16,13 @@ def have_qemu() -> bool:
     return all(shutil.which(t) for t in QEMU_TOOLS)
 
 
+def pytest_configure(config):
+    """BLOCKPULL_SOAK=1 runs the long reliability soak (tests marked slow) as well."""
+    if os.environ.get("BLOCKPULL_SOAK", "") not in ("", "0") and \
+            config.option.markexpr == "not slow":
+        config.option.markexpr = ""
+
+
 class Qemu:
     """Thin wrappers over qemu-img and qemu-io that raise on failure."""
 

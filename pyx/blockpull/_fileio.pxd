@@ -12,7 +12,8 @@ cdef class File:
     cdef bint direct_refused
 
     cdef int _check_open(self) except -1
-    cdef int _fault(self, str op, int64_t off, int64_t n, object data=*) except -1
+    cdef int _fault(self, str op, int64_t off, int64_t n) except -1
+    cdef int _record(self, str op, int64_t off, object data) except -1
     cdef int read_full(self, unsigned char* buf, size_t n, int64_t off) except -1
     cdef int write_full(self, const unsigned char* buf, size_t n, int64_t off) except -1
     cdef int writev_full(self, object iov_views, int64_t off) except -1

@@ -84,8 +84,12 @@ cdef class File:
     """An open file with positional, vectored I/O that releases the GIL.
 
     ``role`` names the file's place in a chain ("top", "backing") for fault injection
-    and error messages. ``faults`` (tests only) may hold an object with
-    ``check(op, role, offset, length) -> errno-or-0`` and ``record(op, offset, data)``.
+    and error messages. ``faults`` (tests only, see blockpull.faults) may hold an object with
+    ``check(op, role, offset, length) -> errno-or-0``, consulted before every read, write
+    and sync (op "read", "write", "sync"; resizes and fallocate count as "write"), and
+    ``record(op, path, offset, data)``, called with op "write" (the bytes that reached the
+    file) after each write, "sync" (data None) before each fdatasync, "truncate" (offset
+    = new size) and "zero" (data = length) after a resize or a hole punch.
     """
 
     def __cinit__(self):
@@ -173,14 +177,17 @@ cdef class File:
             raise ValueError("I/O on closed file %r" % (self.path,))
         return 0
 
-    cdef int _fault(self, str op, int64_t off, int64_t n, object data=None) except -1:
-        cdef int err
-        if self.faults is not None:
-            err = self.faults.check(op, self.role, off, n)
-            if err:
-                raise_errno(err, self.path, op)
-            if data is not None and op == "write":
-                self.faults.record(op, self.path, off, bytes(data))
+    cdef int _fault(self, str op, int64_t off, int64_t n) except -1:
+        """Ask the attached injector whether this operation fails (tests only)."""
+        cdef int err = self.faults.check(op, self.role, off, n)
+        if err:
+            raise_errno(err, self.path, op)
+        return 0
+
+    cdef int _record(self, str op, int64_t off, object data) except -1:
+        """Tell the attached injector what reached the file (tests only): a write once
+        the system call returned, a sync before it starts (what it will cover)."""
+        self.faults.record(op, self.path, off, data)
         return 0
 
     cdef int read_full(self, unsigned char* buf, size_t n, int64_t off) except -1:
@@ -212,9 +219,10 @@ cdef class File:
         cdef ssize_t r
         cdef size_t done = 0
         cdef int err = 0
+        cdef bint observed = self.faults is not None   # the one check when unused
         self._check_open()
-        if self.faults is not None:
-            self._fault("write", off, n, (<const char*>buf)[:n])
+        if observed:
+            self._fault("write", off, n)
         with nogil:
             while done < n:
                 r = pwrite(self.fd, buf + done, n - done, off + <int64_t>done)
@@ -224,6 +232,9 @@ cdef class File:
                     err = errno
                     break
                 done += r
+        if observed and done:
+            # what reached the file, even when a later part of the write failed
+            self._record("write", off, (<const char*>buf)[:done])
         if err:
             raise_errno(err, self.path, "write")
         return 0
@@ -249,13 +260,14 @@ cdef class File:
         cdef size_t total = 0, done, skip
         cdef int cnt, err = 0
         cdef int64_t pos
+        cdef bint observed = self.faults is not None   # the one check when unused
         if nv == 0:
             return 0
         self._check_open()
-        if self.faults is not None:
+        if observed:
             pos = off
             for v in views:
-                self._fault("write", pos, len(v), v)
+                self._fault("write", pos, len(v))
                 pos += len(v)
         bufs = <Py_buffer*>malloc(nv * sizeof(Py_buffer))
         iov = <iovec*>malloc(nv * sizeof(iovec))
@@ -314,6 +326,17 @@ cdef class File:
             self.dfd = -1
             self.direct_refused = True
             close(fd)
+        if observed:
+            # what reached the file: whole vectors up to where a failure stopped it
+            done = <size_t>(pos - off)
+            pos = off
+            for v in views:
+                if done == 0:
+                    break
+                skip = min(<size_t>len(v), done)
+                self._record("write", pos, bytes(memoryview(v).cast("B")[:skip]))
+                pos += skip
+                done -= skip
         if err:
             raise_errno(err, self.path, "write")
         return 0
@@ -362,7 +385,7 @@ cdef class File:
         self._check_open()
         if self.faults is not None:
             self._fault("sync", 0, 0)
-            self.faults.record("sync", self.path, 0, None)
+            self._record("sync", 0, None)
         with nogil:
             r = fdatasync(self.fd)
             if r < 0:
@@ -382,6 +405,8 @@ cdef class File:
                 err = errno
         if err:
             raise_errno(err, self.path, "fallocate")
+        if self.faults is not None and mode & (FALLOC_FL_PUNCH_HOLE | FALLOC_FL_ZERO_RANGE):
+            self._record("zero", offset, length)
 
     def size(self):
         """Current size of the file in bytes."""
@@ -416,6 +441,8 @@ cdef class File:
                 err = errno
         if err:
             raise_errno(err, self.path, "truncate")
+        if self.faults is not None:
+            self._record("truncate", length, None)
 
     def next_data(self, int64_t offset):
         """(data_start, hole_start) at or after offset via SEEK_DATA/SEEK_HOLE, or None

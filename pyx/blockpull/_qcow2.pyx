@@ -774,8 +774,7 @@ cdef class Qcow2(Driver):
             raise _fmt_err(self.file.path, "image too large: refcount table would exceed %d bytes" % MAX_REFTABLE_BYTES)
         nt = Table(0, new_clusters * cs)
         memcpy(nt.buf, self.reftable.buf, self.reftable.nbytes)
-        start = self.next_free
-        self.next_free += new_clusters
+        start = self._reserve(new_clusters)
         nt.offset = start << self.cluster_bits
         if not self.rt_moved:
             self.rt_old = (self.rt_offset, self.rt_clusters)
@@ -797,8 +796,7 @@ cdef class Qcow2(Driver):
         cdef int64_t b
         if rb is None:
             self._ensure_reftable(idx)
-            b = self.next_free
-            self.next_free += 1
+            b = self._reserve(1)
             rb = Table(b << self.cluster_bits, self.cluster_size)
             rb.new = True
             rb.dirty = True
@@ -809,6 +807,29 @@ cdef class Qcow2(Driver):
         self._rc_add(c, 1)
         return 0
 
+    cdef int64_t _find_free(self, int64_t n) except -1:
+        """First cluster of a run of ``n`` free clusters at or after ``next_free``.
+
+        Clusters past the end of the file are usually free, but not always: a crash can
+        leave a refcount block durable while the data it counts never reached the file
+        (a leak past the end). Counting such a cluster again would give it two counts
+        for one reference, so every candidate's refcount is looked at."""
+        cdef int64_t start = self.next_free
+        cdef int64_t c = start
+        cdef Table t
+        while c < start + n:
+            t = self._refblock(c >> self.rb_bits, False)
+            if t is not None and self._rc_get_in(t, c & (self.rb_entries - 1)) != 0:
+                start = c + 1
+            c += 1
+        return start
+
+    cdef int64_t _reserve(self, int64_t n) except -1:
+        """Take ``n`` free contiguous clusters for metadata (not yet counted)."""
+        cdef int64_t start = self._find_free(n)
+        self.next_free = start + n
+        return start
+
     cpdef int64_t alloc_clusters(self, int64_t n) except -1:
         cdef int64_t start, c
         if not self.writable:
@@ -816,15 +837,14 @@ cdef class Qcow2(Driver):
         self._autoclear()
         # refcount blocks for the range may themselves need clusters: reserve those first
         while True:
-            start = self.next_free
+            start = self._find_free(n)
             for c in range(start, start + n):
                 if self._refblock(c >> self.rb_bits, False) is None:
                     break
             else:
                 break
             self._count_new_block_for(c >> self.rb_bits)
-        start = self.next_free
-        self.next_free += n
+        self.next_free = start + n
         for c in range(start, start + n):
             self._rc_add(c, 1)
         return start << self.cluster_bits
@@ -835,8 +855,7 @@ cdef class Qcow2(Driver):
         self._ensure_reftable(idx)
         if self._refblock(idx, False) is not None:
             return 0
-        b = self.next_free
-        self.next_free += 1
+        b = self._reserve(1)
         rb = Table(b << self.cluster_bits, self.cluster_size)
         rb.new = True
         rb.dirty = True

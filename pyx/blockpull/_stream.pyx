@@ -189,6 +189,7 @@ cdef class Stream:
         cdef _Chunk ch
         cdef list inflight = []      # chunks being written, oldest first
         cdef list spare
+        cdef bint clean = False
         chunk = max(cs, self.chunk - self.chunk % cs)
         if self.direct:
             self.top.file.enable_direct()
@@ -245,6 +246,7 @@ cdef class Stream:
                 inflight.append(ch)
                 pos += take
                 self.pos = pos
+            clean = self.errors == 0
             return "completed"
         finally:
             for ch in inflight:
@@ -252,11 +254,15 @@ cdef class Stream:
             inflight = []
             self.writer.shutdown(wait=True)
             self.writer = None
-            try:
-                with self.lock:
-                    self.top.flush_metadata()
-            except OSError:
-                pass
+            # A clean run leaves its last batch to the caller's final flush, which
+            # reports an I/O error under the job's policy; a failed or cancelled run
+            # writes what it linked as best it can (its own error is already on its way).
+            if not clean:
+                try:
+                    with self.lock:
+                        self.top.flush_metadata()
+                except OSError:
+                    pass
             for b in bufs:
                 b.release()
             self.pool = None

@@ -106,7 +106,31 @@ _PERM_NAMES = {_PERM_READ: "consistent read", _PERM_WRITE: "write",
                _PERM_WRITE_UNCHANGED: "write unchanged", _PERM_RESIZE: "resize"}
 
 
+#: how long a lock conflict may last before it is reported (see ``_lock``)
+LOCK_GRACE = 0.25
+
+
 def _lock(f: File, writable: bool, path: str) -> None:
+    """Take the lock bytes (``_lock_once``), trying again for ``LOCK_GRACE`` seconds on
+    a conflict before refusing.
+
+    A conflict can be a ghost: when any thread of a program forks (to start any other
+    program), the child holds a copy of every descriptor until it execs, and with it
+    the OFD locks of an image that was just closed. Reopening that image at that moment
+    would be refused although nobody uses it; the window lasts far less than the grace.
+    """
+    import time
+    deadline = time.monotonic() + LOCK_GRACE
+    while True:
+        try:
+            return _lock_once(f, writable, path)
+        except ImageLockedError:
+            if time.monotonic() >= deadline:
+                raise
+            time.sleep(0.005)
+
+
+def _lock_once(f: File, writable: bool, path: str) -> None:
     """Take QEMU's OFD lock bytes as a qcow2 node of QEMU takes them, refusing on conflict.
 
     A writer holds consistent read, write and resize (bytes 100, 101, 103) and refuses
@@ -368,12 +392,13 @@ class Image:
 
     def pull(self, base: Optional[str] = None, bandwidth: Union[int, str] = 0,
              on_error: str = "report", on_event: Optional[Callable[[Any], None]] = None,
-             ) -> "PullJob":
+             *, chunk: Optional[int] = None, batch: Optional[int] = None) -> "PullJob":
         """Start pulling the backing chain (down to ``base``) into this image in the
-        background; returns the running ``PullJob``."""
+        background; returns the running ``PullJob``. ``chunk`` and ``batch`` (bytes)
+        tune how much is copied per step and between metadata syncs."""
         from blockpull.job import PullJob
         return PullJob.start(self, base=base, bandwidth=bandwidth, on_error=on_error,
-                             on_event=on_event)
+                             on_event=on_event, chunk=chunk, batch=batch)
 
     def base_depth(self, base: Optional[str]) -> int:
         """Chain index of ``base`` (by the name the chain uses, or a path to the same file);

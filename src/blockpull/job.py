@@ -64,7 +64,8 @@ class PullJob:
 
     def __init__(self, image: "Image", base_depth: int, base: Optional[str],
                  bandwidth: int, on_error: str,
-                 on_event: Optional[Callable[[PullEvent], None]]) -> None:
+                 on_event: Optional[Callable[[PullEvent], None]],
+                 chunk: Optional[int] = None, batch: Optional[int] = None) -> None:
         self.image = image
         self.path = image.path
         self.base = base
@@ -73,6 +74,10 @@ class PullJob:
         self._base_depth = base_depth
         self._limiter = RateLimiter(bandwidth)
         self._stream = Stream(image, base_depth, self._limiter, control=self)
+        if chunk:
+            self._stream.chunk = int(chunk)
+        if batch:
+            self._stream.batch = int(batch)
         self._status = "running"
         self._error: Optional[PullError] = None
         self._last_error: Optional[PullError] = None
@@ -92,8 +97,12 @@ class PullJob:
     @classmethod
     def start(cls, image: "Image", base: Optional[str] = None, bandwidth: Union[int, str] = 0,
               on_error: str = "report",
-              on_event: Optional[Callable[[PullEvent], None]] = None) -> "PullJob":
-        """Plan and start a pull of ``image`` (what ``Image.pull`` calls)."""
+              on_event: Optional[Callable[[PullEvent], None]] = None,
+              chunk: Optional[int] = None, batch: Optional[int] = None) -> "PullJob":
+        """Plan and start a pull of ``image`` (what ``Image.pull`` calls).
+
+        ``chunk`` (bytes copied per step) and ``batch`` (bytes between metadata syncs)
+        tune the copy loop; the defaults suit real disks."""
         if on_error not in _ON_ERROR:
             raise ValueError(f"on_error must be one of {', '.join(_ON_ERROR)}, not {on_error!r}")
         bw = parse_bandwidth(bandwidth)
@@ -106,7 +115,7 @@ class PullJob:
                 raise JobActiveError(f"{image.path}: a pull is already running on this image; "
                                      f"wait for it or abort it first")
             base_depth = image.base_depth(base)
-            job = cls(image, base_depth, base, bw, on_error, on_event)
+            job = cls(image, base_depth, base, bw, on_error, on_event, chunk, batch)
             job._key = key
             _active[key] = job
         image._job = job
@@ -136,9 +145,9 @@ class PullJob:
                     f"{self.path}: pull finished with {self._stream.errors} unreadable or "
                     f"unwritable chunk(s); the backing file is kept: {self._last_error}",
                     self._last_error.errno, self._last_error.operation, self._last_error.offset)
+            elif self._finish() == "cancelled":
+                kind = "cancelled"
             else:
-                self._stream.finish_sync()
-                self.image._finish_pull(self._base_depth)
                 kind = "completed"
         except StreamIOError as exc:
             self._error = self._pull_error(exc)
@@ -161,6 +170,22 @@ class PullJob:
             callbacks, self._callbacks = self._callbacks, []
         for fn in callbacks:
             self._call(fn)
+
+    def _finish(self) -> str:
+        """Make the copy durable and change the backing link, under the on_error policy:
+        an I/O error here fails the job ("report", and "ignore", which has nothing left
+        to carry on with) or pauses it until resumed, then tries again ("stop")."""
+        while True:
+            try:
+                self._stream.finish_sync()
+                self.image._finish_pull(self._base_depth)
+                return "completed"
+            except OSError as exc:
+                err = StreamIOError(exc, "write", 0)
+                if self.on_io_error(err) != "retry":
+                    raise err from exc
+                if self._stream.cancel_requested:
+                    return "cancelled"
 
     def _pull_error(self, exc: StreamIOError) -> PullError:
         what = "reading the backing chain" if exc.operation == "read" else "writing the image"

@@ -1,0 +1,228 @@
+"""Helpers shared by the reliability tests (crash, power loss, I/O faults, load).
+
+Chains are made by qemu-img/qemu-io with random data (so that a misplaced sector is seen,
+which a fill pattern would hide), once per variant and session, and copied per round.
+Seeds are fixed for CI; BLOCKPULL_SEED=<n> replaces them and every failure names the seed
+that found it. BLOCKPULL_SOAK=1 turns on the long runs (tests marked ``slow``).
+"""
+from __future__ import annotations
+
+import os
+import random
+import shutil
+import subprocess
+import sys
+from typing import Dict, List, NamedTuple, Optional, Sequence, Tuple
+
+import pytest
+
+import blockpull
+from blockpull.image import DRIVERS
+
+SOAK = os.environ.get("BLOCKPULL_SOAK", "") not in ("", "0")
+SECTOR = 512
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+SRC = os.path.join(ROOT, "src")
+
+
+def seed_list(default: Sequence[int]) -> List[int]:
+    """The seeds a test runs: BLOCKPULL_SEED (comma separated) if set, else ``default``."""
+    env = os.environ.get("BLOCKPULL_SEED")
+    if env:
+        return [int(x) for x in env.split(",") if x.strip()]
+    return list(default)
+
+
+def soak_marks():
+    """pytest marks for a soak-only test: ``slow`` (deselected unless asked for)."""
+    return [pytest.mark.slow]
+
+
+class Variant(NamedTuple):
+    """A chain to build: format of the top, cluster size, compat, refcount bits, and the
+    base a pull keeps (None: whole chain)."""
+    name: str
+    fmt: str = "qcow2"
+    cluster: int = 65536
+    compat: str = "1.1"
+    refbits: int = 16
+    base: Optional[str] = None
+    size: int = 4 << 20
+
+
+VARIANTS = {
+    "v3": Variant("v3"),
+    "v3-partial": Variant("v3-partial", cluster=4096, base="base.qcow2"),
+    "v2": Variant("v2", compat="0.10", cluster=16384),
+    "v2-partial": Variant("v2-partial", compat="0.10", base="base.qcow2"),
+    "c512": Variant("c512", cluster=512, refbits=64, size=3 << 20),
+}
+if "qed" in DRIVERS:
+    VARIANTS["qed"] = Variant("qed", fmt="qed", cluster=4096)
+    VARIANTS["qed-partial"] = Variant("qed-partial", fmt="qed", cluster=4096, base="base.qcow2")
+
+
+def _qemu(*args: str) -> subprocess.CompletedProcess:
+    r = subprocess.run(list(args), capture_output=True, text=True)
+    if r.returncode != 0:
+        raise AssertionError(f"{' '.join(args)} failed ({r.returncode}): {r.stdout}{r.stderr}")
+    return r
+
+
+def _write_random(path: str, rng: random.Random, writes: Sequence[Tuple[int, int]],
+                  scratch: str, extra: Sequence[str] = ()) -> None:
+    cmds: List[str] = []
+    for i, (off, n) in enumerate(writes):
+        src = f"{scratch}.{i}"
+        with open(src, "wb") as f:
+            f.write(rng.randbytes(n))
+        cmds += ["-c", f"write -q -s {src} {off} {n}"]
+    for c in extra:
+        cmds += ["-c", c]
+    _qemu("qemu-io", *cmds, path)
+    for i in range(len(writes)):
+        os.unlink(f"{scratch}.{i}")
+
+
+def build_chain(d: str, v: Variant, seed: int = 1) -> Dict[str, str]:
+    """base.qcow2 <- mid.qcow2 <- top.<fmt> in ``d`` (relative backing names), random data:
+    base covers most of the disk (one compressed cluster), mid overrides some and zeroes a
+    cluster over base data, top has writes of its own."""
+    rng = random.Random(seed)
+    size = v.size
+    os.makedirs(d, exist_ok=True)
+    base = os.path.join(d, "base.qcow2")
+    mid = os.path.join(d, "mid.qcow2")
+    top = os.path.join(d, "top." + v.fmt)
+    _qemu("qemu-img", "create", "-q", "-f", "qcow2", "-o", "cluster_size=65536", base, str(size))
+    _write_random(base, rng, [(0, size // 4), (size // 4 + 8192, size // 4),
+                              (3 * size // 4 - 70000, size // 4 - 4096)],
+                  os.path.join(d, "scratch"),
+                  extra=[f"write -c -q -P 0x5a {size // 2 + 65536 * 2} 65536"])
+    _qemu("qemu-img", "create", "-q", "-f", "qcow2", "-b", "base.qcow2", "-F", "qcow2",
+          "-o", "cluster_size=65536", mid, str(size))
+    _write_random(mid, rng, [(100_000, 150_000), (size // 2 - 30_000, 60_000)],
+                  os.path.join(d, "scratch"), extra=[f"write -q -z {65536 * 4} 65536"])
+    opts = f"cluster_size={v.cluster}"
+    if v.fmt == "qcow2":
+        opts += f",compat={v.compat}"
+        if v.compat == "1.1":
+            opts += f",refcount_bits={v.refbits}"
+    _qemu("qemu-img", "create", "-q", "-f", v.fmt, "-b", "mid.qcow2", "-F", "qcow2",
+          "-o", opts, top, str(size))
+    _write_random(top, rng, [(size // 8, 5000), (size - 9000, 9000)], os.path.join(d, "scratch"))
+    return {"top": top, "mid": mid, "base": base, "dir": d}
+
+
+def copy_chain(src: Dict[str, str], d: str) -> Dict[str, str]:
+    os.makedirs(d, exist_ok=True)
+    out = {"dir": d}
+    for k in ("top", "mid", "base"):
+        out[k] = os.path.join(d, os.path.basename(src[k]))
+        shutil.copyfile(src[k], out[k])
+    return out
+
+
+def raw_of(path: str, out: str) -> bytes:
+    """The disk's content as QEMU reads it."""
+    _qemu("qemu-img", "convert", "-U", "-O", "raw", path, out)
+    with open(out, "rb") as f:
+        data = f.read()
+    os.unlink(out)
+    return data
+
+
+def qemu_check(path: str) -> Tuple[int, str]:
+    r = subprocess.run(["qemu-img", "check", path], capture_output=True, text=True)
+    return r.returncode, r.stdout + r.stderr
+
+
+def assert_no_corruption(path: str, what: str) -> int:
+    """qemu-img check: 0 (clean) or 3 (leaks only) pass; anything else fails."""
+    rc, out = qemu_check(path)
+    assert rc in (0, 3), f"{what}: qemu-img check exit {rc}\n{out}"
+    return rc
+
+
+def backing_of(path: str) -> Optional[str]:
+    import json
+    info = json.loads(_qemu("qemu-img", "info", "-U", "--output=json", path).stdout)
+    return info.get("backing-filename")
+
+
+class Model:
+    """What a disk may read after a crash: the content before (``before``), and guest
+    writes that may or may not have landed, except those whose flush returned (which
+    must have). Guest writes never overlap, so each 512-byte sector either reads as
+    before or as after the write that covers it."""
+
+    def __init__(self, before: bytes) -> None:
+        self.before = bytes(before)
+        self.writes: List[Tuple[int, bytes]] = []
+        self.durable: set = set()
+
+    def add(self, off: int, data: bytes) -> int:
+        self.writes.append((off, bytes(data)))
+        return len(self.writes) - 1
+
+    def after(self, only: Optional[set] = None) -> bytes:
+        buf = bytearray(self.before)
+        for i, (off, data) in enumerate(self.writes):
+            if only is None or i in only:
+                buf[off:off + len(data)] = data
+        return bytes(buf)
+
+    def explain(self, got: bytes) -> Optional[str]:
+        """None if ``got`` is a content the disk may hold, else what is wrong."""
+        if len(got) != len(self.before):
+            return f"size {len(got)} != {len(self.before)}"
+        if not self.writes:
+            if got == self.before:
+                return None
+            return _first_diff(got, self.before, "content before")
+        new = self.after()
+        must = self.after(self.durable)
+        # every sector: equal to before or to after; sectors of durable writes: after
+        covered = bytearray(len(self.before) // SECTOR + 1)
+        for i in self.durable:
+            off, data = self.writes[i]
+            for s in range(off // SECTOR, (off + len(data) - 1) // SECTOR + 1):
+                covered[s] = 1
+        for s in range(0, len(got), SECTOR):
+            g = got[s:s + SECTOR]
+            if covered[s // SECTOR]:
+                if g != must[s:s + SECTOR]:
+                    return f"sector at {s} lost a flushed guest write"
+            elif g != self.before[s:s + SECTOR] and g != new[s:s + SECTOR]:
+                return f"sector at {s} reads neither the old nor the written data"
+        return None
+
+
+def _first_diff(a: bytes, b: bytes, name: str) -> str:
+    for i in range(0, len(a), SECTOR):
+        if a[i:i + SECTOR] != b[i:i + SECTOR]:
+            return f"differs from {name} at sector offset {i}"
+    return f"differs from {name}"
+
+
+def guest_extents(rng: random.Random, size: int, n: int) -> List[Tuple[int, int]]:
+    """``n`` non-overlapping random extents (any alignment) inside the disk."""
+    out: List[Tuple[int, int]] = []
+    tries = 0
+    while len(out) < n and tries < n * 50:
+        tries += 1
+        ln = rng.choice([1, 100, 511, 512, 4096, 5000, 65536, 70000])
+        off = rng.randrange(0, size - ln)
+        if any(off < o + l and off + ln > o for o, l in out):
+            continue
+        out.append((off, ln))
+    return out
+
+
+def child_env() -> Dict[str, str]:
+    env = dict(os.environ)
+    env["PYTHONPATH"] = SRC + os.pathsep + env.get("PYTHONPATH", "")
+    return env
+
+
+PY = sys.executable
