@@ -44,7 +44,7 @@ class WatchedFile(File):
 
 
 blockpull.image.File = WatchedFile
-sys.modules["blockpull.check"].File = WatchedFile   # the module, not the function
+sys.modules["blockpull.checker"].File = WatchedFile   # the module, not the function
 
 
 def main(path, mode):

@@ -14,7 +14,7 @@ from blockpull.compat import (BLOCK_JOB_SPEED_BANDWIDTH_BYTES, BLOCK_PULL_BANDWI
 from blockpull.errors import (BackingChainError, BlockpullError, ImageFormatError,
                               ImageLockedError, JobActiveError, PullCancelled, PullError)
 from blockpull.image import ChainEntry, Extent, Image, create, open
-from blockpull.check import CheckResult, check
+from blockpull.checker import CheckResult, check
 from blockpull.job import PullEvent, PullInfo, PullJob, pull
 
 _logging.getLogger("blockpull").addHandler(_logging.NullHandler())

@@ -640,67 +640,15 @@ def cmd_pull(args: argparse.Namespace) -> int:
 # ---- check ------------------------------------------------------------------------------
 
 
-class StructureCheck(NamedTuple):
-    """What the command line's own check found (used while ``blockpull.check`` is not
-    available): the header and every mapping table parse and stay inside the file.
-    Refcounts are not examined, so leaks are never reported."""
-    path: str
-    format: str
-    corruptions: int
-    leaks: int
-    check_errors: int
-    messages: Tuple[str, ...]
-
-    @property
-    def exit_code(self) -> int:
-        """``qemu-img check``'s exit code for this result."""
-        return 2 if self.corruptions else 0
-
-    def to_json(self) -> Dict[str, Any]:
-        """The ``qemu-img check --output=json`` keys this check can fill."""
-        d: Dict[str, Any] = {"filename": self.path, "format": self.format,
-                             "check-errors": self.check_errors}
-        if self.corruptions:
-            d["corruptions"] = self.corruptions
-        return d
-
-
-def structure_check(path: str, fmt: Optional[str]) -> StructureCheck:
-    """Open ``path`` alone (no backing chain) and walk its whole map: a malformed header
-    or table entry counts as one corruption."""
-    from blockpull._chain import Chain
-    from blockpull.image import _open_driver
-    drv = _open_driver(path, fmt, False, "top")
-    try:
-        chain = Chain([drv])
-        pos, n = 0, 0
-        try:
-            while pos < drv.size:
-                _depth, _kind, run, _host = chain.find(pos, drv.size - pos)
-                pos += run
-                n += 1
-        except (ImageFormatError, OSError, ValueError) as exc:
-            return StructureCheck(path, drv.format, 1, 0, 0, (str(exc),))
-        return StructureCheck(path, drv.format, 0, 0, 0, ())
-    finally:
-        drv.close()
-
-
 def cmd_check(args: argparse.Namespace) -> int:
     """``blockpull check``: metadata consistency, with qemu-img check's exit codes."""
-    check = getattr(blockpull, "check", None)
-    if callable(check):
-        res = check(args.path, repair=bool(args.repair), format=args.fmt)
-    else:
-        if args.repair:
-            raise UsageError("--repair needs blockpull.check, which this build lacks")
-        res = structure_check(args.path, args.fmt)
+    res = blockpull.check(args.path, repair=bool(args.repair), format=args.fmt)
     if args.output == "json":
         print(json.dumps(res.to_json(), indent=4))
         return res.exit_code
     for m in res.messages:
         print(m)
-    if getattr(res, "leaks_fixed", 0):
+    if res.leaks_fixed:
         print(f"The following inconsistencies were found and repaired:\n\n"
               f"    {res.leaks_fixed} leaked clusters\n    0 corruptions\n")
     if res.corruptions:
@@ -713,16 +661,13 @@ def cmd_check(args: argparse.Namespace) -> int:
         print(f"\n{res.check_errors} internal errors have occurred during the check.")
     if not (res.corruptions or res.leaks or res.check_errors):
         print("No errors were found on the image.")
-    if isinstance(res, StructureCheck):
-        print("(header and mapping tables checked; refcounts are not checked by this build)")
-    else:
-        total = getattr(res, "total_clusters", 0)
-        if total:
-            print(f"{res.allocated_clusters}/{total} = "
-                  f"{100.0 * res.allocated_clusters / total:.2f}% allocated, "
-                  f"{100.0 * res.compressed_clusters / max(res.allocated_clusters, 1):.2f}% "
-                  f"compressed clusters")
-        print(f"Image end offset: {res.image_end_offset}")
+    total = res.total_clusters
+    if total:
+        print(f"{res.allocated_clusters}/{total} = "
+              f"{100.0 * res.allocated_clusters / total:.2f}% allocated, "
+              f"{100.0 * res.compressed_clusters / max(res.allocated_clusters, 1):.2f}% "
+              f"compressed clusters")
+    print(f"Image end offset: {res.image_end_offset}")
     return res.exit_code
 
 
