@@ -5,6 +5,19 @@ from blockpull._driver import Driver
 from blockpull._fileio import File
 
 MAGIC: bytes
+EXT_END: int
+EXT_BACKING_FORMAT: int
+EXT_FEATURE_TABLE: int
+EXT_BITMAPS: int
+EXT_CRYPTO: int
+EXT_DATA_FILE: int
+INCOMPAT_DIRTY: int
+INCOMPAT_CORRUPT: int
+INCOMPAT_DATA_FILE: int
+INCOMPAT_COMPRESSION: int
+INCOMPAT_EXTL2: int
+KNOWN_INCOMPAT: int
+FEATURE_NAMES: List[Any]
 
 class Qcow2(Driver):
     version: int

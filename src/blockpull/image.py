@@ -8,11 +8,7 @@ import re
 import threading
 from typing import TYPE_CHECKING, Any, Callable, Dict, List, NamedTuple, Optional, Union
 
-from blockpull import _qcow2, _raw
-try:
-    from blockpull import _qed
-except ImportError:  # pragma: no cover
-    _qed = None
+from blockpull import _qcow2, _qed, _raw
 from blockpull._chain import Chain
 from blockpull._driver import COMPRESSED, DATA, UNALLOC, ZERO
 from blockpull._fileio import File
@@ -29,7 +25,7 @@ __all__ = ["create", "open", "Image", "ChainEntry", "Extent", "MAX_CHAIN_DEPTH"]
 #: the format drivers: name -> (driver class, probe(head) -> bool, create function)
 DRIVERS: Dict[str, Any] = {
     "qcow2": (_qcow2.Qcow2, _qcow2.probe, _qcow2.create),
-    **({"qed": (_qed.Qed, _qed.probe, _qed.create)} if _qed else {}),
+    "qed": (_qed.Qed, _qed.probe, _qed.create),
     "raw": (_raw.Raw, _raw.probe, None),
 }
 
