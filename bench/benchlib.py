@@ -15,7 +15,13 @@ import pytest
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 ROOT = os.path.dirname(HERE)
-sys.path.insert(0, os.path.join(ROOT, "src"))
+try:  # an installed blockpull (pip install .) wins; else the in-place build under src/
+    import blockpull  # noqa: F401
+except ImportError:
+    sys.path.insert(0, os.path.join(ROOT, "src"))
+    import blockpull  # noqa: F401
+#: the directory holding the blockpull package being measured
+PKG_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(blockpull.__file__)))
 
 MiB = 1 << 20
 GiB = 1 << 30

@@ -14,7 +14,7 @@ import time
 
 import pytest
 
-from benchlib import (GiB, MiB, TiB, StorageDaemon, blockpull_pull, drop_file, fdatasync_path,
+from benchlib import (PKG_ROOT, GiB, MiB, TiB, StorageDaemon, blockpull_pull, drop_file, fdatasync_path,
                       record, run, settle)
 
 import blockpull
@@ -239,8 +239,7 @@ with open("/proc/self/status") as f:
 
 def _child_rss(path: str) -> int:
     """Peak RSS in KiB (VmHWM) of a fresh interpreter that opens and pulls ``path``."""
-    src = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "src")
-    r = run(sys.executable, "-c", _CHILD, path, src)
+    r = run(sys.executable, "-c", _CHILD, path, PKG_ROOT)
     return int(r.stdout.split()[-1])
 
 

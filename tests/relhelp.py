@@ -22,7 +22,8 @@ from blockpull.image import DRIVERS
 SOAK = os.environ.get("BLOCKPULL_SOAK", "") not in ("", "0")
 SECTOR = 512
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-SRC = os.path.join(ROOT, "src")
+#: the directory holding the blockpull package under test (src/ or site-packages)
+SRC = os.path.dirname(os.path.dirname(os.path.abspath(blockpull.__file__)))
 
 
 def seed_list(default: Sequence[int]) -> List[int]:

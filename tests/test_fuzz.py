@@ -12,8 +12,11 @@ import shutil
 import subprocess
 import sys
 
+import blockpull
+
 HERE = os.path.dirname(os.path.abspath(__file__))
-SRC = os.path.join(os.path.dirname(HERE), "src")
+#: the directory holding the blockpull package under test (src/ or site-packages)
+SRC = os.path.dirname(os.path.dirname(os.path.abspath(blockpull.__file__)))
 EXAMPLES = int(os.environ.get("BLOCKPULL_FUZZ_EXAMPLES", "2000"))
 SEED = int(os.environ.get("BLOCKPULL_FUZZ_SEED", "20240611"))
 TIMEOUT = max(240, EXAMPLES // 5)

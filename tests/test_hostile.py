@@ -13,10 +13,12 @@ import sys
 
 import pytest
 
+import blockpull
 import qcow2_edit as q
 
 HERE = os.path.dirname(os.path.abspath(__file__))
-SRC = os.path.join(os.path.dirname(HERE), "src")
+#: the directory holding the blockpull package under test (src/ or site-packages)
+SRC = os.path.dirname(os.path.dirname(os.path.abspath(blockpull.__file__)))
 MASK = 0x00FFFFFFFFFFFE00
 FMT_ERR = "ImageFormatError"
 CHAIN_ERR = "BackingChainError"
