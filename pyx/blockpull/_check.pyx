@@ -25,13 +25,11 @@ from libc.string cimport memcpy, memset
 from libc.stdlib cimport malloc, free, calloc
 
 from blockpull._fileio cimport File
+from blockpull._endian cimport ld_be64 as ld64, st_be64 as st64
 
 import struct
 
 from blockpull.errors import ImageFormatError
-
-cdef extern from *:
-    uint64_t bswap64 "__builtin_bswap64"(uint64_t x) nogil
 
 cdef uint64_t OFFSET_MASK = 0x00FFFFFFFFFFFE00ULL
 cdef uint64_t COPIED = 1ULL << 63
@@ -65,15 +63,6 @@ ROLE_NAMES = ["unused", "header", "L1 table", "L2 table", "refcount table",
               "refcount block", "snapshot table", "data cluster", "compressed data"]
 
 
-cdef inline uint64_t ld64(const unsigned char* p) noexcept nogil:
-    cdef uint64_t v
-    memcpy(&v, p, 8)
-    return bswap64(v)
-
-
-cdef inline void st64(unsigned char* p, uint64_t v) noexcept nogil:
-    v = bswap64(v)
-    memcpy(p, &v, 8)
 
 
 def parse_snapshot_table(File f, uint64_t offset, uint64_t count, int cluster_bits,

@@ -21,6 +21,7 @@ from libc.stdlib cimport malloc, free, calloc
 from cpython.bytes cimport PyBytes_FromStringAndSize, PyBytes_AS_STRING
 
 from blockpull._fileio cimport File
+from blockpull._endian cimport ld_be64 as ld64, st_be64 as st64
 from blockpull._driver cimport (Driver, KIND_UNALLOC, KIND_DATA, KIND_ZERO,
                                 KIND_COMPRESSED)
 import os
@@ -31,7 +32,6 @@ from collections import OrderedDict
 from blockpull.errors import ImageFormatError
 
 cdef extern from *:
-    uint64_t bswap64 "__builtin_bswap64"(uint64_t x) nogil
     uint32_t bswap32 "__builtin_bswap32"(uint32_t x) nogil
 
 MAGIC = b"QFI\xfb"
@@ -67,15 +67,6 @@ FEATURE_NAMES = [
 ]
 
 
-cdef inline uint64_t ld64(const unsigned char* p) noexcept nogil:
-    cdef uint64_t v
-    memcpy(&v, p, 8)
-    return bswap64(v)
-
-
-cdef inline void st64(unsigned char* p, uint64_t v) noexcept nogil:
-    v = bswap64(v)
-    memcpy(p, &v, 8)
 
 
 def _zstd_frame_len(const unsigned char[::1] b, Py_ssize_t pos):

@@ -37,16 +37,13 @@ from libc.string cimport memcpy, memset
 from libc.stdlib cimport calloc, free
 
 from blockpull._fileio cimport File
+from blockpull._endian cimport ld_le64 as ld64, st_le64 as st64
 from blockpull._driver cimport Driver, KIND_UNALLOC, KIND_DATA, KIND_ZERO
 import os
 import struct
 from collections import OrderedDict
 
 from blockpull.errors import ImageFormatError
-
-cdef extern from "<endian.h>" nogil:
-    uint64_t le64toh(uint64_t x)
-    uint64_t htole64(uint64_t x)
 
 MAGIC = b"QED\0"
 #: bytes of the fixed header
@@ -71,15 +68,6 @@ cdef int64_t L2_CACHE_BYTES = 32 * 1024 * 1024
 cdef int64_t MAX_NAME = 1023
 
 
-cdef inline uint64_t ld64(const unsigned char* p) noexcept nogil:
-    cdef uint64_t v
-    memcpy(&v, p, 8)
-    return le64toh(v)
-
-
-cdef inline void st64(unsigned char* p, uint64_t v) noexcept nogil:
-    v = htole64(v)
-    memcpy(p, &v, 8)
 
 
 cdef class Table:
