@@ -244,14 +244,10 @@ def check(path: Union[str, "os.PathLike[str]"], repair: bool = False, *,
     ``ImageFormatError`` when the header itself is unusable, ``ImageLockedError`` when
     another process has the image open for writing.
     """
-    from blockpull.image import _probe_format
+    from blockpull.image import _probe_path
     p = os.fspath(path)
     if format is None:
-        f = File(p, False, "top")
-        try:
-            format = _probe_format(p, f)
-        finally:
-            f.close()
+        format = _probe_path(p, "top")
     checker = CHECKERS.get(format)
     if checker is None:
         raise ImageFormatError(f"{p}: format {format!r} has no metadata to check "

@@ -25,7 +25,7 @@ import traceback
 from typing import (Any, Callable, Dict, Iterator, List, NamedTuple, NoReturn, Optional,
                     Sequence, Set, TextIO, Tuple)
 
-from tqdm import tqdm
+from tqdm import tqdm  # type: ignore[import-untyped]
 
 import blockpull
 from blockpull.errors import BackingChainError, BlockpullError, ImageFormatError

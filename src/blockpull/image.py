@@ -74,6 +74,15 @@ def _probe_format(path: str, f: File) -> str:
     raise ImageFormatError(f"{path}: not a qcow2 or QED image; name the format if it is raw")
 
 
+def _probe_path(path: str, role: str) -> str:
+    """The format of the image at ``path``, from its magic (raw is never guessed)."""
+    f = File(path, False, role)
+    try:
+        return _probe_format(path, f)
+    finally:
+        f.close()
+
+
 def _open_driver(path: str, fmt: Optional[str], writable: bool, role: str):
     try:
         f = File(path, writable, role)
@@ -529,11 +538,7 @@ def create(path: Union[str, os.PathLike], size: Union[int, str], *, fmt: str = "
         if not os.path.exists(bpath):
             raise BackingChainError(f"{path}: backing file {bpath} does not exist")
         if backing_format is None:
-            f = File(bpath, False, "backing")
-            try:
-                backing_format = _probe_format(bpath, f)
-            finally:
-                f.close()
+            backing_format = _probe_path(bpath, "backing")
         if size <= 0:
             b = Image(bpath, readonly=True, format=backing_format, _lock_files=False)
             try:
