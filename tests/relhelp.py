@@ -154,8 +154,8 @@ def backing_of(path: str) -> Optional[str]:
 class Model:
     """What a disk may read after a crash: the content before (``before``), and guest
     writes that may or may not have landed, except those whose flush returned (which
-    must have). Guest writes never overlap, so each 512-byte sector either reads as
-    before or as after the write that covers it."""
+    must have). Guest writes never overlap; each one's part of a 512-byte sector reads
+    either as before or as written, independently of another write in the same sector."""
 
     def __init__(self, before: bytes) -> None:
         self.before = bytes(before)
@@ -181,20 +181,33 @@ class Model:
             if got == self.before:
                 return None
             return _first_diff(got, self.before, "content before")
-        new = self.after()
-        must = self.after(self.durable)
-        # every sector: equal to before or to after; sectors of durable writes: after
-        covered = bytearray(len(self.before) // SECTOR + 1)
-        for i in self.durable:
-            off, data = self.writes[i]
+        # A guest write lands as a whole or not at all, sector by sector (a write that
+        # spans clusters may be cut between them); writes never overlap, but two may share
+        # a sector, and each of them may have landed or not independently of the other.
+        touch: Dict[int, List[int]] = {}
+        for i, (off, data) in enumerate(self.writes):
             for s in range(off // SECTOR, (off + len(data) - 1) // SECTOR + 1):
-                covered[s] = 1
+                touch.setdefault(s, []).append(i)
         for s in range(0, len(got), SECTOR):
             g = got[s:s + SECTOR]
-            if covered[s // SECTOR]:
-                if g != must[s:s + SECTOR]:
-                    return f"sector at {s} lost a flushed guest write"
-            elif g != self.before[s:s + SECTOR] and g != new[s:s + SECTOR]:
+            old = self.before[s:s + SECTOR]
+            ws = touch.get(s // SECTOR)
+            if not ws:
+                if g != old:
+                    return f"sector at {s} reads neither the old nor the written data"
+                continue
+            rest = bytearray(g)     # the sector with every write's part put back to old
+            for i in ws:
+                off, data = self.writes[i]
+                lo, hi = max(off, s), min(off + len(data), s + SECTOR)
+                part = g[lo - s:hi - s]
+                if part != data[lo - off:hi - off]:
+                    if i in self.durable:
+                        return f"sector at {s} lost a flushed guest write"
+                    if part != self.before[lo:hi]:
+                        return f"sector at {s} reads neither the old nor the written data"
+                rest[lo - s:hi - s] = self.before[lo:hi]
+            if rest != old:
                 return f"sector at {s} reads neither the old nor the written data"
         return None
 
