@@ -187,6 +187,7 @@ cdef class Qcow2(Driver):
     cdef set rt_dirty             # reftable indexes that point at new blocks
     cdef bint rt_moved
     cdef tuple rt_old             # (offset, clusters) of a replaced reftable
+    cdef bint rt_unsynced         # reftable or header written, not yet synced
     cdef readonly int64_t next_free
     cdef readonly int64_t syncs
     cdef list free_waiting        # reference dropped in memory, not yet written
@@ -1268,20 +1269,24 @@ cdef class Qcow2(Driver):
             st64(hdr, self.rt_offset)
             (<uint32_t*>(hdr + 8))[0] = bswap32(<uint32_t>self.rt_clusters)
             self.file.write_full(hdr, 12, 48)
-            self._sync()
+            # Written, the header may name the new table even if the sync below fails:
+            # from here it is the live table (a later growth replaces it as such), and
+            # the old one is freed only once a sync has made the switch durable.
             old_off, old_cl = self.rt_old
             self.free_after_sync.append((old_off >> self.cluster_bits, old_cl))
             self.rt_moved = False
             self.rt_dirty.clear()
-            for t in self.rb_cache.values():
-                t.new = False
+            self.rt_unsynced = True
         elif self.rt_dirty:
             for sect in sorted({(i * 8) & ~511 for i in self.rt_dirty}):
                 self.file.write_full(self.reftable.buf + sect,
                                      min(512, self.reftable.nbytes - sect),
                                      self.reftable.offset + sect)
             self.rt_dirty.clear()
+            self.rt_unsynced = True
+        if self.rt_unsynced:
             self._sync()
+            self.rt_unsynced = False
             for t in self.rb_cache.values():
                 t.new = False
         # 2. the references: L2 tables and L1 entries
