@@ -91,9 +91,7 @@ def _pull_peer(name, c, fmt):
         with blockpull.open(path, backing_format=_bfmt(fmt)) as img:
             img.pull().result()
 
-    peer = Peer(name, setup, run_pull, lambda: _verify_pulled(out["p"], c.ref_raw, fmt))
-    peer.out = out
-    return peer
+    return Peer(name, setup, run_pull, lambda: _verify_pulled(out["p"], c.ref_raw, fmt))
 
 
 def _stream_peer(c, fmt, check_raw=True):

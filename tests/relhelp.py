@@ -23,7 +23,7 @@ SOAK = os.environ.get("BLOCKPULL_SOAK", "") not in ("", "0")
 SECTOR = 512
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 #: the directory holding the blockpull package under test (src/ or site-packages)
-SRC = os.path.dirname(os.path.dirname(os.path.abspath(blockpull.__file__)))
+PKG_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(blockpull.__file__)))
 
 
 def seed_list(default: Sequence[int]) -> List[int]:
@@ -233,9 +233,11 @@ def guest_extents(rng: random.Random, size: int, n: int) -> List[Tuple[int, int]
     return out
 
 
-def child_env() -> Dict[str, str]:
+def child_env(*paths: str) -> Dict[str, str]:
+    """The environment for a child interpreter: it imports the same blockpull as the
+    tests (then ``paths``, then what PYTHONPATH held)."""
     env = dict(os.environ)
-    env["PYTHONPATH"] = SRC + os.pathsep + env.get("PYTHONPATH", "")
+    env["PYTHONPATH"] = os.pathsep.join([PKG_ROOT, *paths] + [env.get("PYTHONPATH", "")]).rstrip(os.pathsep)
     return env
 
 

@@ -2,7 +2,6 @@
 from __future__ import annotations
 
 import json
-import os
 import re
 import signal
 import struct
@@ -15,14 +14,10 @@ import pytest
 
 import blockpull
 from blockpull.cli import build_demo_chain
-
-#: the directory holding the blockpull package the tests import (src/ or site-packages)
-PKG_ROOT = str(Path(blockpull.__file__).resolve().parent.parent)
-
+from relhelp import child_env
 
 def _env(**extra: str) -> dict:
-    env = dict(os.environ)
-    env["PYTHONPATH"] = PKG_ROOT + (os.pathsep + env["PYTHONPATH"] if env.get("PYTHONPATH") else "")
+    env = child_env()
     env.pop("COLUMNS", None)
     env.update(extra)
     return env

@@ -20,7 +20,7 @@ import time
 import pytest
 
 import blockpull
-from relhelp import (PY, SOAK, VARIANTS, Model, assert_no_corruption, backing_of,
+from relhelp import (PY, VARIANTS, Model, assert_no_corruption, backing_of,
                      build_chain, child_env, copy_chain, guest_extents, raw_of, seed_list)
 
 CHILD = os.path.join(os.path.dirname(os.path.abspath(__file__)), "crash_child.py")
@@ -171,7 +171,7 @@ def test_model_of_writes_sharing_a_sector():
     before = bytes(2048)
     m = Model(before)
     a = m.add(600, b"\x01" * 100)     # both in the sector at 512
-    b = m.add(800, b"\x02" * 50)
+    m.add(800, b"\x02" * 50)
     only_a = bytearray(before)
     only_a[600:700] = b"\x01" * 100
     only_b = bytearray(before)

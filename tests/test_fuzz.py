@@ -12,11 +12,9 @@ import shutil
 import subprocess
 import sys
 
-import blockpull
+from relhelp import child_env
 
 HERE = os.path.dirname(os.path.abspath(__file__))
-#: the directory holding the blockpull package under test (src/ or site-packages)
-SRC = os.path.dirname(os.path.dirname(os.path.abspath(blockpull.__file__)))
 EXAMPLES = int(os.environ.get("BLOCKPULL_FUZZ_EXAMPLES", "2000"))
 SEED = int(os.environ.get("BLOCKPULL_FUZZ_SEED", "20240611"))
 TIMEOUT = max(240, EXAMPLES // 5)
@@ -53,7 +51,7 @@ def test_fuzz_mutated_headers_and_tables(tmp_path, qemu):
     out = tmp_path / "out"
     out.mkdir()
     shutil.copy(seeds / "base.raw", out / "base.raw")   # the mutants' backing file
-    env = dict(os.environ, PYTHONPATH=SRC + os.pathsep + HERE)
+    env = child_env(HERE)
     try:
         r = subprocess.run([sys.executable, os.path.join(HERE, "fuzz_child.py"), str(seeds),
                             str(out), str(EXAMPLES), str(SEED)],

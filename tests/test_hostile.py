@@ -13,12 +13,10 @@ import sys
 
 import pytest
 
-import blockpull
 import qcow2_edit as q
+from relhelp import child_env
 
 HERE = os.path.dirname(os.path.abspath(__file__))
-#: the directory holding the blockpull package under test (src/ or site-packages)
-SRC = os.path.dirname(os.path.dirname(os.path.abspath(blockpull.__file__)))
 MASK = 0x00FFFFFFFFFFFE00
 FMT_ERR = "ImageFormatError"
 CHAIN_ERR = "BackingChainError"
@@ -53,7 +51,7 @@ def originals(tmp_path_factory):
 
 
 def run_child(path, mode="read"):
-    env = dict(os.environ, PYTHONPATH=SRC + os.pathsep + HERE)
+    env = child_env(HERE)
     try:
         r = subprocess.run([sys.executable, os.path.join(HERE, "hostile_child.py"), str(path), mode],
                            capture_output=True, text=True, timeout=20, env=env)

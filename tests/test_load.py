@@ -26,7 +26,7 @@ import traceback
 import pytest
 
 import blockpull
-from relhelp import (VARIANTS, assert_no_corruption, backing_of, build_chain,
+from relhelp import (VARIANTS, backing_of, build_chain,
                      copy_chain, raw_of, seed_list)
 
 LOAD_SECONDS = float(os.environ.get("BLOCKPULL_LOAD_SECONDS", "60"))

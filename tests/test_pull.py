@@ -2,7 +2,6 @@
 import asyncio
 import os
 import random
-import shutil
 import threading
 import time
 

@@ -7,7 +7,6 @@ import pytest
 
 import blockpull
 from blockpull import _qed
-from blockpull._fileio import File
 
 MiB = 1 << 20
 

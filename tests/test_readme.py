@@ -1,16 +1,15 @@
 """The README's API tour runs as written, and what it leaves behind is what it says."""
 from __future__ import annotations
 
-import os
 import re
 import subprocess
 import sys
 from pathlib import Path
 
 import blockpull
+from relhelp import child_env
 
 ROOT = Path(__file__).resolve().parent.parent
-PKG_ROOT = str(Path(blockpull.__file__).resolve().parent.parent)
 
 
 def python_blocks() -> list:
@@ -23,7 +22,7 @@ def test_api_tour_runs_as_written(tmp_path, qemu):
     assert len(blocks) >= 5, "the README's API tour has lost its examples"
     script = tmp_path / "tour.py"
     script.write_text("\n".join(blocks))
-    env = dict(os.environ, PYTHONPATH=PKG_ROOT)
+    env = child_env()
     r = subprocess.run([sys.executable, str(script)], cwd=tmp_path, env=env,
                        capture_output=True, text=True, timeout=300)
     assert r.returncode == 0, r.stderr[-3000:]

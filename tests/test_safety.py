@@ -10,6 +10,7 @@ import pytest
 
 import blockpull
 from blockpull.image import MAX_CHAIN_DEPTH
+from relhelp import child_env
 
 
 def set_backing_raw(path, name: bytes, at: int = 2048) -> None:
@@ -258,13 +259,12 @@ def test_our_writer_refuses_qemu(tmp_path, qemu, daemon):
 
 def test_two_writers_conflict_across_processes(tmp_path, qemu):
     img = qemu.create(tmp_path / "x.qcow2", 1 << 20)
-    src = os.path.join(os.path.dirname(blockpull.__file__), "..")
     child = subprocess.Popen(
         [sys.executable, "-c",
          "import sys, blockpull; i = blockpull.open(sys.argv[1]); print('ready', flush=True); "
          "sys.stdin.read()", img],
         stdin=subprocess.PIPE, stdout=subprocess.PIPE,
-        env={**os.environ, "PYTHONPATH": os.path.abspath(src)})
+        env=child_env())
     try:
         assert child.stdout.readline().strip() == b"ready"
         for ro in (False, True):

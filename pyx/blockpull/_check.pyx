@@ -63,8 +63,6 @@ ROLE_NAMES = ["unused", "header", "L1 table", "L2 table", "refcount table",
               "refcount block", "snapshot table", "data cluster", "compressed data"]
 
 
-
-
 def parse_snapshot_table(File f, uint64_t offset, uint64_t count, int cluster_bits,
                          int64_t file_size):
     """The snapshot table: ``([(l1_offset, l1_size, id, name, entry_offset)...], nbytes)``.

@@ -67,8 +67,6 @@ FEATURE_NAMES = [
 ]
 
 
-
-
 def _zstd_frame_len(const unsigned char[::1] b, Py_ssize_t pos):
     """Length in bytes of the zstd frame (or skippable frame) at ``b[pos:]``, from its
     header and block headers alone (RFC 8878); -1 when it is malformed or truncated."""

@@ -68,8 +68,6 @@ cdef int64_t L2_CACHE_BYTES = 32 * 1024 * 1024
 cdef int64_t MAX_NAME = 1023
 
 
-
-
 cdef class Table:
     """One L1 or L2 table kept in on-disk byte order, with the byte range changed since it
     was last written (``new``: never written at all)."""

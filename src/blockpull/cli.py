@@ -28,7 +28,7 @@ from typing import (Any, Callable, Dict, Iterator, List, NamedTuple, NoReturn, O
 from tqdm import tqdm  # type: ignore[import-untyped]
 
 import blockpull
-from blockpull.errors import BackingChainError, BlockpullError, ImageFormatError
+from blockpull.errors import BackingChainError, BlockpullError
 from blockpull.image import Extent, Image
 from blockpull.job import PullEvent, PullInfo, PullJob
 from blockpull.units import format_size, parse_bandwidth, parse_size

@@ -10,7 +10,7 @@ from __future__ import annotations
 import itertools
 import os
 import threading
-from typing import Callable, Dict, NamedTuple, Optional, Tuple
+from typing import Callable, Dict, NamedTuple, Tuple
 
 from blockpull.errors import BlockpullError
 from blockpull.image import Image
