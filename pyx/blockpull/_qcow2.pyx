@@ -3,7 +3,7 @@
 
 Tables live in memory in their on-disk (big-endian) form so that they can be written
 back without conversion. The L2 and refcount-block caches are bounded. Metadata is
-written back in the order shared/docs/formats.md gives:
+written back in the order docs/formats.md gives ("Write ordering"):
 
 1. data clusters are written by the caller (``write`` / the stream loop);
 2. ``flush_metadata``: refcount blocks and brand-new L2 tables are written, fdatasync;

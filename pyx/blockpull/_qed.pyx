@@ -9,7 +9,7 @@ no refcounts: new clusters are appended at the end of the file.
 
 Tables live in memory in their on-disk (little-endian) form so that they can be written
 back without conversion; the L2 cache is bounded. Metadata is written back in the order
-shared/docs/formats.md gives:
+docs/formats.md gives ("Write ordering"):
 
 1. data clusters are written by the caller (``write`` / the stream loop);
 2. ``flush_metadata``: brand-new L2 tables are written whole and the file is extended to
