@@ -29,7 +29,7 @@ from tqdm import tqdm  # type: ignore[import-untyped]
 
 import blockpull
 from blockpull.errors import BackingChainError, BlockpullError
-from blockpull.image import Extent, Image
+from blockpull.image import Extent, Image, _kernel_abspath
 from blockpull.job import PullEvent, PullInfo, PullJob
 from blockpull.units import format_size, parse_bandwidth, parse_size
 
@@ -200,7 +200,8 @@ def build_parser() -> argparse.ArgumentParser:
                                    "it, then drop the backing link (or keep --base). Ctrl-C "
                                    "aborts cleanly; running the command again resumes.")
     p.add_argument("--base", metavar="B",
-                   help="keep this image of the chain as the new backing file")
+                   help="keep this image of the chain as the new backing file (any path "
+                        "to it, or the name the chain records for it)")
     p.add_argument("--bandwidth", type=_bandwidth_arg, default=0, metavar="RATE",
                    help="limit in bytes/s, e.g. 50M (MiB/s); 0 = unlimited (default)")
     p.add_argument("--on-error", choices=("report", "stop", "ignore"), default="report",
@@ -278,7 +279,7 @@ def cmd_create(args: argparse.Namespace) -> int:
     drv = _open_driver(args.path, args.fmt, False, "top")
     try:
         report: Dict[str, Any] = {
-            "path": os.path.abspath(args.path), "format": drv.format,
+            "path": _kernel_abspath(args.path), "format": drv.format,
             "virtual_size": drv.size, "cluster_size": drv.cluster_size,
             "backing": drv.backing_name, "backing_format": drv.backing_format}
     finally:
@@ -833,7 +834,7 @@ def _chain_text(img: Image) -> str:
 def cmd_demo(args: argparse.Namespace) -> int:
     """``blockpull demo``: build a sample chain, pull it, verify it, summarise."""
     if args.directory is not None:
-        directory = os.path.abspath(args.directory)
+        directory = _kernel_abspath(args.directory)
         os.makedirs(directory, exist_ok=True)
         remove = False
     else:
