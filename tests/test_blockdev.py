@@ -9,11 +9,13 @@ import json
 import os
 import shutil
 import subprocess
+import sys
 
 import pytest
 
 import blockpull
 from blockpull._fileio import FALLOC_PUNCH_HOLE, File
+from relhelp import child_env
 
 MiB = 1 << 20
 
@@ -235,3 +237,18 @@ def test_device_image_takes_qemu_locks(qemu, qcow2_dev):
         r = qemu.img("info", dev, check=False)
         assert r.returncode != 0 and "lock" in r.stderr.lower()
     qemu.img("info", dev)
+
+
+def test_info_on_device(qemu, qcow2_dev):
+    """The chain and sizes of an image on a device; it takes the whole device (st_blocks
+    of a device node is 0)."""
+    dev, base, _want = qcow2_dev
+    r = subprocess.run([sys.executable, "-m", "blockpull", "info", "--output", "json", dev],
+                       capture_output=True, text=True, env=child_env(), timeout=60)
+    assert r.returncode == 0, r.stderr
+    report = json.loads(r.stdout)
+    top = report["chain"][0]
+    assert top["format"] == "qcow2"
+    assert top["virtual_size"] == qemu.info(dev)["virtual-size"] == 16 * MiB
+    assert top["disk_size"] == 32 * MiB
+    assert os.path.samefile(report["chain"][1]["path"], base)

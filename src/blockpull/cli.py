@@ -17,6 +17,7 @@ import queue
 import random
 import shutil
 import signal
+import stat
 import struct
 import sys
 import tempfile
@@ -334,8 +335,17 @@ def allocation(extents: Sequence[Extent], depth: int) -> Allocation:
 
 
 def _disk_usage(path: str) -> int:
+    """Bytes the image takes on its storage: the blocks allocated to a file, the whole
+    size of a block device (whose st_blocks is 0; it takes all of itself)."""
     try:
-        return os.stat(path).st_blocks * 512
+        st = os.stat(path)
+        if stat.S_ISBLK(st.st_mode):
+            fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
+            try:
+                return os.lseek(fd, 0, os.SEEK_END)
+            finally:
+                os.close(fd)
+        return st.st_blocks * 512
     except OSError:
         return 0
 
