@@ -252,7 +252,22 @@ class Image:
             return None
         if isinstance(bf, str):
             return bf
-        return bf.get(name) or bf.get(resolved)
+        fmt = bf.get(name) or bf.get(resolved)
+        if fmt is not None:
+            return fmt
+        # any other spelling of the same file (through symlinks, with ".." or not)
+        try:
+            want = os.stat(resolved)
+        except OSError:
+            return None
+        for key, value in bf.items():
+            try:
+                st = os.stat(key)
+            except OSError:
+                continue
+            if (st.st_dev, st.st_ino) == (want.st_dev, want.st_ino):
+                return value
+        return None
 
     def _open_chain(self, fmt: Optional[str], lock_files: bool) -> None:
         if not os.path.exists(self.path):
@@ -577,7 +592,8 @@ def open(path: Union[str, os.PathLike], *, readonly: bool = False, copy_on_read:
     ``readonly`` opens the top read-only (backing files always are). ``copy_on_read`` makes
     reads of inherited data also copy it into the top. ``backing_format`` names the format
     of backing files whose format the image does not record (a string for all of them, or
-    a dict from backing name to format); formats are never guessed.
+    a dict from backing name, as recorded or as any path to the same file, to format);
+    formats are never guessed.
     """
     return Image(os.fspath(path), readonly=readonly, copy_on_read=copy_on_read,
                  backing_format=backing_format, format=format)
