@@ -252,3 +252,36 @@ def test_info_on_device(qemu, qcow2_dev):
     assert top["virtual_size"] == qemu.info(dev)["virtual-size"] == 16 * MiB
     assert top["disk_size"] == 32 * MiB
     assert os.path.samefile(report["chain"][1]["path"], base)
+
+
+def _alias(tmp_path, dev):
+    """A second device node for ``dev`` (another inode, the same device)."""
+    import stat
+    alias = tmp_path / "alias"
+    try:
+        os.mknod(alias, stat.S_IFBLK | 0o600, os.stat(dev).st_rdev)
+        open(alias, "rb").close()
+    except OSError as exc:
+        msg = f"cannot make a device node here ({exc}); root and a dev mount are needed"
+        if os.environ.get("CI"):
+            pytest.fail(msg)
+        pytest.skip(msg)
+    return str(alias)
+
+
+def test_device_known_by_any_of_its_nodes(tmp_path, qemu, qcow2_dev):
+    """Two device nodes of one device are one image: as a base, and in a loop."""
+    dev, base, want = qcow2_dev
+    alias = _alias(tmp_path, dev)
+    top = qemu.create(tmp_path / "top.qcow2", 16 * MiB, backing=dev, backing_fmt="qcow2")
+    qemu.io(top, "write -P 0x31 2M 64k")
+    qemu.to_raw(top, want)
+    with blockpull.open(top) as img:
+        assert img.base_depth(alias) == 1
+        assert img.pull(base=base).result(timeout=60).status == "completed"
+    assert qemu.compare(want, top, "raw", "qcow2")
+    assert qemu.info(top)["backing-filename"] == base
+    # the device's image names the device itself by its other node
+    qemu.img("rebase", "-u", "-f", "qcow2", "-b", alias, "-F", "qcow2", dev)
+    with pytest.raises(blockpull.errors.BackingChainError, match="loops"):
+        blockpull.open(dev)

@@ -63,6 +63,7 @@ cdef extern from "<sys/stat.h>" nogil:
         uint64_t st_dev
         uint64_t st_ino
         unsigned int st_mode
+        uint64_t st_rdev
         int64_t st_size
     int fstat(int fd, stat* st)
     bint S_ISBLK(unsigned int mode)
@@ -454,11 +455,14 @@ cdef class File:
         return st.st_size
 
     def identity(self):
-        """(st_dev, st_ino) of the open file: two opens of one file compare equal."""
+        """(st_dev, st_ino) of the open file: two opens of one file compare equal. For a
+        block device (-1, st_rdev): every device node of one device compares equal."""
         cdef stat st
         self._check_open()
         if fstat(self.fd, &st) < 0:
             raise_errno(errno, self.path, "fstat")
+        if S_ISBLK(st.st_mode):
+            return (-1, st.st_rdev)
         return (st.st_dev, st.st_ino)
 
     cdef int _device_fits(self, int64_t end, str what) except -1:

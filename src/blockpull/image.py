@@ -5,6 +5,7 @@ import errno as _errno
 import logging
 import os
 import re
+import stat
 import threading
 from typing import TYPE_CHECKING, Any, Callable, Dict, List, NamedTuple, Optional, Union
 
@@ -191,6 +192,14 @@ def _kernel_abspath(path: str) -> str:
     return _tidy(path)
 
 
+def _identity(st: os.stat_result) -> tuple:
+    """What tells one file from another, as ``File.identity`` gives it for an open file:
+    (st_dev, st_ino), or (-1, st_rdev) for a block device (any of its device nodes)."""
+    if stat.S_ISBLK(st.st_mode):
+        return (-1, st.st_rdev)
+    return (st.st_dev, st.st_ino)
+
+
 def _plain_name(name: str) -> str:
     """A backing name without its "file:" protocol prefix."""
     return name[5:] if name.startswith("file:") else name
@@ -265,7 +274,7 @@ class Image:
                 st = os.stat(key)
             except OSError:
                 continue
-            if (st.st_dev, st.st_ino) == (want.st_dev, want.st_ino):
+            if _identity(st) == _identity(want):
                 return value
         return None
 
@@ -478,7 +487,7 @@ class Image:
                                     f"backing chain (no such file, and no image of the "
                                     f"chain has that name)")
         for i, d in enumerate(self._drivers[1:], 1):
-            if d.file.identity() == (st.st_dev, st.st_ino):
+            if d.file.identity() == _identity(st):
                 if named is not None and named != i:
                     break
                 return i
@@ -515,7 +524,7 @@ class Image:
                 st = os.stat(os.path.join(top_dir, cand))
             except OSError:
                 continue
-            if (st.st_dev, st.st_ino) == want:
+            if _identity(st) == want:
                 return cand
         raise BackingChainError(f"{self.path}: the base {base.file.path} was moved or "
                                 f"replaced during the pull; the backing link is unchanged")
