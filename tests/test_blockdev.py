@@ -193,11 +193,14 @@ def test_qcow2_on_full_device_is_enospc(tmp_path, qemu, loopdev):
             img.write(0, b"\x01" * (2 * MiB))
         assert ei.value.errno == errno.ENOSPC
     qemu_check_json(qemu, dev, "qcow2")
-    with blockpull.open(dev) as img:
-        job = img.pull(on_error="report")
-        job.wait(60)
-        assert job.status == "failed"
-        assert job.error.errno == errno.ENOSPC
+    for policy in ("report", "ignore"):
+        with blockpull.open(dev) as img:
+            job = img.pull(on_error=policy)
+            job.wait(60)
+            assert job.status == "failed"
+            assert "no space left" in str(job.error).lower()
+            if policy == "report":
+                assert job.error.errno == errno.ENOSPC
     res = qemu_check_json(qemu, dev, "qcow2")
     assert res["check-errors"] == 0 and "corruptions" not in res
     assert qemu.info(dev)["backing-filename"] == base
@@ -229,6 +232,8 @@ def test_qed_on_device_is_pulled_into(tmp_path, qemu, loopdev):
     assert res.get("leaks", 0) == leaks_before - (3 * MiB - 128 * 1024) // 65536
     assert qemu.compare(want, dev, "raw", "qed")
     assert "backing-filename" not in qemu.info(dev)
+    mine = blockpull.check(dev)
+    assert (mine.corruptions, mine.leaks) == (0, res.get("leaks", 0))
 
 
 def test_device_image_takes_qemu_locks(qemu, qcow2_dev):
