@@ -87,17 +87,18 @@ cdef class File:
     """An open file with positional, vectored I/O that releases the GIL.
 
     ``role`` names the file's place in a chain ("top", "backing") for fault injection
-    and error messages.
-
-    The file may be a block device (an LVM volume, a loop device): its size then comes
-    from the kernel (lseek to the end), never from st_size, which is 0 for a device. A
-    device cannot grow and is never truncated or fallocated: ``truncate`` and
-    ``fallocate`` do nothing inside the device and raise ``OSError(ENOSPC)`` past its end. ``faults`` (tests only, see blockpull.faults) may hold an object with
+    and error messages. ``faults`` (tests only, see blockpull.faults) may hold an object with
     ``check(op, role, offset, length) -> errno-or-0``, consulted before every read, write
     and sync (op "read", "write", "sync"; resizes and fallocate count as "write"), and
     ``record(op, path, offset, data)``, called with op "write" (the bytes that reached the
     file) after each write, "sync" (data None) before each fdatasync, "truncate" (offset
     = new size) and "zero" (data = length) after a resize or a hole punch.
+
+    The file may be a block device (an LVM volume, a loop device; ``is_device``): its
+    size then comes from the kernel (lseek to the end), never from st_size, which is 0
+    for a device. A device cannot grow and is never truncated or fallocated:
+    ``truncate`` and ``fallocate`` do nothing inside it and raise ``OSError(ENOSPC)``
+    past its end.
     """
 
     def __cinit__(self):
@@ -467,9 +468,10 @@ cdef class File:
 
     cdef int _device_fits(self, int64_t end, str what) except -1:
         """A device cannot grow: ENOSPC when ``end`` lies past it."""
-        if end > self.size():
+        cdef int64_t size = self.size()
+        if end > size:
             raise_errno(ENOSPC, self.path, "%s to %d bytes on a %d-byte block device"
-                        % (what, end, self.size()))
+                        % (what, end, size))
         return 0
 
     def truncate(self, int64_t length):
