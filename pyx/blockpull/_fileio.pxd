@@ -5,6 +5,7 @@ cdef class File:
     cdef readonly int fd
     cdef readonly object path
     cdef readonly bint writable
+    cdef readonly bint is_device
     cdef readonly str role
     cdef public object faults
     cdef int64_t _size_hint
@@ -12,6 +13,7 @@ cdef class File:
     cdef bint direct_refused
 
     cdef int _check_open(self) except -1
+    cdef int _device_fits(self, int64_t end, str what) except -1
     cdef int _fault(self, str op, int64_t off, int64_t n) except -1
     cdef int _record(self, str op, int64_t off, object data) except -1
     cdef int read_full(self, unsigned char* buf, size_t n, int64_t off) except -1

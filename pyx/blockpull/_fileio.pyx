@@ -6,7 +6,7 @@ afterwards as the matching ``OSError`` subclass (``FileNotFoundError``, ``Permis
 ...). A test-only fault injector can be attached to a ``File`` (``faults``); when none is
 attached the cost is one pointer comparison per call.
 """
-from libc.errno cimport errno, EINTR, EINVAL
+from libc.errno cimport errno, EINTR, EINVAL, ENOSPC
 from libc.stdint cimport int64_t, uint64_t
 from libc.string cimport memset, strerror
 from cpython.buffer cimport PyObject_GetBuffer, PyBuffer_Release, PyBUF_SIMPLE, PyBUF_WRITABLE
@@ -62,8 +62,11 @@ cdef extern from "<sys/stat.h>" nogil:
     struct stat:
         uint64_t st_dev
         uint64_t st_ino
+        unsigned int st_mode
+        uint64_t st_rdev
         int64_t st_size
     int fstat(int fd, stat* st)
+    bint S_ISBLK(unsigned int mode)
 
 DEF IOV_MAX_BATCH = 1024
 # O_DIRECT needs buffers, lengths and offsets aligned to the logical block size; 4 KiB
@@ -90,6 +93,12 @@ cdef class File:
     ``record(op, path, offset, data)``, called with op "write" (the bytes that reached the
     file) after each write, "sync" (data None) before each fdatasync, "truncate" (offset
     = new size) and "zero" (data = length) after a resize or a hole punch.
+
+    The file may be a block device (an LVM volume, a loop device; ``is_device``): its
+    size then comes from the kernel (lseek to the end), never from st_size, which is 0
+    for a device. A device cannot grow and is never truncated or fallocated:
+    ``truncate`` and ``fallocate`` do nothing inside it and raise ``OSError(ENOSPC)``
+    past its end.
     """
 
     def __cinit__(self):
@@ -102,6 +111,7 @@ cdef class File:
         cdef int flags = (O_RDWR if writable else O_RDONLY) | O_CLOEXEC
         cdef int fd
         cdef int err = 0
+        cdef stat st
         if create:
             flags |= O_CREAT | O_EXCL
         with nogil:
@@ -115,6 +125,13 @@ cdef class File:
         self.writable = writable
         self.role = role
         self.faults = None
+        with nogil:
+            if fstat(fd, &st) < 0:
+                err = errno
+        if err:
+            self.close()
+            raise_errno(err, path, "fstat")
+        self.is_device = S_ISBLK(st.st_mode)
 
     def __dealloc__(self):
         if self.fd >= 0:
@@ -394,11 +411,18 @@ cdef class File:
             raise_errno(err, self.path, "fdatasync")
 
     def fallocate(self, int64_t offset, int64_t length, int mode=0):
-        """Reserve (mode 0), punch (FALLOC_PUNCH_HOLE) or zero (FALLOC_ZERO_RANGE) a range."""
+        """Reserve (mode 0), punch (FALLOC_PUNCH_HOLE) or zero (FALLOC_ZERO_RANGE) a range.
+
+        On a block device nothing is done (its space is all there, and what it reads is
+        left as it is); a reservation past its end raises ``OSError(ENOSPC)``."""
         cdef int r, err = 0
         self._check_open()
         if self.faults is not None:
             self._fault("write", offset, length)
+        if self.is_device:
+            if not mode & FALLOC_FL_KEEP_SIZE:
+                self._device_fits(offset + length, "fallocate")
+            return
         with nogil:
             r = fallocate(self.fd, mode, offset, length)
             if r < 0:
@@ -409,10 +433,20 @@ cdef class File:
             self._record("zero", offset, length)
 
     def size(self):
-        """Current size of the file in bytes."""
+        """Current size of the file in bytes; for a block device, the device's size as
+        the kernel reports it (lseek to SEEK_END), since st_size is 0 there."""
         cdef stat st
         cdef int r, err = 0
+        cdef int64_t end
         self._check_open()
+        if self.is_device:
+            with nogil:
+                end = lseek(self.fd, 0, SEEK_END)
+                if end < 0:
+                    err = errno
+            if err:
+                raise_errno(err, self.path, "lseek")
+            return end
         with nogil:
             r = fstat(self.fd, &st)
             if r < 0:
@@ -422,19 +456,34 @@ cdef class File:
         return st.st_size
 
     def identity(self):
-        """(st_dev, st_ino) of the open file: two opens of one file compare equal."""
+        """(st_dev, st_ino) of the open file: two opens of one file compare equal. For a
+        block device (-1, st_rdev): every device node of one device compares equal."""
         cdef stat st
         self._check_open()
         if fstat(self.fd, &st) < 0:
             raise_errno(errno, self.path, "fstat")
+        if S_ISBLK(st.st_mode):
+            return (-1, st.st_rdev)
         return (st.st_dev, st.st_ino)
 
+    cdef int _device_fits(self, int64_t end, str what) except -1:
+        """A device cannot grow: ENOSPC when ``end`` lies past it."""
+        cdef int64_t size = self.size()
+        if end > size:
+            raise_errno(ENOSPC, self.path, "%s to %d bytes on a %d-byte block device"
+                        % (what, end, size))
+        return 0
+
     def truncate(self, int64_t length):
-        """Set the file's size."""
+        """Set the file's size. A block device is never truncated: a length inside it
+        changes nothing, one past its end raises ``OSError(ENOSPC)``."""
         cdef int r, err = 0
         self._check_open()
         if self.faults is not None:
             self._fault("write", length, 0)
+        if self.is_device:
+            self._device_fits(length, "grow")
+            return
         with nogil:
             r = ftruncate(self.fd, length)
             if r < 0:

@@ -24,6 +24,7 @@ from blockpull._fileio cimport File
 from blockpull._endian cimport ld_be64 as ld64, st_be64 as st64
 from blockpull._driver cimport (Driver, KIND_UNALLOC, KIND_DATA, KIND_ZERO,
                                 KIND_COMPRESSED)
+import errno as _errno
 import os
 import struct
 import zlib
@@ -367,6 +368,23 @@ cdef class Qcow2(Driver):
         self.next_free = (self.file_size + cs - 1) >> cbits
         self.autoclear_done = self.autoclear == 0
         self._load_snapshots()
+        if self.file.is_device:
+            # a device is "file" to its end: what the image uses ends at its last
+            # counted cluster, and new clusters go after it, up to the device's end
+            self.next_free = self._counted_end()
+
+    cdef int64_t _counted_end(self) except -1:
+        """One past the last host cluster whose refcount is not zero."""
+        cdef int64_t idx, i
+        cdef Table t
+        for idx in range((self.reftable.nbytes >> 3) - 1, -1, -1):
+            t = self._refblock(idx, False)
+            if t is None:
+                continue
+            for i in range(self.rb_entries - 1, -1, -1):
+                if self._rc_get_in(t, i) != 0:
+                    return (idx << self.rb_bits) + i + 1
+        return 1
 
     def _load_snapshots(self):
         """Read every internal snapshot's L1 table. A pull fills what the snapshots lack
@@ -812,6 +830,11 @@ cdef class Qcow2(Driver):
             if t is not None and self._rc_get_in(t, c & (self.rb_entries - 1)) != 0:
                 start = c + 1
             c += 1
+        if self.file.is_device and (start + n) << self.cluster_bits > self.file_size:
+            # a device cannot grow
+            raise OSError(_errno.ENOSPC, "no space left on block device: %d clusters at "
+                          "0x%x pass its end (%d bytes)" % (n, start << self.cluster_bits,
+                                                            self.file_size), self.file.path)
         return start
 
     cdef int64_t _reserve(self, int64_t n) except -1:

@@ -39,6 +39,7 @@ from libc.stdlib cimport calloc, free
 from blockpull._fileio cimport File
 from blockpull._endian cimport ld_le64 as ld64, st_le64 as st64
 from blockpull._driver cimport Driver, KIND_UNALLOC, KIND_DATA, KIND_ZERO
+import errno as _errno
 import os
 import struct
 from collections import OrderedDict
@@ -243,6 +244,31 @@ cdef class Qed(Driver):
         self.next_free = self.file_end0
         self.linked_end = 0
         self.autoclear_done = autoclear == 0
+        if self.file.is_device and self.writable:
+            # a device is "file" to its end: what the image uses ends at its last
+            # referenced cluster, and appends go after it, up to the device's end
+            self.file_end0 = fsize & ~(cs - 1)
+            self.next_free = self._referenced_end()
+
+    cdef int64_t _referenced_end(self) except -1:
+        """End of the last cluster that the header, the L1 table, an L2 table or a data
+        entry uses (every table is validated as it is read)."""
+        cdef int64_t end = max(self.header_end, self.l1_offset + self.table_bytes)
+        cdef int64_t i, j
+        cdef uint64_t off, e
+        cdef Table t
+        for i in range(self.l2_entries):
+            off = self.l1.get(i)
+            if off == 0:
+                continue
+            t = self._load_l2(i)
+            end = max(end, <int64_t>off + self.table_bytes)
+            for j in range(self.l2_entries):
+                e = t.get(j)
+                if e > ZERO_ENTRY:
+                    self._check_data(e, (i << self.l2_bits) + j)
+                    end = max(end, <int64_t>e + self.cluster_size)
+        return end
 
     # ---- tables -----------------------------------------------------------------
 
@@ -351,6 +377,11 @@ cdef class Qed(Driver):
                     del self.free_runs[i]
                 return host
         host = self.next_free
+        if self.file.is_device and host + n * self.cluster_size > self.file_end0:
+            # a device cannot grow
+            raise OSError(_errno.ENOSPC, "no space left on block device: %d clusters at "
+                          "0x%x pass its end (%d bytes)" % (n, host, self.file_end0),
+                          self.file.path)
         self.next_free += n * self.cluster_size
         return host
 

@@ -10,6 +10,7 @@ class File:
     fd: int
     path: str
     writable: bool
+    is_device: bool
     role: str
     faults: Any
     def __init__(self, path: Any, writable: bool = ..., role: str = ..., create: bool = ...) -> None: ...

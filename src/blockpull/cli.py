@@ -17,19 +17,20 @@ import queue
 import random
 import shutil
 import signal
+import stat
 import struct
 import sys
 import tempfile
 import time
 import traceback
 from typing import (Any, Callable, Dict, Iterator, List, NamedTuple, NoReturn, Optional,
-                    Sequence, Set, TextIO, Tuple)
+                    Sequence, TextIO, Tuple)
 
 from tqdm import tqdm  # type: ignore[import-untyped]
 
 import blockpull
 from blockpull.errors import BackingChainError, BlockpullError
-from blockpull.image import Extent, Image
+from blockpull.image import Extent, Image, _kernel_abspath
 from blockpull.job import PullEvent, PullInfo, PullJob
 from blockpull.units import format_size, parse_bandwidth, parse_size
 
@@ -200,7 +201,8 @@ def build_parser() -> argparse.ArgumentParser:
                                    "it, then drop the backing link (or keep --base). Ctrl-C "
                                    "aborts cleanly; running the command again resumes.")
     p.add_argument("--base", metavar="B",
-                   help="keep this image of the chain as the new backing file")
+                   help="keep this image of the chain as the new backing file (any path "
+                        "to it, or the name the chain records for it)")
     p.add_argument("--bandwidth", type=_bandwidth_arg, default=0, metavar="RATE",
                    help="limit in bytes/s, e.g. 50M (MiB/s); 0 = unlimited (default)")
     p.add_argument("--on-error", choices=("report", "stop", "ignore"), default="report",
@@ -278,7 +280,7 @@ def cmd_create(args: argparse.Namespace) -> int:
     drv = _open_driver(args.path, args.fmt, False, "top")
     try:
         report: Dict[str, Any] = {
-            "path": os.path.abspath(args.path), "format": drv.format,
+            "path": _kernel_abspath(args.path), "format": drv.format,
             "virtual_size": drv.size, "cluster_size": drv.cluster_size,
             "backing": drv.backing_name, "backing_format": drv.backing_format}
     finally:
@@ -333,8 +335,17 @@ def allocation(extents: Sequence[Extent], depth: int) -> Allocation:
 
 
 def _disk_usage(path: str) -> int:
+    """Bytes the image takes on its storage: the blocks allocated to a file, the whole
+    size of a block device (whose st_blocks is 0; it takes all of itself)."""
     try:
-        return os.stat(path).st_blocks * 512
+        st = os.stat(path)
+        if stat.S_ISBLK(st.st_mode):
+            fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
+            try:
+                return os.lseek(fd, 0, os.SEEK_END)
+            finally:
+                os.close(fd)
+        return st.st_blocks * 512
     except OSError:
         return 0
 
@@ -796,33 +807,27 @@ def build_demo_chain(directory: str, data_size: int, seed: int = 2024) -> DemoCh
 
 
 def content_digest(img: Image) -> str:
-    """SHA-256 over the per-MiB SHA-256 digests of everything ``img`` reads (through its chain).
+    """SHA-256 (64 hex digits) of the whole virtual disk ``img`` reads through its chain,
+    byte for byte from offset 0 to its virtual size: the digest ``sha256sum`` prints for
+    the raw disk (``qemu-img convert -O raw IMAGE disk.raw; sha256sum disk.raw``).
 
-    Two images read the same bytes exactly when their digests are equal. Blocks that the
-    map says read as zeros are not read: the digest of a zero block stands in for them.
+    Ranges the map says read as zeros are hashed as zeros without being read.
     """
-    size = img.size
-    data_blocks: Set[int] = set()
-    for e in img.map():
-        if e.data:
-            data_blocks.update(range(e.start // _DIGEST_BLOCK,
-                                     (e.start + e.length - 1) // _DIGEST_BLOCK + 1))
-    outer = hashlib.sha256()
+    digest = hashlib.sha256()
     buf = bytearray(_DIGEST_BLOCK)
     view = memoryview(buf)
-    zero_digests: Dict[int, bytes] = {}
-    for i in range(-(-size // _DIGEST_BLOCK)):
-        start = i * _DIGEST_BLOCK
-        n = min(_DIGEST_BLOCK, size - start)
-        if i in data_blocks:
-            img.readinto(start, view[:n])
-            d = hashlib.sha256(view[:n]).digest()
-        else:
-            if n not in zero_digests:
-                zero_digests[n] = hashlib.sha256(bytes(n)).digest()
-            d = zero_digests[n]
-        outer.update(d)
-    return outer.hexdigest()
+    zeros = memoryview(bytes(_DIGEST_BLOCK))
+    for e in img.map():
+        pos, end = e.start, e.start + e.length
+        while pos < end:
+            n = min(_DIGEST_BLOCK, end - pos)
+            if e.data or not e.zero:
+                img.readinto(pos, view[:n])
+                digest.update(view[:n])
+            else:
+                digest.update(zeros[:n])
+            pos += n
+    return digest.hexdigest()
 
 
 def _chain_text(img: Image) -> str:
@@ -833,7 +838,7 @@ def _chain_text(img: Image) -> str:
 def cmd_demo(args: argparse.Namespace) -> int:
     """``blockpull demo``: build a sample chain, pull it, verify it, summarise."""
     if args.directory is not None:
-        directory = os.path.abspath(args.directory)
+        directory = _kernel_abspath(args.directory)
         os.makedirs(directory, exist_ok=True)
         remove = False
     else:
@@ -870,7 +875,7 @@ def _demo(args: argparse.Namespace, directory: str, removing: bool) -> int:
     with blockpull.open(built.overlay) as img:
         before = _chain_text(img)
         want = content_digest(img)
-        say(f"content of the chain: sha256 {want[:32]}")
+        say(f"content of the chain: sha256 {want}")
         limit = f"at up to {format_size(args.bandwidth)}/s" if args.bandwidth else "unlimited"
         say(f"pulling vm.qcow2 {limit} (Ctrl-C aborts cleanly)")
         progress = Progress(show_bar, False, "vm.qcow2")
@@ -916,13 +921,15 @@ def _demo(args: argparse.Namespace, directory: str, removing: bool) -> int:
     say(f"before: {before}")
     say(f"after:  {after}")
     say(f"copied {format_size(info.copied_bytes)} in {info.elapsed:.1f} s ({rate:.1f} MiB/s)")
-    say(f"verified: vm.qcow2 reads exactly what the chain read (sha256 {got[:32]}) "
+    say(f"verified: vm.qcow2 reads exactly what the chain read (sha256 {got}) "
         f"and has no backing file"
         + ("; check finds no errors" if checked is not None else ""))
     if removing:
         say(f"removed {directory} (--keep keeps it)")
     else:
         say(f"kept {directory}; try: blockpull info {built.overlay}")
+        say(f"the sha256 is that of the raw disk: qemu-img convert -O raw "
+            f"{built.overlay} vm.raw && sha256sum vm.raw")
     return EXIT_OK
 
 

@@ -5,6 +5,7 @@ import errno as _errno
 import logging
 import os
 import re
+import stat
 import threading
 from typing import TYPE_CHECKING, Any, Callable, Dict, List, NamedTuple, Optional, Union
 
@@ -171,7 +172,45 @@ def _lock_once(f: File, writable: bool, path: str) -> None:
         raise
 
 
+def _tidy(path: str) -> str:
+    """``path`` without "." components and repeated slashes, which never change the file
+    a name reaches. ".." is kept: after a symlinked directory it leads to the link
+    target's parent, not to the parent in the text, so only the kernel may resolve it."""
+    parts = [p for p in path.split("/") if p not in ("", ".")]
+    if path.startswith("/"):
+        return "/" + "/".join(parts)
+    return "/".join(parts) or "."
+
+
+def _kernel_abspath(path: str) -> str:
+    """An absolute name for ``path`` that the kernel resolves to the same file: joined
+    to the working directory, ".." left for the kernel (``os.path.abspath`` would collapse
+    it as text and, across a symlinked directory, name another file)."""
+    path = os.fspath(path)
+    if not os.path.isabs(path):
+        path = os.path.join(os.getcwd(), path)
+    return _tidy(path)
+
+
+def _identity(st: os.stat_result) -> tuple:
+    """What tells one file from another, as ``File.identity`` gives it for an open file:
+    (st_dev, st_ino), or (-1, st_rdev) for a block device (any of its device nodes)."""
+    if stat.S_ISBLK(st.st_mode):
+        return (-1, st.st_rdev)
+    return (st.st_dev, st.st_ino)
+
+
+def _plain_name(name: str) -> str:
+    """A backing name without its "file:" protocol prefix."""
+    return name[5:] if name.startswith("file:") else name
+
+
 def _resolve_backing(name: str, parent: str) -> str:
+    """The path of backing file ``name`` recorded in the image at ``parent``: a relative
+    name is joined to the directory of ``parent`` as it stands and resolved by the kernel
+    when opened, as QEMU does (no ".." is collapsed as text). Raises BackingChainError
+    for empty names, names with NUL, names over 1023 bytes and protocols other than
+    "file:"."""
     if not name:
         raise BackingChainError(f"{parent}: empty backing file name")
     if "\0" in name:
@@ -181,11 +220,10 @@ def _resolve_backing(name: str, parent: str) -> str:
     if _PROTOCOL.match(name) and not name.startswith("file:"):
         raise BackingChainError(
             f"{parent}: backing file {name!r} is not a plain local path (protocols are refused)")
-    if name.startswith("file:"):
-        name = name[5:]
+    name = _plain_name(name)
     if not os.path.isabs(name):
-        name = os.path.join(os.path.dirname(os.path.abspath(parent)), name)
-    return os.path.normpath(name)
+        name = os.path.join(os.path.dirname(_kernel_abspath(parent)), name)
+    return _tidy(name)
 
 
 class Image:
@@ -199,7 +237,7 @@ class Image:
     def __init__(self, path: str, *, readonly: bool = False, copy_on_read: bool = False,
                  backing_format: Union[None, str, Dict[str, str]] = None,
                  format: Optional[str] = None, _lock_files: bool = True) -> None:
-        self.path = os.path.abspath(os.fspath(path))
+        self.path = _kernel_abspath(os.fspath(path))
         self.readonly = readonly
         self.copy_on_read = copy_on_read and not readonly
         self._lock = threading.RLock()
@@ -223,7 +261,22 @@ class Image:
             return None
         if isinstance(bf, str):
             return bf
-        return bf.get(name) or bf.get(resolved)
+        fmt = bf.get(name) or bf.get(resolved)
+        if fmt is not None:
+            return fmt
+        # any other spelling of the same file (through symlinks, with ".." or not)
+        try:
+            want = os.stat(resolved)
+        except OSError:
+            return None
+        for key, value in bf.items():
+            try:
+                st = os.stat(key)
+            except OSError:
+                continue
+            if _identity(st) == _identity(want):
+                return value
+        return None
 
     def _open_chain(self, fmt: Optional[str], lock_files: bool) -> None:
         if not os.path.exists(self.path):
@@ -406,29 +459,75 @@ class Image:
                              on_event=on_event, chunk=chunk, batch=batch)
 
     def base_depth(self, base: Optional[str]) -> int:
-        """Chain index of ``base`` (by the name the chain uses, or a path to the same file);
-        the chain length for None."""
+        """Chain index of ``base``; the chain length for None.
+
+        ``base`` is any path to an image of the backing chain (through symlinks, with
+        ".." or not: the file is identified by device and inode), or the name the chain
+        records for it. Raises BackingChainError when it is neither, or when the name
+        the chain records and the file it reaches from here are two different images.
+        """
         if base is None:
             return len(self._drivers)
-        cands = []
-        for i, d in enumerate(self._drivers):
-            if i == 0:
-                continue
-            names = {d.file.path, os.path.abspath(d.file.path)}
-            parent = self._drivers[i - 1]
-            if parent.backing_name:
-                names.add(parent.backing_name)
-            if base in names:
-                return i
-            cands.append(d)
+        base = os.fspath(base)
+        named = None
+        for i, d in enumerate(self._drivers[1:], 1):
+            recorded = self._drivers[i - 1].backing_name
+            if base == d.file.path or (recorded is not None and
+                                       base in (recorded, _plain_name(recorded))):
+                named = i
+                break
         try:
             st = os.stat(base)
         except OSError:
-            raise BackingChainError(f"{self.path}: base {base!r} is not an image of the chain")
+            st = None
+        if st is None:
+            if named is not None:
+                return named
+            raise BackingChainError(f"{self.path}: base {base!r} is not an image of its "
+                                    f"backing chain (no such file, and no image of the "
+                                    f"chain has that name)")
         for i, d in enumerate(self._drivers[1:], 1):
-            if d.file.identity() == (st.st_dev, st.st_ino):
+            if d.file.identity() == _identity(st):
+                if named is not None and named != i:
+                    break
                 return i
-        raise BackingChainError(f"{self.path}: base {base!r} is not an image of its backing chain")
+        else:
+            if named is None:
+                raise BackingChainError(f"{self.path}: base {base!r} is not an image of its "
+                                        f"backing chain")
+        raise BackingChainError(
+            f"{self.path}: base {base!r} is ambiguous: the chain names "
+            f"{self._drivers[named].file.path} so, but from here it is another file; "
+            f"give the base as an absolute path")
+
+    def _kept_base_name(self, base_depth: int) -> str:
+        """The backing name that points the top at the image at ``base_depth``, spelt as
+        the chain spells it: each relative name joined to the directory of the name
+        before it, so the result is relative to the top's directory unless a link on the
+        way is absolute. ".." is never collapsed as text. Checked by device and inode
+        against the open base; if the composed name reaches another file, the path the
+        base was opened by is used. Raises BackingChainError if neither reaches it."""
+        base = self._drivers[base_depth]
+        want = base.file.identity()
+        top_dir = os.path.dirname(self._drivers[0].file.path)
+        cur: Optional[str] = None
+        for d in self._drivers[:base_depth]:
+            name = d.backing_name
+            if name is None or _PROTOCOL.match(name) and not name.startswith("file:"):
+                cur = None
+                break
+            name = _plain_name(name)
+            cur = name if cur is None or os.path.isabs(name) else \
+                os.path.join(os.path.dirname(cur), name)
+        for cand in ([_tidy(cur)] if cur else []) + [base.file.path]:
+            try:
+                st = os.stat(os.path.join(top_dir, cand))
+            except OSError:
+                continue
+            if _identity(st) == want:
+                return cand
+        raise BackingChainError(f"{self.path}: the base {base.file.path} was moved or "
+                                f"replaced during the pull; the backing link is unchanged")
 
     def _finish_pull(self, base_depth: int) -> None:
         """After a complete pull: point the top at the base (or at nothing) crash-safely
@@ -442,13 +541,7 @@ class Image:
                 top.set_backing(None, None)
             else:
                 base = drivers[base_depth]
-                above = drivers[base_depth - 1]
-                recorded = above.backing_name or base.file.path
-                if os.path.isabs(recorded):
-                    name = base.file.path
-                else:
-                    name = os.path.relpath(base.file.path, os.path.dirname(top.file.path))
-                top.set_backing(name, base.format)
+                top.set_backing(self._kept_base_name(base_depth), base.format)
             dropped = drivers[1:base_depth]
             self._drivers = [top] + drivers[base_depth:]
             self.chain_obj = Chain(self._drivers)
@@ -508,7 +601,8 @@ def open(path: Union[str, os.PathLike], *, readonly: bool = False, copy_on_read:
     ``readonly`` opens the top read-only (backing files always are). ``copy_on_read`` makes
     reads of inherited data also copy it into the top. ``backing_format`` names the format
     of backing files whose format the image does not record (a string for all of them, or
-    a dict from backing name to format); formats are never guessed.
+    a dict from backing name, as recorded or as any path to the same file, to format);
+    formats are never guessed.
     """
     return Image(os.fspath(path), readonly=readonly, copy_on_read=copy_on_read,
                  backing_format=backing_format, format=format)
