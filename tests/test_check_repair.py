@@ -315,3 +315,16 @@ def test_unreadable_l2_is_check_incomplete(tmp_path, qemu):
     assert r.leaks_fixed == 0 and r.corruptions
     assert any("leaks not repaired" in m for m in r.messages)
     assert open(p, "rb").read() == before
+
+
+def test_repair_leaks_on_qed(tmp_path, qemu):
+    """QED has no refcounts: check -r leaks changes nothing, and QEMU agrees it is sound."""
+    base = qemu.create(tmp_path / "base.qcow2", 8 << 20)
+    qemu.io(base, "write -P 1 0 8M")
+    p = qemu.create(tmp_path / "i.qed", 8 << 20, fmt="qed", backing="base.qcow2")
+    qemu.io(p, "write -P 2 1M 64k", "write -z 3M 64k", fmt="qed")
+    before = open(p, "rb").read()
+    r = blockpull.check(p, repair=True)
+    assert r.exit_code == 0 and r.leaks_fixed == 0
+    assert open(p, "rb").read() == before
+    assert qemu.check(p, fmt="qed") == 0
