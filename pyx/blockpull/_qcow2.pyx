@@ -241,7 +241,7 @@ cdef class Qcow2(Driver):
         self.cluster_bits = cbits
         self.cluster_size = 1 << cbits
         cs = self.cluster_size
-        if crypt != 0 and not self.metadata_only:
+        if crypt != 0 and not (self.metadata_only and crypt in (1, 2)):
             raise _fmt_err(path, "encrypted images (crypt_method %d) are not supported" % crypt)
         self.crypt_method = crypt
         self.crypto_header = None
