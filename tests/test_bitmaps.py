@@ -442,3 +442,31 @@ def test_sigkill_during_writes_and_pull_never_leaves_a_bitmap_that_misses_a_writ
         assert changed <= dirty, f"{what}: granules {sorted(changed - dirty)[:5]} not marked"
         assert dirty <= allowed, f"{what}: bits outside the writes"
     assert consistent >= 1
+
+
+def test_bitmap_left_in_use_by_a_killed_qemu(tmp_path, qemu, nbd):
+    """The real thing: QEMU (qemu-storage-daemon) killed while it has the image open
+    read-write leaves its bitmap in use; a read-write open says so and what to run."""
+    p = qemu.create(tmp_path / "k.qcow2", 8 << 20)
+    qemu.img("bitmap", "--add", p, "b0")
+    sock = str(tmp_path / "k.sock")
+    proc = subprocess.Popen(["qemu-storage-daemon", "--blockdev",
+                             f"driver=qcow2,node-name=top,file.driver=file,file.filename={p}",
+                             "--nbd-server", f"addr.type=unix,addr.path={sock}",
+                             "--export", "type=nbd,id=e,node-name=top,name=x,writable=on"],
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        for _ in range(500):
+            if directory_entries(p)[0][1] & 1 or proc.poll() is not None:
+                break
+            time.sleep(0.02)
+    finally:
+        proc.kill()
+        proc.wait()
+    assert directory_entries(p)[0][1] == 3, "QEMU did not flag the bitmap in use"
+    with pytest.raises(blockpull.InconsistentBitmapError) as ei:
+        blockpull.open(p)
+    assert ei.value.bitmap == "b0" and f"qemu-img bitmap --remove {p} b0" in str(ei.value)
+    with blockpull.open(p, readonly=True) as img:
+        assert img.read(0, 4096) == bytes(4096)
+    assert blockpull.check(p).exit_code == 0
