@@ -159,8 +159,19 @@ def s_overlay(qemu, d):
 
 def s_luks(qemu, d):
     p = str(d / "i.qcow2")
-    qemu.img("create", "-q", "-f", "qcow2", *SECRET, "-o",
-             "encrypt.format=luks,encrypt.key-secret=sec0,encrypt.iter-time=10", p, "8M")
+    for _ in range(20):
+        # QEMU times its key derivation with getrusage(); on a busy machine it may
+        # measure 0 ms and refuse ("Unable to get accurate CPU usage"): try again
+        r = qemu.img("create", "-q", "-f", "qcow2", *SECRET, "-o",
+                     "encrypt.format=luks,encrypt.key-secret=sec0,encrypt.iter-time=10",
+                     p, "8M", check=False)
+        if r.returncode == 0:
+            break
+        assert "accurate CPU usage" in r.stderr, r.stderr
+        if os.path.exists(p):
+            os.unlink(p)
+    else:
+        raise AssertionError("qemu-img could not create a LUKS image: " + r.stderr)
     return p, SECRET + ["--image-opts"]
 
 
