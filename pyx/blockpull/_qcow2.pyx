@@ -1191,7 +1191,9 @@ cdef class Qcow2(Driver):
 
     def write_zeroes(self, int64_t vaddr, int64_t n, object fill, bint backed):
         """Make [vaddr, vaddr+n) read zeros: zero flags for whole clusters on v3,
-        zero data elsewhere (and on v2 where a backing file would show through)."""
+        zero data elsewhere (and on v2 where a backing file would show through). A guest
+        write: it sets the enabled persistent bitmaps' bits for the whole range, as QEMU
+        does. Raises ValueError for a range outside the virtual size."""
         cdef int64_t cs = self.cluster_size
         cdef int64_t end = vaddr + n, v = vaddr, c, nxt
         cdef uint64_t e
