@@ -224,8 +224,6 @@ cdef class Bitmaps:
         self.size = size
         try:
             doff, dsize, self.bitmaps = parse_bitmaps(f, ext, cluster_bits, size, file_size)
-        except InconsistentBitmapError:
-            raise
         except ImageFormatError as exc:
             raise ImageFormatError("%s; this program cannot keep the image's persistent "
                                    "bitmaps up to date: open it read-only, or remove the "
