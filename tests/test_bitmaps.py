@@ -165,34 +165,34 @@ def qemu_io_cmds(writes):
     return [f"write {'-z' if z else '-P 0x5a'} {off} {n}" for off, n, z in writes]
 
 
-def blockpull_writes(path, writes, sessions=1, pull=False):
-    per = (len(writes) + sessions - 1) // sessions
-    for s in range(sessions):
+def blockpull_writes(path, writes, opens=1, pull=False):
+    per = (len(writes) + opens - 1) // opens
+    for s in range(opens):
         with blockpull.open(path) as img:
             for off, n, z in writes[s * per:(s + 1) * per]:
                 if z:
                     img.write_zeroes(off, n)
                 else:
                     img.write(off, b"\x5a" * n)
-            if pull and s == sessions - 1:
+            if pull and s == opens - 1:
                 img.pull().result()
 
 
-@pytest.mark.parametrize("cluster,gran,sessions", [
+@pytest.mark.parametrize("cluster,gran,opens", [
     (65536, None, 1), (65536, None, 3), (512, 512, 2), (4096, 1 << 20, 2), (512, 4096, 1)])
-def test_guest_writes_set_bits_like_qemu(tmp_path, qemu, nbd, cluster, gran, sessions):
+def test_guest_writes_set_bits_like_qemu(tmp_path, qemu, nbd, cluster, gran, opens):
     """Same writes through blockpull and through qemu-io: same bitmaps, same bits. With
     512-byte clusters and granularity a bitmap spans several data clusters, new ones are
-    allocated and existing ones rewritten in place across sessions."""
+    allocated and existing ones rewritten in place across opens."""
     base, top = brief_chain(tmp_path, qemu, cluster)
     if gran:
         qemu.img("bitmap", "--add", "-g", str(gran), top, "fine")
     ref = str(tmp_path / "ref.qcow2")
     shutil.copy(top, ref)
-    per = (len(WRITES) + sessions - 1) // sessions
-    for s in range(sessions):
+    per = (len(WRITES) + opens - 1) // opens
+    for s in range(opens):
         qemu.io(ref, *qemu_io_cmds(WRITES[s * per:(s + 1) * per]))
-    blockpull_writes(top, WRITES, sessions)
+    blockpull_writes(top, WRITES, opens)
     want = nbd(ref)
     assert want["b0"] and want["b1"] == []
     assert nbd(top) == want
