@@ -29,6 +29,23 @@ READ_LIMIT = 8 << 20          # bytes of virtual disk read per mutant
 ALLOWED = (blockpull.ImageFormatError, blockpull.BackingChainError)
 
 
+def bitmap_regions(data, version):
+    """The bitmap directory and the first bitmap table, if the image has bitmaps."""
+    if version != 3:
+        return []
+    off = struct.unpack_from(">I", data, 100)[0]
+    while off + 8 <= min(len(data), 4096):
+        etype, elen = struct.unpack_from(">II", data, off)
+        if etype == 0:
+            break
+        if etype == 0x23852875 and elen == 24:
+            _nb, _r, dsize, doff = struct.unpack_from(">IIQQ", data, off + 8)
+            toff, tsize = struct.unpack_from(">QI", data, doff)
+            return [("bitmap_dir", doff, dsize), ("bitmap_table", toff, tsize * 8)]
+        off += 8 + ((elen + 7) & ~7)
+    return []
+
+
 def regions(path):
     """(name, file offset, length) of the metadata worth mutating in one image."""
     with open(path, "rb") as f:
@@ -58,6 +75,7 @@ def regions(path):
         out.append(("refblock", rb, min(cs, 512)))
     if nb_snap:
         out.append(("snapshots", snap_off, min(256, len(data) - snap_off)))
+    out += bitmap_regions(data, version)
     return [r for r in out if r[1] + r[2] <= len(data) and r[2] > 0]
 
 

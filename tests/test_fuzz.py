@@ -38,6 +38,10 @@ def make_seeds(qemu, d):
     qemu.io(f, "write -c -P 4 0 64k", "write -P 5 64k 64k")
     x = qemu.create(d / "extl2.qcow2", size, opts=["extended_l2=on,cluster_size=32k"])
     qemu.io(x, "write -P 7 0 4k", "write -P 8 40k 8k", "write -z 100k 32k")
+    bm = qemu.create(d / "bitmaps.qcow2", size, opts=["cluster_size=4096"])
+    qemu.img("bitmap", "--add", "-g", "4096", bm, "b0")
+    qemu.img("bitmap", "--add", "--disable", bm, "b1")
+    qemu.io(bm, "write -P 9 0 8k", "write -P 9 1M 4k")
     with open(d / "base.raw", "wb") as fh:
         fh.truncate(size)
     g = qemu.create(d / "backed.qcow2", size, backing="base.raw", backing_fmt="raw")

@@ -6,7 +6,8 @@
 * every cluster in use gets an expected refcount: the header cluster, the refcount table
   and each refcount block, the snapshot table, each L1 table (active and one per snapshot),
   each L2 table once per L1 entry that points at it, each data cluster once per L2 entry
-  (for a compressed cluster: every host cluster its compressed bytes touch);
+  (for a compressed cluster: every host cluster its compressed bytes touch), and the
+  areas the caller names (bitmap directory, tables and data; the encryption header);
 * the stored refcounts are read from the refcount blocks and compared: stored < expected is
   a corruption, stored > expected a leak;
 * the active tables' COPIED flags must say "refcount is exactly 1" (a corruption otherwise),
@@ -58,9 +59,17 @@ cdef enum:
     R_SNAPTABLE = 6
     R_DATA = 7
     R_COMPRESSED = 8
+    R_BITMAP_DIRECTORY = 9
+    R_BITMAP_TABLE = 10
+    R_BITMAP_DATA = 11
+    R_CRYPTO_HEADER = 12
 
 ROLE_NAMES = ["unused", "header", "L1 table", "L2 table", "refcount table",
-              "refcount block", "snapshot table", "data cluster", "compressed data"]
+              "refcount block", "snapshot table", "data cluster", "compressed data",
+              "bitmap directory", "bitmap table", "bitmap data", "encryption header"]
+#: roles of the other areas ``Qcow2Check.run`` may be given, by name
+AREA_ROLES = {"bitmap directory": R_BITMAP_DIRECTORY, "bitmap table": R_BITMAP_TABLE,
+              "bitmap data": R_BITMAP_DATA, "encryption header": R_CRYPTO_HEADER}
 
 
 def parse_snapshot_table(File f, uint64_t offset, uint64_t count, int cluster_bits,
@@ -126,6 +135,7 @@ cdef class Qcow2Check:
     cdef public int64_t corruptions
     cdef public int64_t leaks
     cdef public int64_t check_errors
+    cdef public int64_t skipped      # tables whose references could not be counted
     cdef public int64_t allocated_clusters
     cdef public int64_t compressed_clusters
     cdef public int64_t highest
@@ -242,9 +252,11 @@ cdef class Qcow2Check:
             return 0
         if l1_size * 8 > MAX_L1_BYTES:
             self.corrupt("%s L1 table has %d entries, more than %d" % (label, l1_size, MAX_L1_BYTES // 8))
+            self.skipped += 1
             return 0
         nbytes = l1_size * 8
         if not self.readable(l1_off, nbytes, label + " L1 table"):
+            self.skipped += 1
             return 0
         self.add(l1_off, nbytes, R_L1)
         l1 = <unsigned char*>malloc(nbytes)
@@ -267,8 +279,10 @@ cdef class Qcow2Check:
                 if l2_off & (self.cs - 1):
                     self.corrupt("l2_offset=0x%x: %s L2 table is not cluster aligned; L1 entry "
                                  "%d corrupted" % (l2_off, label, i))
+                    self.skipped += 1
                     continue
                 if l2_off + self.cs > <uint64_t>self.file_size:
+                    self.skipped += 1
                     continue  # add() counted it
                 if self.read(self.buf, self.cs, l2_off, "L2 table"):
                     continue
@@ -464,10 +478,15 @@ cdef class Qcow2Check:
 
     # ---- the whole check ------------------------------------------------------------------
 
-    def run(self, list snapshots):
+    def run(self, list snapshots, list areas=None):
         """Count references, load and compare refcounts; COPIED flags are checked by
-        ``check_flags`` (after an optional leak repair)."""
+        ``check_flags`` (after an optional leak repair). ``areas``: the other structures
+        that use clusters, as ``(offset, nbytes, role name)`` with a name from
+        ``AREA_ROLES`` (the bitmap directory, tables and data, the encryption header)."""
         h = self.hdr
+        for (off, nbytes, what) in (areas or ()):
+            if self.readable(off, nbytes, what):
+                self.add(off, nbytes, AREA_ROLES[what])
         self.add(0, self.cs, R_HEADER)
         self.walk_l1(h["l1_table_offset"], h["l1_size"], True, "active")
         for (l1_off, l1_size, sid, name, _pos) in snapshots:
@@ -475,10 +494,12 @@ cdef class Qcow2Check:
             if l1_off & (self.cs - 1):
                 self.corrupt("%s l1_offset=0x%x: L1 table is not cluster aligned; snapshot "
                              "table entry corrupted" % (label, l1_off))
+                self.skipped += 1
                 continue
             if l1_size * 8 > MAX_L1_BYTES:
                 self.corrupt("%s l1_size=%d: L1 table is too large; snapshot table entry "
                              "corrupted" % (label, l1_size))
+                self.skipped += 1
                 continue
             self.walk_l1(l1_off, l1_size, False, label)
         if snapshots:

@@ -31,6 +31,7 @@ import zlib
 from collections import OrderedDict
 
 from blockpull.errors import ImageFormatError
+from blockpull._bitmaps import Bitmaps, AUTOCLEAR_BITMAPS
 
 cdef extern from *:
     uint32_t bswap32 "__builtin_bswap32"(uint32_t x) nogil
@@ -192,6 +193,10 @@ cdef class Qcow2(Driver):
     cdef list free_waiting        # reference dropped in memory, not yet written
     cdef list free_after_sync     # reference drop written, durable after the next sync
     cdef bint autoclear_done
+    cdef readonly object bitmaps  # Bitmaps kept up to date (writable, autoclear bit 0), or None
+    cdef readonly bint metadata_only
+    cdef readonly int crypt_method
+    cdef readonly tuple crypto_header  # (offset, length) of the LUKS header area, or None
     cdef int64_t file_size
     cdef object zstd_dctx
     cdef int64_t last_comp_vcluster
@@ -201,9 +206,12 @@ cdef class Qcow2(Driver):
     cdef list snap_l1_dirty       # dirty entry indexes per snapshot L1
     cdef dict l2_refs             # with snapshots: L2 offset -> L1 entries pointing at it
 
-    def __init__(self, File f, bint writable):
+    def __init__(self, File f, bint writable, *, bint metadata_only=False):
+        """``metadata_only`` (read-only opens for checking): accept encrypted images,
+        whose tables are not encrypted; their data cannot be read."""
         self.file = f
         self.writable = writable
+        self.metadata_only = metadata_only and not writable
         self.format = "qcow2"
         self.l2_cache = OrderedDict()
         self.rb_cache = OrderedDict()
@@ -234,8 +242,10 @@ cdef class Qcow2(Driver):
         self.cluster_bits = cbits
         self.cluster_size = 1 << cbits
         cs = self.cluster_size
-        if crypt != 0:
+        if crypt != 0 and not (self.metadata_only and crypt in (1, 2)):
             raise _fmt_err(path, "encrypted images (crypt_method %d) are not supported" % crypt)
+        self.crypt_method = crypt
+        self.crypto_header = None
         if size > MAX_VIRTUAL_SIZE:
             raise _fmt_err(path, "virtual size %d is too large" % size)
         self.size = size
@@ -345,7 +355,12 @@ cdef class Qcow2(Driver):
                 except UnicodeDecodeError:
                     raise _fmt_err(path, "backing format name is not ASCII")
             elif etype == EXT_CRYPTO:
-                raise _fmt_err(path, "encryption header extension present: encrypted images are not supported")
+                if not self.metadata_only:
+                    raise _fmt_err(path, "encryption header extension present: encrypted "
+                                   "images are not supported")
+                if len(data) < 16:
+                    raise _fmt_err(path, "encryption header extension is too short")
+                self.crypto_header = struct.unpack(">QQ", data[:16])
             self.extensions.append((etype, data, off))
             off += 8 + ((elen + 7) & ~7)
         self.backing_name = None
@@ -366,12 +381,19 @@ cdef class Qcow2(Driver):
         self.l2_cache_max = max(16, L2_CACHE_BYTES // per_table)
         self.rb_cache_max = max(16, RB_CACHE_BYTES // per_table)
         self.next_free = (self.file_size + cs - 1) >> cbits
-        self.autoclear_done = self.autoclear == 0
+        self.autoclear_done = (self.autoclear & ~AUTOCLEAR_BITMAPS) == 0
         self._load_snapshots()
         if self.file.is_device:
             # a device is "file" to its end: what the image uses ends at its last
             # counted cluster, and new clusters go after it, up to the device's end
             self.next_free = self._counted_end()
+        self.bitmaps = None
+        if self.writable and self.version == 3 and self.autoclear & AUTOCLEAR_BITMAPS:
+            for (etype, data, off) in self.extensions:
+                if etype == EXT_BITMAPS:
+                    self.bitmaps = Bitmaps(self.file, bytes(data), self.cluster_bits,
+                                           self.size, self.file_size, self.refcount)
+                    break
 
     cdef int64_t _counted_end(self) except -1:
         """One past the last host cluster whose refcount is not zero."""
@@ -894,71 +916,30 @@ cdef class Qcow2(Driver):
         self.free_waiting.append((host_cluster, n))
 
     cdef _autoclear(self):
-        """Clear the autoclear feature bits (we maintain none of them) before the first
-        change. Persistent bitmaps (bit 0) go with their bit: once the cleared bit is
-        durable QEMU ignores them, so their clusters are given back and their extension
-        is dropped where one small write can do it; ``qemu-img check`` stays clean."""
+        """Before the first change, clear the autoclear feature bits this driver does not
+        maintain: all but bit 0. Persistent bitmaps (bit 0) are kept up to date (see
+        blockpull._bitmaps), so their bit, extension and clusters stay as they are."""
         cdef unsigned char b[8]
         if self.autoclear_done:
             return
         self.autoclear_done = True
-        if self.version != 3 or not self.autoclear:
+        if self.version != 3 or not (self.autoclear & ~AUTOCLEAR_BITMAPS):
             return
-        bitmap_clusters = self._bitmap_clusters() if self.autoclear & 1 else []
-        self.autoclear = 0
-        memset(b, 0, 8)
+        self.autoclear &= AUTOCLEAR_BITMAPS
+        st64(b, self.autoclear)
         self.file.write_full(b, 8, 88)
         self._sync()
-        for i, (etype, data, off) in enumerate(self.extensions):
-            if etype != EXT_BITMAPS:
-                continue
-            if i == len(self.extensions) - 1:
-                # the last extension: an end marker in its place drops it atomically
-                self.file.write_full(b, 8, off)
-                self._sync()
-                del self.extensions[i]
-            break
-        for c in bitmap_clusters:
-            self._free_now(c, 1)
 
-    cdef list _bitmap_clusters(self):
-        """Host clusters the persistent bitmaps use (directory, tables, data), as the
-        bitmaps extension describes them; each once per reference."""
-        cdef int64_t cs = self.cluster_size
-        cdef int64_t cb = self.cluster_bits
-        path = self.file.path
-        out = []
-        ext = [d for (t, d, o) in self.extensions if t == EXT_BITMAPS]
-        if not ext:
-            return out
-        if len(ext[0]) < 24:
-            raise _fmt_err(path, "bitmaps header extension is too short")
-        nb, _r, dsize, doff = struct.unpack(">IIQQ", ext[0][:24])
-        if nb == 0:
-            return out
-        if doff % cs or doff == 0 or dsize > 64 * 1024 * 1024 or doff + dsize > self.file_size:
-            raise _fmt_err(path, "bitmap directory (0x%x, %d bytes) is invalid" % (doff, dsize))
-        out.extend(range(doff >> cb, (doff + dsize + cs - 1) >> cb))
-        d = self.file.pread(doff, dsize)
-        pos = 0
-        for _ in range(nb):
-            if pos + 24 > len(d):
-                raise _fmt_err(path, "bitmap directory entry lies past the directory end")
-            toff, tsize, flags, btype, gbits, nsize, xsize = struct.unpack(">QIIBBHI", d[pos:pos + 24])
-            pos += (24 + xsize + nsize + 7) & ~7
-            if tsize == 0:
-                continue
-            if toff % cs or toff == 0 or tsize * 8 > 64 * 1024 * 1024 or toff + tsize * 8 > self.file_size:
-                raise _fmt_err(path, "bitmap table at 0x%x (%d entries) is invalid" % (toff, tsize))
-            out.extend(range(toff >> cb, (toff + tsize * 8 + cs - 1) >> cb))
-            table = self.file.pread(toff, tsize * 8)
-            for (e,) in struct.iter_unpack(">Q", table):
-                off = e & OFFSET_MASK
-                if off:
-                    if off % cs or off >= self.file_size:
-                        raise _fmt_err(path, "bitmap data cluster 0x%x is invalid" % off)
-                    out.append(off >> cb)
-        return out
+    cdef _bitmaps_mark(self, int64_t vaddr, int64_t n):
+        """A guest write of [vaddr, vaddr + n) is about to change the image: flag the
+        enabled bitmaps in use (durably, once until the next flush) and set their bits.
+        The pull and copy-on-read change no byte the guest reads and never come here."""
+        if self.bitmaps is None or n <= 0 or not self.bitmaps.tracking:
+            return
+        if not self.bitmaps.active:
+            self.bitmaps.set_in_use(True)
+            self._sync()
+        self.bitmaps.mark(vaddr, n)
 
     # ---- writes -------------------------------------------------------------------
 
@@ -1029,6 +1010,7 @@ cdef class Qcow2(Driver):
         if vaddr < 0 or vaddr + n > self.size:
             raise ValueError("write [%d, %d) outside the virtual size %d" % (vaddr, vaddr + n, self.size))
         self._autoclear()
+        self._bitmaps_mark(vaddr, n)
         pos = 0
         while pos < n:
             v = vaddr + pos
@@ -1232,10 +1214,17 @@ cdef class Qcow2(Driver):
 
     def write_zeroes(self, int64_t vaddr, int64_t n, object fill, bint backed):
         """Make [vaddr, vaddr+n) read zeros: zero flags for whole clusters on v3,
-        zero data elsewhere (and on v2 where a backing file would show through)."""
+        zero data elsewhere (and on v2 where a backing file would show through). A guest
+        write: it sets the enabled persistent bitmaps' bits for the whole range, as QEMU
+        does. Raises ValueError for a range outside the virtual size."""
         cdef int64_t cs = self.cluster_size
         cdef int64_t end = vaddr + n, v = vaddr, c, nxt
         cdef uint64_t e
+        if vaddr < 0 or n < 0 or vaddr + n > self.size:
+            raise ValueError("write_zeroes [%d, %d) outside the virtual size %d" % (vaddr, vaddr + n, self.size))
+        if n:
+            self._autoclear()
+            self._bitmaps_mark(vaddr, n)
         while v < end:
             c = v >> self.cluster_bits
             nxt = min((c + 1) << self.cluster_bits, end)
@@ -1243,7 +1232,6 @@ cdef class Qcow2(Driver):
                 e = self._l2_entry(c)
                 if self.version == 3:
                     if e != ZERO_FLAG:
-                        self._autoclear()
                         self._replace(c, ZERO_FLAG)
                     v = nxt
                     continue
@@ -1339,6 +1327,10 @@ cdef class Qcow2(Driver):
     cpdef flush(self):
         if not self.writable:
             return
+        bm = self.bitmaps
+        if bm is not None and bm.active:
+            # bitmap data first: the sync below covers it and its refcounts
+            bm.write_data(self.alloc_clusters)
         self.flush_metadata()
         self._sync()
         cdef Table t
@@ -1347,6 +1339,13 @@ cdef class Qcow2(Driver):
                 self._write_refblocks()
                 self._sync()
                 break
+        if bm is not None and bm.active:
+            # then the table entries naming new data clusters, and only once those are
+            # durable is in_use cleared (QEMU's docs/interop/qcow2.rst, "Bitmaps")
+            if bm.write_tables():
+                self._sync()
+            bm.set_in_use(False)
+            self._sync()
 
     # ---- backing link ---------------------------------------------------------------
 

@@ -12,7 +12,7 @@ from blockpull.compat import (BLOCK_JOB_SPEED_BANDWIDTH_BYTES, BLOCK_PULL_BANDWI
                               block_pull, block_pull_abort, event_deregister, event_register,
                               get_block_pull_info)
 from blockpull.errors import (BackingChainError, BlockpullError, ImageFormatError,
-                              ImageLockedError, JobActiveError, PullCancelled, PullError)
+                              ImageLockedError, InconsistentBitmapError, JobActiveError, PullCancelled, PullError)
 from blockpull.image import ChainEntry, Extent, Image, create, open
 from blockpull.checker import CheckResult, check
 from blockpull.job import PullEvent, PullInfo, PullJob, pull
@@ -23,6 +23,7 @@ __version__ = "0.1.0"
 
 __all__ = [
     "BackingChainError", "BlockpullError", "ImageFormatError", "ImageLockedError",
+    "InconsistentBitmapError",
     "JobActiveError", "PullCancelled", "PullError",
     "ChainEntry", "CheckResult", "Extent", "Image", "check", "create", "open",
     "PullEvent", "PullInfo", "PullJob", "pull",

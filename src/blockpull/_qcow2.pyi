@@ -1,5 +1,5 @@
 """Type stubs for the compiled module blockpull._qcow2."""
-from typing import Any, Callable, Dict, List, Optional
+from typing import Any, Callable, Dict, List, Optional, Tuple
 
 from blockpull._driver import Driver
 from blockpull._fileio import File
@@ -36,7 +36,11 @@ class Qcow2(Driver):
     extensions: List[Any]
     next_free: int
     syncs: int
-    def __init__(self, f: File, writable: bool) -> None: ...
+    bitmaps: Optional[Any]
+    metadata_only: bool
+    crypt_method: int
+    crypto_header: Optional[Tuple[int, int]]
+    def __init__(self, f: File, writable: bool, *, metadata_only: bool = ...) -> None: ...
     def refcount(self, cluster: int) -> int: ...
     def write_zeroes(self, vaddr: int, n: int, fill: Optional[Callable[[int, Any], None]], backed: bool) -> None: ...
     def l1_entries(self) -> List[int]: ...

@@ -10,6 +10,7 @@ import struct
 from typing import Any, Callable, Dict, List, NamedTuple, Optional, Set, Tuple, Union
 
 from blockpull import _qcow2
+from blockpull._bitmaps import AUTOCLEAR_BITMAPS, parse_bitmaps
 from blockpull._check import Qcow2Check, parse_snapshot_table
 from blockpull._fileio import File
 from blockpull.errors import ImageFormatError
@@ -81,11 +82,13 @@ def _check_qcow2(path: str, repair: bool) -> CheckResult:
     f = File(path, repair, "top")
     try:
         _lock(f, repair, path)
-        drv = _qcow2.Qcow2(f, False)        # validates the header and the table extents
+        # validates the header and the table extents; encrypted images are checked too
+        drv = _qcow2.Qcow2(f, False, metadata_only=True)
         file_size = f.size()
         cbits = drv.cluster_bits
         snaps, snap_bytes = parse_snapshot_table(f, drv.snapshots_offset, drv.nb_snapshots,
                                                  cbits, file_size)
+        areas, incomplete = _other_areas(f, drv, file_size)
         hdr = {
             "version": drv.version, "cluster_bits": cbits,
             "refcount_order": drv.refcount_order,
@@ -96,13 +99,21 @@ def _check_qcow2(path: str, repair: bool) -> CheckResult:
             "extended_l2": bool(drv.incompatible & _qcow2.INCOMPAT_EXTL2),
         }
         chk = Qcow2Check(f, hdr, file_size)
-        chk.run(snaps)
+        chk.run(snaps, areas)
+        for reason in incomplete:
+            chk.check_errors += 1
+            chk.messages.append("ERROR check incomplete: " + reason)
         fixed = 0
         fixable: Set[int] = set()
         if repair and chk.leaks:
             if drv.incompatible & _qcow2.INCOMPAT_CORRUPT:
                 chk.messages.append("image is marked corrupt: leaks not repaired "
                                     "(repair the corruption with qemu-img check -r all)")
+            elif chk.check_errors or chk.skipped:
+                # a structure that was not read, not understood or not walkable may own
+                # clusters that look leaked: freeing them could destroy it
+                chk.messages.append("check incomplete: leaks not repaired (some metadata "
+                                    "could not be read or understood; see the errors above)")
             else:
                 fixed, fixable = _repair_leaks(f, chk)
         fixes = chk.check_flags(fixable)
@@ -125,6 +136,40 @@ def _check_qcow2(path: str, repair: bool) -> CheckResult:
             leaks_fixed=fixed, dropped_messages=chk.dropped_messages)
     finally:
         f.close()
+
+
+def _other_areas(f: File, drv: Any, file_size: int) -> Tuple[List[Tuple[int, int, str]],
+                                                                List[str]]:
+    """The structures besides the tables that own clusters, as ``qemu-img check`` counts
+    them: the encryption header (LUKS) and, while autoclear bit 0 says they are valid, the
+    persistent bitmaps' directory, tables and data clusters (QEMU's docs/interop/qcow2.rst,
+    "Bitmaps"). Returns ``([(offset, nbytes, role)...], [reason...])``: a reason for each
+    structure that could not be understood (the check is then incomplete)."""
+    areas: List[Tuple[int, int, str]] = []
+    incomplete: List[str] = []
+    cs = drv.cluster_size
+    if drv.crypto_header is not None:
+        off, n = drv.crypto_header
+        areas.append((off, n, "encryption header"))
+    elif drv.crypt_method == 2:
+        incomplete.append("LUKS encrypted image without an encryption header extension")
+    if drv.version == 3 and drv.autoclear & AUTOCLEAR_BITMAPS:
+        for etype, data, _off in drv.extensions:
+            if etype != _qcow2.EXT_BITMAPS:
+                continue
+            try:
+                doff, dsize, bitmaps = parse_bitmaps(f, bytes(data), drv.cluster_bits,
+                                                     drv.size, file_size)
+            except ImageFormatError as exc:
+                incomplete.append(f"persistent bitmaps not understood ({exc})")
+                break
+            areas.append((doff, dsize, "bitmap directory"))
+            for bm in bitmaps:
+                areas.append((bm.table_offset, bm.table_size * 8, "bitmap table"))
+                for off in bm.data_clusters():
+                    areas.append((off, cs, "bitmap data"))
+            break
+    return areas, incomplete
 
 
 def _repair_leaks(f: File, chk: Qcow2Check) -> Tuple[int, Set[int]]:

@@ -6,6 +6,7 @@ from typing import Optional
 __all__ = [
     "BlockpullError",
     "ImageFormatError",
+    "InconsistentBitmapError",
     "BackingChainError",
     "ImageLockedError",
     "JobActiveError",
@@ -20,6 +21,17 @@ class BlockpullError(Exception):
 
 class ImageFormatError(BlockpullError, ValueError):
     """Not an image of the stated format, a malformed one, or an unsupported feature."""
+
+
+class InconsistentBitmapError(ImageFormatError):
+    """A persistent dirty bitmap is marked in use: the program that last wrote the image
+    stopped without saving it, so its bits are unknown (QEMU's docs/interop/qcow2.rst,
+    "Bitmap directory", flag ``in_use``). The image opens read-only; to write to it,
+    remove the bitmap (``qemu-img bitmap --remove``). ``bitmap`` names it."""
+
+    def __init__(self, message: str, bitmap: Optional[str] = None) -> None:
+        super().__init__(message)
+        self.bitmap = bitmap
 
 
 class BackingChainError(BlockpullError):
