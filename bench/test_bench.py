@@ -21,6 +21,9 @@ import blockpull
 from blockpull.image import DRIVERS
 
 ROUNDS = int(os.environ.get("BLOCKPULL_BENCH_ROUNDS", "5"))
+#: a directory holding another build of the package (e.g. the last release's ``src``):
+#: the dense and sparse benchmarks then pull with it too, each build in a child interpreter
+PREVIOUS = os.environ.get("BLOCKPULL_BENCH_PREVIOUS")
 DENSE = GiB
 FORMATS = [f for f in ("qcow2", "qed") if f in DRIVERS]
 
@@ -94,6 +97,36 @@ def _pull_peer(name, c, fmt):
     return Peer(name, setup, run_pull, lambda: _verify_pulled(out["p"], c.ref_raw, fmt))
 
 
+_CHILD_PULL = ("import sys, blockpull\n"
+               "fmt = sys.argv[2] or None\n"
+               "with blockpull.open(sys.argv[1], backing_format=fmt) as img:\n"
+               "    img.pull().result()\n")
+
+
+def _child_pull_peer(name, c, fmt, pkg_root):
+    """A pull in a fresh interpreter importing blockpull from ``pkg_root``: the same
+    start-up cost for every build compared this way."""
+    out = {}
+    env = dict(os.environ, PYTHONPATH=pkg_root)
+
+    def setup():
+        out["p"] = c.fresh_top()
+        return out["p"]
+
+    def run_pull(path):
+        run(sys.executable, "-c", _CHILD_PULL, path, _bfmt(fmt) or "", env=env)
+
+    return Peer(name, setup, run_pull, lambda: _verify_pulled(out["p"], c.ref_raw, fmt))
+
+
+def _previous_peers(c, fmt):
+    """This build and the previous one, both in child interpreters (BLOCKPULL_BENCH_PREVIOUS)."""
+    if not PREVIOUS:
+        return []
+    return [_child_pull_peer("blockpull child (this build)", c, fmt, PKG_ROOT),
+            _child_pull_peer("blockpull child (previous build)", c, fmt, PREVIOUS)]
+
+
 def _stream_peer(c, fmt, check_raw=True):
     out = {}
 
@@ -142,7 +175,7 @@ def test_dense(benchmark, chains, fmt):
     peers = [_pull_peer("blockpull", c, fmt), _stream_peer(c, fmt),
              Peer(f"qemu-img convert -O {fmt}", fresh(conv), convert,
                   lambda: run("qemu-img", "compare", "-f", fmt, "-F", "raw", conv, c.ref_raw)),
-             Peer("cp of the same bytes (raw)", fresh(copied), cp)]
+             Peer("cp of the same bytes (raw)", fresh(copied), cp)] + _previous_peers(c, fmt)
     med = side_by_side(benchmark, peers, ROUNDS)
     drop_file(conv)
     drop_file(copied)
@@ -152,6 +185,11 @@ def test_dense(benchmark, chains, fmt):
         if name != "blockpull":
             note += "; blockpull is %.2fx as fast" % (t / bp)
         record(f"dense {fmt}: {name}", figure=_rate(DENSE, t), notes=note)
+    if PREVIOUS:
+        this = med["blockpull child (this build)"]
+        old = med["blockpull child (previous build)"]
+        record(f"dense {fmt}: this build vs previous", figure="%.2fx" % (old / this),
+               notes="child interpreters; > 1 means this build is faster")
 
 
 POLL_PULLS = int(os.environ.get("BLOCKPULL_BENCH_POLL_PULLS", "20"))
@@ -243,13 +281,23 @@ def test_sparse(benchmark, chains):
     c = chains.get("sparse", "qcow2", size=TiB, data=64 * MiB)
     pull = _pull_peer("blockpull", c, "qcow2")
     pull.check = None
-    med = side_by_side(benchmark, [pull, _stream_peer(c, "qcow2", check_raw=False)],
+    prev = _previous_peers(c, "qcow2")
+    for p in prev:
+        p.check = None
+    med = side_by_side(benchmark, [pull, _stream_peer(c, "qcow2", check_raw=False)] + prev,
                        SPARSE_ROUNDS)
     bp, qs = med["blockpull"], med["QEMU block-stream"]
     record("sparse 1 TiB/64 MiB: blockpull", figure="%.3f s" % bp,
            notes="median of %d; %.0f MiB/s of data" % (SPARSE_ROUNDS, 64 / bp))
     record("sparse 1 TiB/64 MiB: QEMU block-stream", figure="%.3f s" % qs,
            notes="median of %d; blockpull is %.1fx as fast" % (SPARSE_ROUNDS, qs / bp))
+    if prev:
+        this, old = med[prev[0].name], med[prev[1].name]
+        for p in prev:
+            record(f"sparse 1 TiB/64 MiB: {p.name}", figure="%.3f s" % med[p.name],
+                   notes="median of %d" % SPARSE_ROUNDS)
+        record("sparse 1 TiB/64 MiB: this build vs previous", figure="%.2fx" % (old / this),
+               notes="child interpreters; > 1 means this build is faster")
 
 
 # ---- rate limit ------------------------------------------------------------------------
