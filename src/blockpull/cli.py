@@ -293,8 +293,8 @@ def cmd_create(args: argparse.Namespace) -> int:
         if report["backing"] and report["backing_format"]:
             line += f", backed by {report['backing']} ({report['backing_format']})"
         elif report["backing"]:
-            line += (f", backed by {report['backing']} (its format cannot be recorded in "
-                     f"{report['format']}: name it with -F when you open the image)")
+            line += (f", backed by {report['backing']} ({report['format']} records no format "
+                     f"for it: its qcow2 or QED header tells it when the image is opened)")
         print(line)
     return EXIT_OK
 
