@@ -1,6 +1,7 @@
 """Opening and creating images, and the ``Image`` object people read, write and pull."""
 from __future__ import annotations
 
+import contextlib
 import errno as _errno
 import json
 import logging
@@ -8,7 +9,8 @@ import os
 import re
 import stat
 import threading
-from typing import TYPE_CHECKING, Any, Callable, Dict, List, NamedTuple, Optional, Tuple, Union
+from typing import (TYPE_CHECKING, Any, Callable, Dict, Iterator, List, NamedTuple, Optional,
+                    Tuple, Union)
 
 from blockpull import _qcow2, _qed, _raw
 from blockpull._chain import Chain
@@ -129,6 +131,21 @@ _PERM_NAMES = {_PERM_READ: "consistent read", _PERM_WRITE: "write",
 #: how long a lock conflict may last before it is reported (see ``_lock``)
 LOCK_GRACE = 0.25
 
+_shared_reads = threading.local()
+
+
+@contextlib.contextmanager
+def _without_read_locks() -> Iterator[None]:
+    """Within this block, in this thread, read-only opens take no lock bytes (QEMU's
+    force-share, ``qemu-img -U``): they neither see nor stop a writer. Writable opens
+    still lock."""
+    before = getattr(_shared_reads, "on", False)
+    _shared_reads.on = True
+    try:
+        yield
+    finally:
+        _shared_reads.on = before
+
 
 def _lock(f: File, writable: bool, path: str) -> None:
     """Take the lock bytes (``_lock_once``), trying again for ``LOCK_GRACE`` seconds on
@@ -140,6 +157,8 @@ def _lock(f: File, writable: bool, path: str) -> None:
     would be refused although nobody uses it; the window lasts far less than the grace.
     """
     import time
+    if not writable and getattr(_shared_reads, "on", False):
+        return None
     deadline = time.monotonic() + LOCK_GRACE
     while True:
         try:
