@@ -75,32 +75,38 @@ class Extent(NamedTuple):
         return d
 
 
-class _NotProbeable(ImageFormatError):
-    """The file's first bytes are no qcow2 or QED header (raw is never guessed)."""
-
-
-def _probe_format(path: str, f: File) -> str:
+def _probe_magic(f: File) -> Optional[str]:
     """The format the magic of the open file ``f`` shows: qcow2 or QED only (a header of
-    its own, libvirt's rule for safe probing); raw is never the result of a probe.
-    Raises ``_NotProbeable`` (an ImageFormatError) otherwise."""
+    its own, libvirt's rule for safe probing), else None: raw is never probed."""
     head = f.pread(0, 64)
     for name in _PROBED_FORMATS:
         if DRIVERS[name][1](head):
             return name
-    raise _NotProbeable(f"{path}: not a qcow2 or QED image; if it is raw, name the format "
-                        f"(format='raw'; -f raw on the command line)")
+    return None
 
 
-def _probe_path(path: str, role: str) -> str:
-    """The format of the image at ``path``, from its magic (raw is never guessed)."""
+def _not_probed(path: str) -> ImageFormatError:
+    return ImageFormatError(f"{path}: not a qcow2 or QED image; if it is raw, name the format "
+                            f"(format='raw'; -f raw on the command line)")
+
+
+def _probe_path(path: str, role: str, not_probed: Optional[BlockpullError] = None) -> str:
+    """The format of the image at ``path``, from its magic (raw is never guessed).
+    Raises ``not_probed`` (default: an ImageFormatError) when it shows no format."""
     f = File(path, False, role)
     try:
-        return _probe_format(path, f)
+        fmt = _probe_magic(f)
     finally:
         f.close()
+    if fmt is None:
+        raise not_probed or _not_probed(path)
+    return fmt
 
 
-def _open_driver(path: str, fmt: Optional[str], writable: bool, role: str):
+def _open_driver(path: str, fmt: Optional[str], writable: bool, role: str,
+                 not_probed: Optional[BlockpullError] = None):
+    """Open ``path`` as ``fmt`` (None: by its qcow2/QED magic, raising ``not_probed``,
+    default an ImageFormatError, when it shows neither)."""
     try:
         f = File(path, writable, role)
     except FileNotFoundError:
@@ -109,7 +115,9 @@ def _open_driver(path: str, fmt: Optional[str], writable: bool, role: str):
         raise ImageFormatError(f"{path}: is a directory, not an image")
     try:
         if fmt is None:
-            fmt = _probe_format(path, f)
+            fmt = _probe_magic(f)
+            if fmt is None:
+                raise not_probed or _not_probed(path)
         if fmt not in DRIVERS:
             raise ImageFormatError(f"{path}: unsupported format {fmt!r} (qcow2, qed or raw)")
         cls = DRIVERS[fmt][0]
@@ -421,15 +429,14 @@ class Image:
             bpath, bfmt = self._backing_format_of(cur, cur_path)
             if not os.path.exists(bpath):
                 raise BackingChainError(f"{cur_path}: backing file {bpath} does not exist")
+            unprobed = BackingChainError(
+                f"{cur_path}: backing file {name!r} has no recorded format and its "
+                f"header is neither qcow2 nor QED; pass backing_format= to name it "
+                f"(formats are never guessed)")
             try:
                 # bfmt None: QED recorded no format and none was named; the backing's own
                 # magic decides, qcow2 or QED only (read from the file that is opened)
-                drv = _open_driver(bpath, bfmt, False, "backing")
-            except _NotProbeable as exc:
-                raise BackingChainError(
-                    f"{cur_path}: backing file {name!r} has no recorded format and its "
-                    f"header is neither qcow2 nor QED; pass backing_format= to name it "
-                    f"(formats are never guessed)") from exc
+                drv = _open_driver(bpath, bfmt, False, "backing", unprobed)
             except ImageFormatError as exc:
                 raise BackingChainError(f"{cur_path}: backing file unusable: {exc}") from exc
             except OSError as exc:
@@ -770,12 +777,9 @@ def create(path: Union[str, os.PathLike], size: Union[int, str], *, fmt: str = "
         if backing_format is None:
             backing_format = jfmt
         if backing_format is None:
-            try:
-                backing_format = _probe_path(bpath, "backing")
-            except _NotProbeable:
-                raise ImageFormatError(
-                    f"{bpath}: not a qcow2 or QED image; if it is raw, name its format: "
-                    f"backing_format='raw' (-F raw on the command line)") from None
+            backing_format = _probe_path(bpath, "backing", ImageFormatError(
+                f"{bpath}: not a qcow2 or QED image; if it is raw, name its format: "
+                f"backing_format='raw' (-F raw on the command line)"))
         if size <= 0:
             b = Image(bpath, readonly=True, format=backing_format, _lock_files=False)
             try:
