@@ -319,7 +319,8 @@ def _backing_target(name: str, parent: str) -> Tuple[str, Optional[str]]:
     if local is None:
         raise BackingChainError(
             f"{parent}: backing file {name!r} is not a plain local path (protocols are refused)")
-    fmt = _json_backing(name)[1] if name.startswith("json:") else None
+    parsed = _json_backing(name) if name.startswith("json:") else None
+    fmt = parsed[1] if parsed else None
     if "\0" in local:
         raise BackingChainError(f"{parent}: backing file name contains NUL")
     if not os.path.isabs(local):
