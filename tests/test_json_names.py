@@ -178,3 +178,24 @@ def test_accepted_shapes():
     assert _json_backing(flat("raw", "b.raw")) == ("b.raw", "raw")
     assert _json_backing('json: {"file": {"filename": "x", "driver": "file"}, '
                          '"driver": "qcow2"}') == ("x", "qcow2")
+
+
+def test_the_names_as_libvirt_spells_them(tmp_path, qemu):
+    """The exact spellings of a rebase -u that libvirt and oVirt flows write."""
+    top, mid, base = chain(qemu, tmp_path)
+    want = tmp_path / "want.raw"
+    qimg(tmp_path, "convert", "-O", "raw", top, want)
+    for name in ('json:{"driver":"qcow2","file":{"driver":"file","filename":"%s"}}' % mid,
+                 'json:{"driver":"qcow2","file.driver":"file","file.filename":"mid.qcow2"}'):
+        rebase(qemu, top, name, "qcow2")
+        assert qemu.info(top)["backing-filename"] == name
+        with blockpull.open(top, readonly=True) as img:
+            assert [c.path for c in img.chain] == [top, mid, base]
+            assert img.read(0, img.size) == want.read_bytes()
+    with blockpull.open(top) as img:
+        img.pull(base=base).result(timeout=60)
+    info = qemu.info(top)
+    assert (info["backing-filename"], info["backing-filename-format"]) == \
+        ("base.qcow2", "qcow2")
+    qemu.assert_clean(top)
+    assert qemu.compare(top, str(want), "qcow2", "raw")

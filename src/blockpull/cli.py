@@ -174,7 +174,8 @@ def build_parser() -> argparse.ArgumentParser:
         p.add_argument("-f", "--format", dest="fmt", metavar="FMT",
                        help="format of PATH (probed if omitted; raw must be named)")
         p.add_argument("-F", "--backing-format", metavar="FMT",
-                       help="format of backing files that do not record one")
+                       help="format of backing files that do not record one (under QED, "
+                            "a qcow2 or QED backing is found by its magic)")
         if force_share:
             p.add_argument("-U", "--force-share", action="store_true",
                            help="read an image another process (a VM) has open for writing; "
