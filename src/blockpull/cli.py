@@ -671,10 +671,10 @@ def cmd_pull(args: argparse.Namespace) -> int:
 
 
 def check_summary(res: "blockpull.CheckResult") -> str:
-    """What ``qemu-img check`` prints on stdout for this result, byte for byte (the
-    findings themselves go to stderr, as there): after a repair, what was repaired and
-    the result of checking the image again; the counts; the allocation line (when
-    anything is allocated) with fragmentation; the image end offset (QED has none)."""
+    """What ``qemu-img check`` prints on stdout for this result, byte for byte: after a
+    repair, what was repaired and the result of checking the image again; the counts;
+    the allocation line (when anything is allocated) with fragmentation; the image end
+    offset (QED has none)."""
     out = []
     if res.leaks_fixed:
         out.append(f"The following inconsistencies were found and repaired:\n\n"
@@ -701,8 +701,8 @@ def check_summary(res: "blockpull.CheckResult") -> str:
 
 
 def cmd_check(args: argparse.Namespace) -> int:
-    """``blockpull check``: metadata consistency, with qemu-img check's exit codes and
-    its output (findings on stderr, the summary on stdout)."""
+    """``blockpull check``: metadata consistency, with qemu-img check's exit codes; one
+    line per finding, then qemu-img check's summary byte for byte."""
     if args.repair and args.force_share:
         raise UsageError("-U cannot be used with -r: a repair writes to the image")
     opening = contextlib.nullcontext() if args.repair else _suggest_force_share()
@@ -713,8 +713,7 @@ def cmd_check(args: argparse.Namespace) -> int:
         print(json.dumps(res.to_json(), indent=4))
         return res.exit_code
     for m in res.messages:
-        print(m, file=sys.stderr)
-    sys.stderr.flush()
+        print(m)
     sys.stdout.write(check_summary(res))
     return res.exit_code
 
