@@ -27,6 +27,7 @@ def assert_agrees(qemu, path):
     assert r.total_clusters == d["total-clusters"]
     assert r.allocated_clusters == d.get("allocated-clusters", 0)
     assert r.compressed_clusters == d.get("compressed-clusters", 0)
+    assert r.fragmented_clusters == d.get("fragmented-clusters", 0)
     return r
 
 

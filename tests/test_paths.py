@@ -151,12 +151,15 @@ def test_loop_spelt_through_a_symlink_is_found(qemu, tree):
 
 
 def test_backing_format_named_by_any_spelling(tmp_path, qemu, tree):
-    """QED records no format for a qcow2 backing: the caller names it, keyed by any path
-    to the file; a key that is the text-collapsed spelling (the decoy) names nothing."""
+    """QED records no format for a qcow2 backing: a format the caller names wins over the
+    probe, keyed by any path to the file; a key that is the text-collapsed spelling (the
+    decoy) names nothing, and the probe (qcow2 magic) decides."""
     qemu.create(tree / "real" / "deep" / "top.qed", MiB, fmt="qed", backing="../base.qcow2")
     top = str(tree / "L" / "top.qed")
     with blockpull.open(top, readonly=True,
-                        backing_format={str(tree / "real" / "base.qcow2"): "qcow2"}) as img:
+                        backing_format={str(tree / "real" / "base.qcow2"): "raw"}) as img:
+        assert img.chain[1].format == "raw"
+    with blockpull.open(top, readonly=True,
+                        backing_format={str(tree / "base.qcow2"): "raw"}) as img:
+        assert img.chain[1].format == "qcow2"
         assert img.read(0, MiB) == b"\x11" * MiB
-    with pytest.raises(BackingChainError, match="no recorded format"):
-        blockpull.open(top, readonly=True, backing_format={str(tree / "base.qcow2"): "qcow2"})

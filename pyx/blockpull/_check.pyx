@@ -141,6 +141,7 @@ cdef class Qcow2Check:
     cdef public int64_t highest
     cdef public list messages
     cdef public int64_t dropped_messages
+    cdef public int64_t fragmented_clusters   # as qemu-img check counts them (active L1)
     cdef public object hdr           # dict of header fields
 
     def __cinit__(self):
@@ -297,6 +298,9 @@ cdef class Qcow2Check:
         cdef int x = 62 - (self.cluster_bits - 8)
         cdef uint64_t cmask = (1ULL << x) - 1
         cdef uint64_t smask = (1ULL << (self.cluster_bits - 8)) - 1
+        # fragmentation as qemu-img check counts it: within one L2 table, a data cluster
+        # that does not follow the previous one in the file; a compressed one always
+        cdef uint64_t next_contiguous = 0
         for j in range(n):
             e = ld64(self.buf + self.entry_bytes * j)
             if e == 0:
@@ -310,6 +314,7 @@ cdef class Qcow2Check:
                 if active:
                     self.allocated_clusters += 1
                     self.compressed_clusters += 1
+                    self.fragmented_clusters += 1
                 self.add(coff, csize, R_COMPRESSED)
                 continue
             off = e & OFFSET_MASK
@@ -317,6 +322,9 @@ cdef class Qcow2Check:
                 continue  # unallocated or zero cluster without space
             if active:
                 self.allocated_clusters += 1
+                if next_contiguous and off != next_contiguous:
+                    self.fragmented_clusters += 1
+                next_contiguous = off + self.cs
             if off & (self.cs - 1):
                 self.corrupt("offset=0x%x: data cluster is not properly aligned; L2 entry "
                              "corrupted (L2 table 0x%x entry %d)" % (off, l2_off, j))

@@ -661,8 +661,8 @@ cdef class Qed(Driver):
         """Point the image at backing ``name`` (None: no backing) crash-safely: the new
         name is written where the old one is not and made durable, then one write of the
         first sector switches offset, size and feature bits. QED records only the "raw"
-        format (bit 0x04); any other ``fmt`` holds for this open only and must be named
-        again when the image is next opened."""
+        format (bit 0x04); any other ``fmt`` leaves the bit clear, and the next open finds
+        a qcow2 or QED backing by its magic."""
         cdef int64_t pos, old_lo, old_hi, ln
         self.flush()
         features = self.features
@@ -737,7 +737,8 @@ def create(path, int64_t size, int64_t cluster_size=65536, compat=None, backing=
 
     ``compat`` exists for a uniform signature: QED has no compatibility levels, so only
     None or the default "1.1" are accepted. Of ``backing_format`` QED records only "raw"
-    (the 0x04 feature bit); a backing of any other format must be named when opening.
+    (the 0x04 feature bit); with the bit clear, openers probe the backing's magic (QEMU's
+    QED spec, "backing file format"), which finds a qcow2 or QED backing again.
     ``table_size`` (clusters per table) is 2..16: QEMU cannot open images with 1.
     """
     if cluster_size < MIN_CLUSTER_SIZE or cluster_size > MAX_CLUSTER_SIZE or \

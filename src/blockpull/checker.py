@@ -28,6 +28,9 @@ class CheckResult(NamedTuple):
     (I/O errors). ``image_end_offset``: end of the last cluster in use. ``messages``: one
     line per finding (at most 1000; ``dropped_messages`` counts the rest).
     ``leaks_fixed``: leaks a ``repair=True`` check removed (``leaks`` counts those left).
+    ``fragmented_clusters``: data clusters of the active tables that do not follow the one
+    before them in the same L2 table in the file (compressed ones always), as
+    ``qemu-img check`` counts them.
     """
     corruptions: int
     leaks: int
@@ -41,6 +44,7 @@ class CheckResult(NamedTuple):
     compressed_clusters: int = 0
     leaks_fixed: int = 0
     dropped_messages: int = 0
+    fragmented_clusters: int = 0
 
     @property
     def clean(self) -> bool:
@@ -59,15 +63,20 @@ class CheckResult(NamedTuple):
         return 0
 
     def to_json(self) -> Dict[str, Any]:
-        """The fields ``qemu-img check --output=json`` prints, with its key names."""
+        """The fields ``qemu-img check --output=json`` prints, with its key names; as
+        there, counts that are 0 are left out, and QED images have no image end offset."""
         d: Dict[str, Any] = {
             "filename": self.path, "format": self.format,
             "check-errors": self.check_errors,
-            "image-end-offset": self.image_end_offset,
-            "total-clusters": self.total_clusters,
-            "allocated-clusters": self.allocated_clusters,
-            "compressed-clusters": self.compressed_clusters,
         }
+        if self.image_end_offset and self.format != "qed":
+            d["image-end-offset"] = self.image_end_offset
+        for key, n in (("total-clusters", self.total_clusters),
+                       ("allocated-clusters", self.allocated_clusters),
+                       ("fragmented-clusters", self.fragmented_clusters),
+                       ("compressed-clusters", self.compressed_clusters)):
+            if n:
+                d[key] = n
         if self.corruptions:
             d["corruptions"] = self.corruptions
         if self.leaks:
@@ -133,7 +142,8 @@ def _check_qcow2(path: str, repair: bool) -> CheckResult:
             total_clusters=(drv.size + cs - 1) // cs,
             allocated_clusters=chk.allocated_clusters,
             compressed_clusters=chk.compressed_clusters,
-            leaks_fixed=fixed, dropped_messages=chk.dropped_messages)
+            leaks_fixed=fixed, dropped_messages=chk.dropped_messages,
+            fragmented_clusters=chk.fragmented_clusters)
     finally:
         f.close()
 
@@ -218,7 +228,7 @@ def _check_qed(path: str, repair: bool) -> CheckResult:
         entries = drv.table_bytes // 8
         corruptions = 0
         messages: List[str] = []
-        allocated = 0
+        allocated = fragmented = 0
 
         def mark(off: int, n: int, what: str) -> bool:
             nonlocal corruptions
@@ -245,9 +255,13 @@ def _check_qed(path: str, repair: bool) -> CheckResult:
             if not mark(l2_off, table_clusters, f"L2 table (L1 entry {i})"):
                 continue
             l2 = struct.unpack("<%dQ" % entries, f.pread(l2_off, drv.table_bytes))
+            last = 0
             for j, e in enumerate(l2):
                 if e > 1:                        # 1 is a zero cluster, 0 unallocated
                     allocated += 1
+                    if last and e != last + cs:  # qemu-img's count, per L2 table
+                        fragmented += 1
+                    last = e
                     mark(e, 1, f"data cluster (L2 0x{l2_off:x} entry {j})")
         leaks = 0
         highest = drv.header_size - 1
@@ -265,7 +279,7 @@ def _check_qed(path: str, repair: bool) -> CheckResult:
             corruptions=corruptions, leaks=leaks, check_errors=0,
             image_end_offset=(highest + 1) * cs, messages=tuple(messages), path=path,
             format="qed", total_clusters=(drv.size + cs - 1) // cs,
-            allocated_clusters=allocated)
+            allocated_clusters=allocated, fragmented_clusters=fragmented)
     finally:
         f.close()
 
@@ -278,23 +292,40 @@ CHECKERS: Dict[str, Callable[[str, bool], CheckResult]] = {
 
 
 def check(path: Union[str, "os.PathLike[str]"], repair: bool = False, *,
-          format: Optional[str] = None) -> CheckResult:
+          format: Optional[str] = None, force_share: bool = False) -> CheckResult:
     """Check an image's metadata for consistency, as ``qemu-img check`` does.
 
     Counts corruptions (a cluster in use whose refcount is too low, a wrong COPIED flag,
     an unaligned or out-of-file offset) and leaks (a refcount higher than the references).
     ``repair=True`` fixes leaks only, crash-safely: it lowers too-high refcounts and then
     sets COPIED on the entries whose cluster count dropped to one; corruptions are left as
-    they are and reported. The format is probed unless ``format`` names it. Raises
-    ``ImageFormatError`` when the header itself is unusable, ``ImageLockedError`` when
-    another process has the image open for writing.
+    they are and reported; after a repair the image is checked again and that result is
+    returned (with ``leaks_fixed``), as ``qemu-img check -r`` reports. The format is
+    probed unless ``format`` names it. ``force_share`` checks without taking QEMU's lock
+    bytes (``qemu-img check -U``): an image a VM writes may then look inconsistent; it
+    cannot be combined with ``repair``. Raises ``ImageFormatError`` when the header
+    itself is unusable, ``ImageLockedError`` when another process has the image open for
+    writing, ``ValueError`` for ``repair`` with ``force_share``.
     """
-    from blockpull.image import _probe_path
+    from blockpull.image import _probe_path, _without_read_locks
     p = os.fspath(path)
+    if repair and force_share:
+        raise ValueError(f"{p}: a repair writes to the image: it cannot share it "
+                         f"(drop force_share / -U)")
     if format is None:
         format = _probe_path(p, "top")
     checker = CHECKERS.get(format)
     if checker is None:
         raise ImageFormatError(f"{p}: format {format!r} has no metadata to check "
                                f"(checkable: {', '.join(sorted(CHECKERS))})")
-    return checker(p, bool(repair))
+    if force_share:
+        with _without_read_locks():
+            return checker(p, False)
+    res = checker(p, bool(repair))
+    if res.leaks_fixed:
+        # what qemu-img check prints after a repair: the image checked again
+        again = checker(p, False)
+        res = again._replace(leaks_fixed=res.leaks_fixed,
+                             messages=res.messages + again.messages,
+                             dropped_messages=res.dropped_messages + again.dropped_messages)
+    return res

@@ -29,7 +29,7 @@ from typing import (Any, Callable, Dict, Iterator, List, NamedTuple, NoReturn, O
 from tqdm import tqdm  # type: ignore[import-untyped]
 
 import blockpull
-from blockpull.errors import BackingChainError, BlockpullError
+from blockpull.errors import BackingChainError, BlockpullError, ImageLockedError
 from blockpull.image import Extent, Image, _kernel_abspath
 from blockpull.job import PullEvent, PullInfo, PullJob
 from blockpull.units import format_size, parse_bandwidth, parse_size
@@ -174,7 +174,8 @@ def build_parser() -> argparse.ArgumentParser:
         p.add_argument("-f", "--format", dest="fmt", metavar="FMT",
                        help="format of PATH (probed if omitted; raw must be named)")
         p.add_argument("-F", "--backing-format", metavar="FMT",
-                       help="format of backing files that do not record one")
+                       help="format of backing files that do not record one (under QED, "
+                            "a qcow2 or QED backing is found by its magic)")
         if force_share:
             p.add_argument("-U", "--force-share", action="store_true",
                            help="read an image another process (a VM) has open for writing; "
@@ -221,6 +222,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("-f", "--format", dest="fmt", metavar="FMT", help="format (probed if omitted)")
     p.add_argument("-r", "--repair", choices=("leaks",),
                    help="repair leaked clusters (corruptions are only reported)")
+    p.add_argument("-U", "--force-share", action="store_true",
+                   help="check an image another process (a VM) has open for writing; "
+                        "what it finds may be changing (not with -r)")
     output(p)
     p.add_argument("path", metavar="PATH")
     p.set_defaults(func=cmd_check)
@@ -246,11 +250,26 @@ def build_parser() -> argparse.ArgumentParser:
 # ---- opening images ---------------------------------------------------------------------
 
 
+_FORCE_SHARE_HINT = "; to look at it anyway (what you see may be changing), add -U"
+
+
+@contextlib.contextmanager
+def _suggest_force_share() -> Iterator[None]:
+    """A read-only command refused by a lock says that -U reads the image anyway."""
+    try:
+        yield
+    except ImageLockedError as exc:
+        raise ImageLockedError(f"{exc}{_FORCE_SHARE_HINT}") from exc
+
+
 def _open(args: argparse.Namespace, readonly: bool) -> Image:
     """Open PATH with the format options every command shares."""
     force = getattr(args, "force_share", False)
-    return Image(args.path, readonly=readonly, format=getattr(args, "fmt", None),
-                 backing_format=getattr(args, "backing_format", None), _lock_files=not force)
+    opening = _suggest_force_share() if readonly else contextlib.nullcontext()
+    with opening:
+        return Image(args.path, readonly=readonly, format=getattr(args, "fmt", None),
+                     backing_format=getattr(args, "backing_format", None),
+                     _lock_files=not force)
 
 
 def _emit_json(obj: Any, out: TextIO) -> None:
@@ -293,8 +312,8 @@ def cmd_create(args: argparse.Namespace) -> int:
         if report["backing"] and report["backing_format"]:
             line += f", backed by {report['backing']} ({report['backing_format']})"
         elif report["backing"]:
-            line += (f", backed by {report['backing']} (its format cannot be recorded in "
-                     f"{report['format']}: name it with -F when you open the image)")
+            line += (f", backed by {report['backing']} ({report['format']} records no format "
+                     f"for it: its qcow2 or QED header tells it when the image is opened)")
         print(line)
     return EXIT_OK
 
@@ -651,34 +670,51 @@ def cmd_pull(args: argparse.Namespace) -> int:
 # ---- check ------------------------------------------------------------------------------
 
 
+def check_summary(res: "blockpull.CheckResult") -> str:
+    """What ``qemu-img check`` prints on stdout for this result, byte for byte: after a
+    repair, what was repaired and the result of checking the image again; the counts;
+    the allocation line (when anything is allocated) with fragmentation; the image end
+    offset (QED has none)."""
+    out = []
+    if res.leaks_fixed:
+        out.append(f"The following inconsistencies were found and repaired:\n\n"
+                   f"    {res.leaks_fixed} leaked clusters\n    0 corruptions\n\n"
+                   f"Double checking the fixed image now...\n")
+    if not (res.corruptions or res.leaks or res.check_errors):
+        out.append("No errors were found on the image.\n")
+    if res.corruptions:
+        out.append(f"\n{res.corruptions} errors were found on the image.\n"
+                   f"Data may be corrupted, or further writes to the image may corrupt it.\n")
+    if res.leaks:
+        out.append(f"\n{res.leaks} leaked clusters were found on the image.\n"
+                   f"This means waste of disk space, but no harm to data.\n")
+    if res.check_errors:
+        out.append(f"\n{res.check_errors} internal errors have occurred during the check.\n")
+    total, allocated = res.total_clusters, res.allocated_clusters
+    if total and allocated:
+        out.append(f"{allocated}/{total} = {100.0 * allocated / total:.2f}% allocated, "
+                   f"{100.0 * res.fragmented_clusters / allocated:.2f}% fragmented, "
+                   f"{100.0 * res.compressed_clusters / allocated:.2f}% compressed clusters\n")
+    if res.image_end_offset and res.format != "qed":
+        out.append(f"Image end offset: {res.image_end_offset}\n")
+    return "".join(out)
+
+
 def cmd_check(args: argparse.Namespace) -> int:
-    """``blockpull check``: metadata consistency, with qemu-img check's exit codes."""
-    res = blockpull.check(args.path, repair=bool(args.repair), format=args.fmt)
+    """``blockpull check``: metadata consistency, with qemu-img check's exit codes; one
+    line per finding, then qemu-img check's summary byte for byte."""
+    if args.repair and args.force_share:
+        raise UsageError("-U cannot be used with -r: a repair writes to the image")
+    opening = contextlib.nullcontext() if args.repair else _suggest_force_share()
+    with opening:
+        res = blockpull.check(args.path, repair=bool(args.repair), format=args.fmt,
+                              force_share=args.force_share)
     if args.output == "json":
         print(json.dumps(res.to_json(), indent=4))
         return res.exit_code
     for m in res.messages:
         print(m)
-    if res.leaks_fixed:
-        print(f"The following inconsistencies were found and repaired:\n\n"
-              f"    {res.leaks_fixed} leaked clusters\n    0 corruptions\n")
-    if res.corruptions:
-        print(f"\n{res.corruptions} errors were found on the image.\n"
-              f"Data may be corrupted, or further writes to the image may corrupt it.")
-    if res.leaks:
-        print(f"\n{res.leaks} leaked clusters were found on the image.\n"
-              f"This means waste of disk space, but no harm to data.")
-    if res.check_errors:
-        print(f"\n{res.check_errors} internal errors have occurred during the check.")
-    if not (res.corruptions or res.leaks or res.check_errors):
-        print("No errors were found on the image.")
-    total = res.total_clusters
-    if total:
-        print(f"{res.allocated_clusters}/{total} = "
-              f"{100.0 * res.allocated_clusters / total:.2f}% allocated, "
-              f"{100.0 * res.compressed_clusters / max(res.allocated_clusters, 1):.2f}% "
-              f"compressed clusters")
-    print(f"Image end offset: {res.image_end_offset}")
+    sys.stdout.write(check_summary(res))
     return res.exit_code
 
 
@@ -955,7 +991,9 @@ def _message(exc: BaseException) -> Tuple[int, str]:
     if isinstance(exc, BlockpullError):
         # not an image / malformed / unsupported (ImageFormatError), or no such image
         bad_input = isinstance(exc, (ValueError, FileNotFoundError))
-        return (EXIT_USAGE if bad_input else EXIT_FAILED), str(exc)
+        text = str(exc).replace("backing_format='raw' (-F raw on the command line)", "-F raw") \
+            .replace("(format='raw'; -f raw on the command line)", "(-f raw)")
+        return (EXIT_USAGE if bad_input else EXIT_FAILED), text
     if isinstance(exc, OSError):
         text = next((t for cls, t in _OS_TEXT if isinstance(exc, cls)), None) \
             or exc.strerror or str(exc)

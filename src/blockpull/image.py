@@ -1,13 +1,16 @@
 """Opening and creating images, and the ``Image`` object people read, write and pull."""
 from __future__ import annotations
 
+import contextlib
 import errno as _errno
+import json
 import logging
 import os
 import re
 import stat
 import threading
-from typing import TYPE_CHECKING, Any, Callable, Dict, List, NamedTuple, Optional, Union
+from typing import (TYPE_CHECKING, Any, Callable, Dict, Iterator, List, NamedTuple, Optional,
+                    Tuple, Union)
 
 from blockpull import _qcow2, _qed, _raw
 from blockpull._chain import Chain
@@ -30,8 +33,13 @@ DRIVERS: Dict[str, Any] = {
     "raw": (_raw.Raw, _raw.probe, None),
 }
 
-MAX_CHAIN_DEPTH = 64
+#: the most images a chain may hold, the top included (libvirt's cap; QEMU has none)
+MAX_CHAIN_DEPTH = 200
 _PROTOCOL = re.compile(r"^[A-Za-z][A-Za-z0-9+.\-]*:")
+#: the formats a backing's magic may show when an image records no backing format
+_PROBED_FORMATS = ("qcow2", "qed")
+#: the format drivers a ``json:`` backing name may name over its ``file`` child
+_JSON_FORMATS = ("qcow2", "qed", "raw")
 
 # QEMU's lock bytes: 100 + i "holds permission i", 200 + i "refuses to share i"
 _PERM_READ, _PERM_WRITE, _PERM_WRITE_UNCHANGED, _PERM_RESIZE = 0, 1, 2, 3
@@ -67,24 +75,38 @@ class Extent(NamedTuple):
         return d
 
 
-def _probe_format(path: str, f: File) -> str:
+def _probe_magic(f: File) -> Optional[str]:
+    """The format the magic of the open file ``f`` shows: qcow2 or QED only (a header of
+    its own, libvirt's rule for safe probing), else None: raw is never probed."""
     head = f.pread(0, 64)
-    for name, (_cls, probe, _c) in DRIVERS.items():
-        if name != "raw" and probe(head):
+    for name in _PROBED_FORMATS:
+        if DRIVERS[name][1](head):
             return name
-    raise ImageFormatError(f"{path}: not a qcow2 or QED image; name the format if it is raw")
+    return None
 
 
-def _probe_path(path: str, role: str) -> str:
-    """The format of the image at ``path``, from its magic (raw is never guessed)."""
+def _not_probed(path: str) -> ImageFormatError:
+    return ImageFormatError(f"{path}: not a qcow2 or QED image; if it is raw, name the format "
+                            f"(format='raw'; -f raw on the command line)")
+
+
+def _probe_path(path: str, role: str, not_probed: Optional[BlockpullError] = None) -> str:
+    """The format of the image at ``path``, from its magic (raw is never guessed).
+    Raises ``not_probed`` (default: an ImageFormatError) when it shows no format."""
     f = File(path, False, role)
     try:
-        return _probe_format(path, f)
+        fmt = _probe_magic(f)
     finally:
         f.close()
+    if fmt is None:
+        raise not_probed or _not_probed(path)
+    return fmt
 
 
-def _open_driver(path: str, fmt: Optional[str], writable: bool, role: str):
+def _open_driver(path: str, fmt: Optional[str], writable: bool, role: str,
+                 not_probed: Optional[BlockpullError] = None):
+    """Open ``path`` as ``fmt`` (None: by its qcow2/QED magic, raising ``not_probed``,
+    default an ImageFormatError, when it shows neither)."""
     try:
         f = File(path, writable, role)
     except FileNotFoundError:
@@ -93,7 +115,9 @@ def _open_driver(path: str, fmt: Optional[str], writable: bool, role: str):
         raise ImageFormatError(f"{path}: is a directory, not an image")
     try:
         if fmt is None:
-            fmt = _probe_format(path, f)
+            fmt = _probe_magic(f)
+            if fmt is None:
+                raise not_probed or _not_probed(path)
         if fmt not in DRIVERS:
             raise ImageFormatError(f"{path}: unsupported format {fmt!r} (qcow2, qed or raw)")
         cls = DRIVERS[fmt][0]
@@ -115,6 +139,21 @@ _PERM_NAMES = {_PERM_READ: "consistent read", _PERM_WRITE: "write",
 #: how long a lock conflict may last before it is reported (see ``_lock``)
 LOCK_GRACE = 0.25
 
+_shared_reads = threading.local()
+
+
+@contextlib.contextmanager
+def _without_read_locks() -> Iterator[None]:
+    """Within this block, in this thread, read-only opens take no lock bytes (QEMU's
+    force-share, ``qemu-img -U``): they neither see nor stop a writer. Writable opens
+    still lock."""
+    before = getattr(_shared_reads, "on", False)
+    _shared_reads.on = True
+    try:
+        yield
+    finally:
+        _shared_reads.on = before
+
 
 def _lock(f: File, writable: bool, path: str) -> None:
     """Take the lock bytes (``_lock_once``), trying again for ``LOCK_GRACE`` seconds on
@@ -126,6 +165,8 @@ def _lock(f: File, writable: bool, path: str) -> None:
     would be refused although nobody uses it; the window lasts far less than the grace.
     """
     import time
+    if not writable and getattr(_shared_reads, "on", False):
+        return None
     deadline = time.monotonic() + LOCK_GRACE
     while True:
         try:
@@ -205,25 +246,92 @@ def _plain_name(name: str) -> str:
     return name[5:] if name.startswith("file:") else name
 
 
-def _resolve_backing(name: str, parent: str) -> str:
-    """The path of backing file ``name`` recorded in the image at ``parent``: a relative
-    name is joined to the directory of ``parent`` as it stands and resolved by the kernel
-    when opened, as QEMU does (no ".." is collapsed as text). Raises BackingChainError
-    for empty names, names with NUL, names over 1023 bytes and protocols other than
-    "file:"."""
+def _flat_json(obj: Dict[str, Any], prefix: str, out: Dict[str, Any]) -> bool:
+    """Flatten nested objects of a ``json:`` name into dotted keys ("file.filename"), as
+    QEMU reads them; False if a key is given twice (nested and flat)."""
+    for key, value in obj.items():
+        full = prefix + key
+        if isinstance(value, dict):
+            if not _flat_json(value, full + ".", out):
+                return False
+        elif full in out:
+            return False
+        else:
+            out[full] = value
+    return True
+
+
+def _json_backing(name: str) -> Optional[Tuple[str, str]]:
+    """``(filename, format)`` of a ``json:`` backing name that opens a plain local file:
+    exactly a format driver (qcow2, qed or raw) over a ``file`` child with a filename,
+    nested (``"file": {"driver": "file", "filename": F}``) or flat (``"file.driver"``,
+    ``"file.filename"``). None for any other shape (another protocol, extra options,
+    malformed JSON)."""
+    def pairs(items: List[Tuple[str, Any]]) -> Dict[str, Any]:
+        d: Dict[str, Any] = {}
+        for k, v in items:
+            if k in d:
+                raise ValueError(f"key {k!r} given twice")
+            d[k] = v
+        return d
+    try:
+        obj = json.loads(name[5:], object_pairs_hook=pairs)
+    except ValueError:
+        return None
+    flat: Dict[str, Any] = {}
+    if not isinstance(obj, dict) or not _flat_json(obj, "", flat):
+        return None
+    if set(flat) != {"driver", "file.driver", "file.filename"}:
+        return None
+    fmt, proto, filename = flat["driver"], flat["file.driver"], flat["file.filename"]
+    if fmt not in _JSON_FORMATS or proto != "file" or not isinstance(filename, str) \
+            or not filename:
+        return None
+    return filename, fmt
+
+
+def _local_name(name: str) -> Optional[str]:
+    """The local file name a backing name stands for (without "file:", the filename of
+    a plain-file ``json:`` name), or None for a protocol."""
+    if name.startswith("json:"):
+        parsed = _json_backing(name)
+        return parsed[0] if parsed else None
+    if _PROTOCOL.match(name) and not name.startswith("file:"):
+        return None
+    return _plain_name(name)
+
+
+def _backing_target(name: str, parent: str) -> Tuple[str, Optional[str]]:
+    """``(path, format)`` of backing file ``name`` recorded in the image at ``parent``.
+
+    A relative name is joined to the directory of ``parent`` as it stands and resolved
+    by the kernel when opened, as QEMU does (no ".." is collapsed as text). ``format``
+    is the one a ``json:`` name gives (plain-file shapes only, see ``_json_backing``),
+    else None. Raises BackingChainError for empty names, names with NUL, names over 1023
+    bytes, and protocols other than "file:" (any other ``json:`` shape included)."""
     if not name:
         raise BackingChainError(f"{parent}: empty backing file name")
     if "\0" in name:
         raise BackingChainError(f"{parent}: backing file name contains NUL")
     if len(name.encode("utf-8", "surrogateescape")) > 1023:
         raise BackingChainError(f"{parent}: backing file name longer than 1023 bytes")
-    if _PROTOCOL.match(name) and not name.startswith("file:"):
+    local = _local_name(name)
+    if local is None:
         raise BackingChainError(
             f"{parent}: backing file {name!r} is not a plain local path (protocols are refused)")
-    name = _plain_name(name)
-    if not os.path.isabs(name):
-        name = os.path.join(os.path.dirname(_kernel_abspath(parent)), name)
-    return _tidy(name)
+    parsed = _json_backing(name) if name.startswith("json:") else None
+    fmt = parsed[1] if parsed else None
+    if "\0" in local:
+        raise BackingChainError(f"{parent}: backing file name contains NUL")
+    if not os.path.isabs(local):
+        local = os.path.join(os.path.dirname(_kernel_abspath(parent)), local)
+    return _tidy(local), fmt
+
+
+def _resolve_backing(name: str, parent: str) -> str:
+    """The path of backing file ``name`` recorded in the image at ``parent`` (see
+    ``_backing_target``). Raises BackingChainError for names that are not local files."""
+    return _backing_target(name, parent)[0]
 
 
 class Image:
@@ -278,6 +386,31 @@ class Image:
                 return value
         return None
 
+    def _backing_format_of(self, cur: Any, cur_path: str) -> Tuple[str, Optional[str]]:
+        """``(path, format)`` of the backing of ``cur`` (the image at ``cur_path``).
+
+        The format is the one the image records (qcow2's backing-format extension, QED's
+        "raw" bit) or its ``json:`` backing name gives (the two must agree), else the one
+        the caller names. None means "probe": only a QED image may leave its backing to
+        the probe (QEMU probes there; the probe accepts qcow2 or QED magic, never raw).
+        A qcow2 image without a recorded format is refused until the format is named.
+        """
+        name = cur.backing_name
+        bpath, jfmt = _backing_target(name, cur_path)
+        recorded = cur.backing_format
+        if jfmt is not None and recorded is not None and jfmt != recorded:
+            raise BackingChainError(
+                f"{cur_path}: backing file {name!r} names format {jfmt!r} but the image "
+                f"records {recorded!r}; fix the link (qemu-img rebase -u -b NAME -F FMT)")
+        bfmt = recorded or jfmt or self._named_format(name, bpath)
+        if bfmt is None and cur.format != "qed":
+            raise BackingChainError(
+                f"{cur_path}: backing file {name!r} has no recorded format; pass "
+                f"backing_format= to name it (formats are never guessed)")
+        if bfmt is not None and bfmt not in DRIVERS:
+            raise BackingChainError(f"{cur_path}: backing format {bfmt!r} is not supported")
+        return bpath, bfmt
+
     def _open_chain(self, fmt: Optional[str], lock_files: bool) -> None:
         if not os.path.exists(self.path):
             raise BlockpullErrorNotFound(f"{self.path}: no such image file")
@@ -294,18 +427,17 @@ class Image:
                     f"{self.path}: backing chain deeper than {MAX_CHAIN_DEPTH} images; "
                     f"flatten part of it first (qemu-img commit or convert)")
             name = cur.backing_name
-            bpath = _resolve_backing(name, cur_path)
-            bfmt = cur.backing_format or self._named_format(name, bpath)
-            if bfmt is None:
-                raise BackingChainError(
-                    f"{cur_path}: backing file {name!r} has no recorded format; pass "
-                    f"backing_format= to name it (formats are never guessed)")
-            if bfmt not in DRIVERS:
-                raise BackingChainError(f"{cur_path}: backing format {bfmt!r} is not supported")
+            bpath, bfmt = self._backing_format_of(cur, cur_path)
             if not os.path.exists(bpath):
                 raise BackingChainError(f"{cur_path}: backing file {bpath} does not exist")
+            unprobed = BackingChainError(
+                f"{cur_path}: backing file {name!r} has no recorded format and its "
+                f"header is neither qcow2 nor QED; pass backing_format= to name it "
+                f"(formats are never guessed)")
             try:
-                drv = _open_driver(bpath, bfmt, False, "backing")
+                # bfmt None: QED recorded no format and none was named; the backing's own
+                # magic decides, qcow2 or QED only (read from the file that is opened)
+                drv = _open_driver(bpath, bfmt, False, "backing", unprobed)
             except ImageFormatError as exc:
                 raise BackingChainError(f"{cur_path}: backing file unusable: {exc}") from exc
             except OSError as exc:
@@ -473,7 +605,7 @@ class Image:
         for i, d in enumerate(self._drivers[1:], 1):
             recorded = self._drivers[i - 1].backing_name
             if base == d.file.path or (recorded is not None and
-                                       base in (recorded, _plain_name(recorded))):
+                                       base in (recorded, _local_name(recorded))):
                 named = i
                 break
         try:
@@ -513,10 +645,10 @@ class Image:
         cur: Optional[str] = None
         for d in self._drivers[:base_depth]:
             name = d.backing_name
-            if name is None or _PROTOCOL.match(name) and not name.startswith("file:"):
+            name = None if name is None else _local_name(name)
+            if name is None:
                 cur = None
                 break
-            name = _plain_name(name)
             cur = name if cur is None or os.path.isabs(name) else \
                 os.path.join(os.path.dirname(cur), name)
         for cand in ([_tidy(cur)] if cur else []) + [base.file.path]:
@@ -601,8 +733,15 @@ def open(path: Union[str, os.PathLike], *, readonly: bool = False, copy_on_read:
     ``readonly`` opens the top read-only (backing files always are). ``copy_on_read`` makes
     reads of inherited data also copy it into the top. ``backing_format`` names the format
     of backing files whose format the image does not record (a string for all of them, or
-    a dict from backing name, as recorded or as any path to the same file, to format);
-    formats are never guessed.
+    a dict from backing name, as recorded or as any path to the same file, to format).
+
+    A backing's format comes from the image that names it: qcow2's backing-format
+    extension, QED's "backing is raw" bit, or a ``json:`` name's driver. Where QED records
+    none and the caller names none, the backing's magic is read and only qcow2 or QED is
+    accepted (raw is never guessed); a qcow2 image that records none needs
+    ``backing_format``. Chains hold at most ``MAX_CHAIN_DEPTH`` (200) images. Raises
+    BackingChainError (missing, looping, too deep, unnamed format, protocol backings),
+    ImageFormatError, ImageLockedError.
     """
     return Image(os.fspath(path), readonly=readonly, copy_on_read=copy_on_read,
                  backing_format=backing_format, format=format)
@@ -614,9 +753,11 @@ def create(path: Union[str, os.PathLike], size: Union[int, str], *, fmt: str = "
     """Create an empty image (qcow2 v3, qcow2 v2 with compat="0.10", or QED).
 
     ``backing`` is recorded as given (relative names resolve against the new image's
-    directory); its format is taken from ``backing_format`` or probed from the file and
-    recorded, so the chain never depends on guessing later. With a backing, ``size`` 0
-    means the backing's size.
+    directory; a plain-file ``json:`` name is accepted); its format is taken from
+    ``backing_format``, the ``json:`` name, or the file's qcow2/QED magic, and recorded
+    (QED records only "raw"; a qcow2 or QED backing of a QED image is found by its magic
+    again when opened). A raw backing must be named. With a backing, ``size`` 0 means the
+    backing's size.
     """
     from blockpull.units import parse_size
     path = os.fspath(path)
@@ -628,11 +769,18 @@ def create(path: Union[str, os.PathLike], size: Union[int, str], *, fmt: str = "
     if os.path.exists(path):
         raise FileExistsError(_errno.EEXIST, "image already exists", path)
     if backing is not None:
-        bpath = _resolve_backing(backing, path)
+        bpath, jfmt = _backing_target(backing, path)
+        if jfmt is not None and backing_format is not None and jfmt != backing_format:
+            raise BackingChainError(f"{path}: backing name {backing!r} names format {jfmt!r} "
+                                    f"but backing_format is {backing_format!r}")
         if not os.path.exists(bpath):
             raise BackingChainError(f"{path}: backing file {bpath} does not exist")
         if backing_format is None:
-            backing_format = _probe_path(bpath, "backing")
+            backing_format = jfmt
+        if backing_format is None:
+            backing_format = _probe_path(bpath, "backing", ImageFormatError(
+                f"{bpath}: not a qcow2 or QED image; if it is raw, name its format: "
+                f"backing_format='raw' (-F raw on the command line)"))
         if size <= 0:
             b = Image(bpath, readonly=True, format=backing_format, _lock_files=False)
             try:
