@@ -280,11 +280,11 @@ BAD = [
     (["info", "missing.qcow2"], 2, "missing.qcow2"),
     (["map", "missing.qcow2"], 2, "missing.qcow2"),
     (["pull", "missing.qcow2"], 2, "missing.qcow2"),
-    (["check", "missing.qcow2"], 2, "missing.qcow2"),
+    (["check", "missing.qcow2"], 1, "missing.qcow2"),     # check's 2 means corrupt
     (["info", "notes.txt"], 2, "not a qcow2"),
     (["map", "--output", "json", "notes.txt"], 2, "not a qcow2"),
     (["pull", "notes.txt"], 2, "not a qcow2"),
-    (["check", "notes.txt"], 2, "notes.txt"),
+    (["check", "notes.txt"], 1, "notes.txt"),
     (["info", "dir"], 2, "directory"),
     (["pull", "-f", "raw", "notes.txt"], 2, "raw"),
     (["create", "new.qcow2", "12Q"], 2, "invalid size"),

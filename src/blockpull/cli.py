@@ -706,9 +706,16 @@ def cmd_check(args: argparse.Namespace) -> int:
     if args.repair and args.force_share:
         raise UsageError("-U cannot be used with -r: a repair writes to the image")
     opening = contextlib.nullcontext() if args.repair else _suggest_force_share()
-    with opening:
-        res = blockpull.check(args.path, repair=bool(args.repair), format=args.fmt,
-                              force_share=args.force_share)
+    try:
+        with opening:
+            res = blockpull.check(args.path, repair=bool(args.repair), format=args.fmt,
+                                  force_share=args.force_share)
+    except (BlockpullError, OSError) as exc:
+        # exit 2 means "corrupt" for check: an image that could not be checked (missing,
+        # not an image, a feature not supported here) is exit 1, "check incomplete"
+        _code, msg = _message(exc)
+        raise OperationFailed(f"{msg} (check incomplete: nothing was checked or repaired)") \
+            from exc
     if args.output == "json":
         print(json.dumps(res.to_json(), indent=4))
         return res.exit_code
