@@ -150,6 +150,15 @@ def _fmt_err(path, msg):
     return ImageFormatError("%s: %s" % (path, msg))
 
 
+def _is_block_device(File f):
+    """True when ``f`` is a block device (which cannot be resized, only written)."""
+    import stat as _stat
+    try:
+        return _stat.S_ISBLK(os.fstat(f.fd).st_mode)
+    except (OSError, ValueError):
+        return False
+
+
 cdef class Qcow2(Driver):
     """A qcow2 image file (v2 or v3)."""
     cdef readonly int version
@@ -199,6 +208,7 @@ cdef class Qcow2(Driver):
     cdef list snap_l1             # each internal snapshot's L1 table (Table), or []
     cdef list snap_l1_dirty       # dirty entry indexes per snapshot L1
     cdef dict l2_refs             # with snapshots: L2 offset -> L1 entries pointing at it
+    cdef bint on_device           # a block device: never resized
 
     def __init__(self, File f, bint writable):
         self.file = f
@@ -211,6 +221,7 @@ cdef class Qcow2(Driver):
         self.free_waiting = []
         self.free_after_sync = []
         self.last_comp_vcluster = -1
+        self.on_device = _is_block_device(f)
         self._parse()
 
     # ---- header -----------------------------------------------------------------
@@ -815,10 +826,39 @@ cdef class Qcow2(Driver):
         return start
 
     cdef int64_t _reserve(self, int64_t n) except -1:
-        """Take ``n`` free contiguous clusters for metadata (not yet counted)."""
+        """Take ``n`` free contiguous clusters for metadata (not yet counted), with their
+        space claimed on the file system (see ``_claim``)."""
         cdef int64_t start = self._find_free(n)
+        cdef int64_t old = self.next_free
         self.next_free = start + n
+        try:
+            self._claim(start, n)
+        except OSError:
+            self.next_free = old
+            raise
         return start
+
+    cdef int _claim(self, int64_t c, int64_t n) except -1:
+        """Write zeros over metadata clusters ``c .. c+n`` as soon as they are reserved.
+        Metadata is written back later, in ``flush_metadata``; on a full file system
+        that write-back must not be the write that fails, or everything linked in
+        memory since the last flush is lost with it. Claimed now, the space is there when
+        the tables are written (and a full disk fails the allocation instead, before
+        anything depends on it). Nothing points at these clusters yet."""
+        cdef bytes z = bytes(n << self.cluster_bits)
+        self.file.write_full(z, n << self.cluster_bits, c << self.cluster_bits)
+        return 0
+
+    cdef int64_t _alloc_table(self) except -1:
+        """One counted cluster for a new L2 table, its space claimed; given back if the
+        claim fails."""
+        cdef int64_t off = self.alloc_clusters(1)
+        try:
+            self._claim(off >> self.cluster_bits, 1)
+        except OSError:
+            self.free_clusters(off, 1)
+            raise
+        return off
 
     cpdef int64_t alloc_clusters(self, int64_t n) except -1:
         cdef int64_t start, c
@@ -861,9 +901,67 @@ cdef class Qcow2(Driver):
             self._rc_add(i, -1)
         return 0
 
+    def ensure_tables(self, int64_t vaddr, int64_t n):
+        """Make the L2 tables (empty, their space claimed) that linking clusters in
+        [vaddr, vaddr+n) will need, in the active view and in every snapshot's: tables
+        before data, so that a full disk fails the allocation before any data depends
+        on it, and linking afterwards needs no space."""
+        cdef int64_t span = self.l2_bits + self.cluster_bits
+        cdef int64_t l1i, last, si
+        cdef Table sl1, nt
+        cdef int64_t newoff
+        if n <= 0:
+            return
+        last = (vaddr + n - 1) >> span
+        for l1i in range(vaddr >> span, last + 1):
+            if l1i < self.l1_size and (self.l1.get(l1i) & OFFSET_MASK) == 0:
+                self._l2_for_write(l1i)
+            for si in range(len(self.snap_l1)):
+                sl1 = self.snap_l1[si]
+                if l1i < (sl1.nbytes >> 3) and (sl1.get(l1i) & OFFSET_MASK) == 0:
+                    newoff = self._alloc_table()
+                    nt = Table(newoff, self.cluster_size)
+                    nt.new = True
+                    nt.dirty = True
+                    self._cache_put_l2(nt)
+                    sl1.put(l1i, <uint64_t>newoff)
+                    self.snap_l1_dirty[si].add(l1i)
+                    self.l2_refs[newoff] = 1
+
     cpdef free_clusters(self, int64_t host, int64_t n):
-        # never referenced: the count can drop at once
-        self._free_now(host >> self.cluster_bits, n)
+        """Give back ``n`` clusters from ``alloc_clusters`` that were never linked: the
+        count drops at once. When they were the last ones allocated, the file's tail of
+        free clusters is cut off (never on a block device), so that space a failed
+        write took (a full disk) is returned."""
+        cdef int64_t c = host >> self.cluster_bits
+        self._free_now(c, n)
+        self._trim_tail()
+
+    cdef int _trim_tail(self) except -1:
+        """Lower ``next_free`` over the free clusters at the end of what was allocated
+        and cut the file there. A cluster counted anywhere (in memory: data, tables,
+        claimed metadata, a reference drop not yet durable) stops it."""
+        cdef int64_t c = self.next_free
+        cdef int64_t end
+        cdef Table t
+        while c > 1:
+            t = self._refblock((c - 1) >> self.rb_bits, False)
+            if t is not None and self._rc_get_in(t, (c - 1) & (self.rb_entries - 1)) != 0:
+                break
+            c -= 1
+        if c == self.next_free:
+            return 0
+        self.next_free = c
+        end = c << self.cluster_bits
+        if self.on_device:
+            return 0
+        try:
+            if self.file.size() > end:
+                self.file.truncate(end)
+                self.file_size = min(self.file_size, end)
+        except OSError:
+            pass    # the clusters are free all the same; the space comes back later
+        return 0
 
     cdef _drop_ref(self, int64_t host_cluster, int64_t n):
         """A reference to these clusters was removed in memory: decrement their counts only
@@ -949,7 +1047,7 @@ cdef class Qcow2(Driver):
         l1e = self.l1.get(l1i)
         off = l1e & OFFSET_MASK
         if off == 0:
-            newoff = self.alloc_clusters(1)
+            newoff = self._alloc_table()
             nt = Table(newoff, self.cluster_size)
             nt.new = True
             nt.dirty = True
@@ -967,7 +1065,7 @@ cdef class Qcow2(Driver):
             self.l1_dirty.add(l1i)
             return t
         # shared with a snapshot: copy the table, never write the shared one
-        newoff = self.alloc_clusters(1)
+        newoff = self._alloc_table()
         nt = Table(newoff, self.cluster_size)
         memcpy(nt.buf, t.buf, self.cluster_size)
         nt.new = True
@@ -1046,10 +1144,18 @@ cdef class Qcow2(Driver):
             if (coff + run_n) & (cs - 1):
                 self._old_content(c + k - 1, bv[(k - 1) * cs:], fill)
             memcpy(&bv[coff], &src[pos], run_n)
+            self.ensure_tables(c << self.cluster_bits, k * cs)     # tables before data
             host = self.alloc_clusters(k)
-            self.file.write_full(&bv[0], k * cs, host)
-            for i in range(k):
-                self._replace(c + i, <uint64_t>(host + i * cs) | COPIED)
+            i = 0
+            try:
+                self.file.write_full(&bv[0], k * cs, host)
+                while i < k:
+                    self._replace(c + i, <uint64_t>(host + i * cs) | COPIED)
+                    i += 1
+            except OSError:
+                # nothing points at the clusters not linked yet: give them back
+                self.free_clusters(host + i * cs, k - i)
+                raise
             pos += run_n
 
     cdef _old_content(self, int64_t c, unsigned char[::1] out, object fill):
@@ -1133,34 +1239,22 @@ cdef class Qcow2(Driver):
     cdef int64_t _link_views(self, int64_t c, uint64_t entry) except -1:
         """Put ``entry`` into every view (active L1 and each snapshot's) that lacks
         cluster c; an L2 table shared by several views takes it in place, since each of
-        them lacked it. Returns the number of references made."""
+        them lacked it. Returns the number of references made.
+
+        Every table that is missing is made first (empty, so harmless if what follows
+        fails), then the entries are put without allocating: a failed allocation (a full
+        disk) leaves no view pointing at the cluster."""
         cdef int64_t l1i = c >> self.l2_bits
         cdef int64_t i2 = c & (self.l2_entries - 1)
         cdef int64_t refs = 0, off, newoff, si
         cdef Table t, sl1, nt
         cdef set done = set()
-        off = self.l1.get(l1i) & OFFSET_MASK if l1i < self.l1_size else 0
-        if l1i < self.l1_size:
-            if off == 0:
-                t = self._l2_for_write(l1i)
-                t.put(i2, entry)
-                refs += 1
-                done.add(t.offset)
-            else:
-                t = self._load_l2(off)
-                if t.get(i2) == 0:
-                    t.put(i2, entry)
-                    refs += self.l2_refs.get(off, 1)
-                done.add(off)
+        if l1i < self.l1_size and (self.l1.get(l1i) & OFFSET_MASK) == 0:
+            self._l2_for_write(l1i)
         for si in range(len(self.snap_l1)):
             sl1 = self.snap_l1[si]
-            if l1i >= (sl1.nbytes >> 3):
-                continue
-            off = sl1.get(l1i) & OFFSET_MASK
-            if off in done:
-                continue
-            if off == 0:
-                newoff = self.alloc_clusters(1)
+            if l1i < (sl1.nbytes >> 3) and (sl1.get(l1i) & OFFSET_MASK) == 0:
+                newoff = self._alloc_table()
                 nt = Table(newoff, self.cluster_size)
                 nt.new = True
                 nt.dirty = True
@@ -1168,15 +1262,25 @@ cdef class Qcow2(Driver):
                 sl1.put(l1i, <uint64_t>newoff)
                 self.snap_l1_dirty[si].add(l1i)
                 self.l2_refs[newoff] = 1
-                nt.put(i2, entry)
-                refs += 1
-                done.add(newoff)
-            else:
-                t = self._load_l2(off)
-                if t.get(i2) == 0:
-                    t.put(i2, entry)
-                    refs += self.l2_refs.get(off, 1)
-                done.add(off)
+        if l1i < self.l1_size:
+            off = self.l1.get(l1i) & OFFSET_MASK
+            t = self._load_l2(off)
+            if t.get(i2) == 0:
+                t.put(i2, entry)
+                refs += self.l2_refs.get(off, 1)
+            done.add(off)
+        for si in range(len(self.snap_l1)):
+            sl1 = self.snap_l1[si]
+            if l1i >= (sl1.nbytes >> 3):
+                continue
+            off = sl1.get(l1i) & OFFSET_MASK
+            if off in done:
+                continue
+            t = self._load_l2(off)
+            if t.get(i2) == 0:
+                t.put(i2, entry)
+                refs += self.l2_refs.get(off, 1)
+            done.add(off)
         return refs
 
     cpdef bint link(self, int64_t vaddr, int64_t host) except -1:

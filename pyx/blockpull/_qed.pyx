@@ -388,6 +388,21 @@ cdef class Qed(Driver):
         if self.next_free >= self.linked_end and self.file.size() > self.next_free:
             self.file.truncate(self.next_free)
 
+    def ensure_tables(self, int64_t vaddr, int64_t n):
+        """Make the L2 tables (empty, their space claimed) that linking clusters in
+        [vaddr, vaddr+n) will need: tables before data, so that a full disk fails here
+        before any data depends on them."""
+        cdef int64_t span = self.l2_bits + self.cluster_bits
+        cdef int64_t l1i
+        if n <= 0:
+            return
+        if not self.writable:
+            raise PermissionError("image %s is open read-only" % self.file.path)
+        self._autoclear()
+        for l1i in range(vaddr >> span, ((vaddr + n - 1) >> span) + 1):
+            if l1i < self.l2_entries and self.l1.get(l1i) == 0:
+                self._l2_for_write(l1i)
+
     cdef Table _l2_for_write(self, int64_t l1i):
         """The L2 table for L1 entry ``l1i``, allocated (appended, written at the next
         flush_metadata before the L1 entry) when there is none."""
@@ -398,6 +413,13 @@ cdef class Qed(Driver):
         if self.l1.get(l1i) != 0:
             return self._load_l2(l1i)
         off = self._alloc(self.table_size)
+        # Claim the table's space now: written back only at the next flush_metadata, it
+        # must not be the write that a full disk fails, after data was linked to it.
+        try:
+            self.file.write_full(bytes(self.table_bytes), self.table_bytes, off)
+        except OSError:
+            self.free_clusters(off, self.table_size)
+            raise
         nt = Table(off, self.table_bytes)
         nt.new = True
         self._cache_put(nt)
@@ -544,11 +566,19 @@ cdef class Qed(Driver):
                                                src[pos + take + mid:], 0, tail))
                 else:
                     views.append(mv[pos + take + mid:pos + run_n])
+            self.ensure_tables(v - coff, k * cs)     # tables before data
             host = self._alloc(k)
-            self.file.writev_full(views, host)
-            for i in range(k):
-                self._set_l2(c + i, <uint64_t>(host + i * cs))
-            self._note_linked(host + k * cs)
+            i = 0
+            try:
+                self.file.writev_full(views, host)
+                while i < k:
+                    self._set_l2(c + i, <uint64_t>(host + i * cs))
+                    self._note_linked(host + (i + 1) * cs)
+                    i += 1
+            except OSError:
+                # nothing points at the clusters not linked yet: give them back
+                self.free_clusters(host + i * cs, k - i)
+                raise
             pos += run_n
 
     def write_zeroes(self, int64_t vaddr, int64_t n, object fill, bint backed):

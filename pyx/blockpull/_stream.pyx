@@ -299,7 +299,16 @@ cdef class Stream:
         return off
 
     cdef str _on_error(self, exc):
-        """"retry" or "skip" as the control says; raises the error on "fail"."""
+        """"retry" or "skip" as the control says; raises the error on "fail".
+
+        Before the control hears of the error, what is linked so far is written back
+        (as best the disk allows): while the job waits paused, or carries on past the
+        failed chunk, the image on disk holds everything copied before the failure."""
+        try:
+            with self.lock:
+                self.top.flush_metadata()
+        except OSError:
+            pass
         action = self.control.on_io_error(exc) if self.control is not None else "fail"
         if action in ("retry", "skip"):
             return action
@@ -376,9 +385,13 @@ cdef class Stream:
                         else:
                             todo.append(j)
                 i += k
-            if todo:
+            if todo or zeros:
                 try:
-                    ch.host = top.alloc_clusters(len(todo))
+                    # tables before data: once the data is written, linking it needs
+                    # no space (a full disk fails here, before anything is written)
+                    top.ensure_tables(off, n)
+                    if todo:
+                        ch.host = top.alloc_clusters(len(todo))
                 except OSError as exc:
                     raise StreamIOError(exc, "write", off)
         ch.todo = todo
@@ -421,19 +434,39 @@ cdef class Stream:
                 raise StreamIOError(exc, "write", off + <int64_t>todo[0] * cs)
         ch.release_views()
         with self.lock:
-            for i in range(len(todo)):
-                v = off + <int64_t>todo[i] * cs
-                if top.link(v, host + i * cs):
-                    self.copied += min(cs, n - <int64_t>todo[i] * cs)
-                else:
-                    top.free_clusters(host + i * cs, 1)
+            i = 0
+            try:
+                while i < len(todo):
+                    v = off + <int64_t>todo[i] * cs
+                    if top.link(v, host + i * cs):
+                        self.copied += min(cs, n - <int64_t>todo[i] * cs)
+                    else:
+                        top.free_clusters(host + i * cs, 1)
+                    i += 1
+            except OSError as exc:
+                # linking needed a new table and there was no room (or its space could
+                # not be claimed): what is linked stays, the rest is given back and
+                # reported from the first cluster not linked
+                top.free_clusters(host + i * cs, len(todo) - i)
+                ch.todo = []
+                self._partly_done(ch, v)
+                raise StreamIOError(exc, "write", v)
             for j in ch.zeros:
                 v = off + j * cs
-                if top.has_zero_flag:
-                    if top.link_zero(v):
-                        self.zeroed += min(cs, n - j * cs)
-                else:
-                    self._write_zero_cluster(v, min(cs, n - j * cs))
+                try:
+                    if top.has_zero_flag:
+                        if top.link_zero(v):
+                            self.zeroed += min(cs, n - j * cs)
+                    else:
+                        self._write_zero_cluster(v, min(cs, n - j * cs))
+                except OSError as exc:
+                    ch.todo = []
+                    self._partly_done(ch, v)
+                    raise StreamIOError(exc, "write", v)
+                except StreamIOError:
+                    ch.todo = []
+                    self._partly_done(ch, v)
+                    raise
             ch.todo = []
             self.cur += n
             if self.cur > self.end:
@@ -445,6 +478,15 @@ cdef class Stream:
                     top.flush_metadata()
                 except OSError as exc:
                     raise StreamIOError(exc, "write", off)
+
+    cdef _partly_done(self, _Chunk ch, int64_t v):
+        """A chunk failed at ``v`` after its earlier clusters were linked: count those as
+        done and leave the chunk as [v, end) for the error policy."""
+        self.cur += v - ch.off
+        if self.cur > self.end:
+            self.end = self.cur
+        ch.n -= v - ch.off
+        ch.off = v
 
     cdef _write_zero_cluster(self, int64_t v, int64_t n):
         """Zeros over a kept base, on a format without zero clusters: write zero data,
@@ -472,14 +514,17 @@ cdef _cor_group(Driver top, list views, list vaddrs, int64_t cs):
     if not vaddrs:
         return
     host = top.alloc_clusters(len(vaddrs))
+    i = 0
     try:
         top.file.writev_data(views, host)
+        while i < len(vaddrs):
+            if not top.link(vaddrs[i], host + i * cs):
+                top.free_clusters(host + i * cs, 1)
+            i += 1
     except OSError:
-        top.free_clusters(host, len(vaddrs))
+        # nothing points at the clusters not linked yet: give them back
+        top.free_clusters(host + i * cs, len(vaddrs) - i)
         raise
-    for i in range(len(vaddrs)):
-        if not top.link(vaddrs[i], host + i * cs):
-            top.free_clusters(host + i * cs, 1)
 
 
 def copy_on_read(image, int64_t offset, int64_t n, buf=None):

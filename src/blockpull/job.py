@@ -1,6 +1,7 @@
 """PullJob: a pull running in the background, and how to watch and steer it."""
 from __future__ import annotations
 
+import errno
 import logging
 import os
 import threading
@@ -10,7 +11,7 @@ from typing import TYPE_CHECKING, Any, Callable, Generator, List, NamedTuple, Op
 from blockpull._ratelimit import RateLimiter
 from blockpull._stream import Stream, StreamIOError
 from blockpull.errors import JobActiveError, PullCancelled, PullError
-from blockpull.units import parse_bandwidth
+from blockpull.units import format_size, parse_bandwidth
 
 if TYPE_CHECKING:  # pragma: no cover
     from blockpull.image import Image
@@ -188,6 +189,13 @@ class PullJob:
                     return "cancelled"
 
     def _pull_error(self, exc: StreamIOError) -> PullError:
+        if exc.errno == errno.ENOSPC and exc.operation == "write":
+            left = max(0, self._stream.end - self._stream.cur)
+            return PullError(f"{self.path}: no space left on its file system (writing at "
+                             f"offset {exc.offset}); what was copied is kept and the image is "
+                             f"intact and still backed: make room for about "
+                             f"{format_size(left)} more and pull again to resume",
+                             exc.errno, exc.operation, exc.offset)
         what = "reading the backing chain" if exc.operation == "read" else "writing the image"
         return PullError(f"{self.path}: I/O error {what} at offset {exc.offset}: "
                          f"{getattr(exc.exc, 'strerror', None) or exc}; the image is intact "
