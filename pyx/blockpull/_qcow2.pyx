@@ -150,6 +150,15 @@ def _fmt_err(path, msg):
     return ImageFormatError("%s: %s" % (path, msg))
 
 
+def _lost_error(path, exc):
+    """The error every flush raises after a failed fdatasync lost guest writes."""
+    import errno as _errno
+    return OSError(_errno.EIO, "an earlier fdatasync failed (%s): writes made before it "
+                   "may not be on disk, and no later flush can make them so; close the "
+                   "image and check what was written since the last successful flush"
+                   % (getattr(exc, "strerror", None) or exc), path)
+
+
 def _is_block_device(File f):
     """True when ``f`` is a block device (which cannot be resized, only written)."""
     import stat as _stat
@@ -209,6 +218,19 @@ cdef class Qcow2(Driver):
     cdef list snap_l1_dirty       # dirty entry indexes per snapshot L1
     cdef dict l2_refs             # with snapshots: L2 offset -> L1 entries pointing at it
     cdef bint on_device           # a block device: never resized
+    # since the last good fdatasync (see _sync_failed):
+    cdef list fresh               # (cluster, host, old entry or None for a link) with new data
+    cdef list wrote_l2            # L2 tables written
+    cdef list wrote_rb            # (index, refcount block) written
+    cdef set wrote_l1             # active L1 indexes written
+    cdef dict wrote_snap          # snapshot index -> its L1 indexes written
+    cdef bint recovering          # inside _sync_failed: no cache eviction
+    cdef set wrote_rt             # refcount table indexes written
+    cdef bint wrote_rt_header     # the header switched to a grown refcount table
+    cdef bint rt_header_redo      # that switch must be written again
+    cdef bint guest_dirty         # guest data written
+    cdef readonly int64_t sync_failures
+    cdef object guest_lost        # the failed sync's OSError, once guest data was lost
 
     def __init__(self, File f, bint writable):
         self.file = f
@@ -222,6 +244,7 @@ cdef class Qcow2(Driver):
         self.free_after_sync = []
         self.last_comp_vcluster = -1
         self.on_device = _is_block_device(f)
+        self._synced()
         self._parse()
 
     # ---- header -----------------------------------------------------------------
@@ -454,7 +477,7 @@ cdef class Qcow2(Driver):
     cdef _cache_put_l2(self, Table t):
         cdef Table old
         self.l2_cache[t.offset] = t
-        if len(self.l2_cache) > self.l2_cache_max:
+        if len(self.l2_cache) > self.l2_cache_max and not self.recovering:
             # evict the least recently used clean table; flush when all are dirty
             for k in list(self.l2_cache.keys())[:len(self.l2_cache) - self.l2_cache_max]:
                 old = self.l2_cache[k]
@@ -698,6 +721,7 @@ cdef class Qcow2(Driver):
                 if old.dirty:
                     self.file.write_full(old.buf, old.nbytes, old.offset)
                     old.dirty = False
+                    self.wrote_rb.append((k, old))
                 del self.rb_cache[k]
         return t
 
@@ -1122,6 +1146,7 @@ cdef class Qcow2(Driver):
                         break
                     run_n += min(cs, n - pos - run_n)
                     k += 1
+                self.guest_dirty = True
                 self.file.write_full(&src[pos], run_n, host)
                 if not (e & COPIED):
                     self._set_l2(c, e | COPIED)
@@ -1148,9 +1173,12 @@ cdef class Qcow2(Driver):
             host = self.alloc_clusters(k)
             i = 0
             try:
+                self.guest_dirty = True
                 self.file.write_full(&bv[0], k * cs, host)
                 while i < k:
+                    e2 = self._l2_entry(c + i)
                     self._replace(c + i, <uint64_t>(host + i * cs) | COPIED)
+                    self.fresh.append((c + i, host + i * cs, e2))
                     i += 1
             except OSError:
                 # nothing points at the clusters not linked yet: give them back
@@ -1290,10 +1318,12 @@ cdef class Qcow2(Driver):
             if self._l2_entry(c) != 0:
                 return False
             self._set_l2(c, <uint64_t>host | COPIED)
+            self.fresh.append((c, host, None))
             return True
         refs = self._link_views(c, <uint64_t>host)
         if refs == 0:
             return False
+        self.fresh.append((c, host, None))
         for k in range(refs - 1):
             self._rc_add(host >> self.cluster_bits, 1)
         if refs == 1 and (self._l2_entry(c) & OFFSET_MASK) == <uint64_t>host:
@@ -1337,20 +1367,136 @@ cdef class Qcow2(Driver):
     # ---- ordering -----------------------------------------------------------------
 
     cdef _sync(self):
-        self.file.fdatasync()
+        try:
+            self.file.fdatasync()
+        except OSError as exc:
+            self._sync_failed(exc)
+            raise
         self.syncs += 1
+        self._synced()
         if self.free_after_sync:
             pending = self.free_after_sync
             self.free_after_sync = []
             for c, n in pending:
                 self._free_now(c, n)
 
+    cdef _synced(self):
+        """A sync succeeded: what was written before it is durable."""
+        self.fresh = []
+        self.wrote_l2 = []
+        self.wrote_rb = []
+        self.wrote_l1 = set()
+        self.wrote_snap = {}
+        self.wrote_rt = set()
+        self.wrote_rt_header = False
+        self.guest_dirty = False
+
+    cdef _sync_failed(self, exc):
+        """fdatasync failed: everything written since the last good sync counts as not
+        written. Linux may have dropped those dirty pages already, and a later fdatasync
+        can then succeed without writing them, so nothing may rely on them:
+
+        - metadata written since then is marked dirty again and written anew, in order,
+          by the next flush_metadata;
+        - reference drops whose write was among them wait for that rewrite again
+          before their clusters are freed;
+        - clusters linked since then to new data (pulled copies, a guest's allocating
+          writes) are unlinked in memory and given back, so that no table entry is ever
+          written pointing at data that may not be there; a pull copies them again;
+        - guest data written since then cannot be written again: every later ``flush``
+          raises (see ``flush``)."""
+        cdef Table t, sl1
+        cdef int64_t si
+        self.sync_failures += 1
+        if self.guest_dirty and self.guest_lost is None:
+            self.guest_lost = exc
+        # reference drops written since the last good sync: freed only after their
+        # rewrite is durable
+        self.free_waiting = self.free_after_sync + self.free_waiting
+        self.free_after_sync = []
+        for t in self.wrote_l2:
+            cur = self.l2_cache.get(t.offset)
+            if cur is None:
+                self.l2_cache[t.offset] = t
+                cur = t
+            (<Table>cur).dirty = True
+        for idx, t in self.wrote_rb:
+            cur = self.rb_cache.get(idx)
+            if cur is None:
+                self.rb_cache[idx] = t
+                cur = t
+            (<Table>cur).dirty = True
+        self.l1_dirty |= self.wrote_l1
+        for si, idxs in self.wrote_snap.items():
+            self.snap_l1_dirty[si] |= idxs
+        self.rt_dirty |= self.wrote_rt
+        if self.wrote_rt or self.wrote_rt_header:
+            self.rt_unsynced = True
+        if self.wrote_rt_header and not self.rt_moved:
+            self.rt_header_redo = True
+        self.recovering = True
+        try:
+            for c, host, old in reversed(self.fresh):
+                self._unlink_fresh(c, host, old)
+        finally:
+            self.recovering = False
+        self._synced()
+        self._trim_tail()
+
+    cdef _unlink_fresh(self, int64_t c, int64_t host, object old):
+        """Undo, in memory, a link of cluster ``c`` to ``host`` whose data may be lost:
+        ``old`` is the entry it replaced (a guest's allocating write), or None for a link
+        into views that lacked the cluster (a pull's copy)."""
+        cdef int64_t l1i = c >> self.l2_bits
+        cdef int64_t i2 = c & (self.l2_entries - 1)
+        cdef int64_t refs = 0, off, k, x, coff, nsect, first, last
+        cdef uint64_t e
+        cdef Table t, l1
+        cdef set seen = set()
+        if old is not None:
+            if (self._l2_entry(c) & OFFSET_MASK) != <uint64_t>host:
+                return
+            t = self._load_l2(self.l1.get(l1i) & OFFSET_MASK)
+            t.put(i2, <uint64_t>old)
+            self._rc_add(host >> self.cluster_bits, -1)
+            e = <uint64_t>old
+            drop = None
+            if e & COMPRESSED_FLAG:
+                x = 62 - (self.cluster_bits - 8)
+                coff = e & ((1ULL << x) - 1)
+                nsect = ((e >> x) & ((1ULL << (self.cluster_bits - 8)) - 1)) + 1
+                first = coff >> self.cluster_bits
+                last = ((coff & ~511) + nsect * 512 - 1) >> self.cluster_bits
+                drop = (first, last - first + 1)
+            elif e & OFFSET_MASK:
+                drop = ((e & OFFSET_MASK) >> self.cluster_bits, 1)
+            if drop is not None:
+                for lst in (self.free_waiting, self.free_after_sync):
+                    if drop in lst:
+                        lst.remove(drop)
+                        break
+            return
+        for l1 in [self.l1] + self.snap_l1:
+            if l1i >= (l1.nbytes >> 3):
+                continue
+            off = l1.get(l1i) & OFFSET_MASK
+            if off == 0 or off in seen:
+                continue
+            seen.add(off)
+            t = self._load_l2(off)
+            if (t.get(i2) & OFFSET_MASK) == <uint64_t>host:
+                t.put(i2, 0)
+                refs += self.l2_refs.get(off, 1) if self.snap_l1 else 1
+        for k in range(refs):
+            self._rc_add(host >> self.cluster_bits, -1)
+
     cdef _write_refblocks(self):
         cdef Table t
-        for t in self.rb_cache.values():
+        for idx, t in self.rb_cache.items():
             if t.dirty:
                 self.file.write_full(t.buf, t.nbytes, t.offset)
                 t.dirty = False
+                self.wrote_rb.append((idx, t))
 
     cpdef flush_metadata(self):
         cdef Table t, sl1
@@ -1371,6 +1517,8 @@ cdef class Qcow2(Driver):
             st64(hdr, self.rt_offset)
             (<uint32_t*>(hdr + 8))[0] = bswap32(<uint32_t>self.rt_clusters)
             self.file.write_full(hdr, 12, 48)
+            self.wrote_rt_header = True
+            self.rt_header_redo = False
             # Written, the header may name the new table even if the sync below fails:
             # from here it is the live table (a later growth replaces it as such), and
             # the old one is freed only once a sync has made the switch durable.
@@ -1379,13 +1527,23 @@ cdef class Qcow2(Driver):
             self.rt_moved = False
             self.rt_dirty.clear()
             self.rt_unsynced = True
-        elif self.rt_dirty:
-            for sect in sorted({(i * 8) & ~511 for i in self.rt_dirty}):
-                self.file.write_full(self.reftable.buf + sect,
-                                     min(512, self.reftable.nbytes - sect),
-                                     self.reftable.offset + sect)
-            self.rt_dirty.clear()
-            self.rt_unsynced = True
+        else:
+            if self.rt_header_redo:
+                # a switch whose sync failed: written again, synced below
+                st64(hdr, self.rt_offset)
+                (<uint32_t*>(hdr + 8))[0] = bswap32(<uint32_t>self.rt_clusters)
+                self.file.write_full(hdr, 12, 48)
+                self.wrote_rt_header = True
+                self.rt_header_redo = False
+                self.rt_unsynced = True
+            if self.rt_dirty:
+                for sect in sorted({(i * 8) & ~511 for i in self.rt_dirty}):
+                    self.file.write_full(self.reftable.buf + sect,
+                                         min(512, self.reftable.nbytes - sect),
+                                         self.reftable.offset + sect)
+                self.wrote_rt |= self.rt_dirty
+                self.rt_dirty.clear()
+                self.rt_unsynced = True
         if self.rt_unsynced:
             self._sync()
             self.rt_unsynced = False
@@ -1399,10 +1557,12 @@ cdef class Qcow2(Driver):
             elif t.dirty:
                 self.file.write_full(t.buf, t.nbytes, t.offset)
                 t.dirty = False
+                self.wrote_l2.append(t)
         if self.l1_dirty:
             for sect in sorted({(i * 8) & ~511 for i in self.l1_dirty}):
                 self.file.write_full(self.l1.buf + sect, min(512, self.l1.nbytes - sect),
                                      self.l1.offset + sect)
+            self.wrote_l1 |= self.l1_dirty
             self.l1_dirty.clear()
             self.l1.dirty = False
         for si in range(len(self.snap_l1)):
@@ -1412,12 +1572,20 @@ cdef class Qcow2(Driver):
                 for sect in sorted({(i * 8) & ~511 for i in dirty}):
                     self.file.write_full(sl1.buf + sect, min(512, sl1.nbytes - sect),
                                          sl1.offset + sect)
+                self.wrote_snap.setdefault(si, set()).update(dirty)
                 dirty.clear()
         # 3. dropped references become free after the next sync
         self.free_after_sync.extend(self.free_waiting)
         self.free_waiting = []
 
     cpdef flush(self):
+        """Make everything written so far durable.
+
+        Raises OSError (EIO) for ever once a failed fdatasync may have lost guest data
+        written before it (see ``_sync_failed``): that data cannot be written again, so
+        no later flush may report it durable; close the image and check what the guest
+        wrote since its last successful flush. Pulled data is copied again instead and
+        does not make flush fail."""
         if not self.writable:
             return
         self.flush_metadata()
@@ -1428,6 +1596,8 @@ cdef class Qcow2(Driver):
                 self._write_refblocks()
                 self._sync()
                 break
+        if self.guest_lost is not None:
+            raise _lost_error(self.file.path, self.guest_lost)
 
     # ---- backing link ---------------------------------------------------------------
 

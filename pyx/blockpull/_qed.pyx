@@ -107,6 +107,13 @@ cdef class Table:
         self.dlo = self.nbytes
         self.dhi = 0
 
+    cdef inline void touch(self, Py_ssize_t lo, Py_ssize_t hi) noexcept:
+        """Mark bytes [lo, hi) changed (to be written again)."""
+        if lo < self.dlo:
+            self.dlo = lo
+        if hi > self.dhi:
+            self.dhi = hi
+
     cdef int write_dirty(self, File f) except -1:
         """Write the changed entries, widened to whole 512-byte sectors."""
         cdef Py_ssize_t lo, hi
@@ -153,6 +160,13 @@ cdef class Qed(Driver):
     cdef list free_runs                   # [(host, clusters)] given back, never linked
     cdef bint autoclear_done
     cdef public object lock
+    # since the last good fdatasync (see _sync_failed):
+    cdef list fresh                       # (cluster, host, old entry or None) with new data
+    cdef list wrote                       # (table, lo, hi) of table writes
+    cdef bint guest_dirty                 # guest data written
+    cdef bint recovering                  # inside _sync_failed: no cache eviction
+    cdef readonly int64_t sync_failures
+    cdef object guest_lost                # the failed sync's OSError, once guest data was lost
 
     def __init__(self, File f, bint writable):
         self.file = f
@@ -161,6 +175,7 @@ cdef class Qed(Driver):
         self.has_zero_flag = True
         self.l2_cache = OrderedDict()
         self.free_runs = []
+        self._synced()
         self._parse()
 
     # ---- header -----------------------------------------------------------------
@@ -268,7 +283,7 @@ cdef class Qed(Driver):
     cdef _cache_put(self, Table t):
         cdef Table old
         self.l2_cache[t.offset] = t
-        if len(self.l2_cache) > self.l2_cache_max:
+        if len(self.l2_cache) > self.l2_cache_max and not self.recovering:
             for k in list(self.l2_cache.keys())[:len(self.l2_cache) - self.l2_cache_max]:
                 old = self.l2_cache[k]
                 if old.new or old.dirty():
@@ -455,6 +470,7 @@ cdef class Qed(Driver):
             return False
         self._set_l2(c, <uint64_t>host)
         self._note_linked(host + self.cluster_size)
+        self.fresh.append((c, host, None))
         return True
 
     cpdef bint link_zero(self, int64_t vaddr) except -1:
@@ -538,6 +554,7 @@ cdef class Qed(Driver):
                     self._check_data(e2, c + k)
                     run_n += min(cs, n - pos - run_n)
                     k += 1
+                self.guest_dirty = True
                 self.file.write_full(&src[pos], run_n, <int64_t>e + coff)
                 pos += run_n
                 continue
@@ -570,10 +587,13 @@ cdef class Qed(Driver):
             host = self._alloc(k)
             i = 0
             try:
+                self.guest_dirty = True
                 self.file.writev_full(views, host)
                 while i < k:
+                    e2 = self._l2_entry(c + i)
                     self._set_l2(c + i, <uint64_t>(host + i * cs))
                     self._note_linked(host + (i + 1) * cs)
+                    self.fresh.append((c + i, host + i * cs, e2))
                     i += 1
             except OSError:
                 # nothing points at the clusters not linked yet: give them back
@@ -612,6 +632,7 @@ cdef class Qed(Driver):
                 self._check_data(e, c)
                 if zeros is None:
                     zeros = bytes(cs)
+                self.guest_dirty = True
                 self.file.write_full(zeros, nxt - v, <int64_t>e + (v & (cs - 1)))
             elif (v & (cs - 1)) == 0 and (nxt - v == cs or nxt == self.size):
                 self._set_l2(c, ZERO_ENTRY)
@@ -622,8 +643,61 @@ cdef class Qed(Driver):
     # ---- ordering -----------------------------------------------------------------
 
     cdef _sync(self):
-        self.file.fdatasync()
+        try:
+            self.file.fdatasync()
+        except OSError as exc:
+            self._sync_failed(exc)
+            raise
         self.syncs += 1
+        self._synced()
+
+    cdef _synced(self):
+        """A sync succeeded: what was written before it is durable."""
+        self.fresh = []
+        self.wrote = []
+        self.guest_dirty = False
+
+    cdef _write_table(self, Table t):
+        """Write a table's changed entries, noting them until the next good sync."""
+        if t.dirty():
+            self.wrote.append((t, t.dlo, t.dhi))
+            t.write_dirty(self.file)
+
+    cdef _sync_failed(self, exc):
+        """fdatasync failed: everything written since the last good sync counts as not
+        written (Linux may have dropped those pages, and a later fdatasync can succeed
+        without writing them). Table entries written since then are written again by the
+        next flush_metadata; clusters linked since then to new data (pulled copies, a
+        guest's appended writes) are unlinked in memory and given back, so that no entry
+        ever points at data that may not be there (a pull copies them again); guest data
+        written since then cannot be written again, so every later ``flush`` raises."""
+        cdef Table t
+        cdef int64_t c, host, l1i
+        self.sync_failures += 1
+        if self.guest_dirty and self.guest_lost is None:
+            self.guest_lost = exc
+        self.recovering = True
+        try:
+            for t, lo, hi in self.wrote:
+                if t is not self.l1:
+                    cur = self.l2_cache.get(t.offset)
+                    if cur is None:
+                        self.l2_cache[t.offset] = t
+                        cur = t
+                    t = <Table>cur
+                t.touch(lo, hi)
+            for c, host, old in reversed(self.fresh):
+                l1i = c >> self.l2_bits
+                if self.l1.get(l1i) == 0:
+                    continue
+                t = self._load_l2(l1i)
+                if t.get(c & (self.l2_entries - 1)) != <uint64_t>host:
+                    continue
+                t.put(c & (self.l2_entries - 1), 0 if old is None else <uint64_t>old)
+                self.free_runs.append((host, 1))
+        finally:
+            self.recovering = False
+        self._synced()
 
     cpdef flush_metadata(self):
         """New L2 tables written whole and the file grown over every linked cluster, one
@@ -644,15 +718,23 @@ cdef class Qed(Driver):
                 t.new = False
                 t.clean()
             elif t.dirty():
-                t.write_dirty(self.file)
-        self.l1.write_dirty(self.file)
+                self._write_table(t)
+        self._write_table(self.l1)
 
     cpdef flush(self):
-        """Make everything written so far durable."""
+        """Make everything written so far durable.
+
+        Raises OSError (EIO) for ever once a failed fdatasync may have lost guest data
+        written before it (see ``_sync_failed``): that data cannot be written again, so
+        no later flush may report it durable; close the image and check what the guest
+        wrote since its last successful flush."""
         if not self.writable:
             return
         self.flush_metadata()
         self._sync()
+        if self.guest_lost is not None:
+            from blockpull._qcow2 import _lost_error
+            raise _lost_error(self.file.path, self.guest_lost)
 
     # ---- backing link ---------------------------------------------------------------
 

@@ -64,6 +64,7 @@ cdef class _Chunk:
     cdef object bmv
     cdef object future
     cdef object buf
+    cdef int64_t epoch        # the top's failed syncs when the chunk was read
 
     cdef release_views(self):
         self.views = None
@@ -98,6 +99,7 @@ cdef class Stream:
     cdef object writer
     cdef public bint direct
     cdef public int depth
+    cdef int64_t run_epoch    # the top's failed syncs when this pass began
 
     def __init__(self, image, int base_depth, RateLimiter limiter, control=None,
                  int64_t chunk=DEFAULT_CHUNK, int64_t batch=DEFAULT_BATCH):
@@ -197,6 +199,7 @@ cdef class Stream:
         bufs = [self.pool.acquire() for _ in range(depth + 1)]
         spare = list(bufs)
         self.writer = ThreadPoolExecutor(depth, thread_name_prefix="blockpull-write")
+        self.run_epoch = self._epoch()
         try:
             self.pos = 0
             while True:
@@ -267,16 +270,35 @@ cdef class Stream:
                 b.release()
             self.pool = None
 
+    cdef int64_t _epoch(self):
+        """How many of the top's fdatasyncs have failed so far."""
+        return getattr(self.top, "sync_failures", 0)
+
+    def intact(self):
+        """False when an fdatasync of the top failed since this pass of the copy loop
+        began (or went back to the start): clusters linked before it may have been given
+        back, and a new pass must copy them again before the backing link changes."""
+        return self._epoch() == self.run_epoch
+
     cdef object _settle(self, list inflight, list spare, int count):
         """Link the ``count`` oldest chunks in flight, in order. On a failed write the
         chunks after it are given back as well; returns (offset, length, error) of the
-        failed one, or None."""
+        failed one, or None. A chunk whose data was written before a failed fdatasync
+        is given back instead of linked, and returned with error None."""
         cdef _Chunk ch
         while count > 0 and inflight:
             ch = inflight.pop(0)
             count -= 1
             try:
-                self.finish_chunk(ch)
+                if not self.finish_chunk(ch):
+                    spare.append(ch.buf)
+                    ch.buf = None
+                    while inflight:
+                        later = <_Chunk>inflight.pop(0)
+                        self._discard(later)
+                        spare.append(later.buf)
+                        later.buf = None
+                    return (ch.off, ch.n, None)
             except StreamIOError as exc:
                 spare.append(ch.buf)
                 ch.buf = None
@@ -291,8 +313,21 @@ cdef class Stream:
         return None
 
     cdef int64_t _handle(self, tuple failed) except -1:
-        """Ask ``on_error`` about a failed chunk; the position to carry on from."""
+        """Ask ``on_error`` about a failed chunk; the position to carry on from.
+
+        After a failed fdatasync of the top (this pull's or a guest flush's), the
+        clusters linked since the last good one were given back (their data may never
+        have reached the disk): a retry goes back to the start, so that they are copied
+        again before anything points at them."""
         off, n, exc = failed
+        if self._epoch() != self.run_epoch:
+            if exc is None or self._on_error(exc) == "retry":
+                self.run_epoch = self._epoch()
+                return 0
+            self._skipped(n)
+            return off + n
+        if exc is None:
+            return off
         if self._on_error(exc) == "skip":
             self._skipped(n)
             return off + n
@@ -364,6 +399,7 @@ cdef class Stream:
         ch.off = off
         ch.n = n
         with self.lock:
+            ch.epoch = self._epoch()
             i = 0
             while i < ncl:
                 v = off + i * cs
@@ -415,9 +451,11 @@ cdef class Stream:
             ch.views = views
         return ch
 
-    cdef finish_chunk(self, _Chunk ch):
+    cdef bint finish_chunk(self, _Chunk ch) except -1:
         """Wait for the chunk's write, then under the lock link each cluster the top still
-        lacks (a guest write that came first wins and the copy is given back)."""
+        lacks (a guest write that came first wins and the copy is given back). False,
+        with the chunk given back, when an fdatasync of the top failed since the chunk
+        was read: its data may have been lost with that sync's pages."""
         cdef Driver top = self.top
         cdef int64_t cs = top.cluster_size
         cdef int64_t i, j, v, n = ch.n, off = ch.off, host = ch.host
@@ -434,6 +472,11 @@ cdef class Stream:
                 raise StreamIOError(exc, "write", off + <int64_t>todo[0] * cs)
         ch.release_views()
         with self.lock:
+            if self._epoch() != ch.epoch:
+                if todo:
+                    top.free_clusters(host, len(todo))
+                ch.todo = []
+                return False
             i = 0
             try:
                 while i < len(todo):
@@ -478,6 +521,7 @@ cdef class Stream:
                     top.flush_metadata()
                 except OSError as exc:
                     raise StreamIOError(exc, "write", off)
+        return True
 
     cdef _partly_done(self, _Chunk ch, int64_t v):
         """A chunk failed at ``v`` after its earlier clusters were linked: count those as
@@ -496,13 +540,15 @@ cdef class Stream:
         if kind != KIND_UNALLOC:
             return
         try:
-            top.write(v, bytes(n), None)
+            # a pulled cluster like any other (not a guest write): fresh space, linked
+            _cor_group(top, [bytes(top.cluster_size)], [v], top.cluster_size)
         except OSError as exc:
             raise StreamIOError(exc, "write", v)
         self.zeroed += n
 
     def finish_sync(self):
-        """Make everything copied durable (before the backing link changes)."""
+        """Make everything copied durable (before the backing link changes). The caller
+        checks ``intact()`` afterwards, under the same lock as the link change."""
         with self.lock:
             self.top.flush()
 

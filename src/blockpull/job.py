@@ -175,18 +175,28 @@ class PullJob:
     def _finish(self) -> str:
         """Make the copy durable and change the backing link, under the on_error policy:
         an I/O error here fails the job ("report", and "ignore", which has nothing left
-        to carry on with) or pauses it until resumed, then tries again ("stop")."""
+        to carry on with) or pauses it until resumed, then tries again ("stop").
+
+        A failed fdatasync gives back what was linked since the last good one (its data
+        may never have reached the disk), so after one (here, or a guest's flush since
+        the copy loop began) the copy loop runs again before the link changes."""
         while True:
             try:
-                self._stream.finish_sync()
-                self.image._finish_pull(self._base_depth)
-                return "completed"
+                with self.image._lock:
+                    if self._stream.intact():
+                        self._stream.finish_sync()
+                        if self._stream.intact():
+                            self.image._finish_pull(self._base_depth)
+                            return "completed"
             except OSError as exc:
                 err = StreamIOError(exc, "write", 0)
                 if self.on_io_error(err) != "retry":
                     raise err from exc
                 if self._stream.cancel_requested:
                     return "cancelled"
+            # copy again what the failed sync gave back
+            if self._stream.run() == "cancelled":
+                return "cancelled"
 
     def _pull_error(self, exc: StreamIOError) -> PullError:
         if exc.errno == errno.ENOSPC and exc.operation == "write":
