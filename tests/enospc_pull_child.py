@@ -1,7 +1,8 @@
 """A 40 MiB pull into an image on a 10 MiB tmpfs, run by test_enospc.py inside a private
 mount namespace (``unshare --mount``, or ``--user --map-root-user --mount``).
 
-    python enospc_pull_child.py WORK_DIR MODE       # MODE: report | stop | ignore | cli
+    python enospc_pull_child.py WORK_DIR MODE [FORMAT]
+        # MODE: report | stop | ignore | cli; FORMAT of the overlay: qcow2 (default) | qed
 
 The backing file (40 MiB of data) lives outside the tmpfs, the overlay inside it. The
 pull must fail (or pause) on ENOSPC and leave: what it copied linked and durable,
@@ -52,16 +53,19 @@ def backing_of(path):
 
 def main():
     work, mode = sys.argv[1:3]
+    fmt = sys.argv[3] if len(sys.argv) > 3 else "qcow2"
+    bfmt = "qcow2" if fmt == "qed" else None    # QED records no backing format
     mnt = os.path.join(work, "mnt")
     os.makedirs(mnt, exist_ok=True)
     base = os.path.join(work, "base.qcow2")
     sh("qemu-img", "create", "-q", "-f", "qcow2", base, "40M")
     sh("qemu-io", "-c", "write -P 0x5a 0 40M", base)
     sh("mount", "-t", "tmpfs", "-o", "size=10M", "tmpfs", mnt)
-    top = os.path.join(mnt, "top.qcow2")
-    sh("qemu-img", "create", "-q", "-f", "qcow2", "-b", base, "-F", "qcow2", top, "40M")
+    top = os.path.join(mnt, "top." + fmt)
+    sh("qemu-img", "create", "-q", "-f", fmt, "-b", base, "-F", "qcow2", top, "40M")
     if mode == "cli":
-        r = subprocess.run([sys.executable, "-m", "blockpull", "pull", top],
+        r = subprocess.run([sys.executable, "-m", "blockpull", "pull", top]
+                           + (["-F", bfmt] if bfmt else []),
                            capture_output=True, text=True)
         assert r.returncode == 1, (r.returncode, r.stderr)
         lines = [ln for ln in r.stderr.splitlines() if ln.strip()]
@@ -71,7 +75,7 @@ def main():
         assert "make room for about" in errs[0], errs[0]
     else:
         events = []
-        with blockpull.open(top) as img:
+        with blockpull.open(top, backing_format=bfmt) as img:
             job = img.pull(on_error=mode, on_event=lambda e: events.append(e))
             if mode == "stop":
                 t0 = time.monotonic()
@@ -110,7 +114,7 @@ def main():
     kept = top_bytes(top)
     assert kept > 0, f"{mode}: nothing copied stayed linked"
     # the same pull again, still no room: it fails, but keeps what it had
-    with blockpull.open(top) as img:
+    with blockpull.open(top, backing_format=bfmt) as img:
         try:
             img.pull().result(timeout=120)
             raise AssertionError("a pull with no room completed")
@@ -120,7 +124,7 @@ def main():
     assert top_bytes(top) >= kept
     # room again: a new pull completes
     sh("mount", "-o", "remount,size=64M", mnt)
-    with blockpull.open(top) as img:
+    with blockpull.open(top, backing_format=bfmt) as img:
         img.pull().result(timeout=120)
     assert backing_of(top) is None
     check_clean(top, f"{mode}: after the pull with room")

@@ -16,10 +16,11 @@ from relhelp import PY, child_env
 CHILD = os.path.join(os.path.dirname(os.path.abspath(__file__)), "enospc_pull_child.py")
 
 
+@pytest.mark.parametrize("fmt", ["qcow2", "qed"])
 @pytest.mark.parametrize("mode", ["report", "stop", "ignore", "cli"])
-def test_full_tmpfs_keeps_what_was_copied(tmp_path, qemu, mode):
+def test_full_tmpfs_keeps_what_was_copied(tmp_path, qemu, mode, fmt):
     prefix = ["unshare", "--mount"] if os.geteuid() == 0 else \
         ["unshare", "--user", "--map-root-user", "--mount"]
-    r = subprocess.run(prefix + [PY, CHILD, str(tmp_path), mode], capture_output=True,
+    r = subprocess.run(prefix + [PY, CHILD, str(tmp_path), mode, fmt], capture_output=True,
                        text=True, env=child_env(), timeout=300)
     assert r.returncode == 0 and r.stdout.strip().endswith("ok"), r.stdout + r.stderr
