@@ -1586,18 +1586,24 @@ cdef class Qcow2(Driver):
         no later flush may report it durable; close the image and check what the guest
         wrote since its last successful flush. Pulled data is copied again instead and
         does not make flush fail."""
+        self.sync_all()
+        if self.guest_lost is not None:
+            raise _lost_error(self.file.path, self.guest_lost)
+
+    def sync_all(self):
+        """``flush`` without the report of guest writes a failed sync lost: what a pull
+        needs before it changes the backing link (what it copied is durable; guest data
+        a failed sync lost is the guest's to hear of, through ``flush``)."""
+        cdef Table t
         if not self.writable:
             return
         self.flush_metadata()
         self._sync()
-        cdef Table t
         for t in self.rb_cache.values():
             if t.dirty:
                 self._write_refblocks()
                 self._sync()
                 break
-        if self.guest_lost is not None:
-            raise _lost_error(self.file.path, self.guest_lost)
 
     # ---- backing link ---------------------------------------------------------------
 
@@ -1606,7 +1612,7 @@ cdef class Qcow2(Driver):
         the new name goes where the old one is not, is made durable, and only then does one
         write of the first sector switch the link."""
         cdef int64_t cs = self.cluster_size
-        self.flush()
+        self.sync_all()
         path = self.file.path
         cluster0 = bytearray(self.file.pread(0, cs))
         fmt_ext = None

@@ -728,13 +728,18 @@ cdef class Qed(Driver):
         written before it (see ``_sync_failed``): that data cannot be written again, so
         no later flush may report it durable; close the image and check what the guest
         wrote since its last successful flush."""
+        self.sync_all()
+        if self.guest_lost is not None:
+            from blockpull._qcow2 import _lost_error
+            raise _lost_error(self.file.path, self.guest_lost)
+
+    def sync_all(self):
+        """``flush`` without the report of guest writes a failed sync lost: what a pull
+        needs before it changes the backing link."""
         if not self.writable:
             return
         self.flush_metadata()
         self._sync()
-        if self.guest_lost is not None:
-            from blockpull._qcow2 import _lost_error
-            raise _lost_error(self.file.path, self.guest_lost)
 
     # ---- backing link ---------------------------------------------------------------
 
@@ -745,7 +750,7 @@ cdef class Qed(Driver):
         format (bit 0x04); any other ``fmt`` holds for this open only and must be named
         again when the image is next opened."""
         cdef int64_t pos, old_lo, old_hi, ln
-        self.flush()
+        self.sync_all()
         features = self.features
         if name is None:
             features &= ~(F_BACKING_FILE | F_BACKING_RAW)

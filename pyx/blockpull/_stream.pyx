@@ -550,7 +550,7 @@ cdef class Stream:
         """Make everything copied durable (before the backing link changes). The caller
         checks ``intact()`` afterwards, under the same lock as the link change."""
         with self.lock:
-            self.top.flush()
+            self.top.sync_all()
 
 
 cdef _cor_group(Driver top, list views, list vaddrs, int64_t cs):
