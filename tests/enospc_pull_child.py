@@ -84,6 +84,8 @@ def main():
                     assert time.monotonic() - t0 < 60, "never paused"
                     time.sleep(0.01)
                 assert events[0].kind == "error" and events[0].error.errno == errno.ENOSPC
+                assert "make room" in str(events[0].error), events[0].error
+                assert "resume the job" in str(events[0].error), events[0].error
                 # paused on a full disk: what was copied is on disk, linked, nothing leaks
                 check_clean(top, "paused on ENOSPC")
                 same(top, base, "paused on ENOSPC")

@@ -201,10 +201,11 @@ class PullJob:
     def _pull_error(self, exc: StreamIOError) -> PullError:
         if exc.errno == errno.ENOSPC and exc.operation == "write":
             left = max(0, self._stream.end - self._stream.cur)
+            then = "resume the job" if self.on_error == "stop" else "pull again to resume"
             return PullError(f"{self.path}: no space left on its file system (writing at "
                              f"offset {exc.offset}); what was copied is kept and the image is "
                              f"intact and still backed: make room for about "
-                             f"{format_size(left)} more and pull again to resume",
+                             f"{format_size(left)} more and {then}",
                              exc.errno, exc.operation, exc.offset)
         what = "reading the backing chain" if exc.operation == "read" else "writing the image"
         return PullError(f"{self.path}: I/O error {what} at offset {exc.offset}: "
