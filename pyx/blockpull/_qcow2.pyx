@@ -3,14 +3,20 @@
 
 Tables live in memory in their on-disk (big-endian) form so that they can be written
 back without conversion. The L2 and refcount-block caches are bounded. Metadata is
-written back in the order shared/docs/formats.md gives:
+written back in an order that survives a crash (data before reference, refcount before
+reference):
 
+0. tables before data: the L2 tables a range needs are made, and new metadata clusters
+   have their space claimed, before its data clusters are reserved, so that a full disk
+   fails an allocation rather than the write-back of what is already linked;
 1. data clusters are written by the caller (``write`` / the stream loop);
 2. ``flush_metadata``: refcount blocks and brand-new L2 tables are written, fdatasync;
    new refcount-table entries (rare) are written, fdatasync; then the L2 tables and L1
    entries that point at the synced clusters are written; the next fdatasync covers them;
 3. reference drops (copy-on-write of shared clusters, overwritten compressed clusters)
-   decrement refcounts only after the new reference is durable.
+   decrement refcounts only after the new reference is durable;
+4. a failed fdatasync makes everything written since the last good one count as not
+   written (``_sync_failed``): it is written again, or unlinked and copied again.
 
 A crash at any instant therefore leaves at worst leaked clusters, never a reference to a
 cluster whose data or count is not on disk.

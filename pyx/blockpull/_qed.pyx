@@ -8,14 +8,19 @@ backing file), 1 (reads as zeros) or the cluster-aligned host offset of the data
 no refcounts: new clusters are appended at the end of the file.
 
 Tables live in memory in their on-disk (little-endian) form so that they can be written
-back without conversion; the L2 cache is bounded. Metadata is written back in the order
-shared/docs/formats.md gives:
+back without conversion; the L2 cache is bounded. Metadata is written back in an order
+that survives a crash (data before reference):
 
+0. tables before data: the L2 tables a range needs are appended (their space claimed)
+   before its data clusters, so that a full disk fails an allocation rather than the
+   write-back of what is already linked;
 1. data clusters are written by the caller (``write`` / the stream loop);
 2. ``flush_metadata``: brand-new L2 tables are written whole and the file is extended to
    cover every cluster a table will point at; one fdatasync makes those and the data
    durable; only then are the changed L2 entries and L1 entries written (the next
-   fdatasync covers them).
+   fdatasync covers them);
+3. a failed fdatasync makes everything written since the last good one count as not
+   written (``_sync_failed``): it is written again, or unlinked and copied again.
 
 The need-check bit (features 0x02). QEMU sets it while an image is open for writing and
 clears it on a clean close, because its own write-back can leave a table pointing at
