@@ -238,3 +238,27 @@ def test_guest_flush_failure_is_not_forgotten(tmp_path_factory, tmp_path, name):
     assert rc in (0, 3), out
     assert model.explain(raw_of(d["top"], str(tmp_path / "after.raw"))) is None
     cut_power(d["top"], initial, inj.ops(d["top"]), model, name)
+
+
+def test_failed_flush_undoes_a_copy_on_write(tmp_path, qemu):
+    """A guest write to a cluster shared with an internal snapshot copies it and drops
+    the shared reference; the flush fails. The copy is unlinked and the drop cancelled
+    (the old cluster keeps both references): qemu-img check stays clean and the image
+    reads as before (the write counts as not written)."""
+    p = qemu.create(tmp_path / "s.qcow2", 1 << 20)
+    qemu.io(p, "write -P 1 0 1M")
+    qemu.img("snapshot", "-c", "s1", p)
+    img = blockpull.open(p)
+    inj = faults.attach(img, faults.FaultInjector(record_writes=False))
+    img.write(4096, b"\x02" * 65536)           # two shared clusters copied
+    inj.fail("sync", "top", errno.EIO)
+    with pytest.raises(OSError):
+        img.flush()
+    with pytest.raises(OSError):
+        img.flush()
+    with pytest.raises(OSError):
+        img.close()
+    qemu.assert_clean(p)
+    assert qemu.to_raw(p, tmp_path / "s.raw") == b"\x01" * (1 << 20)
+    qemu.img("snapshot", "-a", "s1", p)
+    assert qemu.to_raw(p, tmp_path / "s1.raw") == b"\x01" * (1 << 20)
