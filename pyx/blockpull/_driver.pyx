@@ -61,6 +61,17 @@ cdef class Driver:
         """Give back clusters from alloc_clusters that were never linked."""
         raise NotImplementedError
 
+    def sync_all(self):
+        """Make everything written so far durable, like ``flush``, without raising for
+        guest writes an earlier failed sync lost (a pull's final sync)."""
+        return self.flush()
+
+    def ensure_tables(self, int64_t vaddr, int64_t n):
+        """Make (empty) the tables that linking clusters in [vaddr, vaddr+n) will need,
+        before their data is written: a full disk then fails here, not after data was
+        written that could not be linked. Formats without tables do nothing."""
+        return None
+
     cpdef write(self, int64_t vaddr, object data, object fill):
         """Write ``data`` at ``vaddr``; ``fill(vaddr, buffer)`` reads the layers below."""
         raise NotImplementedError

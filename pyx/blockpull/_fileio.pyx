@@ -91,7 +91,8 @@ cdef class File:
     ``check(op, role, offset, length) -> errno-or-0``, consulted before every read, write
     and sync (op "read", "write", "sync"; resizes and fallocate count as "write"), and
     ``record(op, path, offset, data)``, called with op "write" (the bytes that reached the
-    file) after each write, "sync" (data None) before each fdatasync, "truncate" (offset
+    file) after each write, "sync" (data None) before each fdatasync ("syncfail" instead
+    when ``check`` fails it), "truncate" (offset
     = new size) and "zero" (data = length) after a resize or a hole punch.
 
     The file may be a block device (an LVM volume, a loop device; ``is_device``): its
@@ -401,7 +402,11 @@ cdef class File:
         cdef int r, err = 0
         self._check_open()
         if self.faults is not None:
-            self._fault("sync", 0, 0)
+            try:
+                self._fault("sync", 0, 0)
+            except OSError:
+                self._record("syncfail", 0, None)   # a failed sync, for the power-loss model
+                raise
             self._record("sync", 0, None)
         with nogil:
             r = fdatasync(self.fd)

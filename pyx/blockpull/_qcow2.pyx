@@ -3,14 +3,20 @@
 
 Tables live in memory in their on-disk (big-endian) form so that they can be written
 back without conversion. The L2 and refcount-block caches are bounded. Metadata is
-written back in the order docs/formats.md gives ("Write ordering"):
+written back in an order that survives a crash (data before reference, refcount before
+reference; docs/formats.md, "Write ordering"):
 
+0. tables before data: the L2 tables a range needs are made, and new metadata clusters
+   have their space claimed, before its data clusters are reserved, so that a full disk
+   fails an allocation rather than the write-back of what is already linked;
 1. data clusters are written by the caller (``write`` / the stream loop);
 2. ``flush_metadata``: refcount blocks and brand-new L2 tables are written, fdatasync;
    new refcount-table entries (rare) are written, fdatasync; then the L2 tables and L1
    entries that point at the synced clusters are written; the next fdatasync covers them;
 3. reference drops (copy-on-write of shared clusters, overwritten compressed clusters)
-   decrement refcounts only after the new reference is durable.
+   decrement refcounts only after the new reference is durable;
+4. a failed fdatasync makes everything written since the last good one count as not
+   written (``_sync_failed``): it is written again, or unlinked and copied again.
 
 A crash at any instant therefore leaves at worst leaked clusters, never a reference to a
 cluster whose data or count is not on disk.
@@ -152,6 +158,15 @@ def _fmt_err(path, msg):
     return ImageFormatError("%s: %s" % (path, msg))
 
 
+def _lost_error(path, exc):
+    """The error every flush raises after a failed fdatasync lost guest writes."""
+    import errno as _errno
+    return OSError(_errno.EIO, "an earlier fdatasync failed (%s): writes made before it "
+                   "may not be on disk, and no later flush can make them so; close the "
+                   "image and check what was written since the last successful flush"
+                   % (getattr(exc, "strerror", None) or exc), path)
+
+
 cdef class Qcow2(Driver):
     """A qcow2 image file (v2 or v3)."""
     cdef readonly int version
@@ -205,6 +220,19 @@ cdef class Qcow2(Driver):
     cdef list snap_l1             # each internal snapshot's L1 table (Table), or []
     cdef list snap_l1_dirty       # dirty entry indexes per snapshot L1
     cdef dict l2_refs             # with snapshots: L2 offset -> L1 entries pointing at it
+    # since the last good fdatasync (see _sync_failed):
+    cdef list fresh               # (cluster, host, old entry or None for a link) with new data
+    cdef list wrote_l2            # L2 tables written
+    cdef list wrote_rb            # (index, refcount block) written
+    cdef set wrote_l1             # active L1 indexes written
+    cdef dict wrote_snap          # snapshot index -> its L1 indexes written
+    cdef bint recovering          # inside _sync_failed: no cache eviction
+    cdef set wrote_rt             # refcount table indexes written
+    cdef bint wrote_rt_header     # the header switched to a grown refcount table
+    cdef bint rt_header_redo      # that switch must be written again
+    cdef bint guest_dirty         # guest data written
+    cdef readonly int64_t sync_failures
+    cdef object guest_lost        # the failed sync's OSError, once guest data was lost
 
     def __init__(self, File f, bint writable, *, bint metadata_only=False):
         """``metadata_only`` (read-only opens for checking): accept encrypted images,
@@ -220,6 +248,7 @@ cdef class Qcow2(Driver):
         self.free_waiting = []
         self.free_after_sync = []
         self.last_comp_vcluster = -1
+        self._synced()
         self._parse()
 
     # ---- header -----------------------------------------------------------------
@@ -483,7 +512,7 @@ cdef class Qcow2(Driver):
     cdef _cache_put_l2(self, Table t):
         cdef Table old
         self.l2_cache[t.offset] = t
-        if len(self.l2_cache) > self.l2_cache_max:
+        if len(self.l2_cache) > self.l2_cache_max and not self.recovering:
             # evict the least recently used clean table; flush when all are dirty
             for k in list(self.l2_cache.keys())[:len(self.l2_cache) - self.l2_cache_max]:
                 old = self.l2_cache[k]
@@ -727,6 +756,7 @@ cdef class Qcow2(Driver):
                 if old.dirty:
                     self.file.write_full(old.buf, old.nbytes, old.offset)
                     old.dirty = False
+                    self.wrote_rb.append((k, old))
                 del self.rb_cache[k]
         return t
 
@@ -860,10 +890,39 @@ cdef class Qcow2(Driver):
         return start
 
     cdef int64_t _reserve(self, int64_t n) except -1:
-        """Take ``n`` free contiguous clusters for metadata (not yet counted)."""
+        """Take ``n`` free contiguous clusters for metadata (not yet counted), with their
+        space claimed on the file system (see ``_claim``)."""
         cdef int64_t start = self._find_free(n)
+        cdef int64_t old = self.next_free
         self.next_free = start + n
+        try:
+            self._claim(start, n)
+        except OSError:
+            self.next_free = old
+            raise
         return start
+
+    cdef int _claim(self, int64_t c, int64_t n) except -1:
+        """Write zeros over metadata clusters ``c .. c+n`` as soon as they are reserved.
+        Metadata is written back later, in ``flush_metadata``; on a full file system
+        that write-back must not be the write that fails, or everything linked in
+        memory since the last flush is lost with it. Claimed now, the space is there when
+        the tables are written (and a full disk fails the allocation instead, before
+        anything depends on it). Nothing points at these clusters yet."""
+        cdef bytes z = bytes(n << self.cluster_bits)
+        self.file.write_full(z, n << self.cluster_bits, c << self.cluster_bits)
+        return 0
+
+    cdef int64_t _alloc_table(self) except -1:
+        """One counted cluster for a new L2 table, its space claimed; given back if the
+        claim fails."""
+        cdef int64_t off = self.alloc_clusters(1)
+        try:
+            self._claim(off >> self.cluster_bits, 1)
+        except OSError:
+            self.free_clusters(off, 1)
+            raise
+        return off
 
     cpdef int64_t alloc_clusters(self, int64_t n) except -1:
         cdef int64_t start, c
@@ -906,9 +965,67 @@ cdef class Qcow2(Driver):
             self._rc_add(i, -1)
         return 0
 
+    def ensure_tables(self, int64_t vaddr, int64_t n):
+        """Make the L2 tables (empty, their space claimed) that linking clusters in
+        [vaddr, vaddr+n) will need, in the active view and in every snapshot's: tables
+        before data, so that a full disk fails the allocation before any data depends
+        on it, and linking afterwards needs no space."""
+        cdef int64_t span = self.l2_bits + self.cluster_bits
+        cdef int64_t l1i, last, si
+        cdef Table sl1, nt
+        cdef int64_t newoff
+        if n <= 0:
+            return
+        last = (vaddr + n - 1) >> span
+        for l1i in range(vaddr >> span, last + 1):
+            if l1i < self.l1_size and (self.l1.get(l1i) & OFFSET_MASK) == 0:
+                self._l2_for_write(l1i)
+            for si in range(len(self.snap_l1)):
+                sl1 = self.snap_l1[si]
+                if l1i < (sl1.nbytes >> 3) and (sl1.get(l1i) & OFFSET_MASK) == 0:
+                    newoff = self._alloc_table()
+                    nt = Table(newoff, self.cluster_size)
+                    nt.new = True
+                    nt.dirty = True
+                    self._cache_put_l2(nt)
+                    sl1.put(l1i, <uint64_t>newoff)
+                    self.snap_l1_dirty[si].add(l1i)
+                    self.l2_refs[newoff] = 1
+
     cpdef free_clusters(self, int64_t host, int64_t n):
-        # never referenced: the count can drop at once
-        self._free_now(host >> self.cluster_bits, n)
+        """Give back ``n`` clusters from ``alloc_clusters`` that were never linked: the
+        count drops at once. When they were the last ones allocated, the file's tail of
+        free clusters is cut off (never on a block device), so that space a failed
+        write took (a full disk) is returned."""
+        cdef int64_t c = host >> self.cluster_bits
+        self._free_now(c, n)
+        self._trim_tail()
+
+    cdef int _trim_tail(self) except -1:
+        """Lower ``next_free`` over the free clusters at the end of what was allocated
+        and cut the file there. A cluster counted anywhere (in memory: data, tables,
+        claimed metadata, a reference drop not yet durable) stops it."""
+        cdef int64_t c = self.next_free
+        cdef int64_t end
+        cdef Table t
+        while c > 1:
+            t = self._refblock((c - 1) >> self.rb_bits, False)
+            if t is not None and self._rc_get_in(t, (c - 1) & (self.rb_entries - 1)) != 0:
+                break
+            c -= 1
+        if c == self.next_free:
+            return 0
+        self.next_free = c
+        end = c << self.cluster_bits
+        if self.file.is_device:
+            return 0
+        try:
+            if self.file.size() > end:
+                self.file.truncate(end)
+                self.file_size = min(self.file_size, end)
+        except OSError:
+            pass    # the clusters are free all the same; the space comes back later
+        return 0
 
     cdef _drop_ref(self, int64_t host_cluster, int64_t n):
         """A reference to these clusters was removed in memory: decrement their counts only
@@ -953,7 +1070,7 @@ cdef class Qcow2(Driver):
         l1e = self.l1.get(l1i)
         off = l1e & OFFSET_MASK
         if off == 0:
-            newoff = self.alloc_clusters(1)
+            newoff = self._alloc_table()
             nt = Table(newoff, self.cluster_size)
             nt.new = True
             nt.dirty = True
@@ -971,7 +1088,7 @@ cdef class Qcow2(Driver):
             self.l1_dirty.add(l1i)
             return t
         # shared with a snapshot: copy the table, never write the shared one
-        newoff = self.alloc_clusters(1)
+        newoff = self._alloc_table()
         nt = Table(newoff, self.cluster_size)
         memcpy(nt.buf, t.buf, self.cluster_size)
         nt.new = True
@@ -1029,6 +1146,7 @@ cdef class Qcow2(Driver):
                         break
                     run_n += min(cs, n - pos - run_n)
                     k += 1
+                self.guest_dirty = True
                 self.file.write_full(&src[pos], run_n, host)
                 if not (e & COPIED):
                     self._set_l2(c, e | COPIED)
@@ -1051,10 +1169,21 @@ cdef class Qcow2(Driver):
             if (coff + run_n) & (cs - 1):
                 self._old_content(c + k - 1, bv[(k - 1) * cs:], fill)
             memcpy(&bv[coff], &src[pos], run_n)
+            self.ensure_tables(c << self.cluster_bits, k * cs)     # tables before data
             host = self.alloc_clusters(k)
-            self.file.write_full(&bv[0], k * cs, host)
-            for i in range(k):
-                self._replace(c + i, <uint64_t>(host + i * cs) | COPIED)
+            i = 0
+            try:
+                self.guest_dirty = True
+                self.file.write_full(&bv[0], k * cs, host)
+                while i < k:
+                    e2 = self._l2_entry(c + i)
+                    self._replace(c + i, <uint64_t>(host + i * cs) | COPIED)
+                    self.fresh.append((c + i, host + i * cs, e2))
+                    i += 1
+            except OSError:
+                # nothing points at the clusters not linked yet: give them back
+                self.free_clusters(host + i * cs, k - i)
+                raise
             pos += run_n
 
     cdef _old_content(self, int64_t c, unsigned char[::1] out, object fill):
@@ -1138,34 +1267,22 @@ cdef class Qcow2(Driver):
     cdef int64_t _link_views(self, int64_t c, uint64_t entry) except -1:
         """Put ``entry`` into every view (active L1 and each snapshot's) that lacks
         cluster c; an L2 table shared by several views takes it in place, since each of
-        them lacked it. Returns the number of references made."""
+        them lacked it. Returns the number of references made.
+
+        Every table that is missing is made first (empty, so harmless if what follows
+        fails), then the entries are put without allocating: a failed allocation (a full
+        disk) leaves no view pointing at the cluster."""
         cdef int64_t l1i = c >> self.l2_bits
         cdef int64_t i2 = c & (self.l2_entries - 1)
         cdef int64_t refs = 0, off, newoff, si
         cdef Table t, sl1, nt
         cdef set done = set()
-        off = self.l1.get(l1i) & OFFSET_MASK if l1i < self.l1_size else 0
-        if l1i < self.l1_size:
-            if off == 0:
-                t = self._l2_for_write(l1i)
-                t.put(i2, entry)
-                refs += 1
-                done.add(t.offset)
-            else:
-                t = self._load_l2(off)
-                if t.get(i2) == 0:
-                    t.put(i2, entry)
-                    refs += self.l2_refs.get(off, 1)
-                done.add(off)
+        if l1i < self.l1_size and (self.l1.get(l1i) & OFFSET_MASK) == 0:
+            self._l2_for_write(l1i)
         for si in range(len(self.snap_l1)):
             sl1 = self.snap_l1[si]
-            if l1i >= (sl1.nbytes >> 3):
-                continue
-            off = sl1.get(l1i) & OFFSET_MASK
-            if off in done:
-                continue
-            if off == 0:
-                newoff = self.alloc_clusters(1)
+            if l1i < (sl1.nbytes >> 3) and (sl1.get(l1i) & OFFSET_MASK) == 0:
+                newoff = self._alloc_table()
                 nt = Table(newoff, self.cluster_size)
                 nt.new = True
                 nt.dirty = True
@@ -1173,15 +1290,25 @@ cdef class Qcow2(Driver):
                 sl1.put(l1i, <uint64_t>newoff)
                 self.snap_l1_dirty[si].add(l1i)
                 self.l2_refs[newoff] = 1
-                nt.put(i2, entry)
-                refs += 1
-                done.add(newoff)
-            else:
-                t = self._load_l2(off)
-                if t.get(i2) == 0:
-                    t.put(i2, entry)
-                    refs += self.l2_refs.get(off, 1)
-                done.add(off)
+        if l1i < self.l1_size:
+            off = self.l1.get(l1i) & OFFSET_MASK
+            t = self._load_l2(off)
+            if t.get(i2) == 0:
+                t.put(i2, entry)
+                refs += self.l2_refs.get(off, 1)
+            done.add(off)
+        for si in range(len(self.snap_l1)):
+            sl1 = self.snap_l1[si]
+            if l1i >= (sl1.nbytes >> 3):
+                continue
+            off = sl1.get(l1i) & OFFSET_MASK
+            if off in done:
+                continue
+            t = self._load_l2(off)
+            if t.get(i2) == 0:
+                t.put(i2, entry)
+                refs += self.l2_refs.get(off, 1)
+            done.add(off)
         return refs
 
     cpdef bint link(self, int64_t vaddr, int64_t host) except -1:
@@ -1191,10 +1318,12 @@ cdef class Qcow2(Driver):
             if self._l2_entry(c) != 0:
                 return False
             self._set_l2(c, <uint64_t>host | COPIED)
+            self.fresh.append((c, host, None))
             return True
         refs = self._link_views(c, <uint64_t>host)
         if refs == 0:
             return False
+        self.fresh.append((c, host, None))
         for k in range(refs - 1):
             self._rc_add(host >> self.cluster_bits, 1)
         if refs == 1 and (self._l2_entry(c) & OFFSET_MASK) == <uint64_t>host:
@@ -1244,20 +1373,136 @@ cdef class Qcow2(Driver):
     # ---- ordering -----------------------------------------------------------------
 
     cdef _sync(self):
-        self.file.fdatasync()
+        try:
+            self.file.fdatasync()
+        except OSError as exc:
+            self._sync_failed(exc)
+            raise
         self.syncs += 1
+        self._synced()
         if self.free_after_sync:
             pending = self.free_after_sync
             self.free_after_sync = []
             for c, n in pending:
                 self._free_now(c, n)
 
+    cdef _synced(self):
+        """A sync succeeded: what was written before it is durable."""
+        self.fresh = []
+        self.wrote_l2 = []
+        self.wrote_rb = []
+        self.wrote_l1 = set()
+        self.wrote_snap = {}
+        self.wrote_rt = set()
+        self.wrote_rt_header = False
+        self.guest_dirty = False
+
+    cdef _sync_failed(self, exc):
+        """fdatasync failed: everything written since the last good sync counts as not
+        written. Linux may have dropped those dirty pages already, and a later fdatasync
+        can then succeed without writing them, so nothing may rely on them:
+
+        - metadata written since then is marked dirty again and written anew, in order,
+          by the next flush_metadata;
+        - reference drops whose write was among them wait for that rewrite again
+          before their clusters are freed;
+        - clusters linked since then to new data (pulled copies, a guest's allocating
+          writes) are unlinked in memory and given back, so that no table entry is ever
+          written pointing at data that may not be there; a pull copies them again;
+        - guest data written since then cannot be written again: every later ``flush``
+          raises (see ``flush``)."""
+        cdef Table t, sl1
+        cdef int64_t si
+        self.sync_failures += 1
+        if self.guest_dirty and self.guest_lost is None:
+            self.guest_lost = exc
+        # reference drops written since the last good sync: freed only after their
+        # rewrite is durable
+        self.free_waiting = self.free_after_sync + self.free_waiting
+        self.free_after_sync = []
+        for t in self.wrote_l2:
+            cur = self.l2_cache.get(t.offset)
+            if cur is None:
+                self.l2_cache[t.offset] = t
+                cur = t
+            (<Table>cur).dirty = True
+        for idx, t in self.wrote_rb:
+            cur = self.rb_cache.get(idx)
+            if cur is None:
+                self.rb_cache[idx] = t
+                cur = t
+            (<Table>cur).dirty = True
+        self.l1_dirty |= self.wrote_l1
+        for si, idxs in self.wrote_snap.items():
+            self.snap_l1_dirty[si] |= idxs
+        self.rt_dirty |= self.wrote_rt
+        if self.wrote_rt or self.wrote_rt_header:
+            self.rt_unsynced = True
+        if self.wrote_rt_header and not self.rt_moved:
+            self.rt_header_redo = True
+        self.recovering = True
+        try:
+            for c, host, old in reversed(self.fresh):
+                self._unlink_fresh(c, host, old)
+        finally:
+            self.recovering = False
+        self._synced()
+        self._trim_tail()
+
+    cdef _unlink_fresh(self, int64_t c, int64_t host, object old):
+        """Undo, in memory, a link of cluster ``c`` to ``host`` whose data may be lost:
+        ``old`` is the entry it replaced (a guest's allocating write), or None for a link
+        into views that lacked the cluster (a pull's copy)."""
+        cdef int64_t l1i = c >> self.l2_bits
+        cdef int64_t i2 = c & (self.l2_entries - 1)
+        cdef int64_t refs = 0, off, k, x, coff, nsect, first, last
+        cdef uint64_t e
+        cdef Table t, l1
+        cdef set seen = set()
+        if old is not None:
+            if (self._l2_entry(c) & OFFSET_MASK) != <uint64_t>host:
+                return
+            t = self._load_l2(self.l1.get(l1i) & OFFSET_MASK)
+            t.put(i2, <uint64_t>old)
+            self._rc_add(host >> self.cluster_bits, -1)
+            e = <uint64_t>old
+            drop = None
+            if e & COMPRESSED_FLAG:
+                x = 62 - (self.cluster_bits - 8)
+                coff = e & ((1ULL << x) - 1)
+                nsect = ((e >> x) & ((1ULL << (self.cluster_bits - 8)) - 1)) + 1
+                first = coff >> self.cluster_bits
+                last = ((coff & ~511) + nsect * 512 - 1) >> self.cluster_bits
+                drop = (first, last - first + 1)
+            elif e & OFFSET_MASK:
+                drop = ((e & OFFSET_MASK) >> self.cluster_bits, 1)
+            if drop is not None:
+                for lst in (self.free_waiting, self.free_after_sync):
+                    if drop in lst:
+                        lst.remove(drop)
+                        break
+            return
+        for l1 in [self.l1] + self.snap_l1:
+            if l1i >= (l1.nbytes >> 3):
+                continue
+            off = l1.get(l1i) & OFFSET_MASK
+            if off == 0 or off in seen:
+                continue
+            seen.add(off)
+            t = self._load_l2(off)
+            if (t.get(i2) & OFFSET_MASK) == <uint64_t>host:
+                t.put(i2, 0)
+                refs += self.l2_refs.get(off, 1) if self.snap_l1 else 1
+        for k in range(refs):
+            self._rc_add(host >> self.cluster_bits, -1)
+
     cdef _write_refblocks(self):
         cdef Table t
-        for t in self.rb_cache.values():
+        for idx, t in self.rb_cache.items():
             if t.dirty:
                 self.file.write_full(t.buf, t.nbytes, t.offset)
                 t.dirty = False
+                self.wrote_rb.append((idx, t))
 
     cpdef flush_metadata(self):
         cdef Table t, sl1
@@ -1278,6 +1523,8 @@ cdef class Qcow2(Driver):
             st64(hdr, self.rt_offset)
             (<uint32_t*>(hdr + 8))[0] = bswap32(<uint32_t>self.rt_clusters)
             self.file.write_full(hdr, 12, 48)
+            self.wrote_rt_header = True
+            self.rt_header_redo = False
             # Written, the header may name the new table even if the sync below fails:
             # from here it is the live table (a later growth replaces it as such), and
             # the old one is freed only once a sync has made the switch durable.
@@ -1286,13 +1533,23 @@ cdef class Qcow2(Driver):
             self.rt_moved = False
             self.rt_dirty.clear()
             self.rt_unsynced = True
-        elif self.rt_dirty:
-            for sect in sorted({(i * 8) & ~511 for i in self.rt_dirty}):
-                self.file.write_full(self.reftable.buf + sect,
-                                     min(512, self.reftable.nbytes - sect),
-                                     self.reftable.offset + sect)
-            self.rt_dirty.clear()
-            self.rt_unsynced = True
+        else:
+            if self.rt_header_redo:
+                # a switch whose sync failed: written again, synced below
+                st64(hdr, self.rt_offset)
+                (<uint32_t*>(hdr + 8))[0] = bswap32(<uint32_t>self.rt_clusters)
+                self.file.write_full(hdr, 12, 48)
+                self.wrote_rt_header = True
+                self.rt_header_redo = False
+                self.rt_unsynced = True
+            if self.rt_dirty:
+                for sect in sorted({(i * 8) & ~511 for i in self.rt_dirty}):
+                    self.file.write_full(self.reftable.buf + sect,
+                                         min(512, self.reftable.nbytes - sect),
+                                         self.reftable.offset + sect)
+                self.wrote_rt |= self.rt_dirty
+                self.rt_dirty.clear()
+                self.rt_unsynced = True
         if self.rt_unsynced:
             self._sync()
             self.rt_unsynced = False
@@ -1306,10 +1563,12 @@ cdef class Qcow2(Driver):
             elif t.dirty:
                 self.file.write_full(t.buf, t.nbytes, t.offset)
                 t.dirty = False
+                self.wrote_l2.append(t)
         if self.l1_dirty:
             for sect in sorted({(i * 8) & ~511 for i in self.l1_dirty}):
                 self.file.write_full(self.l1.buf + sect, min(512, self.l1.nbytes - sect),
                                      self.l1.offset + sect)
+            self.wrote_l1 |= self.l1_dirty
             self.l1_dirty.clear()
             self.l1.dirty = False
         for si in range(len(self.snap_l1)):
@@ -1319,12 +1578,29 @@ cdef class Qcow2(Driver):
                 for sect in sorted({(i * 8) & ~511 for i in dirty}):
                     self.file.write_full(sl1.buf + sect, min(512, sl1.nbytes - sect),
                                          sl1.offset + sect)
+                self.wrote_snap.setdefault(si, set()).update(dirty)
                 dirty.clear()
         # 3. dropped references become free after the next sync
         self.free_after_sync.extend(self.free_waiting)
         self.free_waiting = []
 
     cpdef flush(self):
+        """Make everything written so far durable.
+
+        Raises OSError (EIO) for ever once a failed fdatasync may have lost guest data
+        written before it (see ``_sync_failed``): that data cannot be written again, so
+        no later flush may report it durable; close the image and check what the guest
+        wrote since its last successful flush. Pulled data is copied again instead and
+        does not make flush fail."""
+        self.sync_all()
+        if self.guest_lost is not None:
+            raise _lost_error(self.file.path, self.guest_lost)
+
+    def sync_all(self):
+        """``flush`` without the report of guest writes a failed sync lost: what a pull
+        needs before it changes the backing link (what it copied is durable; guest data
+        a failed sync lost is the guest's to hear of, through ``flush``)."""
+        cdef Table t
         if not self.writable:
             return
         bm = self.bitmaps
@@ -1333,7 +1609,6 @@ cdef class Qcow2(Driver):
             bm.write_data(self.alloc_clusters)
         self.flush_metadata()
         self._sync()
-        cdef Table t
         for t in self.rb_cache.values():
             if t.dirty:
                 self._write_refblocks()
@@ -1354,7 +1629,7 @@ cdef class Qcow2(Driver):
         the new name goes where the old one is not, is made durable, and only then does one
         write of the first sector switch the link."""
         cdef int64_t cs = self.cluster_size
-        self.flush()
+        self.sync_all()
         path = self.file.path
         cluster0 = bytearray(self.file.pread(0, cs))
         fmt_ext = None

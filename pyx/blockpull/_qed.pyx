@@ -8,14 +8,19 @@ backing file), 1 (reads as zeros) or the cluster-aligned host offset of the data
 no refcounts: new clusters are appended at the end of the file.
 
 Tables live in memory in their on-disk (little-endian) form so that they can be written
-back without conversion; the L2 cache is bounded. Metadata is written back in the order
-docs/formats.md gives ("Write ordering"):
+back without conversion; the L2 cache is bounded. Metadata is written back in an order
+that survives a crash (data before reference; docs/formats.md, "Write ordering"):
 
+0. tables before data: the L2 tables a range needs are appended (their space claimed)
+   before its data clusters, so that a full disk fails an allocation rather than the
+   write-back of what is already linked;
 1. data clusters are written by the caller (``write`` / the stream loop);
 2. ``flush_metadata``: brand-new L2 tables are written whole and the file is extended to
    cover every cluster a table will point at; one fdatasync makes those and the data
    durable; only then are the changed L2 entries and L1 entries written (the next
-   fdatasync covers them).
+   fdatasync covers them);
+3. a failed fdatasync makes everything written since the last good one count as not
+   written (``_sync_failed``): it is written again, or unlinked and copied again.
 
 The need-check bit (features 0x02). QEMU sets it while an image is open for writing and
 clears it on a clean close, because its own write-back can leave a table pointing at
@@ -108,6 +113,13 @@ cdef class Table:
         self.dlo = self.nbytes
         self.dhi = 0
 
+    cdef inline void touch(self, Py_ssize_t lo, Py_ssize_t hi) noexcept:
+        """Mark bytes [lo, hi) changed (to be written again)."""
+        if lo < self.dlo:
+            self.dlo = lo
+        if hi > self.dhi:
+            self.dhi = hi
+
     cdef int write_dirty(self, File f) except -1:
         """Write the changed entries, widened to whole 512-byte sectors."""
         cdef Py_ssize_t lo, hi
@@ -154,6 +166,13 @@ cdef class Qed(Driver):
     cdef list free_runs                   # [(host, clusters)] given back, never linked
     cdef bint autoclear_done
     cdef public object lock
+    # since the last good fdatasync (see _sync_failed):
+    cdef list fresh                       # (cluster, host, old entry or None) with new data
+    cdef list wrote                       # (table, lo, hi) of table writes
+    cdef bint guest_dirty                 # guest data written
+    cdef bint recovering                  # inside _sync_failed: no cache eviction
+    cdef readonly int64_t sync_failures
+    cdef object guest_lost                # the failed sync's OSError, once guest data was lost
 
     def __init__(self, File f, bint writable):
         self.file = f
@@ -162,6 +181,7 @@ cdef class Qed(Driver):
         self.has_zero_flag = True
         self.l2_cache = OrderedDict()
         self.free_runs = []
+        self._synced()
         self._parse()
 
     # ---- header -----------------------------------------------------------------
@@ -294,7 +314,7 @@ cdef class Qed(Driver):
     cdef _cache_put(self, Table t):
         cdef Table old
         self.l2_cache[t.offset] = t
-        if len(self.l2_cache) > self.l2_cache_max:
+        if len(self.l2_cache) > self.l2_cache_max and not self.recovering:
             for k in list(self.l2_cache.keys())[:len(self.l2_cache) - self.l2_cache_max]:
                 old = self.l2_cache[k]
                 if old.new or old.dirty():
@@ -419,6 +439,21 @@ cdef class Qed(Driver):
         if self.next_free >= self.linked_end and self.file.size() > self.next_free:
             self.file.truncate(self.next_free)
 
+    def ensure_tables(self, int64_t vaddr, int64_t n):
+        """Make the L2 tables (empty, their space claimed) that linking clusters in
+        [vaddr, vaddr+n) will need: tables before data, so that a full disk fails here
+        before any data depends on them."""
+        cdef int64_t span = self.l2_bits + self.cluster_bits
+        cdef int64_t l1i
+        if n <= 0:
+            return
+        if not self.writable:
+            raise PermissionError("image %s is open read-only" % self.file.path)
+        self._autoclear()
+        for l1i in range(vaddr >> span, ((vaddr + n - 1) >> span) + 1):
+            if l1i < self.l2_entries and self.l1.get(l1i) == 0:
+                self._l2_for_write(l1i)
+
     cdef Table _l2_for_write(self, int64_t l1i):
         """The L2 table for L1 entry ``l1i``, allocated (appended, written at the next
         flush_metadata before the L1 entry) when there is none."""
@@ -429,6 +464,13 @@ cdef class Qed(Driver):
         if self.l1.get(l1i) != 0:
             return self._load_l2(l1i)
         off = self._alloc(self.table_size)
+        # Claim the table's space now: written back only at the next flush_metadata, it
+        # must not be the write that a full disk fails, after data was linked to it.
+        try:
+            self.file.write_full(bytes(self.table_bytes), self.table_bytes, off)
+        except OSError:
+            self.free_clusters(off, self.table_size)
+            raise
         nt = Table(off, self.table_bytes)
         nt.new = True
         self._cache_put(nt)
@@ -464,6 +506,7 @@ cdef class Qed(Driver):
             return False
         self._set_l2(c, <uint64_t>host)
         self._note_linked(host + self.cluster_size)
+        self.fresh.append((c, host, None))
         return True
 
     cpdef bint link_zero(self, int64_t vaddr) except -1:
@@ -547,6 +590,7 @@ cdef class Qed(Driver):
                     self._check_data(e2, c + k)
                     run_n += min(cs, n - pos - run_n)
                     k += 1
+                self.guest_dirty = True
                 self.file.write_full(&src[pos], run_n, <int64_t>e + coff)
                 pos += run_n
                 continue
@@ -575,11 +619,22 @@ cdef class Qed(Driver):
                                                src[pos + take + mid:], 0, tail))
                 else:
                     views.append(mv[pos + take + mid:pos + run_n])
+            self.ensure_tables(v - coff, k * cs)     # tables before data
             host = self._alloc(k)
-            self.file.writev_full(views, host)
-            for i in range(k):
-                self._set_l2(c + i, <uint64_t>(host + i * cs))
-            self._note_linked(host + k * cs)
+            i = 0
+            try:
+                self.guest_dirty = True
+                self.file.writev_full(views, host)
+                while i < k:
+                    e2 = self._l2_entry(c + i)
+                    self._set_l2(c + i, <uint64_t>(host + i * cs))
+                    self._note_linked(host + (i + 1) * cs)
+                    self.fresh.append((c + i, host + i * cs, e2))
+                    i += 1
+            except OSError:
+                # nothing points at the clusters not linked yet: give them back
+                self.free_clusters(host + i * cs, k - i)
+                raise
             pos += run_n
 
     def write_zeroes(self, int64_t vaddr, int64_t n, object fill, bint backed):
@@ -613,6 +668,7 @@ cdef class Qed(Driver):
                 self._check_data(e, c)
                 if zeros is None:
                     zeros = bytes(cs)
+                self.guest_dirty = True
                 self.file.write_full(zeros, nxt - v, <int64_t>e + (v & (cs - 1)))
             elif (v & (cs - 1)) == 0 and (nxt - v == cs or nxt == self.size):
                 self._set_l2(c, ZERO_ENTRY)
@@ -623,8 +679,61 @@ cdef class Qed(Driver):
     # ---- ordering -----------------------------------------------------------------
 
     cdef _sync(self):
-        self.file.fdatasync()
+        try:
+            self.file.fdatasync()
+        except OSError as exc:
+            self._sync_failed(exc)
+            raise
         self.syncs += 1
+        self._synced()
+
+    cdef _synced(self):
+        """A sync succeeded: what was written before it is durable."""
+        self.fresh = []
+        self.wrote = []
+        self.guest_dirty = False
+
+    cdef _write_table(self, Table t):
+        """Write a table's changed entries, noting them until the next good sync."""
+        if t.dirty():
+            self.wrote.append((t, t.dlo, t.dhi))
+            t.write_dirty(self.file)
+
+    cdef _sync_failed(self, exc):
+        """fdatasync failed: everything written since the last good sync counts as not
+        written (Linux may have dropped those pages, and a later fdatasync can succeed
+        without writing them). Table entries written since then are written again by the
+        next flush_metadata; clusters linked since then to new data (pulled copies, a
+        guest's appended writes) are unlinked in memory and given back, so that no entry
+        ever points at data that may not be there (a pull copies them again); guest data
+        written since then cannot be written again, so every later ``flush`` raises."""
+        cdef Table t
+        cdef int64_t c, host, l1i
+        self.sync_failures += 1
+        if self.guest_dirty and self.guest_lost is None:
+            self.guest_lost = exc
+        self.recovering = True
+        try:
+            for t, lo, hi in self.wrote:
+                if t is not self.l1:
+                    cur = self.l2_cache.get(t.offset)
+                    if cur is None:
+                        self.l2_cache[t.offset] = t
+                        cur = t
+                    t = <Table>cur
+                t.touch(lo, hi)
+            for c, host, old in reversed(self.fresh):
+                l1i = c >> self.l2_bits
+                if self.l1.get(l1i) == 0:
+                    continue
+                t = self._load_l2(l1i)
+                if t.get(c & (self.l2_entries - 1)) != <uint64_t>host:
+                    continue
+                t.put(c & (self.l2_entries - 1), 0 if old is None else <uint64_t>old)
+                self.free_runs.append((host, 1))
+        finally:
+            self.recovering = False
+        self._synced()
 
     cpdef flush_metadata(self):
         """New L2 tables written whole and the file grown over every linked cluster, one
@@ -645,11 +754,24 @@ cdef class Qed(Driver):
                 t.new = False
                 t.clean()
             elif t.dirty():
-                t.write_dirty(self.file)
-        self.l1.write_dirty(self.file)
+                self._write_table(t)
+        self._write_table(self.l1)
 
     cpdef flush(self):
-        """Make everything written so far durable."""
+        """Make everything written so far durable.
+
+        Raises OSError (EIO) for ever once a failed fdatasync may have lost guest data
+        written before it (see ``_sync_failed``): that data cannot be written again, so
+        no later flush may report it durable; close the image and check what the guest
+        wrote since its last successful flush."""
+        self.sync_all()
+        if self.guest_lost is not None:
+            from blockpull._qcow2 import _lost_error
+            raise _lost_error(self.file.path, self.guest_lost)
+
+    def sync_all(self):
+        """``flush`` without the report of guest writes a failed sync lost: what a pull
+        needs before it changes the backing link."""
         if not self.writable:
             return
         self.flush_metadata()
@@ -664,7 +786,7 @@ cdef class Qed(Driver):
         format (bit 0x04); any other ``fmt`` leaves the bit clear, and the next open finds
         a qcow2 or QED backing by its magic."""
         cdef int64_t pos, old_lo, old_hi, ln
-        self.flush()
+        self.sync_all()
         features = self.features
         if name is None:
             features &= ~(F_BACKING_FILE | F_BACKING_RAW)

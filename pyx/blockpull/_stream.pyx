@@ -64,6 +64,7 @@ cdef class _Chunk:
     cdef object bmv
     cdef object future
     cdef object buf
+    cdef int64_t epoch        # the top's failed syncs when the chunk was read
 
     cdef release_views(self):
         self.views = None
@@ -98,6 +99,7 @@ cdef class Stream:
     cdef object writer
     cdef public bint direct
     cdef public int depth
+    cdef int64_t run_epoch    # the top's failed syncs when this pass began
 
     def __init__(self, image, int base_depth, RateLimiter limiter, control=None,
                  int64_t chunk=DEFAULT_CHUNK, int64_t batch=DEFAULT_BATCH):
@@ -197,6 +199,7 @@ cdef class Stream:
         bufs = [self.pool.acquire() for _ in range(depth + 1)]
         spare = list(bufs)
         self.writer = ThreadPoolExecutor(depth, thread_name_prefix="blockpull-write")
+        self.run_epoch = self._epoch()
         try:
             self.pos = 0
             while True:
@@ -267,16 +270,35 @@ cdef class Stream:
                 b.release()
             self.pool = None
 
+    cdef int64_t _epoch(self):
+        """How many of the top's fdatasyncs have failed so far."""
+        return getattr(self.top, "sync_failures", 0)
+
+    def intact(self):
+        """False when an fdatasync of the top failed since this pass of the copy loop
+        began (or went back to the start): clusters linked before it may have been given
+        back, and a new pass must copy them again before the backing link changes."""
+        return self._epoch() == self.run_epoch
+
     cdef object _settle(self, list inflight, list spare, int count):
         """Link the ``count`` oldest chunks in flight, in order. On a failed write the
         chunks after it are given back as well; returns (offset, length, error) of the
-        failed one, or None."""
+        failed one, or None. A chunk whose data was written before a failed fdatasync
+        is given back instead of linked, and returned with error None."""
         cdef _Chunk ch
         while count > 0 and inflight:
             ch = inflight.pop(0)
             count -= 1
             try:
-                self.finish_chunk(ch)
+                if not self.finish_chunk(ch):
+                    spare.append(ch.buf)
+                    ch.buf = None
+                    while inflight:
+                        later = <_Chunk>inflight.pop(0)
+                        self._discard(later)
+                        spare.append(later.buf)
+                        later.buf = None
+                    return (ch.off, ch.n, None)
             except StreamIOError as exc:
                 spare.append(ch.buf)
                 ch.buf = None
@@ -291,15 +313,37 @@ cdef class Stream:
         return None
 
     cdef int64_t _handle(self, tuple failed) except -1:
-        """Ask ``on_error`` about a failed chunk; the position to carry on from."""
+        """Ask ``on_error`` about a failed chunk; the position to carry on from.
+
+        After a failed fdatasync of the top (this pull's or a guest flush's), the
+        clusters linked since the last good one were given back (their data may never
+        have reached the disk): a retry goes back to the start, so that they are copied
+        again before anything points at them."""
         off, n, exc = failed
+        if self._epoch() != self.run_epoch:
+            if exc is None or self._on_error(exc) == "retry":
+                self.run_epoch = self._epoch()
+                return 0
+            self._skipped(n)
+            return off + n
+        if exc is None:
+            return off
         if self._on_error(exc) == "skip":
             self._skipped(n)
             return off + n
         return off
 
     cdef str _on_error(self, exc):
-        """"retry" or "skip" as the control says; raises the error on "fail"."""
+        """"retry" or "skip" as the control says; raises the error on "fail".
+
+        Before the control hears of the error, what is linked so far is written back
+        (as best the disk allows): while the job waits paused, or carries on past the
+        failed chunk, the image on disk holds everything copied before the failure."""
+        try:
+            with self.lock:
+                self.top.flush_metadata()
+        except OSError:
+            pass
         action = self.control.on_io_error(exc) if self.control is not None else "fail"
         if action in ("retry", "skip"):
             return action
@@ -355,6 +399,7 @@ cdef class Stream:
         ch.off = off
         ch.n = n
         with self.lock:
+            ch.epoch = self._epoch()
             i = 0
             while i < ncl:
                 v = off + i * cs
@@ -376,9 +421,13 @@ cdef class Stream:
                         else:
                             todo.append(j)
                 i += k
-            if todo:
+            if todo or zeros:
                 try:
-                    ch.host = top.alloc_clusters(len(todo))
+                    # tables before data: once the data is written, linking it needs
+                    # no space (a full disk fails here, before anything is written)
+                    top.ensure_tables(off, n)
+                    if todo:
+                        ch.host = top.alloc_clusters(len(todo))
                 except OSError as exc:
                     raise StreamIOError(exc, "write", off)
         ch.todo = todo
@@ -402,9 +451,11 @@ cdef class Stream:
             ch.views = views
         return ch
 
-    cdef finish_chunk(self, _Chunk ch):
+    cdef bint finish_chunk(self, _Chunk ch) except -1:
         """Wait for the chunk's write, then under the lock link each cluster the top still
-        lacks (a guest write that came first wins and the copy is given back)."""
+        lacks (a guest write that came first wins and the copy is given back). False,
+        with the chunk given back, when an fdatasync of the top failed since the chunk
+        was read: its data may have been lost with that sync's pages."""
         cdef Driver top = self.top
         cdef int64_t cs = top.cluster_size
         cdef int64_t i, j, v, n = ch.n, off = ch.off, host = ch.host
@@ -421,19 +472,44 @@ cdef class Stream:
                 raise StreamIOError(exc, "write", off + <int64_t>todo[0] * cs)
         ch.release_views()
         with self.lock:
-            for i in range(len(todo)):
-                v = off + <int64_t>todo[i] * cs
-                if top.link(v, host + i * cs):
-                    self.copied += min(cs, n - <int64_t>todo[i] * cs)
-                else:
-                    top.free_clusters(host + i * cs, 1)
+            if self._epoch() != ch.epoch:
+                if todo:
+                    top.free_clusters(host, len(todo))
+                ch.todo = []
+                return False
+            i = 0
+            try:
+                while i < len(todo):
+                    v = off + <int64_t>todo[i] * cs
+                    if top.link(v, host + i * cs):
+                        self.copied += min(cs, n - <int64_t>todo[i] * cs)
+                    else:
+                        top.free_clusters(host + i * cs, 1)
+                    i += 1
+            except OSError as exc:
+                # linking needed a new table and there was no room (or its space could
+                # not be claimed): what is linked stays, the rest is given back and
+                # reported from the first cluster not linked
+                top.free_clusters(host + i * cs, len(todo) - i)
+                ch.todo = []
+                self._partly_done(ch, v)
+                raise StreamIOError(exc, "write", v)
             for j in ch.zeros:
                 v = off + j * cs
-                if top.has_zero_flag:
-                    if top.link_zero(v):
-                        self.zeroed += min(cs, n - j * cs)
-                else:
-                    self._write_zero_cluster(v, min(cs, n - j * cs))
+                try:
+                    if top.has_zero_flag:
+                        if top.link_zero(v):
+                            self.zeroed += min(cs, n - j * cs)
+                    else:
+                        self._write_zero_cluster(v, min(cs, n - j * cs))
+                except OSError as exc:
+                    ch.todo = []
+                    self._partly_done(ch, v)
+                    raise StreamIOError(exc, "write", v)
+                except StreamIOError:
+                    ch.todo = []
+                    self._partly_done(ch, v)
+                    raise
             ch.todo = []
             self.cur += n
             if self.cur > self.end:
@@ -445,6 +521,16 @@ cdef class Stream:
                     top.flush_metadata()
                 except OSError as exc:
                     raise StreamIOError(exc, "write", off)
+        return True
+
+    cdef _partly_done(self, _Chunk ch, int64_t v):
+        """A chunk failed at ``v`` after its earlier clusters were linked: count those as
+        done and leave the chunk as [v, end) for the error policy."""
+        self.cur += v - ch.off
+        if self.cur > self.end:
+            self.end = self.cur
+        ch.n -= v - ch.off
+        ch.off = v
 
     cdef _write_zero_cluster(self, int64_t v, int64_t n):
         """Zeros over a kept base, on a format without zero clusters: write zero data,
@@ -454,15 +540,17 @@ cdef class Stream:
         if kind != KIND_UNALLOC:
             return
         try:
-            top.write(v, bytes(n), None)
+            # a pulled cluster like any other (not a guest write): fresh space, linked
+            _cor_group(top, [bytes(top.cluster_size)], [v], top.cluster_size)
         except OSError as exc:
             raise StreamIOError(exc, "write", v)
         self.zeroed += n
 
     def finish_sync(self):
-        """Make everything copied durable (before the backing link changes)."""
+        """Make everything copied durable (before the backing link changes). The caller
+        checks ``intact()`` afterwards, under the same lock as the link change."""
         with self.lock:
-            self.top.flush()
+            self.top.sync_all()
 
 
 cdef _cor_group(Driver top, list views, list vaddrs, int64_t cs):
@@ -472,14 +560,17 @@ cdef _cor_group(Driver top, list views, list vaddrs, int64_t cs):
     if not vaddrs:
         return
     host = top.alloc_clusters(len(vaddrs))
+    i = 0
     try:
         top.file.writev_data(views, host)
+        while i < len(vaddrs):
+            if not top.link(vaddrs[i], host + i * cs):
+                top.free_clusters(host + i * cs, 1)
+            i += 1
     except OSError:
-        top.free_clusters(host, len(vaddrs))
+        # nothing points at the clusters not linked yet: give them back
+        top.free_clusters(host + i * cs, len(vaddrs) - i)
         raise
-    for i in range(len(vaddrs)):
-        if not top.link(vaddrs[i], host + i * cs):
-            top.free_clusters(host + i * cs, 1)
 
 
 def copy_on_read(image, int64_t offset, int64_t n, buf=None):

@@ -27,6 +27,7 @@ class Qed(Driver):
     autoclear_features: int
     next_free: int
     syncs: int
+    sync_failures: int
     lock: Any
     def __init__(self, f: File, writable: bool) -> None: ...
     def write_zeroes(self, vaddr: int, n: int, fill: Optional[Callable[[int, Any], None]], backed: bool) -> None: ...

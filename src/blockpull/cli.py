@@ -638,18 +638,37 @@ def run_pull(img: Image, progress: Progress, base: Optional[str] = None, bandwid
     return job, signum
 
 
+def _close_quietly(img: Image) -> None:
+    """Close ``img`` when another error is already on its way: a failure to close is
+    logged, not raised over it."""
+    try:
+        img.close()
+    except Exception as exc:
+        log.warning("closing %s after the failed pull: %s", img.path, exc)
+
+
 def cmd_pull(args: argparse.Namespace) -> int:
     """``blockpull pull``: pull the chain into PATH with progress, Ctrl-C aborts cleanly."""
     json_lines = args.output == "json"
     show_bar = args.progress if args.progress is not None else \
         (not json_lines and sys.stderr.isatty())
-    with _open(args, readonly=False) as img:
+    img = _open(args, readonly=False)
+    try:
         progress = Progress(show_bar, json_lines, os.path.basename(img.path))
         job, signum = run_pull(img, progress, base=args.base, bandwidth=args.bandwidth,
                                on_error=args.on_error)
         info = job.info()
         backing = img.backing_name
         progress.finish(info, job.status, job.error, backing)
+    except BaseException:
+        _close_quietly(img)
+        raise
+    if job.status == "failed":
+        # the pull's own error is the one to show, with its advice: closing an image
+        # the disk just refused (a full disk, a dead device) fails for the same reason
+        _close_quietly(img)
+    else:
+        img.close()
     if job.status == "cancelled":
         held = f"still backed by {backing}" if backing else "still backed"
         print(f"{PROG}: pull of {args.path} aborted at {format_size(info.cur)} of "

@@ -33,8 +33,8 @@ ROLES = ("top", "backing")
 
 class Op(NamedTuple):
     """One recorded operation: ``op`` "write" (``data`` the bytes written), "sync",
-    "truncate" (``offset`` = new size), "zero" (``data`` = length), or "mark" (a note
-    the test made; ``data`` its payload)."""
+    "syncfail" (an fdatasync the injector failed), "truncate" (``offset`` = new size),
+    "zero" (``data`` = length), or "mark" (a note the test made; ``data`` its payload)."""
     op: str
     path: Optional[str]
     offset: int
@@ -205,6 +205,12 @@ class Replayer:
     ``k`` keeps that durable prefix plus any subset of the writes made after it (until the
     next sync completes), each of them possibly torn: only some of its 512-byte sectors
     reach the disk. Resizes after the last sync may or may not have happened.
+
+    A failed sync ("syncfail") loses the writes made since the sync or failed sync
+    before it: after a failed fdatasync Linux may drop those dirty pages, and a later
+    fdatasync succeeds without writing them. So they are never part of a durable prefix
+    (a later good sync does not save them); only a cut before the next good sync may
+    still find some of them on the disk. Counted syncs ``k`` are the good ones.
     """
 
     def __init__(self, initial: bytes, ops: Sequence[Op]) -> None:
@@ -212,6 +218,15 @@ class Replayer:
         self.ops = [o for o in ops if o.op != "mark"]
         self.sync_at = [i for i, o in enumerate(self.ops) if o.op == "sync"]
         self._durable_cache: Dict[int, bytearray] = {}
+        # writes a failed sync lost: those since the previous sync or failed sync
+        self.lost: set = set()
+        since = 0
+        for i, o in enumerate(self.ops):
+            if o.op == "sync":
+                since = i + 1
+            elif o.op == "syncfail":
+                self.lost.update(j for j in range(since, i) if self.ops[j].op == "write")
+                since = i + 1
 
     @property
     def nsyncs(self) -> int:
@@ -249,7 +264,7 @@ class Replayer:
 
     def durable(self, k: int) -> bytearray:
         """The file once sync k completed: the initial content and every operation
-        before sync k."""
+        before sync k, except the writes a failed sync lost."""
         if k in self._durable_cache:
             return bytearray(self._durable_cache[k])
         best = max([j for j in self._durable_cache if j < k], default=None)
@@ -259,8 +274,9 @@ class Replayer:
             buf = bytearray(self._durable_cache[best])
             i = self.sync_at[best - 1] if best > 0 else 0
         stop = self.sync_at[k - 1] if k > 0 else 0
-        for o in self.ops[i:stop]:
-            self._apply(buf, o)
+        for j in range(i, stop):
+            if j not in self.lost:
+                self._apply(buf, self.ops[j])
         self._durable_cache[k] = bytes(buf)  # type: ignore[assignment]
         if len(self._durable_cache) > 8:
             self._durable_cache.pop(min(self._durable_cache))

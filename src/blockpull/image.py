@@ -543,7 +543,12 @@ class Image:
                 top.write(offset, bytes(length), self.chain_obj.filler(1))
 
     def flush(self) -> None:
-        """Make every write so far durable."""
+        """Make every write so far durable.
+
+        Raises OSError when the disk fails the sync; once a failed sync covered writes
+        made through this Image, every later flush (and ``close``) raises OSError (EIO)
+        too: Linux may have dropped those writes, and no later sync can vouch for them.
+        Close the image and check what was written since the last successful flush."""
         with self._lock:
             if not self.readonly:
                 self._top.flush()

@@ -1,6 +1,7 @@
 """PullJob: a pull running in the background, and how to watch and steer it."""
 from __future__ import annotations
 
+import errno
 import logging
 import os
 import threading
@@ -10,7 +11,7 @@ from typing import TYPE_CHECKING, Any, Callable, Generator, List, NamedTuple, Op
 from blockpull._ratelimit import RateLimiter
 from blockpull._stream import Stream, StreamIOError
 from blockpull.errors import JobActiveError, PullCancelled, PullError
-from blockpull.units import parse_bandwidth
+from blockpull.units import format_size, parse_bandwidth
 
 if TYPE_CHECKING:  # pragma: no cover
     from blockpull.image import Image
@@ -174,20 +175,38 @@ class PullJob:
     def _finish(self) -> str:
         """Make the copy durable and change the backing link, under the on_error policy:
         an I/O error here fails the job ("report", and "ignore", which has nothing left
-        to carry on with) or pauses it until resumed, then tries again ("stop")."""
+        to carry on with) or pauses it until resumed, then tries again ("stop").
+
+        A failed fdatasync gives back what was linked since the last good one (its data
+        may never have reached the disk), so after one (here, or a guest's flush since
+        the copy loop began) the copy loop runs again before the link changes."""
         while True:
             try:
-                self._stream.finish_sync()
-                self.image._finish_pull(self._base_depth)
-                return "completed"
+                with self.image._lock:
+                    if self._stream.intact():
+                        self._stream.finish_sync()
+                        if self._stream.intact():
+                            self.image._finish_pull(self._base_depth)
+                            return "completed"
             except OSError as exc:
                 err = StreamIOError(exc, "write", 0)
                 if self.on_io_error(err) != "retry":
                     raise err from exc
                 if self._stream.cancel_requested:
                     return "cancelled"
+            # copy again what the failed sync gave back
+            if self._stream.run() == "cancelled":
+                return "cancelled"
 
     def _pull_error(self, exc: StreamIOError) -> PullError:
+        if exc.errno == errno.ENOSPC and exc.operation == "write":
+            left = max(0, self._stream.end - self._stream.cur)
+            then = "resume the job" if self.on_error == "stop" else "pull again to resume"
+            return PullError(f"{self.path}: no space left on its file system (writing at "
+                             f"offset {exc.offset}); what was copied is kept and the image is "
+                             f"intact and still backed: make room for about "
+                             f"{format_size(left)} more and {then}",
+                             exc.errno, exc.operation, exc.offset)
         what = "reading the backing chain" if exc.operation == "read" else "writing the image"
         return PullError(f"{self.path}: I/O error {what} at offset {exc.offset}: "
                          f"{getattr(exc.exc, 'strerror', None) or exc}; the image is intact "
