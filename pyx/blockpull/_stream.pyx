@@ -117,27 +117,44 @@ cdef class Stream:
 
     # ---- planning -------------------------------------------------------------------
 
-    cdef tuple next_run(self, int64_t pos):
-        """(start, length) of the next cluster-aligned run at or after pos that the top
-        lacks and that a layer above the base holds; (-1, 0) when there is none."""
+    cdef bint _hidden(self, int64_t q):
+        """True when an image between the top and the base ends at or before ``q``: the
+        chain reads zeros there (a read past an image's end does not fall through to
+        the images below it), which the base would show through once the images above
+        it are dropped. Called where the chain finds ``q`` unallocated above the base."""
+        cdef int d
+        for d in range(1, self.base_depth):
+            if q >= (<Driver>self.chain.layers[d]).size:
+                return True
+        return False
+
+    cdef tuple next_run(self, int64_t pos, int64_t limit):
+        """(start, length) of the next cluster-aligned run in [pos, limit) that the top
+        lacks and that the pull must fill; (-1, 0) when there is none. It must fill what
+        a layer above the base holds (zero clusters only when a base is kept) and, when
+        a base is kept, what reads as zeros because an image above the base ends before
+        it. ``limit`` is cluster aligned or the disk's size; a run is whole clusters."""
         cdef Driver top = self.top
-        cdef int64_t size = top.size
         cdef int64_t cs = top.cluster_size
         cdef int64_t run, host, q, qend, start, r2, h2, end
         cdef int kind, d, k2
         cdef bint inc
-        while pos < size:
-            kind, run, host = top.pull_status(pos, size - pos)
+        limit = min(limit, top.size)
+        while pos < limit:
+            kind, run, host = top.pull_status(pos, limit - pos)
             if kind != KIND_UNALLOC:
                 pos += run
                 continue
             q = pos
-            qend = pos + run
+            qend = min(pos + run, limit)
             start = -1
             end = -1
             while q < qend:
                 d, k2, r2, h2 = self.chain.c_find(q, qend - q, 1, self.base_depth)
-                inc = k2 != KIND_UNALLOC and (self.keep_base or k2 != KIND_ZERO)
+                if k2 == KIND_UNALLOC:
+                    inc = self.keep_base and self._hidden(q)
+                else:
+                    inc = self.keep_base or k2 != KIND_ZERO
                 if inc:
                     if start < 0:
                         start = q - (q % cs)
@@ -156,10 +173,10 @@ cdef class Stream:
 
     def plan_bytes(self):
         """Bytes the pull will copy: a walk of the metadata, no data read."""
-        cdef int64_t pos = 0, total = 0, s, n
+        cdef int64_t pos = 0, total = 0, s, n, size = self.top.size
         while True:
             with self.lock:
-                s, n = self.next_run(pos)
+                s, n = self.next_run(pos, size)
             if s < 0:
                 break
             total += n
@@ -212,7 +229,7 @@ cdef class Stream:
                     continue
                 if pos >= run_end:
                     with self.lock:
-                        s, n = self.next_run(pos)
+                        s, n = self.next_run(pos, self.top.size)
                     if s < 0:
                         if not inflight:
                             break
