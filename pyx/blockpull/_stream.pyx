@@ -60,6 +60,7 @@ cdef class _Chunk:
     cdef int64_t host
     cdef list todo
     cdef list zeros
+    cdef list skips     # all-zero clusters left out on a pull without a base
     cdef list views
     cdef object bmv
     cdef object future
@@ -88,6 +89,9 @@ cdef class Stream:
     cdef readonly int64_t skipped_zero
     cdef readonly int64_t errors
     cdef readonly int64_t pos
+    cdef readonly int64_t plan_pos      # ``end`` holds the plan of [0, plan_pos)
+    cdef readonly int64_t done_front    # what lies before it is counted or being linked
+    cdef readonly bint tracking         # guest writes are counted into ``cur``
     cdef public bint cancel_requested
     cdef public bint pause_requested
     cdef public int64_t chunk
@@ -184,9 +188,81 @@ cdef class Stream:
         return total
 
     def prepare(self):
-        """Compute ``end`` before the copy starts."""
-        self.end = self.plan_bytes()
+        """Compute ``end`` (bytes) before the copy starts, and count guest writes into
+        ``cur`` from here on (see ``guest_write_begin``)."""
+        cdef int64_t pos = 0, s, n, size = self.top.size
+        with self.lock:
+            self.cur = self.end = self.plan_pos = self.done_front = 0
+            self.tracking = True
+        try:
+            while True:
+                with self.lock:
+                    s, n = self.next_run(pos, size)
+                    if s < 0:
+                        self.plan_pos = size
+                        break
+                    self.end += n
+                    pos = self.plan_pos = s + n
+        except BaseException:
+            with self.lock:
+                self.tracking = False
+            raise
         return self.end
+
+    # ---- progress -------------------------------------------------------------------
+    #
+    # ``end`` is the plan made by ``prepare``; ``cur`` reaches it exactly. Every planned
+    # cluster is counted once: by the copy loop when it links it (or finds it all zeros
+    # on a pull without a base), or, when a guest write, a write of zeros or a
+    # copy-on-read fills it first, as done by that write. The loop owns what lies before
+    # ``done_front``, so a guest write there is never counted twice.
+
+    cdef int64_t _pending(self, int64_t offset, int64_t n) except -1:
+        """Planned bytes of the clusters under [offset, offset+n) that the pull would
+        still fill and whose count nothing owns yet (the lock is held)."""
+        cdef int64_t cs = self.top.cluster_size
+        cdef int64_t a = max(offset - offset % cs, self.done_front)
+        cdef int64_t b = min(offset + n, self.plan_pos)
+        cdef int64_t total = 0, s, k
+        if b % cs:
+            b = min(b + cs - b % cs, self.plan_pos)
+        while a < b:
+            s, k = self.next_run(a, b)
+            if s < 0:
+                break
+            total += k
+            a = s + k
+        return total
+
+    def guest_write_begin(self, int64_t offset, int64_t n):
+        """Before a write into the top at [offset, offset+n) (bytes), with the image lock
+        held: a token for ``guest_write_end``, which must follow under the same lock. An
+        I/O error reading the chain's tables here is left to the write and the pull to
+        meet (the token is then -1 and the write is not counted)."""
+        if not self.tracking:
+            return 0
+        try:
+            return self._pending(offset, n)
+        except OSError:
+            return -1
+
+    def guest_write_end(self, int64_t offset, int64_t n, int64_t before):
+        """After that write (done or failed): the planned clusters it filled count as
+        done in ``cur``; ``end`` stays."""
+        cdef int64_t filled
+        if not self.tracking or before <= 0:
+            return
+        try:
+            filled = before - self._pending(offset, n)
+        except OSError:
+            return
+        if filled > 0:
+            self._count(filled)
+
+    cdef _count(self, int64_t n):
+        self.cur += n
+        if self.cur > self.end:
+            self.end = self.cur
 
     # ---- copying --------------------------------------------------------------------
 
@@ -271,6 +347,8 @@ cdef class Stream:
             inflight = []
             self.writer.shutdown(wait=True)
             self.writer = None
+            with self.lock:
+                self.tracking = False
             # A clean run leaves its last batch to the caller's final flush, which
             # reports an I/O error under the job's policy; a failed or cancelled run
             # writes what it linked as best it can (its own error is already on its way).
@@ -311,7 +389,7 @@ cdef class Stream:
         """Ask ``on_error`` about a failed chunk; the position to carry on from."""
         off, n, exc = failed
         if self._on_error(exc) == "skip":
-            self._skipped(n)
+            self._skipped(off, n)
             return off + n
         return off
 
@@ -322,11 +400,18 @@ cdef class Stream:
             return action
         raise exc
 
-    cdef _skipped(self, int64_t n):
+    cdef _skipped(self, int64_t off, int64_t n):
+        """A chunk given up under on_error="ignore": what it still lacked counts as
+        done (a guest write that filled part of it was counted already)."""
+        cdef int64_t pend
         self.errors += 1
-        self.cur += n
-        if self.cur > self.end:
-            self.end = self.cur
+        with self.lock:
+            try:
+                pend = self._pending(off, n)
+            except OSError:
+                pend = n      # the chain's tables fail as well: count the chunk whole
+            self._count(pend)
+            self.done_front = max(self.done_front, off + n)
 
     cdef _discard(self, _Chunk ch):
         """Give back the clusters of a chunk that will not be linked."""
@@ -368,6 +453,7 @@ cdef class Stream:
         cdef _Chunk ch = _Chunk.__new__(_Chunk)
         cdef list todo = []       # cluster indexes (within the chunk) to copy, in order
         cdef list zeros = []
+        cdef list skips = []
         cdef list views
         ch.off = off
         ch.n = n
@@ -390,6 +476,7 @@ cdef class Stream:
                                 zeros.append(j)
                             else:
                                 self.skipped_zero += clen
+                                skips.append(j)
                         else:
                             todo.append(j)
                 i += k
@@ -400,6 +487,7 @@ cdef class Stream:
                     raise StreamIOError(exc, "write", off)
         ch.todo = todo
         ch.zeros = zeros
+        ch.skips = skips
         if todo:
             # one vectored write of the clusters to copy (unreachable until linked)
             views = []
@@ -421,10 +509,14 @@ cdef class Stream:
 
     cdef finish_chunk(self, _Chunk ch):
         """Wait for the chunk's write, then under the lock link each cluster the top still
-        lacks (a guest write that came first wins and the copy is given back)."""
+        lacks (a guest write that came first wins and the copy is given back). Progress
+        counts the clusters this fills; a cluster a guest write filled first was counted
+        by that write, and one before ``done_front`` (a chunk done again after an error)
+        was counted before."""
         cdef Driver top = self.top
         cdef int64_t cs = top.cluster_size
-        cdef int64_t i, j, v, n = ch.n, off = ch.off, host = ch.host
+        cdef int64_t i, j, v, clen, n = ch.n, off = ch.off, host = ch.host
+        cdef int64_t front = self.done_front
         cdef list todo = ch.todo
         if ch.future is not None:
             fut, ch.future = ch.future, None
@@ -440,21 +532,30 @@ cdef class Stream:
         with self.lock:
             for i in range(len(todo)):
                 v = off + <int64_t>todo[i] * cs
+                clen = min(cs, n - <int64_t>todo[i] * cs)
                 if top.link(v, host + i * cs):
-                    self.copied += min(cs, n - <int64_t>todo[i] * cs)
+                    self.copied += clen
+                    if v >= front:
+                        self._count(clen)
                 else:
                     top.free_clusters(host + i * cs, 1)
             for j in ch.zeros:
                 v = off + j * cs
+                clen = min(cs, n - j * cs)
                 if top.has_zero_flag:
                     if top.link_zero(v):
-                        self.zeroed += min(cs, n - j * cs)
-                else:
-                    self._write_zero_cluster(v, min(cs, n - j * cs))
+                        self.zeroed += clen
+                        if v >= front:
+                            self._count(clen)
+                elif self._write_zero_cluster(v, clen) and v >= front:
+                    self._count(clen)
+            for j in ch.skips:
+                # left unallocated: done, unless a guest write filled it meanwhile
+                v = off + j * cs
+                if v >= front and top.pull_status(v, cs)[0] == KIND_UNALLOC:
+                    self._count(min(cs, n - j * cs))
             ch.todo = []
-            self.cur += n
-            if self.cur > self.end:
-                self.end = self.cur
+            self.done_front = max(front, off + n)
             self.since_batch += n
             if self.since_batch >= self.batch:
                 self.since_batch = 0
@@ -463,18 +564,19 @@ cdef class Stream:
                 except OSError as exc:
                     raise StreamIOError(exc, "write", off)
 
-    cdef _write_zero_cluster(self, int64_t v, int64_t n):
+    cdef bint _write_zero_cluster(self, int64_t v, int64_t n) except -1:
         """Zeros over a kept base, on a format without zero clusters: write zero data,
-        unless a guest write got there first."""
+        unless a guest write got there first; True if written."""
         cdef Driver top = self.top
         kind, run, _h = top.block_status(v, n)
         if kind != KIND_UNALLOC:
-            return
+            return False
         try:
             top.write(v, bytes(n), None)
         except OSError as exc:
             raise StreamIOError(exc, "write", v)
         self.zeroed += n
+        return True
 
     def finish_sync(self):
         """Make everything copied durable (before the backing link changes)."""
