@@ -7,10 +7,12 @@ import os
 import random
 import shutil
 import tempfile
+import threading
 
 import pytest
 
 import blockpull
+from blockpull import faults
 
 M = 1 << 20
 K = 1 << 10
@@ -128,6 +130,92 @@ def test_guest_activity_during_pull_keeps_progress_exact(fast_dir, qemu, base, e
 def test_progress_exact_on_other_tops(fast_dir, qemu, fmt, opts, expect_end):
     race(fast_dir, qemu, small_chain(fast_dir, qemu, fmt, opts), "base.qcow2",
          expect_end, ROUNDS // 4, fmt)
+
+
+def _data_ranges(qemu, *paths):
+    """Host (start, end) of the data clusters of each image, from qemu-img map."""
+    out = {}
+    for p in paths:
+        out[p] = [(e["offset"], e["offset"] + e["length"]) for e in qemu.map(p)
+                  if e["data"] and e.get("offset") is not None and e["depth"] == 0]
+    return out
+
+
+@pytest.mark.parametrize("policy", ["stop", "ignore"])
+@pytest.mark.parametrize("op", ["read", "write"])
+def test_progress_exact_through_errors(fast_dir, qemu, policy, op):
+    """An I/O error on a data read from the backing chain or a data write to the top
+    (retried after a pause, or skipped), with guest writes racing it before and during
+    the pause: each planned cluster is still counted once."""
+    tmpl = small_chain(fast_dir, qemu)
+    top = str(fast_dir / "top.qcow2")
+    backing = _data_ranges(qemu, str(fast_dir / "mid.qcow2"), str(fast_dir / "base.qcow2"))
+    ranges = [r for rs in backing.values() for r in rs]
+    first_new = os.path.getsize(tmpl)   # the top's new data clusters go past its end
+    rng = random.Random(f"{policy}-{op}")
+    hits = 0
+
+    def is_data(o, role, off, length):
+        # the pull's own data I/O: reads on its thread, writes on its writer threads
+        name = threading.current_thread().name
+        if op == "write":
+            return role == "top" and off >= first_new and name.startswith("blockpull-write")
+        return role == "backing" and name.startswith("blockpull-pull") and \
+            any(a < off + length and off < b for a, b in ranges)
+
+    for _ in range(ROUNDS // 8):
+        base, expect_end = rng.choice([(None, 736 * K), ("base.qcow2", 344 * K)])
+        shutil.copy(tmpl, top)
+        with blockpull.open(top) as img:
+            job = img.pull(base=base, on_error=policy, chunk=rng.choice([4096, 16384]),
+                           batch=rng.choice([None, 65536]), bandwidth="16M")
+            inj = faults.attach(img, faults.FaultInjector(record_writes=False))
+            rule = inj.fail(op, None, nth=rng.randrange(1, 6), match=is_data)
+
+            def guest():
+                off = rng.randrange(img.size - 9000)
+                img.write(off, rng.randbytes(rng.randrange(1, 9000)))
+                i = job.info()
+                assert i.cur <= i.end == expect_end
+
+            guest()
+            if policy == "stop":
+                while job.status != "paused" and not job.done():
+                    guest()
+                hits += job.status == "paused"
+                for _ in range(3):
+                    guest()
+                job.resume()
+                assert job.result(timeout=60).status == "completed"
+            else:
+                guest()
+                job.wait(60)
+            info = job.info()
+            hits += info.errors > 0
+        assert info.cur == info.end == expect_end, (info, rule.fired)
+    assert hits >= ROUNDS // 16, "the faults hardly ever hit the copy loop"
+
+
+def test_failed_planning_leaves_no_job_behind(fast_dir, qemu):
+    """A pull whose planning meets an I/O error raises it and leaves nothing running:
+    guest writes are not counted into it and close() does not wait for it."""
+    top = small_chain(fast_dir, qemu)
+    img = blockpull.open(top)
+    inj = faults.attach(img, faults.FaultInjector(record_writes=False))
+    inj.fail("read", "backing", times=None)
+    with pytest.raises(OSError):
+        img.pull()
+    faults.detach(img)
+    assert img.job is None
+    img.write(100 * K, b"guest")
+    closer = threading.Thread(target=img.close)
+    closer.start()
+    closer.join(60)
+    assert not closer.is_alive(), "close() waits for a pull that never started"
+    with blockpull.open(top) as img:
+        info = img.pull().result(timeout=60)
+        assert info.cur == info.end == 736 * K - 4 * K
+    qemu.assert_clean(top)
 
 
 def _events(job_kwargs, steps, rounds, tmp_path, qemu):

@@ -236,15 +236,11 @@ cdef class Stream:
 
     def guest_write_begin(self, int64_t offset, int64_t n):
         """Before a write into the top at [offset, offset+n) (bytes), with the image lock
-        held: a token for ``guest_write_end``, which must follow under the same lock. An
-        I/O error reading the chain's tables here is left to the write and the pull to
-        meet (the token is then -1 and the write is not counted)."""
+        held: a token for ``guest_write_end``, which must follow under the same lock.
+        Raises OSError if the chain's tables cannot be read (nothing is written then)."""
         if not self.tracking:
             return 0
-        try:
-            return self._pending(offset, n)
-        except OSError:
-            return -1
+        return self._pending(offset, n)
 
     def guest_write_end(self, int64_t offset, int64_t n, int64_t before):
         """After that write (done or failed): the planned clusters it filled count as
@@ -255,7 +251,9 @@ cdef class Stream:
         try:
             filled = before - self._pending(offset, n)
         except OSError:
-            return
+            # tables just read, now unreadable: a write that succeeded filled every
+            # cluster it touched (a failed one may count ahead; end follows cur)
+            filled = before
         if filled > 0:
             self._count(filled)
 

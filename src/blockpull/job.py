@@ -122,10 +122,12 @@ class PullJob:
             job = cls(image, base_depth, base, bw, on_error, on_event, chunk, batch)
             job._key = key
             _active[key] = job
-        image._job = job
+        prev, image._job = image._job, job
         try:
             job._stream.prepare()
         except BaseException:
+            # a job that never started must not be waited for (Image.close aborts it)
+            image._job = prev
             with _active_lock:
                 _active.pop(key, None)
             raise
