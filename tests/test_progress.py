@@ -132,6 +132,15 @@ def test_progress_exact_on_other_tops(fast_dir, qemu, fmt, opts, expect_end):
          expect_end, ROUNDS // 4, fmt)
 
 
+@pytest.mark.parametrize("base,expect_end", [(None, 736 * K), ("base.qcow2", 344 * K)])
+def test_progress_exact_with_internal_snapshot(fast_dir, qemu, base, expect_end):
+    """A snapshot that lacks what the active image lacks: the pull fills both, and a guest
+    write to the active image leaves the cluster for the pull to fill in the snapshot."""
+    tmpl = small_chain(fast_dir, qemu)
+    qemu.img("snapshot", "-c", "s1", tmpl)
+    race(fast_dir, qemu, tmpl, base, expect_end, ROUNDS // 4)
+
+
 def _data_ranges(qemu, *paths):
     """Host (start, end) of the data clusters of each image, from qemu-img map."""
     out = {}

@@ -176,7 +176,8 @@ cdef class Stream:
         return (-1, 0)
 
     def plan_bytes(self):
-        """Bytes the pull will copy: a walk of the metadata, no data read."""
+        """Bytes the pull will fill (copy, or record as zeros over a kept base): a walk of
+        the metadata, no data read."""
         cdef int64_t pos = 0, total = 0, s, n, size = self.top.size
         while True:
             with self.lock:
