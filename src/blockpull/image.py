@@ -339,7 +339,7 @@ class Image:
                         st.guest_write_end(offset, n, token)
         return n
 
-    def _filling(self, offset: int, length: int) -> Any:
+    def _filling(self, offset: int, length: int) -> "tuple[Any, int]":
         """Before a write into the top (the lock held): the running pull's stream and
         its token, so that what the write fills counts as done in its progress; call
         ``stream.guest_write_end(offset, length, token)`` after the write."""
