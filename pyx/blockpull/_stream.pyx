@@ -60,6 +60,7 @@ cdef class _Chunk:
     cdef int64_t host
     cdef list todo
     cdef list zeros
+    cdef list skips     # all-zero clusters left out on a pull without a base
     cdef list views
     cdef object bmv
     cdef object future
@@ -89,6 +90,9 @@ cdef class Stream:
     cdef readonly int64_t skipped_zero
     cdef readonly int64_t errors
     cdef readonly int64_t pos
+    cdef readonly int64_t plan_pos      # ``end`` holds the plan of [0, plan_pos)
+    cdef readonly int64_t done_front    # what lies before it is counted or being linked
+    cdef readonly bint tracking         # guest writes are counted into ``cur``
     cdef public bint cancel_requested
     cdef public bint pause_requested
     cdef public int64_t chunk
@@ -119,27 +123,44 @@ cdef class Stream:
 
     # ---- planning -------------------------------------------------------------------
 
-    cdef tuple next_run(self, int64_t pos):
-        """(start, length) of the next cluster-aligned run at or after pos that the top
-        lacks and that a layer above the base holds; (-1, 0) when there is none."""
+    cdef bint _hidden(self, int64_t q):
+        """True when an image between the top and the base ends at or before ``q``: the
+        chain reads zeros there (a read past an image's end does not fall through to
+        the images below it), which the base would show through once the images above
+        it are dropped. Called where the chain finds ``q`` unallocated above the base."""
+        cdef int d
+        for d in range(1, self.base_depth):
+            if q >= (<Driver>self.chain.layers[d]).size:
+                return True
+        return False
+
+    cdef tuple next_run(self, int64_t pos, int64_t limit):
+        """(start, length) of the next cluster-aligned run in [pos, limit) that the top
+        lacks and that the pull must fill; (-1, 0) when there is none. It must fill what
+        a layer above the base holds (zero clusters only when a base is kept) and, when
+        a base is kept, what reads as zeros because an image above the base ends before
+        it. ``limit`` is cluster aligned or the disk's size; a run is whole clusters."""
         cdef Driver top = self.top
-        cdef int64_t size = top.size
         cdef int64_t cs = top.cluster_size
         cdef int64_t run, host, q, qend, start, r2, h2, end
         cdef int kind, d, k2
         cdef bint inc
-        while pos < size:
-            kind, run, host = top.pull_status(pos, size - pos)
+        limit = min(limit, top.size)
+        while pos < limit:
+            kind, run, host = top.pull_status(pos, limit - pos)
             if kind != KIND_UNALLOC:
                 pos += run
                 continue
             q = pos
-            qend = pos + run
+            qend = min(pos + run, limit)
             start = -1
             end = -1
             while q < qend:
                 d, k2, r2, h2 = self.chain.c_find(q, qend - q, 1, self.base_depth)
-                inc = k2 != KIND_UNALLOC and (self.keep_base or k2 != KIND_ZERO)
+                if k2 == KIND_UNALLOC:
+                    inc = self.keep_base and self._hidden(q)
+                else:
+                    inc = self.keep_base or k2 != KIND_ZERO
                 if inc:
                     if start < 0:
                         start = q - (q % cs)
@@ -157,11 +178,12 @@ cdef class Stream:
         return (-1, 0)
 
     def plan_bytes(self):
-        """Bytes the pull will copy: a walk of the metadata, no data read."""
-        cdef int64_t pos = 0, total = 0, s, n
+        """Bytes the pull will fill (copy, or record as zeros over a kept base): a walk of
+        the metadata, no data read."""
+        cdef int64_t pos = 0, total = 0, s, n, size = self.top.size
         while True:
             with self.lock:
-                s, n = self.next_run(pos)
+                s, n = self.next_run(pos, size)
             if s < 0:
                 break
             total += n
@@ -169,9 +191,79 @@ cdef class Stream:
         return total
 
     def prepare(self):
-        """Compute ``end`` before the copy starts."""
-        self.end = self.plan_bytes()
+        """Compute ``end`` (bytes) before the copy starts, and count guest writes into
+        ``cur`` from here on (see ``guest_write_begin``)."""
+        cdef int64_t pos = 0, s, n, size = self.top.size
+        with self.lock:
+            self.cur = self.end = self.plan_pos = self.done_front = 0
+            self.tracking = True
+        try:
+            while True:
+                with self.lock:
+                    s, n = self.next_run(pos, size)
+                    if s < 0:
+                        self.plan_pos = size
+                        break
+                    self.end += n
+                    pos = self.plan_pos = s + n
+        except BaseException:
+            with self.lock:
+                self.tracking = False
+            raise
         return self.end
+
+    # ---- progress -------------------------------------------------------------------
+    #
+    # ``end`` is the plan made by ``prepare``; ``cur`` reaches it exactly. Every planned
+    # cluster is counted once: by the copy loop when it links it (or finds it all zeros
+    # on a pull without a base), or, when a guest write, a write of zeros or a
+    # copy-on-read fills it first, as done by that write. The loop owns what lies before
+    # ``done_front``, so a guest write there is never counted twice.
+
+    cdef int64_t _pending(self, int64_t offset, int64_t n) except -1:
+        """Planned bytes of the clusters under [offset, offset+n) that the pull would
+        still fill and whose count nothing owns yet (the lock is held)."""
+        cdef int64_t cs = self.top.cluster_size
+        cdef int64_t a = max(offset - offset % cs, self.done_front)
+        cdef int64_t b = min(offset + n, self.plan_pos)
+        cdef int64_t total = 0, s, k
+        if b % cs:
+            b = min(b + cs - b % cs, self.plan_pos)
+        while a < b:
+            s, k = self.next_run(a, b)
+            if s < 0:
+                break
+            total += k
+            a = s + k
+        return total
+
+    def guest_write_begin(self, int64_t offset, int64_t n):
+        """Before a write into the top at [offset, offset+n) (bytes), with the image lock
+        held: a token for ``guest_write_end``, which must follow under the same lock.
+        Raises OSError if the chain's tables cannot be read (nothing is written then)."""
+        if not self.tracking:
+            return 0
+        return self._pending(offset, n)
+
+    def guest_write_end(self, int64_t offset, int64_t n, int64_t before):
+        """After that write (done or failed): the planned clusters it filled count as
+        done in ``cur``; ``end`` stays."""
+        cdef int64_t filled
+        if not self.tracking or before <= 0:
+            return
+        try:
+            filled = before - self._pending(offset, n)
+        except OSError:
+            # tables just read, now unreadable: a write that succeeded filled every
+            # cluster it touched (a failed one may count ahead; end follows cur)
+            filled = before
+        if filled > 0:
+            self._count(filled)
+
+    cdef _count(self, int64_t n):
+        self.cur += n
+        if self.cur > self.end:
+            self.end = self.cur
 
     # ---- copying --------------------------------------------------------------------
 
@@ -215,7 +307,7 @@ cdef class Stream:
                     continue
                 if pos >= run_end:
                     with self.lock:
-                        s, n = self.next_run(pos)
+                        s, n = self.next_run(pos, self.top.size)
                     if s < 0:
                         if not inflight:
                             break
@@ -257,6 +349,8 @@ cdef class Stream:
             inflight = []
             self.writer.shutdown(wait=True)
             self.writer = None
+            with self.lock:
+                self.tracking = False
             # A clean run leaves its last batch to the caller's final flush, which
             # reports an I/O error under the job's policy; a failed or cancelled run
             # writes what it linked as best it can (its own error is already on its way).
@@ -324,12 +418,12 @@ cdef class Stream:
             if exc is None or self._on_error(exc) == "retry":
                 self.run_epoch = self._epoch()
                 return 0
-            self._skipped(n)
+            self._skipped(off, n)
             return off + n
         if exc is None:
             return off
         if self._on_error(exc) == "skip":
-            self._skipped(n)
+            self._skipped(off, n)
             return off + n
         return off
 
@@ -349,11 +443,18 @@ cdef class Stream:
             return action
         raise exc
 
-    cdef _skipped(self, int64_t n):
+    cdef _skipped(self, int64_t off, int64_t n):
+        """A chunk given up under on_error="ignore": what it still lacked counts as
+        done (a guest write that filled part of it was counted already)."""
+        cdef int64_t pend
         self.errors += 1
-        self.cur += n
-        if self.cur > self.end:
-            self.end = self.cur
+        with self.lock:
+            try:
+                pend = self._pending(off, n)
+            except OSError:
+                pend = n      # the chain's tables fail as well: count the chunk whole
+            self._count(pend)
+            self.done_front = max(self.done_front, off + n)
 
     cdef _discard(self, _Chunk ch):
         """Give back the clusters of a chunk that will not be linked."""
@@ -395,6 +496,7 @@ cdef class Stream:
         cdef _Chunk ch = _Chunk.__new__(_Chunk)
         cdef list todo = []       # cluster indexes (within the chunk) to copy, in order
         cdef list zeros = []
+        cdef list skips = []
         cdef list views
         ch.off = off
         ch.n = n
@@ -418,6 +520,7 @@ cdef class Stream:
                                 zeros.append(j)
                             else:
                                 self.skipped_zero += clen
+                                skips.append(j)
                         else:
                             todo.append(j)
                 i += k
@@ -432,6 +535,7 @@ cdef class Stream:
                     raise StreamIOError(exc, "write", off)
         ch.todo = todo
         ch.zeros = zeros
+        ch.skips = skips
         if todo:
             # one vectored write of the clusters to copy (unreachable until linked)
             views = []
@@ -455,10 +559,17 @@ cdef class Stream:
         """Wait for the chunk's write, then under the lock link each cluster the top still
         lacks (a guest write that came first wins and the copy is given back). False,
         with the chunk given back, when an fdatasync of the top failed since the chunk
-        was read: its data may have been lost with that sync's pages."""
+        was read: its data may have been lost with that sync's pages.
+
+        Clusters are linked in virtual order, so that a failure at ``v`` leaves every
+        cluster before it done and the chunk to retry is [v, end). Progress counts the
+        clusters this fills; a cluster a guest write filled first was counted by that
+        write, and one before ``done_front`` (a chunk done again after an error) was
+        counted before."""
         cdef Driver top = self.top
         cdef int64_t cs = top.cluster_size
-        cdef int64_t i, j, v, n = ch.n, off = ch.off, host = ch.host
+        cdef int64_t i, j, k, v, clen, n = ch.n, off = ch.off, host = ch.host
+        cdef int64_t front = self.done_front
         cdef list todo = ch.todo
         if ch.future is not None:
             fut, ch.future = ch.future, None
@@ -477,43 +588,47 @@ cdef class Stream:
                     top.free_clusters(host, len(todo))
                 ch.todo = []
                 return False
-            i = 0
+            order = sorted([(<int64_t>todo[i], 0, i) for i in range(len(todo))] +
+                           [(<int64_t>j, 1, 0) for j in ch.zeros] +
+                           [(<int64_t>j, 2, 0) for j in ch.skips])
+            k = 0           # todo[k:] are neither linked nor given back yet
+            v = off
             try:
-                while i < len(todo):
-                    v = off + <int64_t>todo[i] * cs
-                    if top.link(v, host + i * cs):
-                        self.copied += min(cs, n - <int64_t>todo[i] * cs)
-                    else:
-                        top.free_clusters(host + i * cs, 1)
-                    i += 1
-            except OSError as exc:
+                for j, what, i in order:
+                    v = off + j * cs
+                    clen = min(cs, n - j * cs)
+                    if what == 0:
+                        if top.link(v, host + i * cs):
+                            self.copied += clen
+                            if v >= front:
+                                self._count(clen)
+                        else:
+                            top.free_clusters(host + i * cs, 1)
+                        k = i + 1
+                    elif what == 1:
+                        if top.has_zero_flag:
+                            if top.link_zero(v):
+                                self.zeroed += clen
+                                if v >= front:
+                                    self._count(clen)
+                        elif self._write_zero_cluster(v, clen) and v >= front:
+                            self._count(clen)
+                    elif v >= front and top.pull_status(v, cs)[0] == KIND_UNALLOC:
+                        # left unallocated: done, unless a guest write filled it meanwhile
+                        self._count(clen)
+            except (OSError, StreamIOError) as exc:
                 # linking needed a new table and there was no room (or its space could
                 # not be claimed): what is linked stays, the rest is given back and
-                # reported from the first cluster not linked
-                top.free_clusters(host + i * cs, len(todo) - i)
+                # reported from the first cluster not done
+                if k < len(todo):
+                    top.free_clusters(host + k * cs, len(todo) - k)
                 ch.todo = []
                 self._partly_done(ch, v)
-                raise StreamIOError(exc, "write", v)
-            for j in ch.zeros:
-                v = off + j * cs
-                try:
-                    if top.has_zero_flag:
-                        if top.link_zero(v):
-                            self.zeroed += min(cs, n - j * cs)
-                    else:
-                        self._write_zero_cluster(v, min(cs, n - j * cs))
-                except OSError as exc:
-                    ch.todo = []
-                    self._partly_done(ch, v)
-                    raise StreamIOError(exc, "write", v)
-                except StreamIOError:
-                    ch.todo = []
-                    self._partly_done(ch, v)
+                if isinstance(exc, StreamIOError):
                     raise
+                raise StreamIOError(exc, "write", v)
             ch.todo = []
-            self.cur += n
-            if self.cur > self.end:
-                self.end = self.cur
+            self.done_front = max(front, off + n)
             self.since_batch += n
             if self.since_batch >= self.batch:
                 self.since_batch = 0
@@ -524,27 +639,26 @@ cdef class Stream:
         return True
 
     cdef _partly_done(self, _Chunk ch, int64_t v):
-        """A chunk failed at ``v`` after its earlier clusters were linked: count those as
-        done and leave the chunk as [v, end) for the error policy."""
-        self.cur += v - ch.off
-        if self.cur > self.end:
-            self.end = self.cur
+        """A chunk failed at ``v`` after its earlier clusters were done (and counted):
+        leave the chunk as [v, end) for the error policy."""
+        self.done_front = max(self.done_front, v)
         ch.n -= v - ch.off
         ch.off = v
 
-    cdef _write_zero_cluster(self, int64_t v, int64_t n):
+    cdef bint _write_zero_cluster(self, int64_t v, int64_t n) except -1:
         """Zeros over a kept base, on a format without zero clusters: write zero data,
-        unless a guest write got there first."""
+        unless a guest write got there first; True if written."""
         cdef Driver top = self.top
         kind, run, _h = top.block_status(v, n)
         if kind != KIND_UNALLOC:
-            return
+            return False
         try:
             # a pulled cluster like any other (not a guest write): fresh space, linked
             _cor_group(top, [bytes(top.cluster_size)], [v], top.cluster_size)
         except OSError as exc:
             raise StreamIOError(exc, "write", v)
         self.zeroed += n
+        return True
 
     def finish_sync(self):
         """Make everything copied durable (before the backing link changes). The caller

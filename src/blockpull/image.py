@@ -516,8 +516,23 @@ class Image:
             self.chain_obj.readinto(offset, mv, 0)
             if self.copy_on_read and len(self._drivers) > 1:
                 from blockpull._stream import copy_on_read
-                copy_on_read(self, offset, n, mv)
+                st, token = self._filling(offset, n)
+                try:
+                    copy_on_read(self, offset, n, mv)
+                finally:
+                    if st is not None:
+                        st.guest_write_end(offset, n, token)
         return n
+
+    def _filling(self, offset: int, length: int) -> "tuple[Any, int]":
+        """Before a write into the top (the lock held): the running pull's stream and
+        its token, so that what the write fills counts as done in its progress; call
+        ``stream.guest_write_end(offset, length, token)`` after the write."""
+        job = self._job
+        if job is None or job.done():
+            return None, 0
+        st = job._stream
+        return st, st.guest_write_begin(offset, length)
 
     def write(self, offset: int, data: Any) -> None:
         """Write ``data`` at ``offset`` (any alignment; partial clusters copy-on-write)."""
@@ -528,7 +543,13 @@ class Image:
         if not mv.nbytes:
             return
         with self._lock:
-            self._top.write(offset, mv, self.chain_obj.filler(1))
+            top = self._top
+            st, token = self._filling(offset, mv.nbytes)
+            try:
+                top.write(offset, mv, self.chain_obj.filler(1))
+            finally:
+                if st is not None:
+                    st.guest_write_end(offset, mv.nbytes, token)
 
     def write_zeroes(self, offset: int, length: int) -> None:
         """Make a range read as zeros, with zero clusters where the format has them."""
@@ -537,10 +558,16 @@ class Image:
         self._check_range(offset, length)
         with self._lock:
             top = self._top
-            if hasattr(top, "write_zeroes"):
-                top.write_zeroes(offset, length, self.chain_obj.filler(1), len(self._drivers) > 1)
-            else:
-                top.write(offset, bytes(length), self.chain_obj.filler(1))
+            st, token = self._filling(offset, length)
+            try:
+                if hasattr(top, "write_zeroes"):
+                    top.write_zeroes(offset, length, self.chain_obj.filler(1),
+                                     len(self._drivers) > 1)
+                else:
+                    top.write(offset, bytes(length), self.chain_obj.filler(1))
+            finally:
+                if st is not None:
+                    st.guest_write_end(offset, length, token)
 
     def flush(self) -> None:
         """Make every write so far durable.

@@ -32,8 +32,11 @@ class PullInfo(NamedTuple):
     """A snapshot of a pull's progress.
 
     ``cur`` bytes of ``end`` processed (``end`` is known from the start and equals ``cur``
-    at completion); ``copied_bytes`` were written as data, ``zeroed_bytes`` recorded as
-    zero clusters; ``errors`` counts chunks skipped under ``on_error="ignore"``.
+    at completion; ``cur`` never exceeds ``end``). A cluster the pull planned to copy that
+    a guest write (or a write of zeros, or a copy-on-read) fills first counts as done:
+    ``cur`` advances over it and ``end`` stays. ``copied_bytes`` were written as data,
+    ``zeroed_bytes`` recorded as zero clusters (or zero data on qcow2 v2); ``errors``
+    counts chunks skipped under ``on_error="ignore"``.
     """
     cur: int
     end: int
@@ -85,6 +88,7 @@ class PullJob:
         self._done = threading.Event()
         self._resume = threading.Event()
         self._resume.set()
+        self._resumed = False   # resume() was called since the last pause
         self._parked = threading.Event()
         self._callbacks: List[Callable[["PullJob"], None]] = []
         self._cb_lock = threading.Lock()
@@ -119,10 +123,12 @@ class PullJob:
             job = cls(image, base_depth, base, bw, on_error, on_event, chunk, batch)
             job._key = key
             _active[key] = job
-        image._job = job
+        prev, image._job = image._job, job
         try:
             job._stream.prepare()
         except BaseException:
+            # a job that never started must not be waited for (Image.close aborts it)
+            image._job = prev
             with _active_lock:
                 _active.pop(key, None)
             raise
@@ -157,8 +163,6 @@ class PullJob:
             self._error = PullError(f"{self.path}: pull failed: {exc}",
                                     getattr(exc, "errno", None), None, None)
         self._t1 = time.monotonic()
-        if kind == "completed" and self._stream.cur < self._stream.end:
-            pass
         self._status = kind
         log.info("pull of %s %s", self.path, kind)
         with _active_lock:
@@ -229,7 +233,9 @@ class PullJob:
 
     # the Stream's control interface
     def wait_while_paused(self) -> None:
-        """Called by the copy loop when a pause was asked for."""
+        """Called by the copy loop when a pause was asked for. Emits "paused", then
+        "resumed" once ``resume()`` was called, even when an ``abort()`` follows at once
+        (the job then ends "cancelled"); an abort without a resume emits no "resumed"."""
         self._status = "paused"
         self._parked.set()
         self._emit("paused")
@@ -237,7 +243,8 @@ class PullJob:
             if self._stream.cancel_requested:
                 break
         self._parked.clear()
-        if not self._stream.cancel_requested:
+        if self._resumed or not self._stream.cancel_requested:
+            self._resumed = False
             self._status = "running"
             self._emit("resumed")
 
@@ -251,6 +258,7 @@ class PullJob:
         if self.on_error == "ignore":
             return "skip"
         # "stop": pause until resumed, then retry the chunk
+        self._resumed = False
         self._resume.clear()
         self._stream.pause_requested = True
         self.wait_while_paused()
@@ -329,6 +337,7 @@ class PullJob:
         """Stop copying after the chunk in flight; ``resume()`` carries on."""
         if self.done():
             return
+        self._resumed = False
         self._resume.clear()
         self._stream.pause_requested = True
         self._limiter.wake()
@@ -337,7 +346,9 @@ class PullJob:
                 pass
 
     def resume(self) -> None:
-        """Carry on after ``pause()`` (or after an error under on_error="stop")."""
+        """Carry on after ``pause()`` (or after an error under on_error="stop"); the job
+        emits "resumed" if it had paused."""
+        self._resumed = True
         self._stream.pause_requested = False
         self._resume.set()
 
