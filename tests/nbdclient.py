@@ -58,8 +58,9 @@ class Client:
                 return out
 
     def connect(self, name: bytes = b"", structured: bool = True,
-                contexts: Tuple[str, ...] = ("base:allocation",)) -> None:
-        self.greeting()
+                contexts: Tuple[str, ...] = ("base:allocation",), greet: bool = True) -> None:
+        if greet:
+            self.greeting()
         if structured:
             assert self.option(OPT_STRUCTURED_REPLY)[-1][0] == 1
             self.structured = True

@@ -364,12 +364,12 @@ class _Connection:
             if not exp.readonly:
                 exp.flush()
             return self._ok(req)
+        if typ == P.CMD_READ and n > MAX_PAYLOAD:
+            return self._error(req, P.EOVERFLOW, f"read of {n} bytes: at most {MAX_PAYLOAD}")
         if off + n > exp.size:
             err = P.ENOSPC if typ in (P.CMD_WRITE, P.CMD_WRITE_ZEROES) else P.EINVAL
             return self._error(req, err, f"range {off}+{n} beyond the export size {exp.size}")
         if typ == P.CMD_READ:
-            if n > MAX_PAYLOAD:
-                return self._error(req, P.EOVERFLOW, f"read of {n} bytes: at most {MAX_PAYLOAD}")
             return self._read_reply(req)
         if typ == P.CMD_WRITE:
             if n:
