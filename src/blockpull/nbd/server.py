@@ -48,6 +48,9 @@ MAX_OPTIONS = 512
 MAX_CONNECTIONS = 256
 #: worker threads carrying out requests
 WORKERS = 4
+#: requests up to this many bytes run on the loop thread when the image is free
+INLINE_MAX = 256 << 10
+_INLINE_TYPES = (P.CMD_READ, P.CMD_WRITE, P.CMD_BLOCK_STATUS)
 
 
 class _Closed(Exception):
@@ -55,31 +58,37 @@ class _Closed(Exception):
 
 
 class _Budget:
-    """Requests and payload bytes in flight on one connection (asyncio, loop thread)."""
+    """Requests and payload bytes in flight on one connection (loop thread only)."""
 
     def __init__(self) -> None:
         self.count = 0
         self.nbytes = 0
-        self._cond = asyncio.Condition()
+        self._waiter: Optional[asyncio.Future] = None
+
+    def _fits(self, nbytes: int) -> bool:
+        # a request bigger than the whole budget waits until it is alone
+        return self.count < MAX_IN_FLIGHT and \
+            (self.nbytes + nbytes <= MAX_BYTES_IN_FLIGHT or self.count == 0)
 
     async def acquire(self, nbytes: int) -> None:
-        async with self._cond:
-            # a request bigger than the whole budget waits until it is alone
-            await self._cond.wait_for(
-                lambda: self.count < MAX_IN_FLIGHT and
-                (self.nbytes + nbytes <= MAX_BYTES_IN_FLIGHT or self.count == 0))
-            self.count += 1
-            self.nbytes += nbytes
+        while not self._fits(nbytes):
+            self._waiter = asyncio.get_running_loop().create_future()
+            await self._waiter
+        self.count += 1
+        self.nbytes += nbytes
 
-    async def release(self, nbytes: int) -> None:
-        async with self._cond:
-            self.count -= 1
-            self.nbytes -= nbytes
-            self._cond.notify_all()
+    def release(self, nbytes: int) -> None:
+        self.count -= 1
+        self.nbytes -= nbytes
+        w = self._waiter
+        if w is not None and not w.done():
+            self._waiter = None
+            w.set_result(None)
 
     async def idle(self) -> None:
-        async with self._cond:
-            await self._cond.wait_for(lambda: self.count == 0)
+        while self.count:
+            self._waiter = asyncio.get_running_loop().create_future()
+            await self._waiter
 
 
 class _Connection:
@@ -291,12 +300,17 @@ class _Connection:
                     try:
                         payload = await self._read(req.length)
                     except BaseException:
-                        await self.budget.release(cost)
+                        self.budget.release(cost)
                         raise
                 else:
                     if req.type == P.CMD_READ and req.length <= MAX_PAYLOAD:
                         cost = req.length
                     await self.budget.acquire(cost)
+                if self._inline(req, payload):
+                    self.budget.release(cost)
+                    if self.writer.transport.get_write_buffer_size() > INLINE_MAX:
+                        await self._send(b"")
+                    continue
                 t = loop.create_task(self._serve(req, payload, cost))
                 tasks.add(t)
                 t.add_done_callback(tasks.discard)
@@ -304,6 +318,25 @@ class _Connection:
             self.reading = False
             if tasks:
                 await asyncio.gather(*list(tasks), return_exceptions=True)
+
+    def _inline(self, req: P.Request, payload: Optional[bytes]) -> bool:
+        """Carry out a small request at once on the loop thread when the image is free
+        (no thread hand-off: most of a small request's cost); False to hand it to a
+        worker (big, flushing, or the image busy, e.g. with the pull's metadata)."""
+        if req.length > INLINE_MAX or req.type not in _INLINE_TYPES or \
+                req.flags & P.CMD_FLAG_FUA:
+            return False
+        lock = self.export.image._lock
+        if not lock.acquire(False):
+            return False
+        try:
+            parts = self._execute(req, payload)
+        finally:
+            lock.release()
+        if self.writer.is_closing():
+            raise _Closed("connection closed")
+        self.writer.writelines(parts)
+        return True
 
     async def _discard(self, n: int) -> None:
         while n:
@@ -331,7 +364,7 @@ class _Connection:
         except _Closed:
             pass
         finally:
-            await self.budget.release(cost)
+            self.budget.release(cost)
 
     # runs on a worker thread: check the request, carry it out, build the reply
     def _execute(self, req: P.Request, payload: Optional[bytes]) -> List[Any]:
