@@ -318,3 +318,28 @@ def test_fuzz_handshakes_and_requests(tmp_path, nbdtools):
         err = child.stop()
     assert "Traceback" not in err, err[-3000:]
     assert nbdtools.check(top) == 0
+
+
+def test_io_errors_fail_only_their_request(tmp_path, nbdtools):
+    """EIO reading the backing chain and ENOSPC writing the top reach the client as the
+    protocol's EIO and ENOSPC for that request; the connection and the image stay fine."""
+    import errno as _errno
+    from blockpull.faults import FaultInjector, attach, detach
+    EIO = 5
+    top, ref = make_chain(nbdtools, str(tmp_path))
+    with blockpull.serve(top, backing_format="qcow2", copy_on_read=False) as srv:
+        c = C.Client(srv.socket_path)
+        c.connect()
+        inj = attach(srv.image, FaultInjector())
+        inj.fail("read", role="backing", errno=_errno.EIO, times=None)
+        assert ask(c, C.READ, 7 * MiB, 4096) == EIO              # inherited: fails
+        assert c.read(512 * 1024, 4096) == b"\x06" * 4096         # the top's own: fine
+        inj.rules.clear()
+        inj.fail("write", role="top", errno=_errno.ENOSPC, times=None)
+        assert ask(c, C.WRITE, 12 * MiB, 65536, data=b"\x42" * 65536) == ENOSPC
+        detach(srv.image)
+        assert c.read(7 * MiB, 4096) == b"\x03" * 4096
+        assert ask(c, C.WRITE, 12 * MiB, 65536, data=b"\x42" * 65536) == 0
+        assert c.read(12 * MiB, 65536) == b"\x42" * 65536
+        c.close()
+    assert nbdtools.check(top) in (0, 3)      # a failed allocation may leak, never corrupt
