@@ -343,3 +343,28 @@ def test_io_errors_fail_only_their_request(tmp_path, nbdtools):
         assert c.read(12 * MiB, 65536) == b"\x42" * 65536
         c.close()
     assert nbdtools.check(top) in (0, 3)      # a failed allocation may leak, never corrupt
+
+
+def test_close_does_not_wait_for_a_client_that_never_reads(tmp_path, nbdtools, monkeypatch):
+    import threading
+    from blockpull.nbd import server as server_mod
+    monkeypatch.setattr(server_mod, "CLOSE_GRACE", 1.0)
+    top, _ref = make_chain(nbdtools, str(tmp_path))
+    srv = blockpull.serve(top, backing_format="qcow2")
+    c = C.Client(srv.socket_path)
+    c.connect(structured=False)
+    c.s.setblocking(False)
+    req = struct.pack(">IHHQQI", C.REQ_MAGIC, 0, C.READ, 1, 0, 8 * MiB)
+    for _ in range(64):
+        try:
+            c.s.send(req)
+        except BlockingIOError:
+            break
+    time.sleep(0.5)
+    t = threading.Thread(target=srv.close)     # the default grace, here 1 s
+    t.start()
+    t.join(60)
+    assert not t.is_alive(), "close() waits for a client that never reads its replies"
+    assert srv.closed
+    c.s.close()
+    nbdtools.assert_clean(top)

@@ -46,6 +46,8 @@ MAX_OPTION = 64 << 10
 MAX_OPTIONS = 512
 #: connections served at once; more are closed at once
 MAX_CONNECTIONS = 256
+#: seconds close() waits for clients to take the replies of their requests in flight
+CLOSE_GRACE = 30.0
 #: worker threads carrying out requests
 WORKERS = 4
 #: requests up to this many bytes run on the loop thread when the image is free
@@ -619,15 +621,24 @@ class Server:
         for t in list(self._conn_tasks):
             t.cancel()
         if self._conn_tasks:
-            await asyncio.wait(list(self._conn_tasks), timeout=timeout)
+            _done, pending = await asyncio.wait(
+                list(self._conn_tasks), timeout=CLOSE_GRACE if timeout is None else timeout)
+            if pending:
+                # clients that do not take their replies: drop their connections (what
+                # their requests did to the image stays; only the replies are lost)
+                for conn in list(self._conns):
+                    conn.writer.transport.abort()
+                await asyncio.wait(pending, timeout=5)
         try:
             await asyncio.wait_for(self._aserver.wait_closed(), 1)
         except BaseException:
             pass
 
     def close(self, timeout: Optional[float] = None) -> None:
-        """Stop accepting, finish the requests in flight (waiting at most ``timeout``
-        seconds for them), flush, abort a running pull cleanly and close the image."""
+        """Stop accepting, finish the requests in flight and send their replies (waiting
+        at most ``timeout`` seconds, ``CLOSE_GRACE`` if None, for clients to take them;
+        then their connections are dropped), flush, abort a running pull cleanly (the
+        image stays valid and backed) and close the image."""
         with self._close_lock:
             if self._closed.is_set():
                 return
