@@ -13,12 +13,11 @@ import os
 import shutil
 import statistics
 import subprocess
-import threading
 import time
 
 import pytest
 
-from benchlib import GiB, MiB, drop_file, record, run, settle
+from benchlib import GiB, MiB, drop_file, record, run
 
 import blockpull
 

@@ -5,7 +5,6 @@ of the server while clients write with FUA and flush."""
 from __future__ import annotations
 
 import os
-import signal
 import socket
 import struct
 import subprocess

@@ -117,7 +117,7 @@ class _Connection:
         except (asyncio.IncompleteReadError, ConnectionError, ssl.SSLError) as exc:
             raise _Closed(str(exc)) from exc
 
-    async def _send(self, data: Union[bytes, Sequence[Any]]) -> None:
+    async def _send(self, data: Union[bytes, List[Any]]) -> None:
         if self.writer.is_closing():
             raise _Closed("connection closed")
         if isinstance(data, (bytes, bytearray)):
