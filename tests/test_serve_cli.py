@@ -88,3 +88,25 @@ def test_serve_usage_errors(tmp_path, nbdtools, args, words):
     out, err = p.communicate(timeout=30)
     assert p.returncode == 2 and words in err and err.startswith("blockpull: error:"), err
     assert "Traceback" not in err
+
+
+@pytest.mark.slow
+def test_demo_serve_boots_a_vm(tmp_path):
+    """`blockpull demo --serve`: a VM boots from the served overlay while it is pulled."""
+    from blockpull.vmdemo import Missing, find_guest
+    try:
+        find_guest()
+    except Missing as exc:
+        if os.environ.get("CI"):
+            pytest.fail(str(exc))
+        pytest.skip(str(exc))
+    d = tmp_path / "demo"
+    r = subprocess.run([sys.executable, "-m", "blockpull", "demo", "--serve", "--output",
+                        "json", str(d)], capture_output=True, text=True, env=child_env(),
+                       timeout=600)
+    assert r.returncode == 0, r.stderr[-3000:]
+    lines = [json.loads(x) for x in r.stdout.splitlines()]
+    guest = [x["line"] for x in lines if x["type"] == "guest"]
+    assert any(g.startswith("guest: MD5=") for g in guest), guest
+    assert lines[-1]["type"] == "demo" and lines[-1]["line"].startswith("verified:")
+    assert any(x["type"] == "event" and x["event"] == "completed" for x in lines)

@@ -61,6 +61,21 @@ def add_parser(sub: Any, common: argparse.ArgumentParser,
     p.add_argument("path", metavar="PATH")
     p.set_defaults(func=cmd_serve)
 
+    demo = sub.choices.get("demo")
+    if demo is not None:
+        demo.add_argument("--serve", action="store_true",
+                          help="serve the overlay over NBD and boot a small VM from it "
+                               "while it is pulled (needs qemu-system-x86_64, a kernel in "
+                               "/boot, busybox and cpio); defaults to 32M of data at 4M/s")
+        plain = demo.get_default("func")
+
+        def demo_func(args: argparse.Namespace) -> int:
+            if getattr(args, "serve", False):
+                from blockpull.vmdemo import cmd_demo_serve
+                return cmd_demo_serve(args)
+            return plain(args)
+        demo.set_defaults(func=demo_func)
+
 
 def cmd_serve(args: argparse.Namespace) -> int:
     """Serve until SIGINT/SIGTERM; exit 0 after a clean shutdown."""
