@@ -409,7 +409,7 @@ def test_readonly_export(tmp_path, nbdtools):
             c.send(typ, 5, 0, 512, data=bytes(512) if typ == C.WRITE else None)
             assert c.reply()[1] == 1                      # EPERM
         c.close()
-        with pytest.raises(PermissionError):
+        with pytest.raises(ServeError, match="read-only"):
             srv.pull()
         compare_export(qemu, srv.uri, ref, "qcow2")
     assert qemu.compare(top, ref)

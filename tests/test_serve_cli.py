@@ -81,6 +81,7 @@ def test_serve_sigint_aborts_the_pull_cleanly(tmp_path, nbdtools):
     (["--bind", "0.0.0.0", "--port", "0"], "TLS"),
     (["--bandwidth", "5M"], "--pull"),
     (["--tls-cert", "x.pem"], "--tls-key"),
+    (["--readonly", "--pull"], "read-write"),
 ])
 def test_serve_usage_errors(tmp_path, nbdtools, args, words):
     top, _ref = make_chain(nbdtools, str(tmp_path))

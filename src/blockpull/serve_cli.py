@@ -82,6 +82,8 @@ def cmd_serve(args: argparse.Namespace) -> int:
     import blockpull
     from blockpull.cli import EXIT_OK, PROG, UsageError, _emit_json
     json_lines = args.output == "json"
+    if args.pull and args.readonly:
+        raise UsageError("--pull writes into the image: serve it read-write (drop --readonly)")
     if (args.base or args.bandwidth) and not args.pull:
         raise UsageError("--base and --bandwidth go with --pull")
     if args.port is not None and args.bind is None and args.socket is not None:

@@ -597,9 +597,11 @@ class Server:
              on_error: str = "report", on_event: Optional[Callable[[Any], None]] = None):
         """Start pulling the served image's backing chain (down to ``base``) while it is
         served; returns the running PullJob (``Image.pull``). Raises JobActiveError if a
-        pull runs already, PermissionError on a read-only export."""
+        pull runs already, ServeError on a read-only or closed server."""
         if self._closing:
             raise ServeError("the server is closed; serve the image again to pull it")
+        if self._export.readonly:
+            raise ServeError("the export is read-only: serve the image read-write to pull it")
         return self.image.pull(base=base, bandwidth=bandwidth, on_error=on_error,
                                on_event=on_event)
 
@@ -747,6 +749,9 @@ def serve(path: Union[str, "os.PathLike[str]"], *, socket: Optional[str] = None,
     if control is not None:
         raise ServeError("control= (a QMP socket) is not available in this version; "
                          "steer the pull through server.job")
+    if pull and readonly:
+        raise ServeError("pull=True writes into the image: serve it read-write (drop "
+                         "readonly=True)")
     if socket is not None and (host is not None or port is not None):
         raise ServeError("give either socket= or host=/port=, not both")
     if host is not None and not _is_loopback(host) and not tls:
