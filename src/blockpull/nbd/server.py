@@ -123,7 +123,7 @@ class _Connection:
         if isinstance(data, (bytes, bytearray)):
             self.writer.write(data)
         else:
-            self.writer.writelines(data)
+            self._write_parts(data)
         try:
             await self.writer.drain()
         except (ConnectionError, ssl.SSLError) as exc:
@@ -337,8 +337,26 @@ class _Connection:
             lock.release()
         if self.writer.is_closing():
             raise _Closed("connection closed")
-        self.writer.writelines(parts)
+        self._write_parts(parts)
         return True
+
+    def _write_parts(self, parts: List[Any]) -> None:
+        """Hand a reply to the transport; big data buffers go as they are (joining them
+        with their headers would copy every byte once more)."""
+        if len(parts) == 1:
+            self.writer.write(parts[0])
+            return
+        small: List[Any] = []
+        for p in parts:
+            if len(p) >= 16384:
+                if small:
+                    self.writer.write(b"".join(small))
+                    small = []
+                self.writer.write(p)
+            else:
+                small.append(p)
+        if small:
+            self.writer.write(b"".join(small))
 
     async def _discard(self, n: int) -> None:
         while n:
