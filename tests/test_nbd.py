@@ -475,3 +475,47 @@ def test_pull_racing_many_small_writes_leaks_nothing(tmp_path, nbdtools, fmt):
             model(qemu, model_path, lane)
         assert qemu.compare(top, model_path, fmt, "qcow2")
         qemu.assert_clean(top, fmt)
+
+
+def test_meta_context_negotiation(tmp_path, nbdtools):
+    """LIST_META_CONTEXT: no query lists all, a bare namespace lists what is in it;
+    SET_META_CONTEXT selects full names only, and what it replaced is gone."""
+    import struct
+    top, _ref = make_chain(nbdtools, str(tmp_path))
+
+    def meta(queries):
+        q = b"".join(struct.pack(">I", len(x)) + x for x in queries)
+        return struct.pack(">I", 0) + struct.pack(">I", len(queries)) + q
+
+    def names(replies):
+        assert replies[-1][0] == 1, replies
+        return sorted(d[4:].decode() for t, d in replies if t == 4)
+
+    with blockpull.serve(top, backing_format="qcow2", readonly=True) as srv:
+        c = C.Client(srv.socket_path)
+        c.greeting()
+        assert c.option(C.OPT_STRUCTURED_REPLY)[-1][0] == 1
+        assert names(c.option(C.OPT_LIST_META, meta([]))) == \
+            ["base:allocation", "qemu:allocation-depth"]
+        assert names(c.option(C.OPT_LIST_META, meta([b"base:"]))) == ["base:allocation"]
+        assert names(c.option(C.OPT_LIST_META, meta([b"qemu:"]))) == ["qemu:allocation-depth"]
+        assert names(c.option(C.OPT_LIST_META, meta([b"x-other:thing"]))) == []
+        assert c.option(C.OPT_LIST_META, meta([b"nocolon"]))[-1][0] == (1 << 31) + 3
+        assert names(c.option(C.OPT_SET_META, meta([b"base:allocation"]))) == ["base:allocation"]
+        assert names(c.option(C.OPT_SET_META, meta([b"base:"]))) == []   # replaced: none
+        c.connect(greet=False, structured=False)
+        c.structured = True
+        c.send(C.BLOCK_STATUS, 3, 0, 4096)
+        assert c.reply()[1] == 22                                          # EINVAL
+        c.close()
+
+
+def test_block_status_after_the_pull_sees_one_layer(tmp_path, nbdtools):
+    top, ref = make_chain(nbdtools, str(tmp_path))
+    with blockpull.serve(top, backing_format="qcow2", pull=True) as srv:
+        srv.job.result(timeout=120)
+        r = subprocess.run(["nbdinfo", "--map=qemu:allocation-depth", "--json", srv.uri],
+                           capture_output=True, text=True, check=True)
+        depths = {e["type"] for e in json.loads(r.stdout)}
+        assert depths <= {0, 1} and 1 in depths
+        compare_export(nbdtools, srv.uri, ref, "qcow2")
