@@ -367,3 +367,29 @@ def test_close_does_not_wait_for_a_client_that_never_reads(tmp_path, nbdtools, m
     assert srv.closed
     c.s.close()
     nbdtools.assert_clean(top)
+
+
+def test_clients_vanishing_with_requests_in_flight(tmp_path, nbdtools):
+    """Clients that send a burst of requests and hang up at once: each connection ends
+    (nothing waits for replies nobody will read), the server keeps serving."""
+    top, ref = make_chain(nbdtools, str(tmp_path))
+    with blockpull.serve(top, backing_format="qcow2") as srv:
+        for i in range(6):
+            c = C.Client(srv.socket_path)
+            c.connect(structured=bool(i % 2))
+            burst = b"".join(
+                struct.pack(">IHHQQI", C.REQ_MAGIC, 0, C.READ, k, k * 65536 % (8 * MiB), 65536)
+                for k in range(400))
+            c.s.sendall(burst)
+            c.s.recv(1)          # the first reply is on its way: the rest meet a closed socket
+            c.s.close()
+        for _ in range(400):                 # each connection notices and ends
+            if srv.connections == 0:
+                break
+            time.sleep(0.05)
+        assert srv.connections == 0
+        good = C.Client(srv.socket_path)
+        good.connect()
+        assert good.read(7 * MiB, 4096) == b"\x03" * 4096
+        good.close()
+    nbdtools.assert_clean(top)

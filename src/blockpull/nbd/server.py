@@ -308,7 +308,12 @@ class _Connection:
                     if req.type == P.CMD_READ and req.length <= MAX_PAYLOAD:
                         cost = req.length
                     await self.budget.acquire(cost)
-                if self._inline(req, payload):
+                try:
+                    inline = self._inline(req, payload)
+                except BaseException:
+                    self.budget.release(cost)
+                    raise
+                if inline:
                     self.budget.release(cost)
                     if self.writer.transport.get_write_buffer_size() > INLINE_MAX:
                         await self._send(b"")
