@@ -521,3 +521,27 @@ def test_block_status_after_the_pull_sees_one_layer(tmp_path, nbdtools):
         depths = {e["type"] for e in json.loads(r.stdout)}
         assert depths <= {0, 1} and 1 in depths
         compare_export(nbdtools, srv.uri, ref, "qcow2")
+
+
+def test_nbdcopy_writes_over_many_connections_while_pulling(tmp_path, nbdtools):
+    """nbdcopy writes a whole disk into the export over 4 connections with many requests
+    in flight (zeros as zero requests), while a pull runs: the image then equals the
+    source, stands alone and checks clean."""
+    qemu = nbdtools
+    top, _ref = make_chain(qemu, str(tmp_path))
+    src = bytearray(SIZE)
+    for off in range(0, SIZE, 3 * MiB):
+        src[off:off + MiB + 4096] = os.urandom(MiB + 4096)[:len(src[off:off + MiB + 4096])]
+    src_path = str(tmp_path / "src.raw")
+    with open(src_path, "wb") as f:
+        f.write(src)
+    with blockpull.serve(top, backing_format="qcow2", pull=True, bandwidth="4M") as srv:
+        r = subprocess.run(["nbdcopy", "--connections=4", "--requests=32", "--flush",
+                            src_path, srv.uri], capture_output=True, text=True, timeout=120)
+        assert r.returncode == 0, r.stderr
+        srv.job.set_speed(0)
+        srv.job.result(timeout=120)
+        compare_export(qemu, srv.uri, src_path, "raw")
+    assert "backing-filename" not in qemu.info(top)
+    qemu.assert_clean(top)
+    assert qemu.compare(top, src_path, "qcow2", "raw")
