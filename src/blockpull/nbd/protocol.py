@@ -317,3 +317,11 @@ def parse_request(header: bytes) -> Request:
     if magic != REQUEST_MAGIC:
         raise ProtocolError(f"bad request magic {magic:#x}")
     return Request(flags, rtype, cookie, offset, length)
+
+
+def parse_request_from(buf) -> Request:
+    """``parse_request`` of the first 28 bytes of a buffer, without copying them."""
+    magic, flags, rtype, cookie, offset, length = REQUEST.unpack_from(buf, 0)
+    if magic != REQUEST_MAGIC:
+        raise ProtocolError(f"bad request magic {magic:#x}")
+    return Request(flags, rtype, cookie, offset, length)

@@ -50,6 +50,8 @@ MAX_CONNECTIONS = 256
 #: under the image lock, so clients wait at most that long; 1 MiB copies as fast as the
 #: default 8 MiB here and cuts those waits eightfold
 PULL_CHUNK = 1 << 20
+#: bytes read ahead of the request being parsed (transmission phase)
+READ_AHEAD = 256 << 10
 #: seconds close() waits for clients to take the replies of their requests in flight
 CLOSE_GRACE = 30.0
 #: worker threads carrying out requests
@@ -112,6 +114,7 @@ class _Connection:
         self.tls_active = False
         self.budget = _Budget()
         self.reading = False        # waiting for the next request header
+        self.inbuf = bytearray()    # transmission phase: requests read but not parsed
 
     # ---- plumbing ------------------------------------------------------------------------
 
@@ -288,9 +291,8 @@ class _Connection:
                 self.reading = True
                 if self.server._closing:
                     break
-                header = await self._read(P.REQUEST.size)
+                req = await self._next_request()
                 self.reading = False
-                req = P.parse_request(header)
                 if req.type == P.CMD_DISC:
                     break
                 payload = None
@@ -304,7 +306,7 @@ class _Connection:
                     cost = req.length
                     await self.budget.acquire(cost)
                     try:
-                        payload = await self._read(req.length)
+                        payload = await self._take(req.length)
                     except BaseException:
                         self.budget.release(cost)
                         raise
@@ -367,10 +369,39 @@ class _Connection:
         if small:
             self.writer.write(b"".join(small))
 
+    async def _fill(self, n: int) -> None:
+        """Read until ``n`` bytes of requests are buffered (reading ahead at most
+        ``READ_AHEAD`` more: many small requests arrive with one read)."""
+        buf = self.inbuf
+        while len(buf) < n:
+            try:
+                chunk = await self.reader.read(max(n - len(buf), READ_AHEAD))
+            except (ConnectionError, ssl.SSLError) as exc:
+                raise _Closed(str(exc)) from exc
+            if not chunk:
+                raise _Closed("the client closed the connection")
+            buf += chunk
+
+    async def _next_request(self) -> P.Request:
+        size = P.REQUEST.size
+        if len(self.inbuf) < size:
+            await self._fill(size)
+        req = P.parse_request_from(self.inbuf)
+        del self.inbuf[:size]
+        return req
+
+    async def _take(self, n: int) -> bytes:
+        if len(self.inbuf) < n:
+            await self._fill(n)
+        with memoryview(self.inbuf) as mv:
+            out = bytes(mv[:n])
+        del self.inbuf[:n]
+        return out
+
     async def _discard(self, n: int) -> None:
         while n:
             k = min(n, 1 << 20)
-            await self._read(k)
+            await self._take(k)
             n -= k
 
     async def _reply_error(self, req: P.Request, error: int, message: str) -> None:
