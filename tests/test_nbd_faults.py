@@ -274,14 +274,19 @@ def test_fuzz_handshakes_and_requests(tmp_path, nbdtools):
         st.integers(0, 0xFFFF), st.integers(0, 9) | st.integers(0, 0xFFFF),
         st.integers(0, SIZE + 4096) | st.integers(0, 2 ** 64 - 1),
         st.integers(0, 70000) | u32, st.binary(max_size=512))
-    go = (struct.pack(">QII", C.IHAVEOPT, 8, 0) +
-          struct.pack(">QII", C.IHAVEOPT, 7, 6) + struct.pack(">IH", 0, 0))
+    go_only = struct.pack(">QII", C.IHAVEOPT, 7, 6) + struct.pack(">IH", 0, 0)
+    structured = struct.pack(">QII", C.IHAVEOPT, 8, 0)
+    ctxs = [b"base:allocation", b"qemu:allocation-depth"]
+    q = struct.pack(">II", 0, 2) + b"".join(struct.pack(">I", len(x)) + x for x in ctxs)
+    set_meta = struct.pack(">QII", C.IHAVEOPT, 10, len(q)) + q
+    # simple replies, structured replies, structured with both metadata contexts
+    go = st.sampled_from([go_only, structured + go_only, structured + set_meta + go_only])
     stream = st.one_of(
         st.binary(max_size=200),
         st.builds(lambda f, opts: struct.pack(">I", f) + b"".join(opts),
                   st.integers(0, 3) | u32, st.lists(option, max_size=4)),
-        st.builds(lambda reqs, cut: (struct.pack(">I", 3) + go + b"".join(reqs))[:cut],
-                  st.lists(request, max_size=6), st.integers(0, 4000)),
+        st.builds(lambda g, reqs, cut: (struct.pack(">I", 3) + g + b"".join(reqs))[:cut],
+                  go, st.lists(request, max_size=6), st.integers(0, 4000)),
     )
 
     def talk(data: bytes) -> None:
