@@ -605,6 +605,9 @@ class Server:
             self._tmpdir = tempfile.mkdtemp(prefix="blockpull-nbd-")
             socket_path = os.path.join(self._tmpdir, "nbd.sock")
         socket_path = os.path.abspath(socket_path)
+        if len(os.fsencode(socket_path)) > 107:
+            raise ServeError(f"{socket_path}: longer than the 107 bytes a Unix socket path "
+                             f"may have; choose a shorter path")
         if os.path.lexists(socket_path):
             raise ServeError(f"{socket_path}: already exists; remove it or choose another "
                              f"socket path")
