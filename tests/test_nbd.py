@@ -395,6 +395,8 @@ def test_tcp_loopback_and_refusals(tmp_path, nbdtools):
         blockpull.serve(top, backing_format="qcow2", host="0.0.0.0", port=0)
     with pytest.raises(ServeError):
         blockpull.serve(top, backing_format="qcow2", socket=str(tmp_path / "x"), port=0)
+    with pytest.raises(ServeError, match="107"):
+        blockpull.serve(top, backing_format="qcow2", socket=str(tmp_path / ("s" * 120)))
     # nothing was left open: the image opens again
     blockpull.open(top).close()
 
