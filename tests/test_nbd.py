@@ -397,6 +397,12 @@ def test_tcp_loopback_and_refusals(tmp_path, nbdtools):
         blockpull.serve(top, backing_format="qcow2", socket=str(tmp_path / "x"), port=0)
     with pytest.raises(ServeError, match="107"):
         blockpull.serve(top, backing_format="qcow2", socket=str(tmp_path / ("s" * 120)))
+    with pytest.raises(ServeError, match="cannot listen"):
+        blockpull.serve(top, backing_format="qcow2", socket=str(tmp_path / "no" / "s.sock"))
+    with blockpull.serve(top, backing_format="qcow2", port=0) as srv:
+        with pytest.raises(ServeError, match="cannot listen"):     # the port is taken
+            blockpull.serve(str(tmp_path / "ref.qcow2"), backing_format="qcow2",
+                            port=srv.port)
     # nothing was left open: the image opens again
     blockpull.open(top).close()
 

@@ -582,7 +582,13 @@ class Server:
         try:
             fut = asyncio.run_coroutine_threadsafe(self._listen(socket_path, host, port),
                                                    self._loop)
-            self._aserver = fut.result()
+            try:
+                self._aserver = fut.result()
+            except OSError as exc:
+                where = socket_path if host is None and port is None else \
+                    f"{host or '127.0.0.1'}:{port or 0}"
+                raise ServeError(f"cannot listen on {where}: {exc.strerror or exc}; choose "
+                                 f"another address, port or socket path") from exc
         except BaseException:
             self._stop_loop()
             self._pool.shutdown(wait=False)
