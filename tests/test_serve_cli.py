@@ -23,10 +23,13 @@ def start(args, cwd):
 def test_serve_pull_json_then_sigterm(tmp_path, nbdtools):
     qemu = nbdtools
     top, ref = make_chain(qemu, str(tmp_path))
-    p = start(["--pull", "--bandwidth", "64M", "--output", "json", top], str(tmp_path))
+    ctl = str(tmp_path / "q.sock")
+    p = start(["--pull", "--bandwidth", "64M", "--output", "json", "--control", ctl, top],
+              str(tmp_path))
     try:
         first = json.loads(p.stdout.readline())
         assert first["type"] == "serving" and first["uri"].startswith("nbd+unix:///?socket=")
+        assert first["control"] == ctl and os.path.exists(ctl)
         uri = first["uri"]
         model_path = str(tmp_path / "model.qcow2")
         shutil.copy(ref, model_path)

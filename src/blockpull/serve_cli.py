@@ -52,6 +52,10 @@ def add_parser(sub: Any, common: argparse.ArgumentParser,
                    help="with --pull: limit in bytes/s, e.g. 50M (MiB/s); 0 = unlimited")
     p.add_argument("--on-error", choices=("report", "stop", "ignore"), default="report",
                    help="with --pull: what an I/O error does (as for `blockpull pull`)")
+    p.add_argument("--control", metavar="QMP_SOCKET",
+                   help="also listen for QMP on this Unix socket: block-stream, "
+                        "block-job-*, query-block-jobs on the node 'top', as for "
+                        "qemu-storage-daemon")
     p.add_argument("--tls-cert", metavar="F", help="server certificate (PEM): serve with TLS")
     p.add_argument("--tls-key", metavar="F", help="the certificate's private key (PEM)")
     p.add_argument("--tls-ca", metavar="F",
@@ -111,11 +115,13 @@ def cmd_serve(args: argparse.Namespace) -> int:
         server = blockpull.serve(args.path, socket=args.socket, host=host, port=port,
                                  export_name=args.export, readonly=args.readonly,
                                  copy_on_read=args.copy_on_read,
-                                 backing_format=args.backing_format, tls=tls)
+                                 backing_format=args.backing_format, tls=tls,
+                                 control=args.control)
         try:
             if json_lines:
                 _emit_json({"type": "serving", "uri": server.uri, "path": server.image.path,
-                            "readonly": args.readonly}, sys.stdout)
+                            "readonly": args.readonly, "control": server.control_path},
+                           sys.stdout)
             else:
                 print(server.uri, flush=True)
             if args.pull and not stop.is_set():
