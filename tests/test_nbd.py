@@ -278,7 +278,7 @@ def test_pull_while_clients_write(tmp_path, nbdtools, fmt):
     model_path = str(tmp_path / ("model." + fmt))
     shutil.copy(ref, model_path)
     batches = _random_batches(7 if fmt == "qcow2" else 8, 10)
-    with blockpull.serve(top, backing_format="qcow2", pull=True, bandwidth="2M") as srv:
+    with blockpull.serve(top, backing_format="qcow2", pull=True, bandwidth="1M") as srv:
         job = srv.job
         for b in batches:
             qio(srv.uri, *b)
@@ -308,7 +308,7 @@ def test_two_clients_write_while_pulling(tmp_path, nbdtools):
     # lane 2 writes the upper half
     lanes[1] = [[_shift(c, half) for c in b] for b in lanes[1]]
     errors = []
-    with blockpull.serve(top, backing_format="qcow2", pull=True, bandwidth="2M") as srv:
+    with blockpull.serve(top, backing_format="qcow2", pull=True, bandwidth="1M") as srv:
         def run(batches):
             try:
                 for b in batches:
