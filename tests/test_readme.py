@@ -41,3 +41,10 @@ def test_api_tour_runs_as_written(tmp_path, qemu):
     # vm5 was aborted (or had finished): either way it reads as the template
     qemu.assert_clean(str(tmp_path / "vm5.qcow2"))
     assert qemu.compare(str(tmp_path / "vm5.qcow2"), template, "qcow2", "qcow2")
+    # the serving example: the client's write landed, the pull left vm6 standing alone
+    vm6 = str(tmp_path / "vm6.qcow2")
+    qemu.assert_clean(vm6)
+    assert "backing-filename" not in qemu.info(vm6)
+    with blockpull.open(vm6, readonly=True) as img:
+        assert img.read(0, 65536) == b"\x07" * 65536
+        assert img.read(300 << 20, 1 << 20) == bytes(range(256)) * 4096

@@ -12,10 +12,12 @@ from blockpull.compat import (BLOCK_JOB_SPEED_BANDWIDTH_BYTES, BLOCK_PULL_BANDWI
                               block_pull, block_pull_abort, event_deregister, event_register,
                               get_block_pull_info)
 from blockpull.errors import (BackingChainError, BlockpullError, ImageFormatError,
-                              ImageLockedError, InconsistentBitmapError, JobActiveError, PullCancelled, PullError)
+                              ImageLockedError, InconsistentBitmapError, JobActiveError,
+                              PullCancelled, PullError, ServeError)
 from blockpull.image import ChainEntry, Extent, Image, create, open
 from blockpull.checker import CheckResult, check
 from blockpull.job import PullEvent, PullInfo, PullJob, pull
+from blockpull.nbd import Server, serve
 
 _logging.getLogger("blockpull").addHandler(_logging.NullHandler())
 
@@ -23,8 +25,8 @@ __version__ = "0.1.0"
 
 __all__ = [
     "BackingChainError", "BlockpullError", "ImageFormatError", "ImageLockedError",
-    "InconsistentBitmapError",
-    "JobActiveError", "PullCancelled", "PullError",
+    "InconsistentBitmapError", "JobActiveError", "PullCancelled", "PullError", "ServeError",
+    "Server", "serve",
     "ChainEntry", "CheckResult", "Extent", "Image", "check", "create", "open",
     "PullEvent", "PullInfo", "PullJob", "pull",
     "BlockPullInfo", "block_pull", "get_block_pull_info", "block_pull_abort",

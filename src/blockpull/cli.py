@@ -1,4 +1,4 @@
-"""The ``blockpull`` command line: create, info, map, pull, check and demo.
+"""The ``blockpull`` command line: create, info, map, pull, check, demo and serve.
 
 Every command that reports takes ``--output human|json``. Exit codes: 0 success, 1 the
 operation failed, 2 bad usage or bad input, 130 interrupted (Ctrl-C); ``check`` follows
@@ -244,6 +244,9 @@ def build_parser() -> argparse.ArgumentParser:
     progress(p)
     output(p)
     p.set_defaults(func=cmd_demo)
+
+    from blockpull.serve_cli import add_parser as add_serve
+    add_serve(sub, common, output, progress, _bandwidth_arg)
     return parser
 
 

@@ -12,6 +12,7 @@ __all__ = [
     "JobActiveError",
     "PullError",
     "PullCancelled",
+    "ServeError",
 ]
 
 
@@ -59,3 +60,7 @@ class PullError(BlockpullError):
 
 class PullCancelled(BlockpullError):
     """The pull was aborted; the image is valid and still backed."""
+
+
+class ServeError(BlockpullError, ValueError):
+    """An image cannot be served as asked (bad socket, address, TLS or export options)."""
