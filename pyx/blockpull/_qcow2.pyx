@@ -971,26 +971,32 @@ cdef class Qcow2(Driver):
         before data, so that a full disk fails the allocation before any data depends
         on it, and linking afterwards needs no space."""
         cdef int64_t span = self.l2_bits + self.cluster_bits
-        cdef int64_t l1i, last, si
-        cdef Table sl1, nt
-        cdef int64_t newoff
+        cdef int64_t l1i, last
         if n <= 0:
             return
         last = (vaddr + n - 1) >> span
         for l1i in range(vaddr >> span, last + 1):
-            if l1i < self.l1_size and (self.l1.get(l1i) & OFFSET_MASK) == 0:
-                self._l2_for_write(l1i)
-            for si in range(len(self.snap_l1)):
-                sl1 = self.snap_l1[si]
-                if l1i < (sl1.nbytes >> 3) and (sl1.get(l1i) & OFFSET_MASK) == 0:
-                    newoff = self._alloc_table()
-                    nt = Table(newoff, self.cluster_size)
-                    nt.new = True
-                    nt.dirty = True
-                    self._cache_put_l2(nt)
-                    sl1.put(l1i, <uint64_t>newoff)
-                    self.snap_l1_dirty[si].add(l1i)
-                    self.l2_refs[newoff] = 1
+            self._tables_for(l1i)
+
+    cdef int _tables_for(self, int64_t l1i) except -1:
+        """Make the L2 tables L1 index ``l1i`` lacks, in the active view and in every
+        snapshot's (empty, their space claimed)."""
+        cdef int64_t si, newoff
+        cdef Table sl1, nt
+        if l1i < self.l1_size and (self.l1.get(l1i) & OFFSET_MASK) == 0:
+            self._l2_for_write(l1i)
+        for si in range(len(self.snap_l1)):
+            sl1 = self.snap_l1[si]
+            if l1i < (sl1.nbytes >> 3) and (sl1.get(l1i) & OFFSET_MASK) == 0:
+                newoff = self._alloc_table()
+                nt = Table(newoff, self.cluster_size)
+                nt.new = True
+                nt.dirty = True
+                self._cache_put_l2(nt)
+                sl1.put(l1i, <uint64_t>newoff)
+                self.snap_l1_dirty[si].add(l1i)
+                self.l2_refs[newoff] = 1
+        return 0
 
     cpdef free_clusters(self, int64_t host, int64_t n):
         """Give back ``n`` clusters from ``alloc_clusters`` that were never linked: the
@@ -1277,19 +1283,7 @@ cdef class Qcow2(Driver):
         cdef int64_t refs = 0, off, newoff, si
         cdef Table t, sl1, nt
         cdef set done = set()
-        if l1i < self.l1_size and (self.l1.get(l1i) & OFFSET_MASK) == 0:
-            self._l2_for_write(l1i)
-        for si in range(len(self.snap_l1)):
-            sl1 = self.snap_l1[si]
-            if l1i < (sl1.nbytes >> 3) and (sl1.get(l1i) & OFFSET_MASK) == 0:
-                newoff = self._alloc_table()
-                nt = Table(newoff, self.cluster_size)
-                nt.new = True
-                nt.dirty = True
-                self._cache_put_l2(nt)
-                sl1.put(l1i, <uint64_t>newoff)
-                self.snap_l1_dirty[si].add(l1i)
-                self.l2_refs[newoff] = 1
+        self._tables_for(l1i)
         if l1i < self.l1_size:
             off = self.l1.get(l1i) & OFFSET_MASK
             t = self._load_l2(off)
