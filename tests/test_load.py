@@ -215,11 +215,10 @@ class Lane:
         model_raw = os.path.join(d["dir"], "model.raw")
         with open(model_raw, "wb") as f:
             f.write(model)
-        rc = subprocess.run(["qemu-img", "compare", "-q", top, model_raw]).returncode
-        if rc != 0:
-            self.fail(f"{v.name}: qemu-img compare with the model: {rc}")
-        rc, out = subprocess.run(["qemu-img", "check", top], capture_output=True,
-                                 text=True).returncode, None
+        r = _qemu_img_unlocked("compare", "-q", top, model_raw)
+        if r.returncode != 0:
+            self.fail(f"{v.name}: qemu-img compare with the model: {r.returncode} {r.stderr}")
+        rc = _qemu_img_unlocked("check", top).returncode
         # no crash, so no leak either; but QED has no refcounts, and a copy that a guest
         # write beat to its cluster stays behind unreferenced unless it was the file's
         # last cluster (the QED driver says so): a leak, never a corruption
@@ -293,6 +292,19 @@ def test_load_soak(tmp_path_factory, tmp_path):
     seed = int(time.time()) % 100_000
     for s in seed_list([seed]):
         run_load(tmp_path_factory, tmp_path, 300, s)
+
+
+def _qemu_img_unlocked(*args: str) -> subprocess.CompletedProcess:
+    """qemu-img on an image this process has closed. Another lane's thread may be
+    between fork and exec at that moment, its child holding a copy of the closed
+    descriptor and with it the lock bytes, which qemu-img then finds taken ("Failed to
+    get ... lock"): that lasts until the child execs, so try again for a moment."""
+    deadline = time.monotonic() + 5
+    while True:
+        r = subprocess.run(["qemu-img", *args], capture_output=True, text=True)
+        if "Failed to get" not in r.stderr or time.monotonic() > deadline:
+            return r
+        time.sleep(0.02)
 
 
 def test_reopen_while_another_thread_forks(tmp_path, qemu):
