@@ -326,8 +326,12 @@ class QemuPullJob:
         loop = asyncio.get_running_loop()
         fut = loop.create_future()
 
+        def _set() -> None:
+            if not fut.done():
+                fut.set_result(None)
+
         def _done(_job: "QemuPullJob") -> None:
-            loop.call_soon_threadsafe(lambda: fut.done() or fut.set_result(None))
+            loop.call_soon_threadsafe(_set)
         self.add_done_callback(_done)
         yield from fut.__await__()
         return self.result(0)

@@ -56,6 +56,9 @@ def add_parser(sub: Any, common: argparse.ArgumentParser,
     p.add_argument("--tls-key", metavar="F", help="the certificate's private key (PEM)")
     p.add_argument("--tls-ca", metavar="F",
                    help="CA certificate (PEM): require client certificates signed by it")
+    p.add_argument("--control", metavar="QMP_SOCKET",
+                   help="also listen on this Unix socket (0600) for QMP: steer pulls as "
+                        "QEMU's block jobs on the node 'top'; 'quit' stops serving")
     progress(p)
     output(p)
     p.add_argument("path", metavar="PATH")
@@ -111,7 +114,8 @@ def cmd_serve(args: argparse.Namespace) -> int:
         server = blockpull.serve(args.path, socket=args.socket, host=host, port=port,
                                  export_name=args.export, readonly=args.readonly,
                                  copy_on_read=args.copy_on_read,
-                                 backing_format=args.backing_format, tls=tls)
+                                 backing_format=args.backing_format, tls=tls,
+                                 control=args.control)
         try:
             if json_lines:
                 _emit_json({"type": "serving", "uri": server.uri, "path": server.image.path,
@@ -120,7 +124,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
                 print(server.uri, flush=True)
             if args.pull and not stop.is_set():
                 _follow_pull(server, args, json_lines, stop)
-            while not stop.wait(0.5):
+            while not stop.wait(0.5) and not server.closed:   # QMP quit closes it
                 pass
         finally:
             job = server.job

@@ -563,6 +563,7 @@ class Server:
                  tls: Optional[Sequence[str]]) -> None:
         self.image = image
         self.export_name = export_name
+        self.control: Any = None        # the QMP ControlServer, with serve(control=...)
         self._export = Export(image, export_name)
         self._ssl = _tls_context(tls) if tls else None
         self._closing = False
@@ -665,6 +666,14 @@ class Server:
         """Start pulling the served image's backing chain (down to ``base``) while it is
         served; returns the running PullJob (``Image.pull``). Raises JobActiveError if a
         pull runs already, ServeError on a read-only or closed server."""
+        if self.control is not None:     # a QMP socket sees it as the job "top"
+            return self.control.start(base=base, bandwidth=bandwidth, on_error=on_error,
+                                      on_event=on_event)
+        return self._start_pull(base=base, bandwidth=bandwidth, on_error=on_error,
+                                on_event=on_event)
+
+    def _start_pull(self, base: Optional[str] = None, bandwidth: Union[int, str] = 0,
+                    on_error: str = "report", on_event: Optional[Callable[[Any], None]] = None):
         if self._closing:
             raise ServeError("the server is closed; serve the image again to pull it")
         if self._export.readonly:
@@ -712,6 +721,8 @@ class Server:
             if self._closed.is_set():
                 return
             self._closing = True
+            if self.control is not None:
+                self.control.close()
             try:
                 if self._loop.is_running():
                     fut = asyncio.run_coroutine_threadsafe(self._shutdown(timeout), self._loop)
@@ -807,15 +818,14 @@ def serve(path: Union[str, "os.PathLike[str]"], *, socket: Optional[str] = None,
     keyfile[, cafile]) (PEM; a cafile makes client certificates required). The image is
     opened (and locked) as a writer unless ``readonly``; reads of inherited data copy on
     read unless ``copy_on_read=False``. ``pull=True`` starts ``server.pull(base,
-    bandwidth, on_error, on_event)`` at once.
+    bandwidth, on_error, on_event)`` at once. ``control`` is the path of a QMP socket
+    (0600) steering the served image's pulls as QEMU's block jobs on the node ``top``
+    (``blockpull.qmp``); ``quit`` there closes the server.
 
     Raises ServeError for bad serving options, and what ``blockpull.open`` raises
     (ImageFormatError, BackingChainError, ImageLockedError, FileNotFoundError).
     """
     from blockpull.image import open as _open
-    if control is not None:
-        raise ServeError("control= (a QMP socket) is not available in this version; "
-                         "steer the pull through server.job")
     if pull and readonly:
         raise ServeError("pull=True writes into the image: serve it read-write (drop "
                          "readonly=True)")
@@ -836,6 +846,14 @@ def serve(path: Union[str, "os.PathLike[str]"], *, socket: Optional[str] = None,
     except BaseException:
         image.close()
         raise
+    if control is not None:
+        from blockpull.qmp import ControlServer
+        try:
+            server.control = ControlServer(control, image, server._start_pull,
+                                           on_quit=server.close)
+        except BaseException:
+            server.close()
+            raise
     if pull:
         try:
             server.pull(base=base, bandwidth=bandwidth, on_error=on_error, on_event=on_event)
