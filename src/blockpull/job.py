@@ -118,10 +118,12 @@ class PullJob:
             job = cls(image, base_depth, base, bw, on_error, on_event, chunk, batch)
             job._key = key
             _active[key] = job
-        image._job = job
+        previous, image._job = image._job, job
         try:
             job._stream.prepare()
         except BaseException:
+            # no job runs: the image must not name one (close() would wait for it for ever)
+            image._job = previous
             with _active_lock:
                 _active.pop(key, None)
             raise
