@@ -10,6 +10,7 @@ import socket
 import stat
 import subprocess
 import sys
+import threading
 
 import pytest
 
@@ -186,6 +187,138 @@ def test_blockpull_and_qemu_storage_daemon_report_alike(qemu, tmp_path):
         assert qemu.info(top).get("backing-filename") is None
         qemu.assert_clean(top)
         assert qemu.compare(top, want, fb="raw")
+
+
+# ---- I/O errors under each policy, against both ---------------------------------------------
+
+async def drive_error(sock, on_error):
+    """A pull whose backing reads fail: the events, the stopped job's state, the end."""
+    from qemu.qmp import ExecuteError, QMPClient
+    c = QMPClient("test")
+    await c.connect(sock)
+    out = {"events": []}
+    seen = asyncio.Queue()
+
+    async def listen():
+        async for ev in c.events:
+            ev = dict(ev)
+            out["events"].append((ev["event"], {k: v for k, v in ev["data"].items()
+                                                if k not in ("offset", "len")}))
+            await seen.put(ev)
+    task = asyncio.ensure_future(listen())
+
+    async def until(event, **data):
+        while True:
+            ev = await asyncio.wait_for(seen.get(), 60)
+            if ev["event"] == event and all(ev["data"].get(k) == v for k, v in data.items()):
+                return ev
+    await c.execute("block-stream", {"device": "top", "job-id": "e0", "on-error": on_error})
+    if on_error == "stop":
+        await until("JOB_STATUS_CHANGE", id="e0", status="paused")
+        out["stopped"] = shape(await c.execute("query-block-jobs"))
+        try:
+            await c.execute("block-job-cancel", {"device": "e0"})
+            out["cancel-stopped"] = "accepted"
+        except ExecuteError as exc:
+            out["cancel-stopped"] = exc.error_class
+        await c.execute("block-job-cancel", {"device": "e0", "force": True})
+    await until("JOB_STATUS_CHANGE", id="e0", status="null")
+    task.cancel()
+    await c.disconnect()
+    return out
+
+
+def collapse(events):
+    """Runs of the same BLOCK_JOB_ERROR as one (how many chunks fail is the engine's)."""
+    out = []
+    for ev in events:
+        if not out or ev[0] != "BLOCK_JOB_ERROR" or out[-1] != ev:
+            out.append(ev)
+    return out
+
+
+@pytest.mark.parametrize("on_error", ["report", "stop", "ignore"])
+def test_io_errors_reported_alike(qemu, tmp_path, on_error):
+    need_qsd()
+    import errno
+    from blockpull.faults import FaultInjector, attach
+    from test_qemu_job import _failing_chain
+    q_top, _ = make_chain(qemu, str(tmp_path / "q"))
+    b_top, want = make_chain(qemu, str(tmp_path / "b"))
+    d = tmp_path / "q"
+    chain = (q_top, str(d / "mid.qcow2"), str(d / "base.qcow2"), None)
+    qsd = Qsd(str(tmp_path), _failing_chain(chain), monitors=1)
+    try:
+        theirs = asyncio.run(drive_error(qsd.sockets[0], on_error))
+    finally:
+        qsd.stop()
+    ctl = str(tmp_path / "ctl.sock")
+    with blockpull.serve(b_top, control=ctl) as server:
+        inj = FaultInjector()
+        # the copy's reads fail, not the planning's (QEMU plans nothing ahead)
+        inj.fail("read", role="backing", errno=errno.EIO, times=None, match=in_job_thread)
+        attach(server.image, inj)
+        ours = asyncio.run(drive_error(ctl, on_error))
+    assert collapse(ours["events"]) == collapse(theirs["events"])
+    assert ours.get("stopped") == theirs.get("stopped")
+    assert ours.get("cancel-stopped") == theirs.get("cancel-stopped")
+    if on_error == "stop":
+        assert ours["stopped"][0]["io-status"] == "failed"
+    for top in (q_top, b_top):
+        assert qemu.info(top).get("backing-filename") == "mid.qcow2"
+        qemu.assert_clean(top)
+    assert qemu.compare(b_top, want, fb="raw")
+
+
+def in_job_thread(op, role, offset, length):
+    return threading.current_thread().name.startswith("blockpull-pull")
+
+
+def test_failed_start_leaves_no_job(qemu, tmp_path):
+    """block-stream whose planning cannot read the chain: a GenericError, no job left
+    behind (the server still closes), and a later block-stream works."""
+    import errno
+    from blockpull.faults import FaultInjector, attach, detach
+    top, want = make_chain(qemu, str(tmp_path / "b"))
+    ctl = str(tmp_path / "ctl.sock")
+    with blockpull.serve(top, control=ctl) as server:
+        inj = FaultInjector()
+        inj.fail("read", role="backing", errno=errno.EIO, times=None)
+        attach(server.image, inj)
+        a = Raw(ctl)
+        a.ask({"execute": "qmp_capabilities"})
+        r = a.ask({"execute": "block-stream", "arguments": {"device": "top"}})
+        assert r["error"]["class"] == "GenericError" and "Input/output" in r["error"]["desc"]
+        assert server.job is None
+        assert a.ask({"execute": "query-block-jobs"}) == {"return": []}
+        detach(server.image)
+        assert a.ask({"execute": "block-stream", "arguments": {"device": "top"}}) == \
+            {"return": {}}
+        server.job.result(timeout=60)
+        a.close()
+    assert qemu.info(top).get("backing-filename") is None
+    assert qemu.compare(top, want, fb="raw")
+
+
+def test_events_reach_every_client(qemu, tmp_path):
+    top, _ = make_chain(qemu, str(tmp_path / "b"))
+    ctl = str(tmp_path / "ctl.sock")
+    with blockpull.serve(top, control=ctl):
+        a, b, silent = Raw(ctl), Raw(ctl), Raw(ctl)
+        for c in (a, b):
+            c.ask({"execute": "qmp_capabilities"})
+        # `silent` never negotiates: it gets no events
+        a.send({"execute": "block-stream", "arguments": {"device": "top", "job-id": "x"}})
+        for c in (a, b):
+            seen = []
+            while "null" not in seen:
+                msg = json.loads(c.f.readline())
+                if msg.get("event") == "JOB_STATUS_CHANGE":
+                    seen.append(msg["data"]["status"])
+            assert seen == ["created", "running", "waiting", "pending", "concluded", "null"]
+        assert silent.ask({"execute": "query-jobs"})["error"]["class"] == "CommandNotFound"
+        for c in (a, b, silent):
+            c.close()
 
 
 # ---- the wire: framing, bad input, several clients ------------------------------------------

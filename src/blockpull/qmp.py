@@ -303,6 +303,9 @@ class ControlServer:
 
     def _cancel(self, rec: _Record) -> None:
         self._verb(rec, "cancel", ("created", "running", "paused"))
+        rec.user_paused = False
+        if rec.status == "paused":     # as in QEMU: the job resumes to see the cancel
+            self._status(rec, "running")
         rec.job.abort(wait=False)
 
     def _dismiss(self, rec: _Record) -> None:
