@@ -18,6 +18,7 @@ from blockpull.image import ChainEntry, Extent, Image, create, open
 from blockpull.checker import CheckResult, check
 from blockpull.job import PullEvent, PullInfo, PullJob, pull
 from blockpull.nbd import Server, serve
+from blockpull import qemu   # blockpull.qemu.pull: QEMU's own pull, steered over QMP
 
 _logging.getLogger("blockpull").addHandler(_logging.NullHandler())
 
