@@ -120,9 +120,16 @@ class ControlServer:
         self._thread = threading.Thread(target=self._loop.run_forever, daemon=True,
                                         name="blockpull-qmp")
         self._thread.start()
-        self._server = asyncio.run_coroutine_threadsafe(
-            asyncio.start_unix_server(self._client, sock=sock, limit=MAX_MESSAGE),
-            self._loop).result()
+        try:
+            self._server = asyncio.run_coroutine_threadsafe(
+                asyncio.start_unix_server(self._client, sock=sock, limit=MAX_MESSAGE),
+                self._loop).result()
+        except BaseException:   # leave no thread, socket or file behind
+            self._loop.call_soon_threadsafe(self._loop.stop)
+            self._thread.join(5)
+            sock.close()
+            os.unlink(path)
+            raise
         log.info("QMP control socket at %s", path)
 
     # ---- jobs ---------------------------------------------------------------------------
