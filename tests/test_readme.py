@@ -48,3 +48,10 @@ def test_api_tour_runs_as_written(tmp_path, qemu):
     with blockpull.open(vm6, readonly=True) as img:
         assert img.read(0, 65536) == b"\x07" * 65536
         assert img.read(300 << 20, 1 << 20) == bytes(range(256)) * 4096
+    # the QMP examples: QEMU's pull of vm7, blockpull's of vm8 steered by the same call
+    assert "QEMU's pull: completed" in r.stdout
+    for name in ("vm7.qcow2", "vm8.qcow2"):
+        path = str(tmp_path / name)
+        qemu.assert_clean(path)
+        assert "backing-filename" not in qemu.info(path), name
+        assert qemu.compare(path, template, "qcow2", "qcow2"), name

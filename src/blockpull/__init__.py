@@ -13,11 +13,12 @@ from blockpull.compat import (BLOCK_JOB_SPEED_BANDWIDTH_BYTES, BLOCK_PULL_BANDWI
                               get_block_pull_info)
 from blockpull.errors import (BackingChainError, BlockpullError, ImageFormatError,
                               ImageLockedError, InconsistentBitmapError, JobActiveError,
-                              PullCancelled, PullError, ServeError)
+                              PullCancelled, PullError, QemuError, ServeError)
 from blockpull.image import ChainEntry, Extent, Image, create, open
 from blockpull.checker import CheckResult, check
 from blockpull.job import PullEvent, PullInfo, PullJob, pull
 from blockpull.nbd import Server, serve
+from blockpull import qemu   # blockpull.qemu.pull: QEMU's own pull, steered over QMP
 
 _logging.getLogger("blockpull").addHandler(_logging.NullHandler())
 
@@ -25,8 +26,8 @@ __version__ = "0.1.0"
 
 __all__ = [
     "BackingChainError", "BlockpullError", "ImageFormatError", "ImageLockedError",
-    "InconsistentBitmapError", "JobActiveError", "PullCancelled", "PullError", "ServeError",
-    "Server", "serve",
+    "InconsistentBitmapError", "JobActiveError", "PullCancelled", "PullError", "QemuError",
+    "ServeError", "Server", "serve",
     "ChainEntry", "CheckResult", "Extent", "Image", "check", "create", "open",
     "PullEvent", "PullInfo", "PullJob", "pull",
     "BlockPullInfo", "block_pull", "get_block_pull_info", "block_pull_abort",

@@ -209,6 +209,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--on-error", choices=("report", "stop", "ignore"), default="report",
                    help="on an I/O error: fail (report, default); pause until SIGUSR1 "
                         "then retry (stop); skip the chunk and finish as failed (ignore)")
+    p.add_argument("--control", metavar="QMP_SOCKET",
+                   help="listen on this Unix socket (0600) for QMP: the pull is the block "
+                        "job 'top' (query-block-jobs, block-job-set-speed/pause/resume/"
+                        "cancel); quit aborts it")
     opener(p, False)
     progress(p)
     output(p)
@@ -594,15 +598,17 @@ def _abort_signals(on_resume: Callable[[], None]) -> Iterator[None]:
 
 
 def run_pull(img: Image, progress: Progress, base: Optional[str] = None, bandwidth: int = 0,
-             on_error: str = "report") -> Tuple[PullJob, Optional[int]]:
-    """Pull ``img`` showing ``progress`` until the job ends.
+             on_error: str = "report", start: Any = None) -> Tuple[PullJob, Optional[int]]:
+    """Pull ``img`` showing ``progress`` until the job ends; ``start`` starts the pull
+    instead of ``img.pull`` (same arguments), e.g. a QMP control socket's.
 
     Returns the ended job and the number of the signal that aborted it, if SIGINT or
     SIGTERM did: the job is then aborted cleanly (the image stays valid and backed).
     """
     events: "queue.SimpleQueue[PullEvent]" = queue.SimpleQueue()
     resume_asked: List[bool] = []
-    job = img.pull(base=base, bandwidth=bandwidth, on_error=on_error, on_event=events.put)
+    job = (start or img.pull)(base=base, bandwidth=bandwidth, on_error=on_error,
+                              on_event=events.put)
     signum: Optional[int] = None
 
     def drain() -> None:
@@ -658,8 +664,21 @@ def cmd_pull(args: argparse.Namespace) -> int:
     img = _open(args, readonly=False)
     try:
         progress = Progress(show_bar, json_lines, os.path.basename(img.path))
-        job, signum = run_pull(img, progress, base=args.base, bandwidth=args.bandwidth,
-                               on_error=args.on_error)
+        control = None
+        if args.control:   # QMP steering: the pull is the job "top"; quit aborts it
+            from blockpull.qmp import ControlServer
+
+            def _quit() -> None:
+                if img.job is not None:
+                    img.job.abort(wait=False)
+            control = ControlServer(args.control, img, img.pull, on_quit=_quit)
+        try:
+            job, signum = run_pull(img, progress, base=args.base, bandwidth=args.bandwidth,
+                                   on_error=args.on_error,
+                                   start=control.start if control else None)
+        finally:
+            if control is not None:
+                control.close()
         info = job.info()
         backing = img.backing_name
         progress.finish(info, job.status, job.error, backing)

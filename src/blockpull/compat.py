@@ -1,7 +1,9 @@
 """The libvirt-shaped functions: block_pull, get_block_pull_info, block_pull_abort,
 block_job_set_speed and event registration, over a per-process registry of pulls.
 
-Paths are the registry's keys (compared as absolute paths). The registry keeps each image
+Paths are the registry's keys (compared as absolute paths). ``get_block_pull_info``,
+``block_pull_abort`` and ``block_job_set_speed`` also take a job object in place of a path:
+a ``PullJob`` or a ``blockpull.qemu`` job steering QEMU's pull. The registry keeps each image
 open while its pull runs and closes it when the pull ends. Event callbacks run on the
 pull's thread as ``callback(path, status)`` with one of the BLOCK_PULL_* statuses.
 """
@@ -10,7 +12,7 @@ from __future__ import annotations
 import itertools
 import os
 import threading
-from typing import Callable, Dict, NamedTuple, Tuple
+from typing import Any, Callable, Dict, NamedTuple, Tuple
 
 from blockpull.errors import BlockpullError
 from blockpull.image import Image
@@ -76,7 +78,14 @@ def _entry(path: str) -> Tuple[Image, PullJob, threading.Event]:
     return entry
 
 
-def _job(path: str) -> PullJob:
+def _is_job(obj: Any) -> bool:
+    return not isinstance(obj, (str, bytes, os.PathLike)) and hasattr(obj, "info") \
+        and hasattr(obj, "abort")
+
+
+def _job(path: Any) -> Any:
+    if _is_job(path):
+        return path
     return _entry(path)[1]
 
 
@@ -107,15 +116,18 @@ def block_pull(path: str, bandwidth: int = 0, flags: int = 0) -> int:
     return 0
 
 
-def get_block_pull_info(path: str) -> BlockPullInfo:
-    """cur/end of the running or last pull on ``path``."""
+def get_block_pull_info(path: Any) -> BlockPullInfo:
+    """cur/end of the running or last pull on ``path`` (or of the job given)."""
     info = _job(path).info()
     return BlockPullInfo(info.cur, info.end)
 
 
-def block_pull_abort(path: str) -> int:
+def block_pull_abort(path: Any) -> int:
     """Abort the pull on ``path`` and wait until it has stopped and the image is closed
     (so the caller may open it at once); returns 0."""
+    if _is_job(path):
+        path.abort(wait=True)
+        return 0
     _img, job, closed = _entry(path)
     job.abort(wait=True)
     if threading.current_thread() is not job._thread:   # not from an event callback
@@ -123,7 +135,7 @@ def block_pull_abort(path: str) -> int:
     return 0
 
 
-def block_job_set_speed(path: str, bandwidth: int, flags: int = 0) -> int:
+def block_job_set_speed(path: Any, bandwidth: int, flags: int = 0) -> int:
     """Change the pull's limit: MiB/s, or bytes/s with BLOCK_JOB_SPEED_BANDWIDTH_BYTES."""
     bw = int(bandwidth) if flags & BLOCK_JOB_SPEED_BANDWIDTH_BYTES else int(bandwidth) << 20
     _job(path).set_speed(bw)

@@ -13,6 +13,7 @@ __all__ = [
     "PullError",
     "PullCancelled",
     "ServeError",
+    "QemuError",
 ]
 
 
@@ -64,3 +65,15 @@ class PullCancelled(BlockpullError):
 
 class ServeError(BlockpullError, ValueError):
     """An image cannot be served as asked (bad socket, address, TLS or export options)."""
+
+
+class QemuError(BlockpullError):
+    """QEMU could not be reached over QMP, or refused a command. ``error_class`` is the QMP
+    error class ("GenericError", "DeviceNotActive", ...; None if QEMU gave no reply) and
+    ``desc`` QEMU's own words."""
+
+    def __init__(self, message: str, error_class: Optional[str] = None,
+                 desc: str = "") -> None:
+        super().__init__(message)
+        self.error_class = error_class
+        self.desc = desc

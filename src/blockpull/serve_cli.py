@@ -52,14 +52,13 @@ def add_parser(sub: Any, common: argparse.ArgumentParser,
                    help="with --pull: limit in bytes/s, e.g. 50M (MiB/s); 0 = unlimited")
     p.add_argument("--on-error", choices=("report", "stop", "ignore"), default="report",
                    help="with --pull: what an I/O error does (as for `blockpull pull`)")
-    p.add_argument("--control", metavar="QMP_SOCKET",
-                   help="also listen for QMP on this Unix socket: block-stream, "
-                        "block-job-*, query-block-jobs on the node 'top', as for "
-                        "qemu-storage-daemon")
     p.add_argument("--tls-cert", metavar="F", help="server certificate (PEM): serve with TLS")
     p.add_argument("--tls-key", metavar="F", help="the certificate's private key (PEM)")
     p.add_argument("--tls-ca", metavar="F",
                    help="CA certificate (PEM): require client certificates signed by it")
+    p.add_argument("--control", metavar="QMP_SOCKET",
+                   help="also listen on this Unix socket (0600) for QMP: steer pulls as "
+                        "QEMU's block jobs on the node 'top'; 'quit' stops serving")
     progress(p)
     output(p)
     p.add_argument("path", metavar="PATH")
@@ -120,13 +119,12 @@ def cmd_serve(args: argparse.Namespace) -> int:
         try:
             if json_lines:
                 _emit_json({"type": "serving", "uri": server.uri, "path": server.image.path,
-                            "readonly": args.readonly, "control": server.control_path},
-                           sys.stdout)
+                            "readonly": args.readonly, "control": args.control}, sys.stdout)
             else:
                 print(server.uri, flush=True)
             if args.pull and not stop.is_set():
                 _follow_pull(server, args, json_lines, stop)
-            while not stop.wait(0.5):
+            while not stop.wait(0.5) and not server.closed:   # QMP quit closes it
                 pass
         finally:
             job = server.job

@@ -29,7 +29,6 @@ from urllib.parse import quote
 
 from blockpull.errors import ServeError
 from blockpull.nbd import protocol as P
-from blockpull.nbd import qmp as _qmp
 from blockpull.nbd.export import MAX_PAYLOAD, Export, FastZeroUnsupported
 
 log = logging.getLogger("blockpull")
@@ -561,9 +560,10 @@ class Server:
 
     def __init__(self, image: Any, export_name: str, socket_path: Optional[str],
                  host: Optional[str], port: Optional[int],
-                 tls: Optional[Sequence[str]], control: Optional[str] = None) -> None:
+                 tls: Optional[Sequence[str]]) -> None:
         self.image = image
         self.export_name = export_name
+        self.control: Any = None        # the QMP ControlServer, with serve(control=...)
         self._export = Export(image, export_name)
         self._ssl = _tls_context(tls) if tls else None
         self._closing = False
@@ -574,9 +574,6 @@ class Server:
         self._pool = concurrent.futures.ThreadPoolExecutor(WORKERS, "blockpull-nbd")
         self._tmpdir: Optional[str] = None
         self.socket_path: Optional[str] = None
-        self.control_path: Optional[str] = None
-        self._control: Optional[_qmp.Control] = None
-        self._qmp_server: Any = None
         self.host: Optional[str] = None
         self.port: Optional[int] = None
         self._loop = asyncio.new_event_loop()
@@ -593,17 +590,7 @@ class Server:
                     f"{host or '127.0.0.1'}:{port or 0}"
                 raise ServeError(f"cannot listen on {where}: {exc.strerror or exc}; choose "
                                  f"another address, port or socket path") from exc
-            if control is not None:
-                fut = asyncio.run_coroutine_threadsafe(self._listen_control(control),
-                                                       self._loop)
-                try:
-                    fut.result()
-                except OSError as exc:
-                    raise ServeError(f"cannot listen for QMP on {control}: "
-                                     f"{exc.strerror or exc}; choose another path") from exc
         except BaseException:
-            if getattr(self, "_aserver", None) is not None:
-                self._loop.call_soon_threadsafe(self._aserver.close)
             self._stop_loop()
             self._pool.shutdown(wait=False)
             self._cleanup_socket()
@@ -631,25 +618,20 @@ class Server:
         if os.path.lexists(socket_path):
             raise ServeError(f"{socket_path}: already exists; remove it or choose another "
                              f"socket path")
-        srv = await asyncio.start_unix_server(self._client, socket_path, limit=1 << 20)
-        os.chmod(socket_path, 0o600)
+        sock = _socket.socket(_socket.AF_UNIX, _socket.SOCK_STREAM)
+        bound = False
+        try:
+            sock.bind(socket_path)
+            bound = True
+            os.chmod(socket_path, 0o600)     # before listen(): nobody else can connect
+            srv = await asyncio.start_unix_server(self._client, sock=sock, limit=1 << 20)
+        except BaseException:
+            sock.close()
+            if bound:
+                os.unlink(socket_path)
+            raise
         self.socket_path = socket_path
         return srv
-
-    async def _listen_control(self, path: str) -> None:
-        path = os.path.abspath(path)
-        if len(os.fsencode(path)) > 107:
-            raise ServeError(f"{path}: longer than the 107 bytes a Unix socket path may "
-                             f"have; choose a shorter path")
-        if os.path.lexists(path):
-            raise ServeError(f"{path}: already exists; remove it or choose another QMP "
-                             f"socket path")
-        control = _qmp.Control(self)
-        self._qmp_server = await asyncio.start_unix_server(
-            lambda r, w: _qmp.client_connected(control, r, w), path)
-        os.chmod(path, 0o600)
-        self.control_path = path
-        self._control = control
 
     @property
     def uri(self) -> str:
@@ -690,27 +672,24 @@ class Server:
         return self.image.job
 
     def pull(self, base: Optional[str] = None, bandwidth: Union[int, str] = 0,
-             on_error: str = "report", on_event: Optional[Callable[[Any], None]] = None,
-             *, job_id: Optional[str] = None):
+             on_error: str = "report", on_event: Optional[Callable[[Any], None]] = None):
         """Start pulling the served image's backing chain (down to ``base``) while it is
-        served; returns the running PullJob (``Image.pull``). ``job_id`` names the job
-        for QMP clients (default "top", the node name). Raises JobActiveError if a pull
-        runs already, ServeError on a read-only or closed server."""
+        served; returns the running PullJob (``Image.pull``). Raises JobActiveError if a
+        pull runs already, ServeError on a read-only or closed server."""
+        if self.control is not None:     # a QMP socket sees it as the job "top"
+            return self.control.start(base=base, bandwidth=bandwidth, on_error=on_error,
+                                      on_event=on_event)
+        return self._start_pull(base=base, bandwidth=bandwidth, on_error=on_error,
+                                on_event=on_event)
+
+    def _start_pull(self, base: Optional[str] = None, bandwidth: Union[int, str] = 0,
+                    on_error: str = "report", on_event: Optional[Callable[[Any], None]] = None):
         if self._closing:
             raise ServeError("the server is closed; serve the image again to pull it")
         if self._export.readonly:
             raise ServeError("the export is read-only: serve the image read-write to pull it")
-        job = self.image.job
-        if self._control is not None and (job is None or job.done()):
-            self._control.started(job_id or _qmp.NODE)
-        try:
-            return self.image.pull(base=base, bandwidth=bandwidth, on_error=on_error,
-                                   on_event=_qmp.events_for(self._control, on_event),
-                                   chunk=PULL_CHUNK)
-        except BaseException:
-            if self._control is not None:
-                self._control.dismissed = True
-            raise
+        return self.image.pull(base=base, bandwidth=bandwidth, on_error=on_error,
+                               on_event=on_event, chunk=PULL_CHUNK)
 
     # ---- closing ------------------------------------------------------------------------------
 
@@ -725,12 +704,6 @@ class Server:
 
     async def _shutdown(self, timeout: Optional[float]) -> None:
         self._aserver.close()
-        if self._qmp_server is not None:
-            self._qmp_server.close()
-        if self._control is not None and self._control.tasks:
-            for t in list(self._control.tasks):
-                t.cancel()
-            await asyncio.wait(list(self._control.tasks), timeout=5)
         # stop reading new requests where a connection waits for one; requests in flight
         # finish and are answered first
         for t in list(self._conn_tasks):
@@ -758,6 +731,8 @@ class Server:
             if self._closed.is_set():
                 return
             self._closing = True
+            if self.control is not None:
+                self.control.close()
             try:
                 if self._loop.is_running():
                     fut = asyncio.run_coroutine_threadsafe(self._shutdown(timeout), self._loop)
@@ -787,12 +762,11 @@ class Server:
             self._loop.close()
 
     def _cleanup_socket(self) -> None:
-        for path in (self.socket_path, self.control_path):
-            if path is not None:
-                try:
-                    os.unlink(path)
-                except OSError:
-                    pass
+        if self.socket_path is not None:
+            try:
+                os.unlink(self.socket_path)
+            except OSError:
+                pass
         if self._tmpdir is not None:
             shutil.rmtree(self._tmpdir, ignore_errors=True)
 
@@ -854,9 +828,9 @@ def serve(path: Union[str, "os.PathLike[str]"], *, socket: Optional[str] = None,
     keyfile[, cafile]) (PEM; a cafile makes client certificates required). The image is
     opened (and locked) as a writer unless ``readonly``; reads of inherited data copy on
     read unless ``copy_on_read=False``. ``pull=True`` starts ``server.pull(base,
-    bandwidth, on_error, on_event)`` at once. ``control`` is a Unix socket path (0600)
-    where QMP clients steer the pull as they steer qemu-storage-daemon's block-stream
-    (``blockpull.nbd.qmp``: the image is the node "top").
+    bandwidth, on_error, on_event)`` at once. ``control`` is the path of a QMP socket
+    (0600) steering the served image's pulls as QEMU's block jobs on the node ``top``
+    (``blockpull.qmp``); ``quit`` there closes the server.
 
     Raises ServeError for bad serving options, and what ``blockpull.open`` raises
     (ImageFormatError, BackingChainError, ImageLockedError, FileNotFoundError).
@@ -878,10 +852,18 @@ def serve(path: Union[str, "os.PathLike[str]"], *, socket: Optional[str] = None,
     image = _open(path, readonly=readonly, copy_on_read=copy_on_read and not readonly,
                   backing_format=backing_format)
     try:
-        server = Server(image, export_name, socket, host, port, tls, control)
+        server = Server(image, export_name, socket, host, port, tls)
     except BaseException:
         image.close()
         raise
+    if control is not None:
+        from blockpull.qmp import ControlServer
+        try:
+            server.control = ControlServer(control, image, server._start_pull,
+                                           on_quit=server.close)
+        except BaseException:
+            server.close()
+            raise
     if pull:
         try:
             server.pull(base=base, bandwidth=bandwidth, on_error=on_error, on_event=on_event)
