@@ -300,6 +300,34 @@ def test_failed_start_leaves_no_job(qemu, tmp_path):
     assert qemu.compare(top, want, fb="raw")
 
 
+def test_query_during_a_slow_start_sees_the_job(qemu, tmp_path):
+    """A query made while a pull is still being planned (``pull --control`` starts its
+    pull right after the socket appears) waits for it, as QEMU's monitor would, instead
+    of answering an empty list."""
+    import time
+    from blockpull.qmp import ControlServer
+    top, want = make_chain(qemu, str(tmp_path / "b"))
+    ctl = str(tmp_path / "ctl.sock")
+    with blockpull.open(top) as img:
+        def slow_start(**kw):
+            time.sleep(0.5)              # a long planning, made deterministic
+            return img.pull(**kw)
+        control = ControlServer(ctl, img, slow_start)
+        try:
+            a = Raw(ctl)
+            a.ask({"execute": "qmp_capabilities"})
+            starter = threading.Thread(target=lambda: control.start(bandwidth=64 << 10))
+            starter.start()
+            time.sleep(0.1)
+            (j,) = a.ask({"execute": "query-block-jobs"})["return"]
+            assert j["device"] == "top" and j["type"] == "stream"
+            starter.join()
+            img.job.abort()
+            a.close()
+        finally:
+            control.close()
+
+
 def test_events_reach_every_client(qemu, tmp_path):
     top, _ = make_chain(qemu, str(tmp_path / "b"))
     ctl = str(tmp_path / "ctl.sock")

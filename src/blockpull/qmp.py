@@ -46,6 +46,7 @@ QEMU_VERSION = {"major": 7, "minor": 2, "micro": 0}
 MAX_MESSAGE = 1 << 20      # bytes of one JSON value
 MAX_DEPTH = 1024           # nesting of one JSON value
 NODE = "top"
+START_WAIT = 60.0          # seconds a query waits for a pull being started (planned)
 
 StartFn = Callable[..., Any]   # (base, bandwidth, on_error, on_event) -> PullJob
 
@@ -319,7 +320,18 @@ class ControlServer:
         self._verb(rec, "dismiss", ("concluded",))
         self._status(rec, "null")
 
+    async def _starts_settled(self) -> None:
+        """Wait while a pull is being started (planned) on another thread: QEMU answers
+        no command in the middle of a block-stream, so a query made meanwhile sees the
+        job once it exists, not an empty list."""
+        deadline = time.monotonic() + START_WAIT
+        while any(not r.started for r in list(self._jobs.values())) and \
+                time.monotonic() < deadline:
+            await asyncio.sleep(0.005)
+
     async def execute(self, cmd: str, args: Dict[str, Any]) -> Any:
+        if cmd not in ("qmp_capabilities", "query-version", "query-commands"):
+            await self._starts_settled()
         if cmd == "query-version":
             _no_args(args)
             from blockpull import __version__
