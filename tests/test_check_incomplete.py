@@ -19,9 +19,9 @@ def _digest(path) -> str:
 
 
 def test_external_data_file_is_check_incomplete_not_corrupt(tmp_path, qemu):
-    # qemu-img creates a relative data file name in its own working directory
-    subprocess.run(["qemu-img", "create", "-q", "-f", "qcow2", "-o", "data_file=t.data",
-                    "t.qcow2", "8M"], cwd=tmp_path, check=True)
+    # an absolute name: QEMU resolves a relative data file name in its working directory
+    qemu.img("create", "-q", "-f", "qcow2", "-o", f"data_file={tmp_path / 't.data'}",
+             str(tmp_path / "t.qcow2"), "8M")
     qemu.io(str(tmp_path / "t.qcow2"), "write -P 7 0 1M")
     assert qemu.check(tmp_path / "t.qcow2") == 0
     before = _digest(tmp_path / "t.qcow2")
