@@ -26,6 +26,7 @@ from blockpull._chain cimport Chain
 from blockpull._ratelimit cimport RateLimiter
 from blockpull._pool import BufferPool
 
+import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
 
@@ -104,6 +105,8 @@ cdef class Stream:
     cdef public bint direct
     cdef public int depth
     cdef int64_t run_epoch    # the top's failed syncs when this pass began
+    cdef list copying         # chunks whose clusters are being written, not linked yet
+    cdef object linked        # Condition on the image lock: a chunk left ``copying``
 
     def __init__(self, image, int base_depth, RateLimiter limiter, control=None,
                  int64_t chunk=DEFAULT_CHUNK, int64_t batch=DEFAULT_BATCH):
@@ -120,6 +123,8 @@ cdef class Stream:
         self.pos = 0
         self.direct = True
         self.depth = DEFAULT_DEPTH
+        self.copying = []
+        self.linked = threading.Condition(self.lock)
 
     # ---- planning -------------------------------------------------------------------
 
@@ -265,6 +270,59 @@ cdef class Stream:
         if self.cur > self.end:
             self.end = self.cur
 
+    # ---- guest writes against copies in flight ---------------------------------------
+    #
+    # Between ``prepare_chunk`` and its link, a chunk's clusters are written to host
+    # clusters nothing points at yet. A guest write that allocated one of those top
+    # clusters first would win, and the copy would be given back: on a format without
+    # refcounts (QED) space given back in the middle of the file stays unreferenced, a
+    # leak for ``qemu-img check``. So allocating writes are serialised per cluster, as
+    # QEMU serialises them: a guest write to a cluster whose copy is in flight waits for
+    # that chunk's link (one chunk's write; the lock is released while it waits), and
+    # then finds the cluster allocated and writes in place. Copy-on-read leaves such a
+    # cluster to the pull, which links the same data.
+
+    cdef bint _copying(self, int64_t a, int64_t b):
+        """True when a chunk in flight holds a copy, not linked yet, of a cluster that
+        meets [a, b) (bytes; the lock is held)."""
+        cdef _Chunk ch
+        cdef int64_t cs = self.top.cluster_size
+        cdef int64_t v
+        for ch in self.copying:
+            if ch.off >= b or ch.off + ch.n <= a:
+                continue
+            for j in ch.todo:
+                v = ch.off + <int64_t>j * cs
+                if v < b and a < v + cs:
+                    return True
+        return False
+
+    def copy_in_flight(self, int64_t offset, int64_t n):
+        """True when a copy of a cluster under [offset, offset+n) (bytes) is being
+        written and not linked yet; the image lock is held."""
+        return self._copying(offset, offset + n)
+
+    def await_copies(self, int64_t offset, int64_t n):
+        """With the image lock held, before a guest write at [offset, offset+n) (bytes):
+        wait (the lock released meanwhile) until no copy of a cluster it touches is in
+        flight, so that the write finds the pull's cluster linked instead of beating it.
+        The wait is one chunk's write at most; a pull that stops gives its chunks back."""
+        while self._copying(offset, offset + n):
+            self.linked.wait(0.05)
+
+    cdef _reserve(self, _Chunk ch):
+        if ch.todo:
+            self.copying.append(ch)
+
+    cdef _unreserve(self, _Chunk ch):
+        """The chunk is linked or given back (the lock is held): wake waiting writes."""
+        cdef int i
+        for i in range(len(self.copying)):
+            if self.copying[i] is ch:
+                del self.copying[i]
+                self.linked.notify_all()
+                break
+
     # ---- copying --------------------------------------------------------------------
 
     def run(self):
@@ -351,6 +409,10 @@ cdef class Stream:
             self.writer = None
             with self.lock:
                 self.tracking = False
+                # every chunk is linked or given back by now: nothing is in flight
+                if self.copying:
+                    self.copying = []
+                    self.linked.notify_all()
             # A clean run leaves its last batch to the caller's final flush, which
             # reports an I/O error under the job's policy; a failed or cancelled run
             # writes what it linked as best it can (its own error is already on its way).
@@ -465,10 +527,13 @@ cdef class Stream:
                 pass
             ch.future = None
         ch.release_views()
-        if ch.todo:
-            with self.lock:
-                self.top.free_clusters(ch.host, len(ch.todo))
-            ch.todo = []
+        with self.lock:
+            try:
+                if ch.todo:
+                    self.top.free_clusters(ch.host, len(ch.todo))
+            finally:
+                ch.todo = []
+                self._unreserve(ch)
 
     cdef int64_t chunk_limit(self, int64_t chunk, int64_t cs):
         """Chunk size: under a limit, about 1/64 s of budget, so that the limiter stays
@@ -533,7 +598,8 @@ cdef class Stream:
                         ch.host = top.alloc_clusters(len(todo))
                 except OSError as exc:
                     raise StreamIOError(exc, "write", off)
-        ch.todo = todo
+            ch.todo = todo
+            self._reserve(ch)
         ch.zeros = zeros
         ch.skips = skips
         if todo:
@@ -578,15 +644,21 @@ cdef class Stream:
             except OSError as exc:
                 ch.release_views()
                 with self.lock:
-                    top.free_clusters(host, len(todo))
-                ch.todo = []
+                    try:
+                        top.free_clusters(host, len(todo))
+                    finally:
+                        ch.todo = []
+                        self._unreserve(ch)
                 raise StreamIOError(exc, "write", off + <int64_t>todo[0] * cs)
         ch.release_views()
         with self.lock:
             if self._epoch() != ch.epoch:
-                if todo:
-                    top.free_clusters(host, len(todo))
-                ch.todo = []
+                try:
+                    if todo:
+                        top.free_clusters(host, len(todo))
+                finally:
+                    ch.todo = []
+                    self._unreserve(ch)
                 return False
             order = sorted([(<int64_t>todo[i], 0, i) for i in range(len(todo))] +
                            [(<int64_t>j, 1, 0) for j in ch.zeros] +
@@ -620,14 +692,18 @@ cdef class Stream:
                 # linking needed a new table and there was no room (or its space could
                 # not be claimed): what is linked stays, the rest is given back and
                 # reported from the first cluster not done
-                if k < len(todo):
-                    top.free_clusters(host + k * cs, len(todo) - k)
-                ch.todo = []
+                try:
+                    if k < len(todo):
+                        top.free_clusters(host + k * cs, len(todo) - k)
+                finally:
+                    ch.todo = []
+                    self._unreserve(ch)
                 self._partly_done(ch, v)
                 if isinstance(exc, StreamIOError):
                     raise
                 raise StreamIOError(exc, "write", v)
             ch.todo = []
+            self._unreserve(ch)
             self.done_front = max(front, off + n)
             self.since_batch += n
             if self.since_batch >= self.batch:
@@ -687,12 +763,22 @@ cdef _cor_group(Driver top, list views, list vaddrs, int64_t cs):
         raise
 
 
+cdef Stream _running_stream(image):
+    """The copy loop of the pull running on ``image``, or None."""
+    job = image._job
+    if job is None or job.done():
+        return None
+    return <Stream>job._stream
+
+
 def copy_on_read(image, int64_t offset, int64_t n, buf=None):
     """Copy the clusters under [offset, offset+n) that the top still lacks from the
     chain into the top (the caller holds the image lock). ``buf``, when given, holds
     what the chain reads at [offset, offset+n): the clusters it covers whole are written
     from it without a second read; only partly covered edge clusters are read again.
-    All-zero clusters are left where they are (the chain reads them cheaply)."""
+    All-zero clusters are left where they are (the chain reads them cheaply), and so are
+    clusters whose copy by a running pull is in flight (the pull links the same data;
+    a second copy would only be given back)."""
     cdef Chain chain = <Chain>image.chain_obj
     cdef Driver top = <Driver>chain.layers[0]
     cdef int64_t cs = top.cluster_size
@@ -705,6 +791,7 @@ def copy_on_read(image, int64_t offset, int64_t n, buf=None):
     cdef const unsigned char[::1] src
     cdef const unsigned char* p
     cdef list views, vaddrs
+    cdef Stream st = _running_stream(image)
     bmv = None
     top.file.enable_direct()
     if buf is not None:
@@ -721,6 +808,12 @@ def copy_on_read(image, int64_t offset, int64_t n, buf=None):
         vc = v
         while vc < vend:
             clen = min(cs, top.size - vc)
+            if st is not None and st._copying(vc, vc + clen):
+                _cor_group(top, views, vaddrs, cs)
+                views = []
+                vaddrs = []
+                vc += cs
+                continue
             if bmv is not None and vc >= offset and vc + clen <= offset + n:
                 p = &src[vc - offset]
                 piece = bmv[vc - offset:vc - offset + clen]
