@@ -4,9 +4,12 @@ to the top image, link them in, batch the metadata.
 
 Per chunk (at most ``chunk`` bytes of one run, cluster aligned):
 
-1. under the image lock: re-check which top clusters are still unallocated, read them
-   through the chain into a pool buffer, reserve contiguous host clusters for the ones
-   that are not all zeros;
+1. under the image lock: find which top clusters are unallocated; without the lock,
+   read them from the backing chain into a pool buffer (the backing images never change
+   during a pull, and the pull reads them through drivers of its own, so readers of the
+   image do not wait for it); under the lock again: keep the clusters the top still
+   lacks (a guest write meanwhile wins) and reserve contiguous host clusters for the
+   ones that are not all zeros;
 2. without the lock, on a writer thread: one vectored write of those clusters (nobody
    can see them yet), through the top's O_DIRECT descriptor when it is aligned;
 3. once that write has completed, under the lock: link each cluster that is still
@@ -23,6 +26,7 @@ from libc.string cimport memcmp
 
 from blockpull._driver cimport Driver, KIND_UNALLOC, KIND_DATA, KIND_ZERO, KIND_COMPRESSED
 from blockpull._chain cimport Chain
+from blockpull._fileio cimport File
 from blockpull._ratelimit cimport RateLimiter
 from blockpull._pool import BufferPool
 
@@ -106,6 +110,8 @@ cdef class Stream:
     cdef public int depth
     cdef int64_t run_epoch    # the top's failed syncs when this pass began
     cdef list copying         # chunks whose clusters are being written, not linked yet
+    cdef Chain reader         # the chain as this pull reads it without the lock, or None
+    cdef list reader_files    # (own File, the image's File) of each backing of ``reader``
     cdef object linked        # Condition on the image lock: a chunk left ``copying``
 
     def __init__(self, image, int base_depth, RateLimiter limiter, control=None,
@@ -350,6 +356,7 @@ cdef class Stream:
         spare = list(bufs)
         self.writer = ThreadPoolExecutor(depth, thread_name_prefix="blockpull-write")
         self.run_epoch = self._epoch()
+        self._open_reader()
         try:
             self.pos = 0
             while True:
@@ -422,9 +429,60 @@ cdef class Stream:
                         self.top.flush_metadata()
                 except OSError:
                     pass
+            self._close_reader()
             for b in bufs:
                 b.release()
             self.pool = None
+
+    cdef _open_reader(self):
+        """Open the backing images a second time, read-only, for this pull alone: the
+        same open files (through /proc/self/fd), with tables and caches of their own, so
+        that chunks are read without the image lock while readers of the image use the
+        image's drivers. Where that is refused (no /proc, out of descriptors) chunks are
+        read under the lock, as the image's readers read."""
+        cdef File theirs, own
+        cdef list layers = [self.top]
+        cdef list files = []
+        self.reader = None
+        self.reader_files = []
+        try:
+            for d in self.chain.layers[1:]:
+                theirs = (<Driver>d).file
+                own = File("/proc/self/fd/%d" % theirs.fd, False, theirs.role)
+                own.path = theirs.path       # errors name the image, not the descriptor
+                files.append((own, theirs))
+                if own.identity() != theirs.identity():
+                    raise OSError("reopened another file")
+                layers.append(type(d)(own, False))
+        except Exception:       # any refusal: read under the lock instead
+            for own, _t in files:
+                own.close()
+            return
+        self.reader = Chain(layers)
+        self.reader_files = files
+
+    cdef _close_reader(self):
+        cdef File own
+        self.reader = None
+        for own, _t in self.reader_files:
+            try:
+                own.close()
+            except OSError:
+                pass
+        self.reader_files = []
+
+    cdef int _read_backing(self, int64_t v, unsigned char* out, int64_t n) except -1:
+        """Read [v, v+n) from the backing chain (layers below the top) into ``out``:
+        through this pull's own drivers without the lock, else under it."""
+        cdef File own, theirs
+        if self.reader is None:
+            with self.lock:
+                self.chain.c_read(1, v, out, n)
+            return 0
+        for own, theirs in self.reader_files:
+            own.faults = theirs.faults       # fault injection follows the image's files
+        self.reader.c_read(1, v, out, n)
+        return 0
 
     cdef int64_t _epoch(self):
         """How many of the top's fdatasyncs have failed so far."""
@@ -548,17 +606,27 @@ cdef class Stream:
         return c
 
     cdef _Chunk prepare_chunk(self, buf, int64_t off, int64_t n):
-        """Under the lock: read what the top still lacks in [off, off+n) through the chain
-        and reserve host clusters for the non-zero clusters; the views to write are set
-        up, nothing is written yet."""
+        """Read what the top lacks in [off, off+n) from the backing chain (without the
+        lock), then under the lock keep what the top still lacks and reserve host
+        clusters for the non-zero clusters; the views to write are set up, nothing is
+        written yet.
+
+        A guest write between the read and the re-check allocates its clusters in the
+        top, and the re-check leaves them out: the guest write wins. The data read for
+        the clusters kept is current: the top still lacks them, so the chain reads them
+        from the backing images, which no one writes during a pull."""
         cdef Driver top = self.top
         cdef int64_t cs = top.cluster_size
         cdef int64_t ncl = (n + cs - 1) // cs
-        cdef int64_t i, j, v, k, run, clen, last, pad
+        cdef int64_t i, j, v, k, run, clen, last, pad, e
         cdef int kind
         cdef const unsigned char[::1] mv = buf
         cdef const unsigned char* p = &mv[0]
         cdef _Chunk ch = _Chunk.__new__(_Chunk)
+        cdef list runs = []       # (first cluster, clusters, bytes) the top lacked
+        cdef bytearray state = bytearray(ncl)   # 1 data, 2 all zeros, per cluster read
+        cdef unsigned char[::1] stv = state
+        cdef unsigned char* st = &stv[0]
         cdef list todo = []       # cluster indexes (within the chunk) to copy, in order
         cdef list zeros = []
         cdef list skips = []
@@ -573,22 +641,36 @@ cdef class Stream:
                 kind, run, _h = top.pull_status(v, n - i * cs)
                 k = (run + cs - 1) // cs
                 if kind == KIND_UNALLOC:
-                    clen = min(run, n - i * cs)
-                    try:
-                        self.chain.c_read(1, v, <unsigned char*>p + i * cs, clen)
-                    except OSError as exc:
-                        raise StreamIOError(exc, "read", v)
-                    for j in range(i, min(i + k, ncl)):
-                        clen = min(cs, n - j * cs)
-                        if all_zero(p + j * cs, clen):
-                            if self.keep_base:
+                    runs.append((i, min(k, ncl - i), min(run, n - i * cs)))
+                i += k
+        for i, k, clen in runs:
+            v = off + i * cs
+            try:
+                self._read_backing(v, <unsigned char*>p + i * cs, clen)
+            except OSError as exc:
+                raise StreamIOError(exc, "read", v)
+            with nogil:     # a whole chunk's scan: let readers of the image run
+                for j in range(i, i + k):
+                    clen = min(cs, n - j * cs)
+                    st[j] = 2 if all_zero(p + j * cs, clen) else 1
+        with self.lock:
+            # the re-check: what a guest write filled meanwhile is its own
+            for i, k, _n in runs:
+                e = i + k
+                while i < e:
+                    v = off + i * cs
+                    kind, run, _h = top.pull_status(v, min((e - i) * cs, n - i * cs))
+                    k = min((run + cs - 1) // cs, e - i)
+                    if kind == KIND_UNALLOC:
+                        for j in range(i, i + k):
+                            if state[j] == 1:
+                                todo.append(j)
+                            elif self.keep_base:
                                 zeros.append(j)
                             else:
-                                self.skipped_zero += clen
+                                self.skipped_zero += min(cs, n - j * cs)
                                 skips.append(j)
-                        else:
-                            todo.append(j)
-                i += k
+                    i += k
             if todo or zeros:
                 try:
                     # tables before data: once the data is written, linking it needs
