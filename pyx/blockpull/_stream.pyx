@@ -113,6 +113,7 @@ cdef class Stream:
     cdef Chain reader         # the chain as this pull reads it without the lock, or None
     cdef list reader_files    # (own File, the image's File) of each backing of ``reader``
     cdef object linked        # Condition on the image lock: a chunk left ``copying``
+    cdef int waiters          # guest writes waiting in await_copies
 
     def __init__(self, image, int base_depth, RateLimiter limiter, control=None,
                  int64_t chunk=DEFAULT_CHUNK, int64_t batch=DEFAULT_BATCH):
@@ -312,9 +313,18 @@ cdef class Stream:
         """With the image lock held, before a guest write at [offset, offset+n) (bytes):
         wait (the lock released meanwhile) until no copy of a cluster it touches is in
         flight, so that the write finds the pull's cluster linked instead of beating it.
-        The wait is one chunk's write at most; a pull that stops gives its chunks back."""
-        while self._copying(offset, offset + n):
-            self.linked.wait(0.05)
+        The copy loop, told of the wait, links its chunks in flight as soon as their
+        writes are done (before it waits for bandwidth), so the wait is about one
+        chunk's write; a pull that stops gives its chunks back."""
+        if not self._copying(offset, offset + n):
+            return
+        self.waiters += 1
+        try:
+            self.limiter.wake()
+            while self._copying(offset, offset + n):
+                self.linked.wait(0.05)
+        finally:
+            self.waiters -= 1
 
     cdef _reserve(self, _Chunk ch):
         if ch.todo:
@@ -382,7 +392,8 @@ cdef class Stream:
                         continue
                     pos = s
                     run_end = s + n
-                if len(inflight) >= depth:
+                if len(inflight) >= depth or (self.waiters and inflight):
+                    # (a guest write waits for a chunk in flight: link them now)
                     failed = self._settle(inflight, spare, 1)
                     if failed is not None:
                         pos, run_end = self._handle(failed), -1
