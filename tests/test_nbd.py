@@ -440,12 +440,7 @@ def test_async_face(tmp_path, nbdtools):
     asyncio.run(main())
 
 
-@pytest.mark.parametrize("fmt", [
-    "qcow2",
-    pytest.param("qed", marks=pytest.mark.xfail(
-        reason="engine: a QED cluster the pull copied but a guest write beat is leaked "
-               "(QED has no refcounts to give it back); qemu-img check exits 3", strict=False)),
-])
+@pytest.mark.parametrize("fmt", ["qcow2", "qed"])
 def test_pull_racing_many_small_writes_leaks_nothing(tmp_path, nbdtools, fmt):
     """Two clients' 4 KiB writes spread over the disk race an unlimited pull cluster by
     cluster: afterwards `qemu-img check` is clean (not leaky) and the data is right."""

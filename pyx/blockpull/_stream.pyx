@@ -4,9 +4,12 @@ to the top image, link them in, batch the metadata.
 
 Per chunk (at most ``chunk`` bytes of one run, cluster aligned):
 
-1. under the image lock: re-check which top clusters are still unallocated, read them
-   through the chain into a pool buffer, reserve contiguous host clusters for the ones
-   that are not all zeros;
+1. under the image lock: find which top clusters are unallocated; without the lock,
+   read them from the backing chain into a pool buffer (the backing images never change
+   during a pull, and the pull reads them through drivers of its own, so readers of the
+   image do not wait for it); under the lock again: keep the clusters the top still
+   lacks (a guest write meanwhile wins) and reserve contiguous host clusters for the
+   ones that are not all zeros;
 2. without the lock, on a writer thread: one vectored write of those clusters (nobody
    can see them yet), through the top's O_DIRECT descriptor when it is aligned;
 3. once that write has completed, under the lock: link each cluster that is still
@@ -23,9 +26,11 @@ from libc.string cimport memcmp
 
 from blockpull._driver cimport Driver, KIND_UNALLOC, KIND_DATA, KIND_ZERO, KIND_COMPRESSED
 from blockpull._chain cimport Chain
+from blockpull._fileio cimport File
 from blockpull._ratelimit cimport RateLimiter
 from blockpull._pool import BufferPool
 
+import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
 
@@ -104,6 +109,11 @@ cdef class Stream:
     cdef public bint direct
     cdef public int depth
     cdef int64_t run_epoch    # the top's failed syncs when this pass began
+    cdef list copying         # chunks whose clusters are being written, not linked yet
+    cdef Chain reader         # the chain as this pull reads it without the lock, or None
+    cdef list reader_files    # (own File, the image's File) of each backing of ``reader``
+    cdef object linked        # Condition on the image lock: a chunk left ``copying``
+    cdef int waiters          # guest writes waiting in await_copies
 
     def __init__(self, image, int base_depth, RateLimiter limiter, control=None,
                  int64_t chunk=DEFAULT_CHUNK, int64_t batch=DEFAULT_BATCH):
@@ -120,6 +130,8 @@ cdef class Stream:
         self.pos = 0
         self.direct = True
         self.depth = DEFAULT_DEPTH
+        self.copying = []
+        self.linked = threading.Condition(self.lock)
 
     # ---- planning -------------------------------------------------------------------
 
@@ -265,6 +277,68 @@ cdef class Stream:
         if self.cur > self.end:
             self.end = self.cur
 
+    # ---- guest writes against copies in flight ---------------------------------------
+    #
+    # Between ``prepare_chunk`` and its link, a chunk's clusters are written to host
+    # clusters nothing points at yet. A guest write that allocated one of those top
+    # clusters first would win, and the copy would be given back: on a format without
+    # refcounts (QED) space given back in the middle of the file stays unreferenced, a
+    # leak for ``qemu-img check``. So allocating writes are serialised per cluster, as
+    # QEMU serialises them: a guest write to a cluster whose copy is in flight waits for
+    # that chunk's link (one chunk's write; the lock is released while it waits), and
+    # then finds the cluster allocated and writes in place. Copy-on-read leaves such a
+    # cluster to the pull, which links the same data.
+
+    cdef bint _copying(self, int64_t a, int64_t b):
+        """True when a chunk in flight holds a copy, not linked yet, of a cluster that
+        meets [a, b) (bytes; the lock is held)."""
+        cdef _Chunk ch
+        cdef int64_t cs = self.top.cluster_size
+        cdef int64_t v
+        for ch in self.copying:
+            if ch.off >= b or ch.off + ch.n <= a:
+                continue
+            for j in ch.todo:
+                v = ch.off + <int64_t>j * cs
+                if v < b and a < v + cs:
+                    return True
+        return False
+
+    def copy_in_flight(self, int64_t offset, int64_t n):
+        """True when a copy of a cluster under [offset, offset+n) (bytes) is being
+        written and not linked yet; the image lock is held."""
+        return self._copying(offset, offset + n)
+
+    def await_copies(self, int64_t offset, int64_t n):
+        """With the image lock held, before a guest write at [offset, offset+n) (bytes):
+        wait (the lock released meanwhile) until no copy of a cluster it touches is in
+        flight, so that the write finds the pull's cluster linked instead of beating it.
+        The copy loop, told of the wait, links its chunks in flight as soon as their
+        writes are done (before it waits for bandwidth), so the wait is about one
+        chunk's write; a pull that stops gives its chunks back."""
+        if not self._copying(offset, offset + n):
+            return
+        self.waiters += 1
+        try:
+            self.limiter.wake()
+            while self._copying(offset, offset + n):
+                self.linked.wait(0.05)
+        finally:
+            self.waiters -= 1
+
+    cdef _reserve(self, _Chunk ch):
+        if ch.todo:
+            self.copying.append(ch)
+
+    cdef _unreserve(self, _Chunk ch):
+        """The chunk is linked or given back (the lock is held): wake waiting writes."""
+        cdef int i
+        for i in range(len(self.copying)):
+            if self.copying[i] is ch:
+                del self.copying[i]
+                self.linked.notify_all()
+                break
+
     # ---- copying --------------------------------------------------------------------
 
     def run(self):
@@ -292,6 +366,7 @@ cdef class Stream:
         spare = list(bufs)
         self.writer = ThreadPoolExecutor(depth, thread_name_prefix="blockpull-write")
         self.run_epoch = self._epoch()
+        self._open_reader()
         try:
             self.pos = 0
             while True:
@@ -317,7 +392,8 @@ cdef class Stream:
                         continue
                     pos = s
                     run_end = s + n
-                if len(inflight) >= depth:
+                if len(inflight) >= depth or (self.waiters and inflight):
+                    # (a guest write waits for a chunk in flight: link them now)
                     failed = self._settle(inflight, spare, 1)
                     if failed is not None:
                         pos, run_end = self._handle(failed), -1
@@ -351,6 +427,10 @@ cdef class Stream:
             self.writer = None
             with self.lock:
                 self.tracking = False
+                # every chunk is linked or given back by now: nothing is in flight
+                if self.copying:
+                    self.copying = []
+                    self.linked.notify_all()
             # A clean run leaves its last batch to the caller's final flush, which
             # reports an I/O error under the job's policy; a failed or cancelled run
             # writes what it linked as best it can (its own error is already on its way).
@@ -360,9 +440,60 @@ cdef class Stream:
                         self.top.flush_metadata()
                 except OSError:
                     pass
+            self._close_reader()
             for b in bufs:
                 b.release()
             self.pool = None
+
+    cdef _open_reader(self):
+        """Open the backing images a second time, read-only, for this pull alone: the
+        same open files (through /proc/self/fd), with tables and caches of their own, so
+        that chunks are read without the image lock while readers of the image use the
+        image's drivers. Where that is refused (no /proc, out of descriptors) chunks are
+        read under the lock, as the image's readers read."""
+        cdef File theirs, own
+        cdef list layers = [self.top]
+        cdef list files = []
+        self.reader = None
+        self.reader_files = []
+        try:
+            for d in self.chain.layers[1:]:
+                theirs = (<Driver>d).file
+                own = File("/proc/self/fd/%d" % theirs.fd, False, theirs.role)
+                own.path = theirs.path       # errors name the image, not the descriptor
+                files.append((own, theirs))
+                if own.identity() != theirs.identity():
+                    raise OSError("reopened another file")
+                layers.append(type(d)(own, False))
+        except Exception:       # any refusal: read under the lock instead
+            for own, _t in files:
+                own.close()
+            return
+        self.reader = Chain(layers)
+        self.reader_files = files
+
+    cdef _close_reader(self):
+        cdef File own
+        self.reader = None
+        for own, _t in self.reader_files:
+            try:
+                own.close()
+            except OSError:
+                pass
+        self.reader_files = []
+
+    cdef int _read_backing(self, int64_t v, unsigned char* out, int64_t n) except -1:
+        """Read [v, v+n) from the backing chain (layers below the top) into ``out``:
+        through this pull's own drivers without the lock, else under it."""
+        cdef File own, theirs
+        if self.reader is None:
+            with self.lock:
+                self.chain.c_read(1, v, out, n)
+            return 0
+        for own, theirs in self.reader_files:
+            own.faults = theirs.faults       # fault injection follows the image's files
+        self.reader.c_read(1, v, out, n)
+        return 0
 
     cdef int64_t _epoch(self):
         """How many of the top's fdatasyncs have failed so far."""
@@ -465,10 +596,13 @@ cdef class Stream:
                 pass
             ch.future = None
         ch.release_views()
-        if ch.todo:
-            with self.lock:
-                self.top.free_clusters(ch.host, len(ch.todo))
-            ch.todo = []
+        with self.lock:
+            try:
+                if ch.todo:
+                    self.top.free_clusters(ch.host, len(ch.todo))
+            finally:
+                ch.todo = []
+                self._unreserve(ch)
 
     cdef int64_t chunk_limit(self, int64_t chunk, int64_t cs):
         """Chunk size: under a limit, about 1/64 s of budget, so that the limiter stays
@@ -483,17 +617,27 @@ cdef class Stream:
         return c
 
     cdef _Chunk prepare_chunk(self, buf, int64_t off, int64_t n):
-        """Under the lock: read what the top still lacks in [off, off+n) through the chain
-        and reserve host clusters for the non-zero clusters; the views to write are set
-        up, nothing is written yet."""
+        """Read what the top lacks in [off, off+n) from the backing chain (without the
+        lock), then under the lock keep what the top still lacks and reserve host
+        clusters for the non-zero clusters; the views to write are set up, nothing is
+        written yet.
+
+        A guest write between the read and the re-check allocates its clusters in the
+        top, and the re-check leaves them out: the guest write wins. The data read for
+        the clusters kept is current: the top still lacks them, so the chain reads them
+        from the backing images, which no one writes during a pull."""
         cdef Driver top = self.top
         cdef int64_t cs = top.cluster_size
         cdef int64_t ncl = (n + cs - 1) // cs
-        cdef int64_t i, j, v, k, run, clen, last, pad
+        cdef int64_t i, j, v, k, run, clen, last, pad, e
         cdef int kind
         cdef const unsigned char[::1] mv = buf
         cdef const unsigned char* p = &mv[0]
         cdef _Chunk ch = _Chunk.__new__(_Chunk)
+        cdef list runs = []       # (first cluster, clusters, bytes) the top lacked
+        cdef bytearray state = bytearray(ncl)   # 1 data, 2 all zeros, per cluster read
+        cdef unsigned char[::1] stv = state
+        cdef unsigned char* st = &stv[0]
         cdef list todo = []       # cluster indexes (within the chunk) to copy, in order
         cdef list zeros = []
         cdef list skips = []
@@ -508,22 +652,36 @@ cdef class Stream:
                 kind, run, _h = top.pull_status(v, n - i * cs)
                 k = (run + cs - 1) // cs
                 if kind == KIND_UNALLOC:
-                    clen = min(run, n - i * cs)
-                    try:
-                        self.chain.c_read(1, v, <unsigned char*>p + i * cs, clen)
-                    except OSError as exc:
-                        raise StreamIOError(exc, "read", v)
-                    for j in range(i, min(i + k, ncl)):
-                        clen = min(cs, n - j * cs)
-                        if all_zero(p + j * cs, clen):
-                            if self.keep_base:
+                    runs.append((i, min(k, ncl - i), min(run, n - i * cs)))
+                i += k
+        for i, k, clen in runs:
+            v = off + i * cs
+            try:
+                self._read_backing(v, <unsigned char*>p + i * cs, clen)
+            except OSError as exc:
+                raise StreamIOError(exc, "read", v)
+            with nogil:     # a whole chunk's scan: let readers of the image run
+                for j in range(i, i + k):
+                    clen = min(cs, n - j * cs)
+                    st[j] = 2 if all_zero(p + j * cs, clen) else 1
+        with self.lock:
+            # the re-check: what a guest write filled meanwhile is its own
+            for i, k, _n in runs:
+                e = i + k
+                while i < e:
+                    v = off + i * cs
+                    kind, run, _h = top.pull_status(v, min((e - i) * cs, n - i * cs))
+                    k = min((run + cs - 1) // cs, e - i)
+                    if kind == KIND_UNALLOC:
+                        for j in range(i, i + k):
+                            if state[j] == 1:
+                                todo.append(j)
+                            elif self.keep_base:
                                 zeros.append(j)
                             else:
-                                self.skipped_zero += clen
+                                self.skipped_zero += min(cs, n - j * cs)
                                 skips.append(j)
-                        else:
-                            todo.append(j)
-                i += k
+                    i += k
             if todo or zeros:
                 try:
                     # tables before data: once the data is written, linking it needs
@@ -533,7 +691,8 @@ cdef class Stream:
                         ch.host = top.alloc_clusters(len(todo))
                 except OSError as exc:
                     raise StreamIOError(exc, "write", off)
-        ch.todo = todo
+            ch.todo = todo
+            self._reserve(ch)
         ch.zeros = zeros
         ch.skips = skips
         if todo:
@@ -578,15 +737,21 @@ cdef class Stream:
             except OSError as exc:
                 ch.release_views()
                 with self.lock:
-                    top.free_clusters(host, len(todo))
-                ch.todo = []
+                    try:
+                        top.free_clusters(host, len(todo))
+                    finally:
+                        ch.todo = []
+                        self._unreserve(ch)
                 raise StreamIOError(exc, "write", off + <int64_t>todo[0] * cs)
         ch.release_views()
         with self.lock:
             if self._epoch() != ch.epoch:
-                if todo:
-                    top.free_clusters(host, len(todo))
-                ch.todo = []
+                try:
+                    if todo:
+                        top.free_clusters(host, len(todo))
+                finally:
+                    ch.todo = []
+                    self._unreserve(ch)
                 return False
             order = sorted([(<int64_t>todo[i], 0, i) for i in range(len(todo))] +
                            [(<int64_t>j, 1, 0) for j in ch.zeros] +
@@ -620,14 +785,18 @@ cdef class Stream:
                 # linking needed a new table and there was no room (or its space could
                 # not be claimed): what is linked stays, the rest is given back and
                 # reported from the first cluster not done
-                if k < len(todo):
-                    top.free_clusters(host + k * cs, len(todo) - k)
-                ch.todo = []
+                try:
+                    if k < len(todo):
+                        top.free_clusters(host + k * cs, len(todo) - k)
+                finally:
+                    ch.todo = []
+                    self._unreserve(ch)
                 self._partly_done(ch, v)
                 if isinstance(exc, StreamIOError):
                     raise
                 raise StreamIOError(exc, "write", v)
             ch.todo = []
+            self._unreserve(ch)
             self.done_front = max(front, off + n)
             self.since_batch += n
             if self.since_batch >= self.batch:
@@ -687,12 +856,22 @@ cdef _cor_group(Driver top, list views, list vaddrs, int64_t cs):
         raise
 
 
+cdef Stream _running_stream(image):
+    """The copy loop of the pull running on ``image``, or None."""
+    job = image._job
+    if job is None or job.done():
+        return None
+    return <Stream>job._stream
+
+
 def copy_on_read(image, int64_t offset, int64_t n, buf=None):
     """Copy the clusters under [offset, offset+n) that the top still lacks from the
     chain into the top (the caller holds the image lock). ``buf``, when given, holds
     what the chain reads at [offset, offset+n): the clusters it covers whole are written
     from it without a second read; only partly covered edge clusters are read again.
-    All-zero clusters are left where they are (the chain reads them cheaply)."""
+    All-zero clusters are left where they are (the chain reads them cheaply), and so are
+    clusters whose copy by a running pull is in flight (the pull links the same data;
+    a second copy would only be given back)."""
     cdef Chain chain = <Chain>image.chain_obj
     cdef Driver top = <Driver>chain.layers[0]
     cdef int64_t cs = top.cluster_size
@@ -705,6 +884,7 @@ def copy_on_read(image, int64_t offset, int64_t n, buf=None):
     cdef const unsigned char[::1] src
     cdef const unsigned char* p
     cdef list views, vaddrs
+    cdef Stream st = _running_stream(image)
     bmv = None
     top.file.enable_direct()
     if buf is not None:
@@ -721,6 +901,12 @@ def copy_on_read(image, int64_t offset, int64_t n, buf=None):
         vc = v
         while vc < vend:
             clen = min(cs, top.size - vc)
+            if st is not None and st._copying(vc, vc + clen):
+                _cor_group(top, views, vaddrs, cs)
+                views = []
+                vaddrs = []
+                vc += cs
+                continue
             if bmv is not None and vc >= offset and vc + clen <= offset + n:
                 p = &src[vc - offset]
                 piece = bmv[vc - offset:vc - offset + clen]

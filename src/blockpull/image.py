@@ -534,6 +534,16 @@ class Image:
         st = job._stream
         return st, st.guest_write_begin(offset, length)
 
+    def _await_copies(self, offset: int, length: int) -> None:
+        """Before a write into the top (the lock held): wait, the lock released meanwhile,
+        for the running pull to link any copy of a cluster under [offset, offset+length)
+        that it is writing now. The write then finds that cluster allocated and writes in
+        place, instead of beating the copy and leaving its space unreferenced (a leak on
+        QED, which keeps no refcounts). The wait lasts one chunk's write at most."""
+        job = self._job
+        if job is not None and not job.done():
+            job._stream.await_copies(offset, length)
+
     def write(self, offset: int, data: Any) -> None:
         """Write ``data`` at ``offset`` (any alignment; partial clusters copy-on-write)."""
         if self.readonly:
@@ -544,6 +554,7 @@ class Image:
             return
         with self._lock:
             top = self._top
+            self._await_copies(offset, mv.nbytes)
             st, token = self._filling(offset, mv.nbytes)
             try:
                 top.write(offset, mv, self.chain_obj.filler(1))
@@ -558,6 +569,7 @@ class Image:
         self._check_range(offset, length)
         with self._lock:
             top = self._top
+            self._await_copies(offset, length)
             st, token = self._filling(offset, length)
             try:
                 if hasattr(top, "write_zeroes"):
