@@ -13,7 +13,17 @@ AREA_ROLES: Dict[str, int]
 def parse_snapshot_table(f: File, offset: int, count: int, cluster_bits: int, *args: Any) -> Tuple[Any, Any]: ...
 
 class Qcow2Check:
+    corruptions: int
+    leaks: int
+    check_errors: int
+    skipped: int
+    allocated_clusters: int
+    compressed_clusters: int
+    highest: int
+    messages: List[str]
+    dropped_messages: int
     fragmented_clusters: int
+    hdr: Dict[str, Any]
     def __init__(self, f: File, hdr: Dict[str, Any], file_size: int) -> None: ...
     def run(self, snapshots: List[Any], areas: Optional[List[Tuple[int, int, str]]] = ...) -> Any: ...
     def check_flags(self, fixable: Any = ...) -> Any: ...
