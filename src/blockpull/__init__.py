@@ -5,6 +5,7 @@ The Python API is the product: ``open``/``create`` images, ``Image.pull()`` star
 one-shot, and the libvirt-shaped functions (``block_pull`` ...) sit on top.
 """
 import logging as _logging
+from typing import TYPE_CHECKING, Any
 
 from blockpull.compat import (BLOCK_JOB_SPEED_BANDWIDTH_BYTES, BLOCK_PULL_BANDWIDTH_BYTES,
                               BLOCK_PULL_CANCELED, BLOCK_PULL_COMPLETED, BLOCK_PULL_FAILED,
@@ -17,8 +18,29 @@ from blockpull.errors import (BackingChainError, BlockpullError, ImageFormatErro
 from blockpull.image import ChainEntry, Extent, Image, create, open
 from blockpull.checker import CheckResult, check
 from blockpull.job import PullEvent, PullInfo, PullJob, pull
-from blockpull.nbd import Server, serve
-from blockpull import qemu   # blockpull.qemu.pull: QEMU's own pull, steered over QMP
+
+if TYPE_CHECKING:  # pragma: no cover
+    from blockpull import qemu
+    from blockpull.nbd import Server, serve
+
+#: names imported on first use: serving (asyncio, ssl) and QMP steering cost tens of
+#: milliseconds to import, which every short command line run would pay otherwise
+_LAZY = {"Server": ("blockpull.nbd", "Server"), "serve": ("blockpull.nbd", "serve"),
+         "qemu": ("blockpull.qemu", None)}
+
+
+def __getattr__(name: str) -> Any:
+    """``blockpull.serve``, ``blockpull.Server`` and ``blockpull.qemu``, imported on first
+    use (PEP 562)."""
+    try:
+        module, attr = _LAZY[name]
+    except KeyError:
+        raise AttributeError(f"module 'blockpull' has no attribute {name!r}") from None
+    import importlib
+    mod = importlib.import_module(module)
+    value = mod if attr is None else getattr(mod, attr)
+    globals()[name] = value
+    return value
 
 _logging.getLogger("blockpull").addHandler(_logging.NullHandler())
 
