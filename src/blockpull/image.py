@@ -591,6 +591,8 @@ class Image:
                 data = kind in (DATA, COMPRESSED)
                 zero = kind in (ZERO, UNALLOC)
                 off = host if kind == DATA or (kind == ZERO and host) else None
+                if kind == ZERO and self._drivers[depth].format == "raw":
+                    off = pos   # a raw hole is the file's own bytes: qemu-img map names them
                 if kind == UNALLOC and pos < self._drivers[depth].size:
                     # qemu-img map shows where the bottom image keeps space for a range
                     # that reads through (allocated but unused subclusters)
