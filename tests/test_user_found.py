@@ -97,6 +97,26 @@ def test_full_block_device_says_so(tmp_path, qemu, loopdev):
     assert qemu.info(dev)["backing-filename"] == str(base)
 
 
+# ---- backing names with a trailing slash ------------------------------------------------
+
+
+@pytest.mark.parametrize("name", ["b.qcow2/", "b.qcow2/.", "./b.qcow2//"])
+def test_backing_name_with_trailing_slash_is_not_a_file(tmp_path, qemu, name):
+    """A trailing slash names a directory: the kernel refuses it after a file (ENOTDIR)
+    and so does QEMU. It must not open b.qcow2 (nor a pull copy from it)."""
+    base = qemu.create(tmp_path / "b.qcow2", MiB)
+    qemu.io(base, "write -P 1 0 1M")
+    top = str(tmp_path / "t.qcow2")
+    qemu.img("create", "-q", "-f", "qcow2", "-u", "-b", name, "-F", "qcow2", top, "1M")
+    assert qemu.img("info", "--backing-chain", top, check=False).returncode != 0
+    before = open(top, "rb").read()
+    with pytest.raises(blockpull.BackingChainError):
+        blockpull.open(top, readonly=True)
+    r = cli("pull", top)
+    assert r.returncode == 2 and len(r.stderr.strip().splitlines()) == 1, r.stderr
+    assert open(top, "rb").read() == before
+
+
 # ---- guest writes on a full disk, with and without a persistent bitmap ------------------
 
 

@@ -215,12 +215,16 @@ def _lock_once(f: File, writable: bool, path: str) -> None:
 
 def _tidy(path: str) -> str:
     """``path`` without "." components and repeated slashes, which never change the file
-    a name reaches. ".." is kept: after a symlinked directory it leads to the link
-    target's parent, not to the parent in the text, so only the kernel may resolve it."""
+    a name reaches (a trailing slash is kept: it does). ".." is kept: after a symlinked
+    directory it leads to the link target's parent, not to the parent in the text, so
+    only the kernel may resolve it."""
     parts = [p for p in path.split("/") if p not in ("", ".")]
-    if path.startswith("/"):
-        return "/" + "/".join(parts)
-    return "/".join(parts) or "."
+    out = ("/" if path.startswith("/") else "") + "/".join(parts)
+    if parts and (path.endswith("/") or path.endswith("/.")):
+        # a trailing slash says "a directory": the kernel refuses it after a file
+        # (ENOTDIR), as QEMU then does; dropped, it would open the file
+        out += "/"
+    return out or "."
 
 
 def _kernel_abspath(path: str) -> str:
