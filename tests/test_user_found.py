@@ -24,7 +24,7 @@ HERE = os.path.abspath(__file__)
 
 def cli(*args, cwd=None):
     return subprocess.run([PY, "-m", "blockpull", *args], capture_output=True, text=True,
-                          env=child_env(), cwd=cwd, timeout=120)
+                          env=child_env(), cwd=cwd, timeout=20)
 
 
 # ---- map of raw holes ------------------------------------------------------------------
@@ -115,6 +115,27 @@ def test_backing_name_with_trailing_slash_is_not_a_file(tmp_path, qemu, name):
     r = cli("pull", top)
     assert r.returncode == 2 and len(r.stderr.strip().splitlines()) == 1, r.stderr
     assert open(top, "rb").read() == before
+
+
+# ---- named pipes ------------------------------------------------------------------------
+
+
+def test_named_pipe_is_refused_not_waited_on(tmp_path, qemu):
+    """Opening a FIFO waits for a writer, for ever if none comes: as the image, or as the
+    backing file an image names (a hostile image can), every command refuses it at once
+    with a named error (each run here has a timeout, so a hang fails)."""
+    pipe = tmp_path / "pipe"
+    os.mkfifo(pipe)
+    top = str(tmp_path / "t.qcow2")
+    qemu.img("create", "-q", "-f", "qcow2", "-u", "-b", "pipe", "-F", "raw", top, "1M")
+    for args, code in [(["info", str(pipe)], 2), (["pull", "-f", "raw", str(pipe)], 2),
+                       (["check", str(pipe)], 1), (["info", top], 2), (["pull", top], 2),
+                       (["map", top], 2),
+                       (["create", "-b", str(pipe), "-F", "raw", str(tmp_path / "x.qcow2")], 2)]:
+        r = cli(*args)
+        assert r.returncode == code, (args, r.stderr)
+        assert "named pipe" in r.stderr and len(r.stderr.strip().splitlines()) == 1, r.stderr
+    assert not os.path.exists(tmp_path / "x.qcow2")
 
 
 # ---- guest writes on a full disk, with and without a persistent bitmap ------------------

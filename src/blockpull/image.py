@@ -90,9 +90,22 @@ def _not_probed(path: str) -> ImageFormatError:
                             f"(format='raw'; -f raw on the command line)")
 
 
+def _refuse_fifo(path: str) -> None:
+    """Raise ImageFormatError if ``path`` is a named pipe: opening one waits for a
+    writer, for ever if none comes (a backing name can point at one)."""
+    try:
+        st = os.stat(path)
+    except OSError:
+        return      # opening it says what is wrong
+    if stat.S_ISFIFO(st.st_mode):
+        raise ImageFormatError(f"{path}: is a named pipe (FIFO), not an image file or "
+                               f"block device")
+
+
 def _probe_path(path: str, role: str, not_probed: Optional[BlockpullError] = None) -> str:
     """The format of the image at ``path``, from its magic (raw is never guessed).
     Raises ``not_probed`` (default: an ImageFormatError) when it shows no format."""
+    _refuse_fifo(path)
     f = File(path, False, role)
     try:
         fmt = _probe_magic(f)
@@ -107,6 +120,7 @@ def _open_driver(path: str, fmt: Optional[str], writable: bool, role: str,
                  not_probed: Optional[BlockpullError] = None):
     """Open ``path`` as ``fmt`` (None: by its qcow2/QED magic, raising ``not_probed``,
     default an ImageFormatError, when it shows neither)."""
+    _refuse_fifo(path)
     try:
         f = File(path, writable, role)
     except FileNotFoundError:
