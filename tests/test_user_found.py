@@ -138,6 +138,24 @@ def test_named_pipe_is_refused_not_waited_on(tmp_path, qemu):
     assert not os.path.exists(tmp_path / "x.qcow2")
 
 
+def test_create_on_a_block_device_says_what_to_do(tmp_path, qemu, loopdev):
+    """create makes files only. On an existing device (an LV) "already exists; remove it
+    or choose another name" is no advice: the error says it is a device and how to
+    format one. The device is left as it was."""
+    data = os.urandom(MiB)
+    dev = loopdev(4 * MiB, data)
+    base = qemu.create(tmp_path / "b.qcow2", MiB)
+    for args in (["create", dev, "1M"], ["create", "-f", "qed", "-b", base, dev]):
+        r = cli(*args)
+        assert r.returncode == 2, r.stderr
+        assert "block device" in r.stderr and "remove it" not in r.stderr, r.stderr
+        assert len(r.stderr.strip().splitlines()) == 1
+    with pytest.raises(blockpull.ImageFormatError, match="block device"):
+        blockpull.create(dev, MiB)
+    with open(dev, "rb") as f:
+        assert f.read(MiB) == data
+
+
 # ---- guest writes on a full disk, with and without a persistent bitmap ------------------
 
 

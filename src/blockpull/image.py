@@ -809,7 +809,8 @@ def create(path: Union[str, os.PathLike], size: Union[int, str], *, fmt: str = "
     ``backing_format``, the ``json:`` name, or the file's qcow2/QED magic, and recorded
     (QED records only "raw"; a qcow2 or QED backing of a QED image is found by its magic
     again when opened). A raw backing must be named. With a backing, ``size`` 0 means the
-    backing's size.
+    backing's size. Raises FileExistsError if ``path`` exists, ImageFormatError if it is a
+    block device (create makes image files only).
     """
     from blockpull.units import parse_size
     path = os.fspath(path)
@@ -818,6 +819,15 @@ def create(path: Union[str, os.PathLike], size: Union[int, str], *, fmt: str = "
     if fmt not in creatable:
         raise ImageFormatError(f"{path}: cannot create format {fmt!r} "
                                f"(this build creates {' or '.join(creatable)})")
+    try:
+        is_device = stat.S_ISBLK(os.stat(path).st_mode)
+    except OSError:
+        is_device = False
+    if is_device:
+        # not a file to remove and name again: an existing volume, maybe holding data
+        raise ImageFormatError(f"{path}: is a block device; create makes image files only "
+                               f"(format a device with 'qemu-img create -f {fmt} {path} "
+                               f"SIZE', then pull into it)")
     if os.path.exists(path):
         raise FileExistsError(_errno.EEXIST, "image already exists", path)
     if backing is not None:
