@@ -19,8 +19,10 @@ def _digest(path) -> str:
 
 
 def test_external_data_file_is_check_incomplete_not_corrupt(tmp_path, qemu):
-    qemu.img("create", "-q", "-f", "qcow2", "-o", "data_file=t.data", str(tmp_path / "t.qcow2"),
-             "8M")
+    # an absolute name: qemu-img and qemu-io take a relative one from their working
+    # directory, which would leave the data file in the directory the suite runs from
+    qemu.img("create", "-q", "-f", "qcow2", "-o", f"data_file={tmp_path / 't.data'}",
+             str(tmp_path / "t.qcow2"), "8M")
     qemu.io(str(tmp_path / "t.qcow2"), "write -P 7 0 1M")
     assert qemu.check(tmp_path / "t.qcow2") == 0
     before = _digest(tmp_path / "t.qcow2")
