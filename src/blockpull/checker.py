@@ -87,7 +87,8 @@ class CheckResult(NamedTuple):
 
 
 def _check_qcow2(path: str, repair: bool) -> CheckResult:
-    from blockpull.image import _lock
+    from blockpull.image import _lock, _refuse_fifo
+    _refuse_fifo(path)
     f = File(path, repair, "top")
     try:
         _lock(f, repair, path)
@@ -215,7 +216,8 @@ def _check_qed(path: str, repair: bool) -> CheckResult:
     corruption; an unreferenced cluster a leak. Leaked space cannot be given back without
     moving data, so ``repair`` changes nothing and says so."""
     from blockpull import _qed
-    from blockpull.image import _lock
+    from blockpull.image import _lock, _refuse_fifo
+    _refuse_fifo(path)
     f = File(path, False, "top")
     try:
         _lock(f, False, path)

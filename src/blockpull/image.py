@@ -90,9 +90,22 @@ def _not_probed(path: str) -> ImageFormatError:
                             f"(format='raw'; -f raw on the command line)")
 
 
+def _refuse_fifo(path: str) -> None:
+    """Raise ImageFormatError if ``path`` is a named pipe: opening one waits for a
+    writer, for ever if none comes (a backing name can point at one)."""
+    try:
+        st = os.stat(path)
+    except OSError:
+        return      # opening it says what is wrong
+    if stat.S_ISFIFO(st.st_mode):
+        raise ImageFormatError(f"{path}: is a named pipe (FIFO), not an image file or "
+                               f"block device")
+
+
 def _probe_path(path: str, role: str, not_probed: Optional[BlockpullError] = None) -> str:
     """The format of the image at ``path``, from its magic (raw is never guessed).
     Raises ``not_probed`` (default: an ImageFormatError) when it shows no format."""
+    _refuse_fifo(path)
     f = File(path, False, role)
     try:
         fmt = _probe_magic(f)
@@ -107,6 +120,7 @@ def _open_driver(path: str, fmt: Optional[str], writable: bool, role: str,
                  not_probed: Optional[BlockpullError] = None):
     """Open ``path`` as ``fmt`` (None: by its qcow2/QED magic, raising ``not_probed``,
     default an ImageFormatError, when it shows neither)."""
+    _refuse_fifo(path)
     try:
         f = File(path, writable, role)
     except FileNotFoundError:
@@ -215,12 +229,16 @@ def _lock_once(f: File, writable: bool, path: str) -> None:
 
 def _tidy(path: str) -> str:
     """``path`` without "." components and repeated slashes, which never change the file
-    a name reaches. ".." is kept: after a symlinked directory it leads to the link
-    target's parent, not to the parent in the text, so only the kernel may resolve it."""
+    a name reaches (a trailing slash is kept: it does). ".." is kept: after a symlinked
+    directory it leads to the link target's parent, not to the parent in the text, so
+    only the kernel may resolve it."""
     parts = [p for p in path.split("/") if p not in ("", ".")]
-    if path.startswith("/"):
-        return "/" + "/".join(parts)
-    return "/".join(parts) or "."
+    out = ("/" if path.startswith("/") else "") + "/".join(parts)
+    if parts and (path.endswith("/") or path.endswith("/.")):
+        # a trailing slash says "a directory": the kernel refuses it after a file
+        # (ENOTDIR), as QEMU then does; dropped, it would open the file
+        out += "/"
+    return out or "."
 
 
 def _kernel_abspath(path: str) -> str:
@@ -603,6 +621,8 @@ class Image:
                 data = kind in (DATA, COMPRESSED)
                 zero = kind in (ZERO, UNALLOC)
                 off = host if kind == DATA or (kind == ZERO and host) else None
+                if kind == ZERO and self._drivers[depth].format == "raw":
+                    off = pos   # a raw hole is the file's own bytes: qemu-img map names them
                 if kind == UNALLOC and pos < self._drivers[depth].size:
                     # qemu-img map shows where the bottom image keeps space for a range
                     # that reads through (allocated but unused subclusters)
@@ -801,7 +821,8 @@ def create(path: Union[str, os.PathLike], size: Union[int, str], *, fmt: str = "
     ``backing_format``, the ``json:`` name, or the file's qcow2/QED magic, and recorded
     (QED records only "raw"; a qcow2 or QED backing of a QED image is found by its magic
     again when opened). A raw backing must be named. With a backing, ``size`` 0 means the
-    backing's size.
+    backing's size. Raises FileExistsError if ``path`` exists, ImageFormatError if it is a
+    block device (create makes image files only).
     """
     from blockpull.units import parse_size
     path = os.fspath(path)
@@ -810,6 +831,15 @@ def create(path: Union[str, os.PathLike], size: Union[int, str], *, fmt: str = "
     if fmt not in creatable:
         raise ImageFormatError(f"{path}: cannot create format {fmt!r} "
                                f"(this build creates {' or '.join(creatable)})")
+    try:
+        is_device = stat.S_ISBLK(os.stat(path).st_mode)
+    except OSError:
+        is_device = False
+    if is_device:
+        # not a file to remove and name again: an existing volume, maybe holding data
+        raise ImageFormatError(f"{path}: is a block device; create makes image files only "
+                               f"(format a device with 'qemu-img create -f {fmt} {path} "
+                               f"SIZE', then pull into it)")
     if os.path.exists(path):
         raise FileExistsError(_errno.EEXIST, "image already exists", path)
     if backing is not None:

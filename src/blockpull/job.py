@@ -206,10 +206,16 @@ class PullJob:
         if exc.errno == errno.ENOSPC and exc.operation == "write":
             left = max(0, self._stream.end - self._stream.cur)
             then = "resume the job" if self.on_error == "stop" else "pull again to resume"
-            return PullError(f"{self.path}: no space left on its file system (writing at "
-                             f"offset {exc.offset}); what was copied is kept and the image is "
-                             f"intact and still backed: make room for about "
-                             f"{format_size(left)} more and {then}",
+            if self.image._drivers[0].file.is_device:
+                # a device does not grow: room means a larger device
+                full = "no space left on its block device"
+                room = "grow the device (lvextend, say) by"
+            else:
+                full = "no space left on its file system"
+                room = "make room for"
+            return PullError(f"{self.path}: {full} (writing at offset {exc.offset}); what "
+                             f"was copied is kept and the image is intact and still backed: "
+                             f"{room} about {format_size(left)} more and {then}",
                              exc.errno, exc.operation, exc.offset)
         what = "reading the backing chain" if exc.operation == "read" else "writing the image"
         return PullError(f"{self.path}: I/O error {what} at offset {exc.offset}: "

@@ -8,6 +8,8 @@ __all__ = ["parse_size", "parse_bandwidth", "format_size"]
 
 _UNITS = {"": 1, "B": 1, "K": 1 << 10, "M": 1 << 20, "G": 1 << 30, "T": 1 << 40, "P": 1 << 50,
           "E": 1 << 60}
+#: the largest rate the limiter counts in (a signed 64-bit byte count)
+_MAX_RATE = (1 << 63) - 1
 _RX = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*([KMGTPE]?)(?:I?B)?\s*$", re.IGNORECASE)
 
 
@@ -28,18 +30,24 @@ def parse_size(value: Union[int, str]) -> int:
 
 def parse_bandwidth(value: Union[int, str, None]) -> int:
     """Bytes per second from an int or a string; a bare number string means bytes,
-    "50M" means 50 MiB/s. 0 (or None) means unlimited."""
+    "50M" means 50 MiB/s. 0 (or None) means unlimited. Raises ValueError for anything
+    else, negative rates and rates of 2**63 bytes/s or more."""
     if value is None:
         return 0
-    if isinstance(value, str):
-        v = value.strip()
+    v = value
+    if isinstance(v, str):
+        v = v.strip()
         if v.lower().endswith("/s"):
             v = v[:-2]
-        try:
-            return parse_size(v)
-        except ValueError:
-            raise ValueError(f"invalid bandwidth {value!r}: use bytes/s or a number with K, M or G") from None
-    return parse_size(value)
+    try:
+        n = parse_size(v)
+    except ValueError:
+        raise ValueError(f"invalid bandwidth {value!r}: use bytes/s or a number with K, M "
+                         f"or G") from None
+    if n > _MAX_RATE:
+        raise ValueError(f"bandwidth {value!r} is too large: at most {_MAX_RATE} bytes/s; "
+                         f"0 means unlimited")
+    return n
 
 
 def format_size(n: float) -> str:
