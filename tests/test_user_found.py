@@ -209,13 +209,8 @@ def full_disk_child(work: str, bitmap: str, room_before_close: bool = False) -> 
 @pytest.mark.parametrize("bitmap,room", [
     ("no", "after-close"),
     ("no", "before-close"),
-    pytest.param("yes", "after-close", marks=pytest.mark.xfail(strict=True, reason=(
-        "Qcow2.sync_all writes the bitmap data (allocating clusters) before "
-        "flush_metadata: ENOSPC there leaves every guest write since the last flush "
-        "unlinked, and close gives the clusters back"))),
-    pytest.param("yes", "before-close", marks=pytest.mark.xfail(strict=True, reason=(
-        "a bitmap flush that failed with ENOSPC and is retried with room leaks a "
-        "cluster (qemu-img check exit 3)"))),
+    ("yes", "after-close"),
+    ("yes", "before-close"),
 ])
 def test_full_disk_keeps_acknowledged_guest_writes(tmp_path, qemu, bitmap, room):
     """A write that returned keeps its data once the disk has room again (the flush

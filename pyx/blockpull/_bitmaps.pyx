@@ -306,10 +306,12 @@ cdef class Bitmaps:
                 if set_bits(p, lo, hi):
                     bm.dirty.add(idx)
 
-    def write_data(self, alloc):
+    def write_data(self, alloc, free):
         """Write every changed data cluster: in place, or (where the table said "all
         clean") into a new cluster from ``alloc(1)`` whose table entry is written later by
-        ``write_tables``. The caller then makes the data and refcounts durable."""
+        ``write_tables``. The caller then makes the data and refcounts durable. A new
+        cluster whose write fails (a full disk) is given back with ``free(host, 1)``, so
+        that a later flush allocates it again without leaking the first."""
         cdef Bitmap bm
         cdef int64_t host
         for bm in self.enabled:
@@ -318,7 +320,11 @@ cdef class Bitmaps:
                 off = bm.table[idx] & TABLE_OFFSET_MASK
                 if off == 0:
                     host = alloc(1)
-                    self.f.pwrite(bytes(chunk), host)
+                    try:
+                        self.f.pwrite(bytes(chunk), host)
+                    except BaseException:
+                        free(host, 1)
+                        raise
                     bm.table[idx] = host
                     bm.pending.add(idx)
                 else:

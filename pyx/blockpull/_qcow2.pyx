@@ -1598,9 +1598,24 @@ cdef class Qcow2(Driver):
         if not self.writable:
             return
         bm = self.bitmaps
+        # the guest's data and the tables that link it first: a bitmap that cannot be
+        # written (a full disk) must not cost the data (the bitmap stays in use)
+        self._flush_and_sync()
         if bm is not None and bm.active:
-            # bitmap data first: the sync below covers it and its refcounts
-            bm.write_data(self.alloc_clusters)
+            # then the bitmap data, its refcounts and the table entries naming new data
+            # clusters; only once those are durable is in_use cleared (QEMU's
+            # docs/interop/qcow2.rst, "Bitmaps")
+            bm.write_data(self.alloc_clusters, self.free_clusters)
+            self._flush_and_sync()
+            if bm.write_tables():
+                self._sync()
+            bm.set_in_use(False)
+            self._sync()
+
+    cdef _flush_and_sync(self):
+        """Write the metadata back in order and make it durable, refcount blocks that the
+        write-back itself dirtied included."""
+        cdef Table t
         self.flush_metadata()
         self._sync()
         for t in self.rb_cache.values():
@@ -1608,13 +1623,6 @@ cdef class Qcow2(Driver):
                 self._write_refblocks()
                 self._sync()
                 break
-        if bm is not None and bm.active:
-            # then the table entries naming new data clusters, and only once those are
-            # durable is in_use cleared (QEMU's docs/interop/qcow2.rst, "Bitmaps")
-            if bm.write_tables():
-                self._sync()
-            bm.set_in_use(False)
-            self._sync()
 
     # ---- backing link ---------------------------------------------------------------
 
