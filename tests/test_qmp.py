@@ -17,6 +17,7 @@ import pytest
 import blockpull
 from blockpull import qemu as bq
 from qsd import Qsd, need_qsd, qcow2_node
+from relhelp import child_env
 
 SIZE = 4 << 20
 SLOW = 64 << 10          # bytes/s: slow enough that the job is steered before it ends
@@ -496,10 +497,8 @@ def test_control_socket_refusals(qemu, tmp_path):
 
 
 def _cli(*args):
-    env = dict(os.environ, PYTHONPATH=os.pathsep.join(
-        [os.path.join(os.path.dirname(os.path.dirname(__file__)), "src")] +
-        [p for p in os.environ.get("PYTHONPATH", "").split(os.pathsep) if p]))
-    return subprocess.Popen([sys.executable, "-m", "blockpull", *args], env=env,
+    # the child imports the blockpull under test (src/ or the installed one)
+    return subprocess.Popen([sys.executable, "-m", "blockpull", *args], env=child_env(),
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
 
 
