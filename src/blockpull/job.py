@@ -18,7 +18,7 @@ if TYPE_CHECKING:  # pragma: no cover
 
 log = logging.getLogger("blockpull")
 
-__all__ = ["PullJob", "PullInfo", "PullEvent", "pull", "STATUSES"]
+__all__ = ["PullJob", "JobFuture", "PullInfo", "PullEvent", "pull", "STATUSES"]
 
 #: every value ``PullJob.status`` takes
 STATUSES = ("running", "paused", "completed", "failed", "cancelled")
@@ -59,7 +59,83 @@ class PullEvent(NamedTuple):
     error: Optional[PullError] = None
 
 
-class PullJob:
+class JobFuture:
+    """The end of a pull job and the ways to wait for it, shared by ``PullJob`` and the job
+    that steers QEMU's pull (``blockpull.qemu``). A subclass sets ``_status``, ``_error``,
+    ``_done`` (a threading.Event), ``_callbacks`` and ``_cb_lock``, and gives ``_name``
+    (the image or device, for messages) and ``_final_info()``."""
+
+    _status: str
+    _error: Optional[PullError]
+    _done: threading.Event
+    _callbacks: List[Callable[[Any], None]]
+    _cb_lock: threading.Lock
+    _name: str
+
+    def _final_info(self) -> PullInfo:
+        raise NotImplementedError
+
+    @property
+    def status(self) -> str:
+        """"running", "paused", "completed", "failed" or "cancelled"."""
+        return self._status
+
+    @property
+    def error(self) -> Optional[PullError]:
+        """The error that failed the job, if it failed."""
+        return self._error
+
+    def done(self) -> bool:
+        """True once the job has completed, failed or been cancelled."""
+        return self._done.is_set()
+
+    def wait(self, timeout: Optional[float] = None) -> bool:
+        """Wait for the job to end; False if ``timeout`` seconds passed first."""
+        return self._done.wait(timeout)
+
+    def result(self, timeout: Optional[float] = None) -> PullInfo:
+        """The final PullInfo; raises PullError if the job failed, PullCancelled if it was
+        aborted, TimeoutError if it is still running after ``timeout`` seconds."""
+        if not self._done.wait(timeout):
+            raise TimeoutError(f"{self._name}: pull still running")
+        if self._status == "cancelled":
+            raise PullCancelled(f"{self._name}: pull was aborted; the image is valid and "
+                                f"still backed, pull again to resume")
+        if self._error is not None:
+            raise self._error
+        return self._final_info()
+
+    def _run_callback(self, fn: Callable[[Any], None]) -> None:
+        try:
+            fn(self)
+        except Exception:
+            log.exception("done callback of the pull of %s raised", self._name)
+
+    def add_done_callback(self, fn: Callable[[Any], None]) -> None:
+        """Call ``fn(job)`` when the job ends (at once, here, if it already has)."""
+        with self._cb_lock:
+            if not self._done.is_set():
+                self._callbacks.append(fn)
+                return
+        self._run_callback(fn)
+
+    def __await__(self) -> Generator[Any, None, PullInfo]:
+        import asyncio
+        loop = asyncio.get_running_loop()
+        fut = loop.create_future()
+
+        def _set() -> None:
+            if not fut.done():
+                fut.set_result(None)
+
+        def _done(_job: Any) -> None:
+            loop.call_soon_threadsafe(_set)
+        self.add_done_callback(_done)
+        yield from fut.__await__()
+        return self.result(0)
+
+
+class PullJob(JobFuture):
     """A pull running on its own thread. Get one from ``Image.pull()``.
 
     Callbacks (``on_event``, ``add_done_callback``) run on the job's thread: keep them
@@ -72,6 +148,7 @@ class PullJob:
                  chunk: Optional[int] = None, batch: Optional[int] = None) -> None:
         self.image = image
         self.path = image.path
+        self._name = self.path
         self.base = base
         self.on_error = on_error
         self._on_event = on_event
@@ -174,7 +251,7 @@ class PullJob:
         with self._cb_lock:
             callbacks, self._callbacks = self._callbacks, []
         for fn in callbacks:
-            self._call(fn)
+            self._run_callback(fn)
 
     def _finish(self) -> str:
         """Make the copy durable and change the backing link, under the on_error policy:
@@ -231,11 +308,8 @@ class PullJob:
         except Exception:
             log.exception("on_event callback of the pull of %s raised", self.path)
 
-    def _call(self, fn: Callable[["PullJob"], None]) -> None:
-        try:
-            fn(self)
-        except Exception:
-            log.exception("done callback of the pull of %s raised", self.path)
+    def _final_info(self) -> PullInfo:
+        return self.info()
 
     # the Stream's control interface
     def wait_while_paused(self) -> None:
@@ -280,58 +354,6 @@ class PullJob:
         return PullInfo(s.cur, s.end, self._limiter.rate, self._status, s.copied, s.zeroed,
                         s.errors, (t1 if t1 is not None else time.monotonic()) - self._t0,
                         self.path, self.base)
-
-    @property
-    def status(self) -> str:
-        """"running", "paused", "completed", "failed" or "cancelled"."""
-        return self._status
-
-    @property
-    def error(self) -> Optional[PullError]:
-        """The error that failed the job, if it failed."""
-        return self._error
-
-    def done(self) -> bool:
-        """True once the job has completed, failed or been cancelled."""
-        return self._done.is_set()
-
-    def wait(self, timeout: Optional[float] = None) -> bool:
-        """Wait for the job to end; False if ``timeout`` seconds passed first."""
-        return self._done.wait(timeout)
-
-    def result(self, timeout: Optional[float] = None) -> PullInfo:
-        """The final PullInfo; raises PullError if the job failed, PullCancelled if it was
-        aborted, TimeoutError if it is still running after ``timeout`` seconds."""
-        if not self._done.wait(timeout):
-            raise TimeoutError(f"{self.path}: pull still running")
-        if self._status == "cancelled":
-            raise PullCancelled(f"{self.path}: pull was aborted; the image is valid and still "
-                                f"backed, pull again to resume")
-        if self._error is not None:
-            raise self._error
-        return self.info()
-
-    def add_done_callback(self, fn: Callable[["PullJob"], None]) -> None:
-        """Call ``fn(job)`` when the job ends (at once, here, if it already has)."""
-        with self._cb_lock:
-            if not self._done.is_set():
-                self._callbacks.append(fn)
-                return
-        self._call(fn)
-
-    def __await__(self) -> Generator[Any, None, PullInfo]:
-        import asyncio
-        loop = asyncio.get_running_loop()
-        fut = loop.create_future()
-
-        def _done(_job: "PullJob") -> None:
-            def _set() -> None:
-                if not fut.done():
-                    fut.set_result(None)
-            loop.call_soon_threadsafe(_set)
-        self.add_done_callback(_done)
-        yield from fut.__await__()
-        return self.result(0)
 
     # ---- steering -----------------------------------------------------------------
 

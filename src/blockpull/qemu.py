@@ -26,7 +26,7 @@ from typing import Any, Callable, Dict, Generator, List, Optional, Tuple, Union
 
 from blockpull.errors import (BackingChainError, BlockpullError, JobActiveError,
                               PullCancelled, PullError, QemuError)
-from blockpull.job import PullEvent, PullInfo
+from blockpull.job import JobFuture, PullEvent, PullInfo
 from blockpull.units import parse_bandwidth
 
 log = logging.getLogger("blockpull")
@@ -62,7 +62,7 @@ def _execute_error(exc: Any, what: str) -> BlockpullError:
     return QemuError(msg, cls, desc)
 
 
-class QemuPullJob:
+class QemuPullJob(JobFuture):
     """A stream job running in QEMU, steered over QMP. Get one from ``pull()``.
 
     The interface is ``PullJob``'s: ``info()``, ``set_speed``, ``pause``, ``resume``,
@@ -83,6 +83,7 @@ class QemuPullJob:
                  timeout: float) -> None:
         self.path = device
         self.device = device
+        self._name = device
         self.job_id = job_id
         self.base = base if base is not None else base_node
         self._address = address
@@ -255,12 +256,6 @@ class QemuPullJob:
         if not self._loop_thread.is_alive():
             self._loop.close()
 
-    def _run_callback(self, fn: Callable[["QemuPullJob"], None]) -> None:
-        try:
-            fn(self)
-        except Exception:
-            log.exception("done callback of QEMU's pull of %s raised", self.device)
-
     # ---- watching -----------------------------------------------------------------
 
     def info(self) -> PullInfo:
@@ -282,59 +277,9 @@ class QemuPullJob:
         return PullInfo(cur, end, speed, self._status, cur, 0, self._errors,
                         time.monotonic() - self._t0, self.path, self.base)
 
-    @property
-    def status(self) -> str:
-        """"running", "paused", "completed", "failed" or "cancelled"."""
-        return self._status
-
-    @property
-    def error(self) -> Optional[PullError]:
-        """The error that failed the job, if it failed."""
-        return self._error
-
-    def done(self) -> bool:
-        """True once the job has ended and its end event has been delivered."""
-        return self._done.is_set()
-
-    def wait(self, timeout: Optional[float] = None) -> bool:
-        """Wait for the job to end; False if ``timeout`` seconds passed first."""
-        return self._done.wait(timeout)
-
-    def result(self, timeout: Optional[float] = None) -> PullInfo:
-        """The final PullInfo; raises PullError if QEMU's job failed (``errno`` from QEMU's
-        message, ``operation`` from its last BLOCK_JOB_ERROR), PullCancelled if it was
-        cancelled, TimeoutError if it still runs after ``timeout`` seconds."""
-        if not self._done.wait(timeout):
-            raise TimeoutError(f"{self.device}: QEMU's pull still running")
-        if self._status == "cancelled":
-            raise PullCancelled(f"{self.device}: pull was cancelled; the image is valid and "
-                                f"still backed, pull again to resume")
-        if self._error is not None:
-            raise self._error
+    def _final_info(self) -> PullInfo:
         assert self._final is not None
         return self._final
-
-    def add_done_callback(self, fn: Callable[["QemuPullJob"], None]) -> None:
-        """Call ``fn(job)`` when the job ends (at once, here, if it already has)."""
-        with self._cb_lock:
-            if not self._done.is_set():
-                self._callbacks.append(fn)
-                return
-        self._run_callback(fn)
-
-    def __await__(self) -> Generator[Any, None, PullInfo]:
-        loop = asyncio.get_running_loop()
-        fut = loop.create_future()
-
-        def _set() -> None:
-            if not fut.done():
-                fut.set_result(None)
-
-        def _done(_job: "QemuPullJob") -> None:
-            loop.call_soon_threadsafe(_set)
-        self.add_done_callback(_done)
-        yield from fut.__await__()
-        return self.result(0)
 
     # ---- steering -----------------------------------------------------------------
 
