@@ -1040,7 +1040,8 @@ def _message(exc: BaseException) -> Tuple[int, str]:
         # not an image / malformed / unsupported (ImageFormatError), or no such image
         bad_input = isinstance(exc, (ValueError, FileNotFoundError))
         text = str(exc).replace("backing_format='raw' (-F raw on the command line)", "-F raw") \
-            .replace("(format='raw'; -f raw on the command line)", "(-f raw)")
+            .replace("(format='raw'; -f raw on the command line)", "(-f raw)")\
+            .replace("give tls=(certfile, keyfile[, cafile])", "give --tls-cert and --tls-key")
         return (EXIT_USAGE if bad_input else EXIT_FAILED), text
     if isinstance(exc, OSError):
         text = next((t for cls, t in _OS_TEXT if isinstance(exc, cls)), None) \
