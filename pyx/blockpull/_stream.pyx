@@ -511,30 +511,25 @@ cdef class Stream:
         failed one, or None. A chunk whose data was written before a failed fdatasync
         is given back instead of linked, and returned with error None."""
         cdef _Chunk ch
+        cdef object exc
         while count > 0 and inflight:
             ch = inflight.pop(0)
             count -= 1
+            exc = None
             try:
-                if not self.finish_chunk(ch):
-                    spare.append(ch.buf)
-                    ch.buf = None
-                    while inflight:
-                        later = <_Chunk>inflight.pop(0)
-                        self._discard(later)
-                        spare.append(later.buf)
-                        later.buf = None
-                    return (ch.off, ch.n, None)
-            except StreamIOError as exc:
-                spare.append(ch.buf)
-                ch.buf = None
+                linked = self.finish_chunk(ch)
+            except StreamIOError as e:
+                linked, exc = False, e
+            spare.append(ch.buf)
+            ch.buf = None
+            if not linked:
+                # the chunks after it are given back: they are read again from there
                 while inflight:
                     later = <_Chunk>inflight.pop(0)
                     self._discard(later)
                     spare.append(later.buf)
                     later.buf = None
                 return (ch.off, ch.n, exc)
-            spare.append(ch.buf)
-            ch.buf = None
         return None
 
     cdef int64_t _handle(self, tuple failed) except -1:
