@@ -14,4 +14,8 @@ cdef class RateLimiter:
     cdef double t0
     cdef int64_t sent
     cdef int64_t gen
+    cdef int64_t epoch
+    cdef readonly RateLimiter parent
+    cdef int _draw(self, int64_t n, RateLimiter child, int64_t child_gen) noexcept nogil
+    cdef void _give_back(self, int64_t n, int64_t epoch) noexcept nogil
     cdef int consume_nogil(self, int64_t n) noexcept nogil

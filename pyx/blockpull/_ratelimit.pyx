@@ -6,6 +6,11 @@ next chunk may start at ``t0 + sent / rate``. Drawing before copying means there
 unthrottled burst at the start, and the achieved rate over a run converges on the limit.
 A speed change starts a new epoch at once; ``wake()`` (abort, pause) ends any sleep at
 once. The sleep is a condition-variable wait with the GIL released.
+
+A draw reserves its bytes on the schedule before sleeping (and gives them back if woken
+early), so several threads drawing on one limiter share its rate: that is how a budget
+shared by many pulls works. A limiter may have a ``parent``: a draw then waits on its own
+schedule and then on the parent's, so a job keeps its own speed inside a shared budget.
 """
 from libc.stdint cimport int64_t
 
@@ -31,6 +36,19 @@ cdef extern from "<time.h>" nogil:
     int CLOCK_MONOTONIC
 
 
+cdef extern from *:
+    """
+    static inline long long bp_atomic_load(long long *p) {
+        return __atomic_load_n(p, __ATOMIC_ACQUIRE);
+    }
+    static inline void bp_atomic_inc(long long *p) {
+        __atomic_add_fetch(p, 1, __ATOMIC_ACQ_REL);
+    }
+    """
+    long long bp_atomic_load(long long* p) noexcept nogil
+    void bp_atomic_inc(long long* p) noexcept nogil
+
+
 cdef inline double now() noexcept nogil:
     cdef timespec ts
     clock_gettime(CLOCK_MONOTONIC, &ts)
@@ -38,9 +56,13 @@ cdef inline double now() noexcept nogil:
 
 
 cdef class RateLimiter:
-    """Bytes per second, 0 = unlimited; changeable while a copy runs."""
+    """Bytes per second, 0 = unlimited; changeable while a copy runs.
 
-    def __cinit__(self, int64_t rate=0):
+    ``parent``: another limiter (a shared budget) every draw also waits on, or None.
+    Raises ValueError for a negative rate.
+    """
+
+    def __cinit__(self, int64_t rate=0, RateLimiter parent=None):
         cdef pthread_condattr_t attr
         pthread_mutex_init(&self.mu, NULL)
         pthread_condattr_init(&attr)
@@ -52,6 +74,8 @@ cdef class RateLimiter:
         self.t0 = now()
         self.sent = 0
         self.gen = 0
+        self.epoch = 0
+        self.parent = parent
 
     def __dealloc__(self):
         pthread_cond_destroy(&self.cond)
@@ -71,15 +95,24 @@ cdef class RateLimiter:
             self._rate = rate
             self.t0 = now()
             self.sent = 0
-            self.gen += 1
+            self.epoch += 1
+            bp_atomic_inc(<long long*>&self.gen)
             pthread_cond_broadcast(&self.cond)
             pthread_mutex_unlock(&self.mu)
 
     def wake(self):
-        """End any sleep at once (abort, pause)."""
+        """End any sleep at once (abort, pause), including one on the parent's schedule."""
         with nogil:
             pthread_mutex_lock(&self.mu)
-            self.gen += 1
+            bp_atomic_inc(<long long*>&self.gen)
+            pthread_cond_broadcast(&self.cond)
+            pthread_mutex_unlock(&self.mu)
+        if self.parent is not None:
+            self.parent._broadcast()
+
+    def _broadcast(self):
+        with nogil:
+            pthread_mutex_lock(&self.mu)
             pthread_cond_broadcast(&self.cond)
             pthread_mutex_unlock(&self.mu)
 
@@ -89,35 +122,64 @@ cdef class RateLimiter:
             pthread_mutex_lock(&self.mu)
             self.t0 = now()
             self.sent = 0
+            self.epoch += 1
             pthread_mutex_unlock(&self.mu)
 
-    cdef int consume_nogil(self, int64_t n) noexcept nogil:
-        """Account n bytes and sleep until the schedule allows them. Returns 1 if woken
-        early (the caller re-checks its flags and draws again), 0 otherwise."""
+    cdef int _draw(self, int64_t n, RateLimiter child, int64_t child_gen) noexcept nogil:
+        """Reserve n bytes on this schedule and sleep until it allows them. Returns 1 if
+        woken early (this limiter's or ``child``'s wake; the reservation is given back),
+        0 otherwise."""
         cdef double deadline, t
         cdef timespec ts
-        cdef int64_t g
+        cdef int64_t g, ep
         cdef int woken = 0
         pthread_mutex_lock(&self.mu)
         if self._rate <= 0:
             pthread_mutex_unlock(&self.mu)
             return 0
         g = self.gen
-        deadline = self.t0 + <double>(self.sent + n) / <double>self._rate
+        ep = self.epoch
+        self.sent += n
+        deadline = self.t0 + <double>self.sent / <double>self._rate
         while True:
             t = now()
             if t >= deadline:
                 break
-            if self.gen != g:
+            if self.gen != g or (child is not None and
+                                 bp_atomic_load(<long long*>&child.gen) != child_gen):
                 woken = 1
                 break
             ts.tv_sec = <long>deadline
             ts.tv_nsec = <long>((deadline - <double>ts.tv_sec) * 1e9)
             pthread_cond_timedwait(&self.cond, &self.mu, &ts)
-        if not woken:
-            self.sent += n
+        if woken and self.epoch == ep:
+            self.sent -= n
         pthread_mutex_unlock(&self.mu)
         return woken
+
+    cdef void _give_back(self, int64_t n, int64_t epoch) noexcept nogil:
+        pthread_mutex_lock(&self.mu)
+        if self.epoch == epoch and self._rate > 0:
+            self.sent -= n
+        pthread_mutex_unlock(&self.mu)
+
+    cdef int consume_nogil(self, int64_t n) noexcept nogil:
+        """Account n bytes and sleep until the schedule (and the parent's) allows them.
+        Returns 1 if woken early (nothing is accounted: the caller re-checks its flags and
+        draws again), 0 otherwise."""
+        cdef int64_t g = bp_atomic_load(<long long*>&self.gen)
+        cdef int64_t ep
+        pthread_mutex_lock(&self.mu)
+        ep = self.epoch
+        pthread_mutex_unlock(&self.mu)
+        if self._draw(n, None, 0):
+            return 1
+        if self.parent is None:
+            return 0
+        if self.parent._draw(n, self, g):
+            self._give_back(n, ep)
+            return 1
+        return 0
 
     def consume(self, int64_t n):
         """Python face of the sleep: True if it was woken early (nothing was accounted)."""

@@ -1,0 +1,112 @@
+"""A bandwidth shared by several consumers (blockpull.budget.Budget on RateLimiter).
+
+Behaviour, not timing: the schedule never lets the consumers together get ahead of the
+budget (an upper bound that a slow machine cannot break), slots go round so consumers that
+draw equally get equal counts, a job's own limit holds inside the budget, and a wake reaches
+a consumer sleeping on the budget's schedule.
+"""
+from __future__ import annotations
+
+import threading
+import time
+
+import pytest
+
+from blockpull._ratelimit import RateLimiter
+from blockpull.budget import Budget
+
+MiB = 1 << 20
+
+
+def _drain(limiter, chunk, stop, counts, key):
+    while not stop.is_set():
+        if not limiter.consume(chunk):
+            counts[key] += chunk
+
+
+def _run(limiters, chunk, seconds):
+    counts = {i: 0 for i in range(len(limiters))}
+    stop = threading.Event()
+    threads = [threading.Thread(target=_drain, args=(lim, chunk, stop, counts, i))
+               for i, lim in enumerate(limiters)]
+    t0 = time.monotonic()
+    for t in threads:
+        t.start()
+    time.sleep(seconds)
+    stop.set()
+    for lim in limiters:
+        lim.wake()
+    for t in threads:
+        t.join(10)
+        assert not t.is_alive()
+    return counts, time.monotonic() - t0
+
+
+def test_consumers_of_one_budget_share_its_rate_fairly():
+    budget = Budget(40 * MiB)
+    jobs = [budget.job_limiter() for _ in range(3)]
+    counts, elapsed = _run(jobs, MiB, 1.5)
+    total = sum(counts.values())
+    # the schedule is absolute: everyone together never gets ahead of the budget
+    # (one chunk each may be granted at the start of the epoch)
+    assert total <= 40 * MiB * elapsed + 3 * MiB
+    assert total >= 10 * MiB  # they did run
+    lo, hi = min(counts.values()), max(counts.values())
+    assert hi - lo <= max(MiB, 0.10 * hi), counts
+
+
+def test_a_jobs_own_speed_holds_inside_the_budget():
+    budget = Budget(64 * MiB)
+    slow = budget.job_limiter(4 * MiB)
+    fast = budget.job_limiter()
+    counts, elapsed = _run([slow, fast], 256 * 1024, 1.5)
+    assert counts[0] <= 4 * MiB * elapsed + 256 * 1024
+    assert counts[1] > 2 * counts[0]  # the fast one takes what the slow one leaves
+    assert counts[0] + counts[1] <= 64 * MiB * elapsed + 2 * 256 * 1024
+
+
+def test_wake_reaches_a_consumer_sleeping_on_the_budget():
+    budget = Budget(1 * MiB)
+    job = budget.job_limiter()
+    assert not job.consume(1024)  # start the epoch
+    result = {}
+
+    def draw():
+        result["woken"] = job.consume(100 * MiB)  # ~100 s on the budget's schedule
+
+    t = threading.Thread(target=draw)
+    t.start()
+    time.sleep(0.2)
+    job.wake()
+    t.join(5)
+    assert not t.is_alive()
+    assert result["woken"] is True
+    # the woken draw gave its slot back: a small draw now is not pushed 100 s out
+    other = budget.job_limiter()
+    t0 = time.monotonic()
+    assert not other.consume(1024)
+    assert time.monotonic() - t0 < 5
+
+
+def test_set_speed_applies_to_every_job_and_unlimited_means_no_wait():
+    budget = Budget("1M")
+    assert budget.bandwidth == MiB
+    job = budget.job_limiter()
+    budget.set_speed(0)
+    t0 = time.monotonic()
+    for _ in range(100):
+        assert not job.consume(64 * MiB)
+    assert time.monotonic() - t0 < 5
+    assert repr(budget) == "Budget(unlimited)"
+    with pytest.raises(ValueError):
+        budget.set_speed(-1)
+    with pytest.raises(ValueError):
+        Budget("fast")
+
+
+def test_a_single_limiter_keeps_its_rate_with_two_threads():
+    # the reservation makes two threads on one limiter share it (before, each could take
+    # the same slot)
+    lim = RateLimiter(20 * MiB)
+    counts, elapsed = _run([lim, lim], MiB, 1.0)
+    assert sum(counts.values()) <= 20 * MiB * elapsed + 2 * MiB
