@@ -245,7 +245,7 @@ def test_chunks_are_read_without_the_image_lock(qemu, tmp_path, fmt):
 
         def check(self, op, role, off, n):
             if op == "read" and role == "backing" and n >= 1 << 20:
-                self.reads.append(self.img._lock._is_owned())
+                self.reads.append(self.img.lock._is_owned())
                 if self.wrote < 16:
                     # a guest write lands in the chunk while the pull reads it
                     o = off + 4096 * (self.wrote % 4)
@@ -260,10 +260,10 @@ def test_chunks_are_read_without_the_image_lock(qemu, tmp_path, fmt):
 
     with blockpull.open(top) as img:
         obs = Observer(img)
-        for d in img._drivers[1:]:
+        for d in img.layers[1:]:
             d.file.faults = obs
         img.pull(chunk=1 << 20).result()
-        for d in img._drivers[1:]:
+        for d in img.layers[1:]:
             d.file.faults = None
     assert obs.reads and not any(obs.reads), obs.reads
     assert obs.wrote == 16

@@ -22,16 +22,15 @@ spare buffer; chunks are linked in order. The progress counters are C integers r
 without a lock. The system calls release the GIL; nothing per cluster goes back to Python.
 """
 from libc.stdint cimport int64_t
-from libc.string cimport memcmp
 
 from blockpull._driver cimport Driver, KIND_UNALLOC, KIND_DATA, KIND_ZERO, KIND_COMPRESSED
 from blockpull._chain cimport Chain
 from blockpull._fileio cimport File
+from blockpull._inflight cimport Chunk, Flight, all_zero, cor_group
 from blockpull._ratelimit cimport RateLimiter
 from blockpull._pool import BufferPool
+from blockpull.errors import StreamIOError
 
-import threading
-import time
 from concurrent.futures import ThreadPoolExecutor
 
 DEFAULT_CHUNK = 8 * 1024 * 1024
@@ -39,52 +38,19 @@ DEFAULT_BATCH = 256 * 1024 * 1024
 DEFAULT_DEPTH = 2     # chunk writes in flight while the next chunk is read
 
 
-cdef inline bint all_zero(const unsigned char* p, int64_t n) noexcept nogil:
-    if n == 0:
-        return True
-    if p[0] != 0 or p[n - 1] != 0:
-        return False
-    return memcmp(p, p + 1, n - 1) == 0
-
-
-class StreamIOError(Exception):
-    """An I/O error inside the copy loop, tagged with the operation and offset."""
-
-    def __init__(self, exc, operation, offset):
-        super().__init__(str(exc))
-        self.exc = exc
-        self.errno = getattr(exc, "errno", None)
-        self.operation = operation
-        self.offset = offset
-
-
-cdef class _Chunk:
-    """One chunk between its read and its link: where it is, what to write where."""
-    cdef int64_t off
-    cdef int64_t n
-    cdef int64_t host
-    cdef list todo
-    cdef list zeros
-    cdef list skips     # all-zero clusters left out on a pull without a base
-    cdef list views
-    cdef object bmv
-    cdef object future
-    cdef object buf
-    cdef int64_t epoch        # the top's failed syncs when the chunk was read
-
-    cdef release_views(self):
-        self.views = None
-        if self.bmv is not None:
-            self.bmv.release()
-            self.bmv = None
-
-
 cdef class Stream:
-    """One pull's copy loop. ``image`` is the blockpull Image (its lock and chain)."""
-    cdef object image
+    """One pull's copy loop over ``chain`` (a blockpull._chain.Chain) into its top driver
+    ``top`` (``chain.layers[0]``), down to chain index ``base_depth`` (the chain's depth:
+    no base), under ``lock``, the image lock that every writer of the top holds. The
+    copy is paced by ``limiter`` (bytes/s) and steered by ``control`` (the job:
+    ``wait_while_paused()``, ``on_io_error(StreamIOError)``); ``chunk`` and ``batch``
+    are bytes. ``flight`` holds its copies in flight, which writes into the top wait
+    for (``await_copies``) and copy-on-read leaves alone. Raises ValueError when ``top``
+    is not the chain's top."""
     cdef object lock
     cdef Chain chain
     cdef Driver top
+    cdef readonly Flight flight
     cdef readonly int base_depth
     cdef readonly bint keep_base
     cdef public RateLimiter limiter
@@ -94,7 +60,6 @@ cdef class Stream:
     cdef readonly int64_t zeroed
     cdef readonly int64_t skipped_zero
     cdef readonly int64_t errors
-    cdef readonly int64_t pos
     cdef readonly int64_t plan_pos      # ``end`` holds the plan of [0, plan_pos)
     cdef readonly int64_t done_front    # what lies before it is counted or being linked
     cdef readonly bint tracking         # guest writes are counted into ``cur``
@@ -109,29 +74,25 @@ cdef class Stream:
     cdef public bint direct
     cdef public int depth
     cdef int64_t run_epoch    # the top's failed syncs when this pass began
-    cdef list copying         # chunks whose clusters are being written, not linked yet
     cdef Chain reader         # the chain as this pull reads it without the lock, or None
     cdef list reader_files    # (own File, the image's File) of each backing of ``reader``
-    cdef object linked        # Condition on the image lock: a chunk left ``copying``
-    cdef int waiters          # guest writes waiting in await_copies
 
-    def __init__(self, image, int base_depth, RateLimiter limiter, control=None,
-                 int64_t chunk=DEFAULT_CHUNK, int64_t batch=DEFAULT_BATCH):
-        self.image = image
-        self.lock = image._lock
-        self.chain = <Chain>image.chain_obj
-        self.top = <Driver>self.chain.layers[0]
+    def __init__(self, Chain chain, Driver top, lock, int base_depth, RateLimiter limiter,
+                 control=None, int64_t chunk=DEFAULT_CHUNK, int64_t batch=DEFAULT_BATCH):
+        if chain.layers[0] is not top:
+            raise ValueError("the top driver must be the chain's first layer")
+        self.lock = lock
+        self.chain = chain
+        self.top = top
+        self.flight = Flight(lock, limiter, top.cluster_size)
         self.base_depth = base_depth
-        self.keep_base = base_depth < self.chain.depth
+        self.keep_base = base_depth < chain.depth
         self.limiter = limiter
         self.control = control
         self.chunk = chunk
         self.batch = batch
-        self.pos = 0
         self.direct = True
         self.depth = DEFAULT_DEPTH
-        self.copying = []
-        self.linked = threading.Condition(self.lock)
 
     # ---- planning -------------------------------------------------------------------
 
@@ -277,67 +238,18 @@ cdef class Stream:
         if self.cur > self.end:
             self.end = self.cur
 
-    # ---- guest writes against copies in flight ---------------------------------------
-    #
-    # Between ``prepare_chunk`` and its link, a chunk's clusters are written to host
-    # clusters nothing points at yet. A guest write that allocated one of those top
-    # clusters first would win, and the copy would be given back: on a format without
-    # refcounts (QED) space given back in the middle of the file stays unreferenced, a
-    # leak for ``qemu-img check``. So allocating writes are serialised per cluster, as
-    # QEMU serialises them: a guest write to a cluster whose copy is in flight waits for
-    # that chunk's link (one chunk's write; the lock is released while it waits), and
-    # then finds the cluster allocated and writes in place. Copy-on-read leaves such a
-    # cluster to the pull, which links the same data.
-
-    cdef bint _copying(self, int64_t a, int64_t b):
-        """True when a chunk in flight holds a copy, not linked yet, of a cluster that
-        meets [a, b) (bytes; the lock is held)."""
-        cdef _Chunk ch
-        cdef int64_t cs = self.top.cluster_size
-        cdef int64_t v
-        for ch in self.copying:
-            if ch.off >= b or ch.off + ch.n <= a:
-                continue
-            for j in ch.todo:
-                v = ch.off + <int64_t>j * cs
-                if v < b and a < v + cs:
-                    return True
-        return False
+    # ---- guest writes against copies in flight (see blockpull._inflight) ------------
 
     def copy_in_flight(self, int64_t offset, int64_t n):
         """True when a copy of a cluster under [offset, offset+n) (bytes) is being
         written and not linked yet; the image lock is held."""
-        return self._copying(offset, offset + n)
+        return self.flight.overlaps(offset, offset + n)
 
     def await_copies(self, int64_t offset, int64_t n):
         """With the image lock held, before a guest write at [offset, offset+n) (bytes):
-        wait (the lock released meanwhile) until no copy of a cluster it touches is in
-        flight, so that the write finds the pull's cluster linked instead of beating it.
-        The copy loop, told of the wait, links its chunks in flight as soon as their
-        writes are done (before it waits for bandwidth), so the wait is about one
-        chunk's write; a pull that stops gives its chunks back."""
-        if not self._copying(offset, offset + n):
-            return
-        self.waiters += 1
-        try:
-            self.limiter.wake()
-            while self._copying(offset, offset + n):
-                self.linked.wait(0.05)
-        finally:
-            self.waiters -= 1
-
-    cdef _reserve(self, _Chunk ch):
-        if ch.todo:
-            self.copying.append(ch)
-
-    cdef _unreserve(self, _Chunk ch):
-        """The chunk is linked or given back (the lock is held): wake waiting writes."""
-        cdef int i
-        for i in range(len(self.copying)):
-            if self.copying[i] is ch:
-                del self.copying[i]
-                self.linked.notify_all()
-                break
+        wait, the lock released meanwhile, until no copy of a cluster it touches is in
+        flight (``Flight.await_copies``)."""
+        self.flight.await_copies(offset, n)
 
     # ---- copying --------------------------------------------------------------------
 
@@ -352,23 +264,14 @@ cdef class Stream:
         read again."""
         cdef int64_t pos = 0, run_end = -1, s, n, take
         cdef int64_t cs = self.top.cluster_size
-        cdef int64_t chunk
+        cdef int64_t chunk = max(cs, self.chunk - self.chunk % cs)
         cdef int depth = max(1, self.depth)
-        cdef _Chunk ch
+        cdef Chunk ch
         cdef list inflight = []      # chunks being written, oldest first
-        cdef list spare
+        cdef list bufs = self._begin_run(depth, chunk)
+        cdef list spare = list(bufs)
         cdef bint clean = False
-        chunk = max(cs, self.chunk - self.chunk % cs)
-        if self.direct:
-            self.top.file.enable_direct()
-        self.pool = BufferPool(depth + 1, chunk)
-        bufs = [self.pool.acquire() for _ in range(depth + 1)]
-        spare = list(bufs)
-        self.writer = ThreadPoolExecutor(depth, thread_name_prefix="blockpull-write")
-        self.run_epoch = self._epoch()
-        self._open_reader()
         try:
-            self.pos = 0
             while True:
                 if self.cancel_requested or (self.pause_requested and self.control is not None):
                     failed = self._settle(inflight, spare, len(inflight))
@@ -392,7 +295,7 @@ cdef class Stream:
                         continue
                     pos = s
                     run_end = s + n
-                if len(inflight) >= depth or (self.waiters and inflight):
+                if len(inflight) >= depth or (self.flight.waiters and inflight):
                     # (a guest write waits for a chunk in flight: link them now)
                     failed = self._settle(inflight, spare, 1)
                     if failed is not None:
@@ -416,34 +319,49 @@ cdef class Stream:
                     ch.future = self.writer.submit(self.top.file.pwritev_data, ch.views, ch.host)
                 inflight.append(ch)
                 pos += take
-                self.pos = pos
             clean = self.errors == 0
             return "completed"
         finally:
-            for ch in inflight:
-                self._discard(ch)
-            inflight = []
-            self.writer.shutdown(wait=True)
-            self.writer = None
-            with self.lock:
-                self.tracking = False
-                # every chunk is linked or given back by now: nothing is in flight
-                if self.copying:
-                    self.copying = []
-                    self.linked.notify_all()
-            # A clean run leaves its last batch to the caller's final flush, which
-            # reports an I/O error under the job's policy; a failed or cancelled run
-            # writes what it linked as best it can (its own error is already on its way).
-            if not clean:
-                try:
-                    with self.lock:
-                        self.top.flush_metadata()
-                except OSError:
-                    pass
-            self._close_reader()
-            for b in bufs:
-                b.release()
-            self.pool = None
+            self._end_run(inflight, bufs, clean)
+
+    cdef list _begin_run(self, int depth, int64_t chunk):
+        """Set up a pass of the copy loop: ``depth + 1`` pool buffers of ``chunk`` bytes
+        (returned), ``depth`` writer threads, this pull's own reader of the chain."""
+        if self.direct:
+            self.top.file.enable_direct()
+        self.pool = BufferPool(depth + 1, chunk)
+        bufs = [self.pool.acquire() for _ in range(depth + 1)]
+        self.writer = ThreadPoolExecutor(depth, thread_name_prefix="blockpull-write")
+        self.run_epoch = self._epoch()
+        self._open_reader()
+        return bufs
+
+    cdef _end_run(self, list inflight, list bufs, bint clean):
+        """End a pass: give back the chunks still in flight, stop the writers, stop
+        counting guest writes, release the reader and the buffers.
+
+        A clean run leaves its last batch to the caller's final flush, which reports an
+        I/O error under the job's policy; a failed or cancelled run writes what it
+        linked as best it can (its own error is already on its way)."""
+        cdef Chunk ch
+        for ch in inflight:
+            self._discard(ch)
+        self.writer.shutdown(wait=True)
+        self.writer = None
+        with self.lock:
+            self.tracking = False
+            # every chunk is linked or given back by now: nothing is in flight
+            self.flight.clear()
+        if not clean:
+            try:
+                with self.lock:
+                    self.top.flush_metadata()
+            except OSError:
+                pass
+        self._close_reader()
+        for b in bufs:
+            b.release()
+        self.pool = None
 
     cdef _open_reader(self):
         """Open the backing images a second time, read-only, for this pull alone: the
@@ -510,7 +428,7 @@ cdef class Stream:
         chunks after it are given back as well; returns (offset, length, error) of the
         failed one, or None. A chunk whose data was written before a failed fdatasync
         is given back instead of linked, and returned with error None."""
-        cdef _Chunk ch
+        cdef Chunk ch
         cdef object exc
         while count > 0 and inflight:
             ch = inflight.pop(0)
@@ -525,7 +443,7 @@ cdef class Stream:
             if not linked:
                 # the chunks after it are given back: they are read again from there
                 while inflight:
-                    later = <_Chunk>inflight.pop(0)
+                    later = <Chunk>inflight.pop(0)
                     self._discard(later)
                     spare.append(later.buf)
                     later.buf = None
@@ -582,7 +500,7 @@ cdef class Stream:
             self._count(pend)
             self.done_front = max(self.done_front, off + n)
 
-    cdef _discard(self, _Chunk ch):
+    cdef _discard(self, Chunk ch):
         """Give back the clusters of a chunk that will not be linked."""
         if ch.future is not None:
             try:
@@ -592,12 +510,17 @@ cdef class Stream:
             ch.future = None
         ch.release_views()
         with self.lock:
-            try:
-                if ch.todo:
-                    self.top.free_clusters(ch.host, len(ch.todo))
-            finally:
-                ch.todo = []
-                self._unreserve(ch)
+            self._give_back(ch, 0)
+
+    cdef _give_back(self, Chunk ch, int64_t k):
+        """Give back the host clusters of ``ch.todo[k:]``, which are not linked; the
+        chunk leaves the flight (the lock is held)."""
+        try:
+            if k < len(ch.todo):
+                self.top.free_clusters(ch.host + k * self.top.cluster_size, len(ch.todo) - k)
+        finally:
+            ch.todo = []
+            self.flight.unreserve(ch)
 
     cdef int64_t chunk_limit(self, int64_t chunk, int64_t cs):
         """Chunk size: under a limit, about 1/64 s of budget, so that the limiter stays
@@ -611,7 +534,7 @@ cdef class Stream:
                 c = cs
         return c
 
-    cdef _Chunk prepare_chunk(self, buf, int64_t off, int64_t n):
+    cdef Chunk prepare_chunk(self, buf, int64_t off, int64_t n):
         """Read what the top lacks in [off, off+n) from the backing chain (without the
         lock), then under the lock keep what the top still lacks and reserve host
         clusters for the non-zero clusters; the views to write are set up, nothing is
@@ -621,188 +544,216 @@ cdef class Stream:
         top, and the re-check leaves them out: the guest write wins. The data read for
         the clusters kept is current: the top still lacks them, so the chain reads them
         from the backing images, which no one writes during a pull."""
-        cdef Driver top = self.top
-        cdef int64_t cs = top.cluster_size
+        cdef int64_t cs = self.top.cluster_size
         cdef int64_t ncl = (n + cs - 1) // cs
-        cdef int64_t i, j, v, k, run, clen, last, pad, e
-        cdef int kind
         cdef const unsigned char[::1] mv = buf
-        cdef const unsigned char* p = &mv[0]
-        cdef _Chunk ch = _Chunk.__new__(_Chunk)
-        cdef list runs = []       # (first cluster, clusters, bytes) the top lacked
+        cdef Chunk ch = Chunk.__new__(Chunk)
+        cdef list runs
         cdef bytearray state = bytearray(ncl)   # 1 data, 2 all zeros, per cluster read
         cdef unsigned char[::1] stv = state
-        cdef unsigned char* st = &stv[0]
-        cdef list todo = []       # cluster indexes (within the chunk) to copy, in order
-        cdef list zeros = []
-        cdef list skips = []
-        cdef list views
         ch.off = off
         ch.n = n
         with self.lock:
             ch.epoch = self._epoch()
-            i = 0
-            while i < ncl:
-                v = off + i * cs
-                kind, run, _h = top.pull_status(v, n - i * cs)
-                k = (run + cs - 1) // cs
-                if kind == KIND_UNALLOC:
-                    runs.append((i, min(k, ncl - i), min(run, n - i * cs)))
-                i += k
+            runs = self._lacking(off, n, ncl)
+        self._read_runs(runs, off, n, <unsigned char*>&mv[0], &stv[0])
+        with self.lock:
+            # the re-check: what a guest write filled meanwhile is its own
+            self._keep_lacking(ch, runs, state)
+        if ch.todo:
+            self._set_views(ch, buf)
+        return ch
+
+    cdef list _lacking(self, int64_t off, int64_t n, int64_t ncl):
+        """(first cluster, clusters, bytes) of each run of [off, off+n) that the top
+        lacks, ``ncl`` clusters in all (the lock is held)."""
+        cdef Driver top = self.top
+        cdef int64_t cs = top.cluster_size
+        cdef int64_t i = 0, v, k, run
+        cdef int kind
+        cdef list runs = []
+        while i < ncl:
+            v = off + i * cs
+            kind, run, _h = top.pull_status(v, n - i * cs)
+            k = (run + cs - 1) // cs
+            if kind == KIND_UNALLOC:
+                runs.append((i, min(k, ncl - i), min(run, n - i * cs)))
+            i += k
+        return runs
+
+    cdef int _read_runs(self, list runs, int64_t off, int64_t n, unsigned char* p,
+                        unsigned char* st) except -1:
+        """Read ``runs`` of the chunk at ``off`` from the backing chain into ``p`` and
+        mark each cluster read in ``st``: 1 data, 2 all zeros."""
+        cdef int64_t cs = self.top.cluster_size
+        cdef int64_t i, j, k, v, clen
         for i, k, clen in runs:
             v = off + i * cs
             try:
-                self._read_backing(v, <unsigned char*>p + i * cs, clen)
+                self._read_backing(v, p + i * cs, clen)
             except OSError as exc:
                 raise StreamIOError(exc, "read", v)
             with nogil:     # a whole chunk's scan: let readers of the image run
                 for j in range(i, i + k):
                     clen = min(cs, n - j * cs)
                     st[j] = 2 if all_zero(p + j * cs, clen) else 1
-        with self.lock:
-            # the re-check: what a guest write filled meanwhile is its own
-            for i, k, _n in runs:
-                e = i + k
-                while i < e:
-                    v = off + i * cs
-                    kind, run, _h = top.pull_status(v, min((e - i) * cs, n - i * cs))
-                    k = min((run + cs - 1) // cs, e - i)
-                    if kind == KIND_UNALLOC:
-                        for j in range(i, i + k):
-                            if state[j] == 1:
-                                todo.append(j)
-                            elif self.keep_base:
-                                zeros.append(j)
-                            else:
-                                self.skipped_zero += min(cs, n - j * cs)
-                                skips.append(j)
-                    i += k
-            if todo or zeros:
-                try:
-                    # tables before data: once the data is written, linking it needs
-                    # no space (a full disk fails here, before anything is written)
-                    top.ensure_tables(off, n)
-                    if todo:
-                        ch.host = top.alloc_clusters(len(todo))
-                except OSError as exc:
-                    raise StreamIOError(exc, "write", off)
-            ch.todo = todo
-            self._reserve(ch)
+        return 0
+
+    cdef _keep_lacking(self, Chunk ch, list runs, bytearray state):
+        """Of the clusters read, keep those the top still lacks (the lock is held): data
+        to copy (``todo``, host clusters reserved), zeros to record over a kept base
+        (``zeros``), all-zero clusters to leave out (``skips``)."""
+        cdef Driver top = self.top
+        cdef int64_t cs = top.cluster_size
+        cdef int64_t off = ch.off, n = ch.n
+        cdef int64_t i, j, k, e, v, run
+        cdef int kind
+        cdef list todo = []       # cluster indexes (within the chunk) to copy, in order
+        cdef list zeros = []
+        cdef list skips = []
+        for i, k, _n in runs:
+            e = i + k
+            while i < e:
+                v = off + i * cs
+                kind, run, _h = top.pull_status(v, min((e - i) * cs, n - i * cs))
+                k = min((run + cs - 1) // cs, e - i)
+                if kind == KIND_UNALLOC:
+                    for j in range(i, i + k):
+                        if state[j] == 1:
+                            todo.append(j)
+                        elif self.keep_base:
+                            zeros.append(j)
+                        else:
+                            self.skipped_zero += min(cs, n - j * cs)
+                            skips.append(j)
+                i += k
+        if todo or zeros:
+            try:
+                # tables before data: once the data is written, linking it needs
+                # no space (a full disk fails here, before anything is written)
+                top.ensure_tables(off, n)
+                if todo:
+                    ch.host = top.alloc_clusters(len(todo))
+            except OSError as exc:
+                raise StreamIOError(exc, "write", off)
+        ch.todo = todo
+        self.flight.reserve(ch)
         ch.zeros = zeros
         ch.skips = skips
-        if todo:
-            # one vectored write of the clusters to copy (unreachable until linked)
-            views = []
-            ch.bmv = memoryview(buf)
-            i = 0
-            while i < len(todo):
-                k = i
-                while k + 1 < len(todo) and todo[k + 1] == todo[k] + 1:
-                    k += 1
-                views.append(ch.bmv[<int64_t>todo[i] * cs:min((<int64_t>todo[k] + 1) * cs, n)])
-                i = k + 1
-            # a short last cluster is padded to a whole cluster on disk
-            last = todo[len(todo) - 1]
-            pad = (last + 1) * cs - n
-            if pad > 0:
-                views.append(bytes(pad))
-            ch.views = views
-        return ch
 
-    cdef bint finish_chunk(self, _Chunk ch) except -1:
+    cdef _set_views(self, Chunk ch, buf):
+        """One vectored write of the clusters to copy (unreachable until linked): a view
+        of ``buf`` per run of consecutive clusters, a short last cluster padded to a
+        whole cluster on disk."""
+        cdef int64_t cs = self.top.cluster_size
+        cdef int64_t n = ch.n, i = 0, k, last, pad
+        cdef list todo = ch.todo
+        cdef list views = []
+        ch.bmv = memoryview(buf)
+        while i < len(todo):
+            k = i
+            while k + 1 < len(todo) and todo[k + 1] == todo[k] + 1:
+                k += 1
+            views.append(ch.bmv[<int64_t>todo[i] * cs:min((<int64_t>todo[k] + 1) * cs, n)])
+            i = k + 1
+        last = todo[len(todo) - 1]
+        pad = (last + 1) * cs - n
+        if pad > 0:
+            views.append(bytes(pad))
+        ch.views = views
+
+    cdef bint finish_chunk(self, Chunk ch) except -1:
         """Wait for the chunk's write, then under the lock link each cluster the top still
         lacks (a guest write that came first wins and the copy is given back). False,
         with the chunk given back, when an fdatasync of the top failed since the chunk
-        was read: its data may have been lost with that sync's pages.
-
-        Clusters are linked in virtual order, so that a failure at ``v`` leaves every
-        cluster before it done and the chunk to retry is [v, end). Progress counts the
-        clusters this fills; a cluster a guest write filled first was counted by that
-        write, and one before ``done_front`` (a chunk done again after an error) was
-        counted before."""
-        cdef Driver top = self.top
-        cdef int64_t cs = top.cluster_size
-        cdef int64_t i, j, k, v, clen, n = ch.n, off = ch.off, host = ch.host
+        was read: its data may have been lost with that sync's pages. Every ``batch``
+        bytes the driver writes its tables."""
         cdef int64_t front = self.done_front
-        cdef list todo = ch.todo
-        if ch.future is not None:
-            fut, ch.future = ch.future, None
-            try:
-                fut.result()
-            except OSError as exc:
-                ch.release_views()
-                with self.lock:
-                    try:
-                        top.free_clusters(host, len(todo))
-                    finally:
-                        ch.todo = []
-                        self._unreserve(ch)
-                raise StreamIOError(exc, "write", off + <int64_t>todo[0] * cs)
+        self._await_write(ch)
         ch.release_views()
         with self.lock:
             if self._epoch() != ch.epoch:
-                try:
-                    if todo:
-                        top.free_clusters(host, len(todo))
-                finally:
-                    ch.todo = []
-                    self._unreserve(ch)
+                self._give_back(ch, 0)
                 return False
-            order = sorted([(<int64_t>todo[i], 0, i) for i in range(len(todo))] +
-                           [(<int64_t>j, 1, 0) for j in ch.zeros] +
-                           [(<int64_t>j, 2, 0) for j in ch.skips])
-            k = 0           # todo[k:] are neither linked nor given back yet
-            v = off
-            try:
-                for j, what, i in order:
-                    v = off + j * cs
-                    clen = min(cs, n - j * cs)
-                    if what == 0:
-                        if top.link(v, host + i * cs):
-                            self.copied += clen
-                            if v >= front:
-                                self._count(clen)
-                        else:
-                            top.free_clusters(host + i * cs, 1)
-                        k = i + 1
-                    elif what == 1:
-                        if top.has_zero_flag:
-                            if top.link_zero(v):
-                                self.zeroed += clen
-                                if v >= front:
-                                    self._count(clen)
-                        elif self._write_zero_cluster(v, clen) and v >= front:
-                            self._count(clen)
-                    elif v >= front and top.pull_status(v, cs)[0] == KIND_UNALLOC:
-                        # left unallocated: done, unless a guest write filled it meanwhile
-                        self._count(clen)
-            except (OSError, StreamIOError) as exc:
-                # linking needed a new table and there was no room (or its space could
-                # not be claimed): what is linked stays, the rest is given back and
-                # reported from the first cluster not done
-                try:
-                    if k < len(todo):
-                        top.free_clusters(host + k * cs, len(todo) - k)
-                finally:
-                    ch.todo = []
-                    self._unreserve(ch)
-                self._partly_done(ch, v)
-                if isinstance(exc, StreamIOError):
-                    raise
-                raise StreamIOError(exc, "write", v)
-            ch.todo = []
-            self._unreserve(ch)
-            self.done_front = max(front, off + n)
-            self.since_batch += n
+            self._link_chunk(ch, front)
+            self.done_front = max(front, ch.off + ch.n)
+            self.since_batch += ch.n
             if self.since_batch >= self.batch:
                 self.since_batch = 0
                 try:
-                    top.flush_metadata()
+                    self.top.flush_metadata()
                 except OSError as exc:
-                    raise StreamIOError(exc, "write", off)
+                    raise StreamIOError(exc, "write", ch.off)
         return True
 
-    cdef _partly_done(self, _Chunk ch, int64_t v):
+    cdef int _await_write(self, Chunk ch) except -1:
+        """Wait for the chunk's write; when it failed, give its clusters back and raise
+        StreamIOError at its first cluster."""
+        cdef int64_t first
+        if ch.future is None:
+            return 0
+        fut, ch.future = ch.future, None
+        try:
+            fut.result()
+        except OSError as exc:
+            first = ch.off + <int64_t>ch.todo[0] * self.top.cluster_size
+            ch.release_views()
+            with self.lock:
+                self._give_back(ch, 0)
+            raise StreamIOError(exc, "write", first)
+        return 0
+
+    cdef _link_chunk(self, Chunk ch, int64_t front):
+        """Link the chunk's clusters (the lock is held), in virtual order, so that a
+        failure at ``v`` leaves every cluster before it done and the chunk to retry is
+        [v, end). Progress counts the clusters this fills; a cluster a guest write
+        filled first was counted by that write, and one before ``front`` (a chunk done
+        again after an error) was counted before."""
+        cdef Driver top = self.top
+        cdef int64_t cs = top.cluster_size
+        cdef int64_t i, j, clen, n = ch.n, off = ch.off, host = ch.host
+        cdef int64_t k = 0          # todo[k:] are neither linked nor given back yet
+        cdef int64_t v = off
+        cdef list todo = ch.todo
+        order = sorted([(<int64_t>todo[i], 0, i) for i in range(len(todo))] +
+                       [(<int64_t>j, 1, 0) for j in ch.zeros] +
+                       [(<int64_t>j, 2, 0) for j in ch.skips])
+        try:
+            for j, what, i in order:
+                v = off + j * cs
+                clen = min(cs, n - j * cs)
+                if what == 0:
+                    if top.link(v, host + i * cs):
+                        self.copied += clen
+                        if v >= front:
+                            self._count(clen)
+                    else:
+                        top.free_clusters(host + i * cs, 1)
+                    k = i + 1
+                elif what == 1:
+                    if top.has_zero_flag:
+                        if top.link_zero(v):
+                            self.zeroed += clen
+                            if v >= front:
+                                self._count(clen)
+                    elif self._write_zero_cluster(v, clen) and v >= front:
+                        self._count(clen)
+                elif v >= front and top.pull_status(v, cs)[0] == KIND_UNALLOC:
+                    # left unallocated: done, unless a guest write filled it meanwhile
+                    self._count(clen)
+        except (OSError, StreamIOError) as exc:
+            # linking needed a new table and there was no room (or its space could
+            # not be claimed): what is linked stays, the rest is given back and
+            # reported from the first cluster not done
+            self._give_back(ch, k)
+            self._partly_done(ch, v)
+            if isinstance(exc, StreamIOError):
+                raise
+            raise StreamIOError(exc, "write", v)
+        ch.todo = []
+        self.flight.unreserve(ch)
+
+    cdef _partly_done(self, Chunk ch, int64_t v):
         """A chunk failed at ``v`` after its earlier clusters were done (and counted):
         leave the chunk as [v, end) for the error policy."""
         self.done_front = max(self.done_front, v)
@@ -818,7 +769,7 @@ cdef class Stream:
             return False
         try:
             # a pulled cluster like any other (not a guest write): fresh space, linked
-            _cor_group(top, [bytes(top.cluster_size)], [v], top.cluster_size)
+            cor_group(top, [bytes(top.cluster_size)], [v], top.cluster_size)
         except OSError as exc:
             raise StreamIOError(exc, "write", v)
         self.zeroed += n
@@ -831,97 +782,3 @@ cdef class Stream:
             self.top.sync_all()
 
 
-cdef _cor_group(Driver top, list views, list vaddrs, int64_t cs):
-    """Write a run of whole clusters into fresh host clusters and link what the top still
-    lacks (a guest write that came first wins)."""
-    cdef int64_t host, i
-    if not vaddrs:
-        return
-    host = top.alloc_clusters(len(vaddrs))
-    i = 0
-    try:
-        top.file.writev_data(views, host)
-        while i < len(vaddrs):
-            if not top.link(vaddrs[i], host + i * cs):
-                top.free_clusters(host + i * cs, 1)
-            i += 1
-    except OSError:
-        # nothing points at the clusters not linked yet: give them back
-        top.free_clusters(host + i * cs, len(vaddrs) - i)
-        raise
-
-
-cdef Stream _running_stream(image):
-    """The copy loop of the pull running on ``image``, or None."""
-    job = image._job
-    if job is None or job.done():
-        return None
-    return <Stream>job._stream
-
-
-def copy_on_read(image, int64_t offset, int64_t n, buf=None):
-    """Copy the clusters under [offset, offset+n) that the top still lacks from the
-    chain into the top (the caller holds the image lock). ``buf``, when given, holds
-    what the chain reads at [offset, offset+n): the clusters it covers whole are written
-    from it without a second read; only partly covered edge clusters are read again.
-    All-zero clusters are left where they are (the chain reads them cheaply), and so are
-    clusters whose copy by a running pull is in flight (the pull links the same data;
-    a second copy would only be given back)."""
-    cdef Chain chain = <Chain>image.chain_obj
-    cdef Driver top = <Driver>chain.layers[0]
-    cdef int64_t cs = top.cluster_size
-    cdef int64_t v = offset - offset % cs
-    cdef int64_t end = min(offset + n, top.size)
-    cdef int64_t run, vc, vend, clen
-    cdef int kind
-    cdef bytearray data
-    cdef unsigned char[::1] dv
-    cdef const unsigned char[::1] src
-    cdef const unsigned char* p
-    cdef list views, vaddrs
-    cdef Stream st = _running_stream(image)
-    bmv = None
-    top.file.enable_direct()
-    if buf is not None:
-        bmv = memoryview(buf).cast("B")
-        src = bmv
-    while v < end:
-        kind, run, _h = top.block_status(v, end - v)
-        if kind != KIND_UNALLOC:
-            v += run
-            continue
-        vend = v + ((min(run, end - v) + cs - 1) // cs) * cs
-        views = []
-        vaddrs = []
-        vc = v
-        while vc < vend:
-            clen = min(cs, top.size - vc)
-            if st is not None and st._copying(vc, vc + clen):
-                _cor_group(top, views, vaddrs, cs)
-                views = []
-                vaddrs = []
-                vc += cs
-                continue
-            if bmv is not None and vc >= offset and vc + clen <= offset + n:
-                p = &src[vc - offset]
-                piece = bmv[vc - offset:vc - offset + clen]
-            else:
-                data = bytearray(cs)
-                dv = data
-                chain.c_read(1, vc, &dv[0], clen)
-                p = &dv[0]
-                piece = data
-            if all_zero(p, clen):
-                _cor_group(top, views, vaddrs, cs)
-                views = []
-                vaddrs = []
-            else:
-                views.append(piece)
-                if clen < cs:
-                    views.append(bytes(cs - clen))
-                vaddrs.append(vc)
-            vc += cs
-        _cor_group(top, views, vaddrs, cs)
-        views = None
-        piece = None
-        v = vend
