@@ -23,11 +23,12 @@ without a lock. The system calls release the GIL; nothing per cluster goes back 
 """
 from libc.stdint cimport int64_t
 
-from blockpull._driver cimport Driver, KIND_UNALLOC, KIND_DATA, KIND_ZERO, KIND_COMPRESSED
+from blockpull._driver cimport Driver, KIND_UNALLOC
 from blockpull._chain cimport Chain
-from blockpull._fileio cimport File
 from blockpull._inflight cimport Chunk, Flight, all_zero, cor_group
+from blockpull._plan cimport Planner
 from blockpull._ratelimit cimport RateLimiter
+from blockpull._reader cimport BackingReader
 from blockpull._pool import BufferPool
 from blockpull.errors import StreamIOError
 
@@ -74,8 +75,8 @@ cdef class Stream:
     cdef public bint direct
     cdef public int depth
     cdef int64_t run_epoch    # the top's failed syncs when this pass began
-    cdef Chain reader         # the chain as this pull reads it without the lock, or None
-    cdef list reader_files    # (own File, the image's File) of each backing of ``reader``
+    cdef BackingReader reader
+    cdef Planner planner
 
     def __init__(self, Chain chain, Driver top, lock, int base_depth, RateLimiter limiter,
                  control=None, int64_t chunk=DEFAULT_CHUNK, int64_t batch=DEFAULT_BATCH):
@@ -85,6 +86,8 @@ cdef class Stream:
         self.chain = chain
         self.top = top
         self.flight = Flight(lock, limiter, top.cluster_size)
+        self.reader = BackingReader(chain, lock)
+        self.planner = Planner(chain, base_depth)
         self.base_depth = base_depth
         self.keep_base = base_depth < chain.depth
         self.limiter = limiter
@@ -96,67 +99,13 @@ cdef class Stream:
 
     # ---- planning -------------------------------------------------------------------
 
-    cdef bint _hidden(self, int64_t q):
-        """True when an image between the top and the base ends at or before ``q``: the
-        chain reads zeros there (a read past an image's end does not fall through to
-        the images below it), which the base would show through once the images above
-        it are dropped. Called where the chain finds ``q`` unallocated above the base."""
-        cdef int d
-        for d in range(1, self.base_depth):
-            if q >= (<Driver>self.chain.layers[d]).size:
-                return True
-        return False
-
-    cdef tuple next_run(self, int64_t pos, int64_t limit):
-        """(start, length) of the next cluster-aligned run in [pos, limit) that the top
-        lacks and that the pull must fill; (-1, 0) when there is none. It must fill what
-        a layer above the base holds (zero clusters only when a base is kept) and, when
-        a base is kept, what reads as zeros because an image above the base ends before
-        it. ``limit`` is cluster aligned or the disk's size; a run is whole clusters."""
-        cdef Driver top = self.top
-        cdef int64_t cs = top.cluster_size
-        cdef int64_t run, host, q, qend, start, r2, h2, end
-        cdef int kind, d, k2
-        cdef bint inc
-        limit = min(limit, top.size)
-        while pos < limit:
-            kind, run, host = top.pull_status(pos, limit - pos)
-            if kind != KIND_UNALLOC:
-                pos += run
-                continue
-            q = pos
-            qend = min(pos + run, limit)
-            start = -1
-            end = -1
-            while q < qend:
-                d, k2, r2, h2 = self.chain.c_find(q, qend - q, 1, self.base_depth)
-                if k2 == KIND_UNALLOC:
-                    inc = self.keep_base and self._hidden(q)
-                else:
-                    inc = self.keep_base or k2 != KIND_ZERO
-                if inc:
-                    if start < 0:
-                        start = q - (q % cs)
-                    q += r2
-                    if q % cs:
-                        q = min(q + cs - (q % cs), qend)
-                    end = q
-                elif start >= 0:
-                    return (start, end - start)
-                else:
-                    q += r2
-            if start >= 0:
-                return (start, end - start)
-            pos = qend
-        return (-1, 0)
-
     def plan_bytes(self):
         """Bytes the pull will fill (copy, or record as zeros over a kept base): a walk of
         the metadata, no data read."""
         cdef int64_t pos = 0, total = 0, s, n, size = self.top.size
         while True:
             with self.lock:
-                s, n = self.next_run(pos, size)
+                s, n = self.planner.next_run(pos, size)
             if s < 0:
                 break
             total += n
@@ -173,7 +122,7 @@ cdef class Stream:
         try:
             while True:
                 with self.lock:
-                    s, n = self.next_run(pos, size)
+                    s, n = self.planner.next_run(pos, size)
                     if s < 0:
                         self.plan_pos = size
                         break
@@ -203,7 +152,7 @@ cdef class Stream:
         if b % cs:
             b = min(b + cs - b % cs, self.plan_pos)
         while a < b:
-            s, k = self.next_run(a, b)
+            s, k = self.planner.next_run(a, b)
             if s < 0:
                 break
             total += k
@@ -285,7 +234,7 @@ cdef class Stream:
                     continue
                 if pos >= run_end:
                     with self.lock:
-                        s, n = self.next_run(pos, self.top.size)
+                        s, n = self.planner.next_run(pos, self.top.size)
                     if s < 0:
                         if not inflight:
                             break
@@ -333,7 +282,7 @@ cdef class Stream:
         bufs = [self.pool.acquire() for _ in range(depth + 1)]
         self.writer = ThreadPoolExecutor(depth, thread_name_prefix="blockpull-write")
         self.run_epoch = self._epoch()
-        self._open_reader()
+        self.reader.open()
         return bufs
 
     cdef _end_run(self, list inflight, list bufs, bint clean):
@@ -358,60 +307,10 @@ cdef class Stream:
                     self.top.flush_metadata()
             except OSError:
                 pass
-        self._close_reader()
+        self.reader.close()
         for b in bufs:
             b.release()
         self.pool = None
-
-    cdef _open_reader(self):
-        """Open the backing images a second time, read-only, for this pull alone: the
-        same open files (through /proc/self/fd), with tables and caches of their own, so
-        that chunks are read without the image lock while readers of the image use the
-        image's drivers. Where that is refused (no /proc, out of descriptors) chunks are
-        read under the lock, as the image's readers read."""
-        cdef File theirs, own
-        cdef list layers = [self.top]
-        cdef list files = []
-        self.reader = None
-        self.reader_files = []
-        try:
-            for d in self.chain.layers[1:]:
-                theirs = (<Driver>d).file
-                own = File("/proc/self/fd/%d" % theirs.fd, False, theirs.role)
-                own.path = theirs.path       # errors name the image, not the descriptor
-                files.append((own, theirs))
-                if own.identity() != theirs.identity():
-                    raise OSError("reopened another file")
-                layers.append(type(d)(own, False))
-        except Exception:       # any refusal: read under the lock instead
-            for own, _t in files:
-                own.close()
-            return
-        self.reader = Chain(layers)
-        self.reader_files = files
-
-    cdef _close_reader(self):
-        cdef File own
-        self.reader = None
-        for own, _t in self.reader_files:
-            try:
-                own.close()
-            except OSError:
-                pass
-        self.reader_files = []
-
-    cdef int _read_backing(self, int64_t v, unsigned char* out, int64_t n) except -1:
-        """Read [v, v+n) from the backing chain (layers below the top) into ``out``:
-        through this pull's own drivers without the lock, else under it."""
-        cdef File own, theirs
-        if self.reader is None:
-            with self.lock:
-                self.chain.c_read(1, v, out, n)
-            return 0
-        for own, theirs in self.reader_files:
-            own.faults = theirs.faults       # fault injection follows the image's files
-        self.reader.c_read(1, v, out, n)
-        return 0
 
     cdef int64_t _epoch(self):
         """How many of the top's fdatasyncs have failed so far."""
@@ -590,7 +489,7 @@ cdef class Stream:
         for i, k, clen in runs:
             v = off + i * cs
             try:
-                self._read_backing(v, p + i * cs, clen)
+                self.reader.read(v, p + i * cs, clen)
             except OSError as exc:
                 raise StreamIOError(exc, "read", v)
             with nogil:     # a whole chunk's scan: let readers of the image run
