@@ -75,7 +75,7 @@ class Export:
         img = self.image
         out: List[Tuple[int, int, int, int]] = []
         pos, end = offset, offset + length
-        with img._lock:
+        with img.lock:
             chain = img.chain_obj
             while pos < end:
                 depth, kind, run, _host = chain.find(pos, end - pos)
