@@ -64,11 +64,6 @@ cdef class Flight:
                     return True
         return False
 
-    def copy_in_flight(self, int64_t offset, int64_t n):
-        """True when a copy of a cluster under [offset, offset+n) (bytes) is being
-        written and not linked yet; the image lock is held."""
-        return self.overlaps(offset, offset + n)
-
     def await_copies(self, int64_t offset, int64_t n):
         """With the image lock held, before a guest write at [offset, offset+n) (bytes):
         wait (the lock released meanwhile) until no copy of a cluster it touches is in

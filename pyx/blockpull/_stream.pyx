@@ -99,19 +99,6 @@ cdef class Stream:
 
     # ---- planning -------------------------------------------------------------------
 
-    def plan_bytes(self):
-        """Bytes the pull will fill (copy, or record as zeros over a kept base): a walk of
-        the metadata, no data read."""
-        cdef int64_t pos = 0, total = 0, s, n, size = self.top.size
-        while True:
-            with self.lock:
-                s, n = self.planner.next_run(pos, size)
-            if s < 0:
-                break
-            total += n
-            pos = s + n
-        return total
-
     def prepare(self):
         """Compute ``end`` (bytes) before the copy starts, and count guest writes into
         ``cur`` from here on (see ``guest_write_begin``)."""
@@ -188,11 +175,6 @@ cdef class Stream:
             self.end = self.cur
 
     # ---- guest writes against copies in flight (see blockpull._inflight) ------------
-
-    def copy_in_flight(self, int64_t offset, int64_t n):
-        """True when a copy of a cluster under [offset, offset+n) (bytes) is being
-        written and not linked yet; the image lock is held."""
-        return self.flight.overlaps(offset, offset + n)
 
     def await_copies(self, int64_t offset, int64_t n):
         """With the image lock held, before a guest write at [offset, offset+n) (bytes):
