@@ -185,8 +185,11 @@ cdef class Stream:
     # ---- copying --------------------------------------------------------------------
 
     def run(self):
-        """Copy everything; returns "completed" or "cancelled". I/O errors come back
-        through ``control.on_io_error(StreamIOError) -> "retry" | "skip" | "fail"``.
+        """Copy everything; returns "completed" or "cancelled". An I/O error goes to
+        ``control.on_io_error(StreamIOError)``, which answers with the error policy it
+        applied (``blockpull.policy.OnError``): "report" (the error is raised), "stop"
+        (the control paused and was resumed: the chunk is tried again) or "ignore" (the
+        chunk is given up and counted in ``errors``).
 
         ``depth`` chunks are written at once by as many writer threads while the next
         chunk is read from the chain into a spare buffer; chunks are linked in order,
@@ -340,20 +343,21 @@ cdef class Stream:
         again before anything points at them."""
         off, n, exc = failed
         if self._epoch() != self.run_epoch:
-            if exc is None or self._on_error(exc) == "retry":
+            if exc is None or self._on_error(exc) == "stop":
                 self.run_epoch = self._epoch()
                 return 0
             self._skipped(off, n)
             return off + n
         if exc is None:
             return off
-        if self._on_error(exc) == "skip":
+        if self._on_error(exc) == "ignore":
             self._skipped(off, n)
             return off + n
         return off
 
-    cdef str _on_error(self, exc):
-        """"retry" or "skip" as the control says; raises the error on "fail".
+    cdef object _on_error(self, exc):
+        """The control's policy for the error: "stop" (try the chunk again) or "ignore"
+        (give it up); raises the error on "report", or without a control.
 
         Before the control hears of the error, what is linked so far is written back
         (as best the disk allows): while the job waits paused, or carries on past the
@@ -363,9 +367,9 @@ cdef class Stream:
                 self.top.flush_metadata()
         except OSError:
             pass
-        action = self.control.on_io_error(exc) if self.control is not None else "fail"
-        if action in ("retry", "skip"):
-            return action
+        policy = self.control.on_io_error(exc) if self.control is not None else "report"
+        if policy == "stop" or policy == "ignore":
+            return policy
         raise exc
 
     cdef _skipped(self, int64_t off, int64_t n):

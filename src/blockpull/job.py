@@ -290,7 +290,7 @@ class PullJob(JobFuture):
                             return "completed"
             except OSError as exc:
                 err = StreamIOError(exc, "write", 0)
-                if self.on_io_error(err) != "retry":
+                if self.on_io_error(err) != OnError.STOP:
                     raise err from exc
                 if self._stream.cancel_requested:
                     return "cancelled"
@@ -363,22 +363,24 @@ class PullJob(JobFuture):
             self._status = JobStatus.RUNNING
             self._emit("resumed")
 
-    def on_io_error(self, exc: StreamIOError) -> str:
-        """Called by the copy loop on an I/O error: "fail", "retry" or "skip"."""
+    def on_io_error(self, exc: StreamIOError) -> OnError:
+        """Called by the copy loop on an I/O error; applies the job's policy and returns
+        it: REPORT (the loop fails), IGNORE (it gives the chunk up), STOP (the job paused
+        here until resumed: the loop tries the chunk again)."""
         err = self._pull_error(exc)
         self._last_error = err
         if self.on_error == OnError.REPORT:
-            return "fail"
+            return OnError.REPORT
         self._emit("error", err)
         if self.on_error == OnError.IGNORE:
-            return "skip"
+            return OnError.IGNORE
         # "stop": pause until resumed, then retry the chunk
         self._resumed = False
         self._resume.clear()
         self._stream.pause_requested = True
         self.wait_while_paused()
         self._last_error = None
-        return "retry"
+        return OnError.STOP
 
     # ---- watching -----------------------------------------------------------------
 
