@@ -20,6 +20,10 @@ Per chunk (at most ``chunk`` bytes of one run, cluster aligned):
 The steps overlap: while ``depth`` chunks are being written, the next one is read into a
 spare buffer; chunks are linked in order. The progress counters are C integers read
 without a lock. The system calls release the GIL; nothing per cluster goes back to Python.
+
+The plan is ``_plan.Planner``'s, the reads without the lock go through
+``_reader.BackingReader``, and the copies in flight (which guest writes wait for) are
+kept in ``_inflight.Flight``; all three are cimported, their methods called in C.
 """
 from libc.stdint cimport int64_t
 
