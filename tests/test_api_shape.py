@@ -123,3 +123,13 @@ def test_job_does_not_import_image():
         imports = _runtime_imports(os.path.join(src, name))
         assert "blockpull.image" not in imports, name
         assert "blockpull.compat" not in imports, name
+
+
+def test_pull_of_a_closed_image_says_closed(qemu, chain3):
+    top, _mid, _base = chain3
+    img = blockpull.open(top)
+    img.close()
+    with pytest.raises(ValueError, match="closed"):
+        img.pull()
+    assert qemu.info(top)["backing-filename"] == "mid.qcow2"
+    qemu.assert_clean(top)

@@ -14,9 +14,9 @@ from typing import (TYPE_CHECKING, Any, Callable, Dict, Iterator, List, NamedTup
 
 from blockpull import _qcow2, _qed, _raw
 from blockpull._chain import Chain
-from blockpull._inflight import copy_on_read
 from blockpull._driver import COMPRESSED, DATA, UNALLOC, ZERO
 from blockpull._fileio import File
+from blockpull._inflight import copy_on_read
 from blockpull.errors import (BackingChainError, BlockpullError, ImageFormatError,
                               ImageLockedError, ImageNotFoundError)
 from blockpull.job import PullJob
@@ -692,6 +692,7 @@ class Image:
         background; returns the running ``PullJob``. ``chunk`` and ``batch`` (bytes)
         tune how much is copied per step and between metadata syncs. Raises what
         ``PullJob.create`` raises, and OSError if the chain's tables cannot be read."""
+        self._top  # closed check
         job = PullJob.create(self, base=base, bandwidth=bandwidth, on_error=on_error,
                              on_event=on_event, chunk=chunk, batch=batch)
         prev, self._job = self._job, job
