@@ -43,7 +43,7 @@ def build(d: str, depth: int, fmt: str, size: int, layer: int) -> str:
         with blockpull.open(path) as img:
             img.write(i * layer % (size - layer), bytes([i % 255 + 1]) * layer)
             if prev is not None:
-                img._top.set_backing(prev, fmt)
+                img.layers[0].set_backing(prev, fmt)
         prev = os.path.basename(path)
     return path
 

@@ -374,7 +374,7 @@ def test_check_reports_and_repairs_leaks_like_qemu_img(tmp_path, qemu):
     img = qemu.create(tmp_path / "l.qcow2", 4 << 20)
     qemu.io(img, "write -P 1 0 128k")
     with blockpull.open(img) as im:       # write clusters and never link them: leaks
-        top = im._drivers[0]
+        top = im.layers[0]
         top.file.pwrite(b"x" * 3 * top.cluster_size, top.alloc_clusters(3))
     assert qemu.check(img) == 3
     r = cli("check", img)

@@ -169,7 +169,7 @@ def test_readme_synopsis_lists_every_option():
 
 def leak(path, n=3):
     with blockpull.open(path) as img:                # clusters written and never linked
-        top = img._drivers[0]
+        top = img.layers[0]
         top.file.pwrite(b"x" * n * top.cluster_size, top.alloc_clusters(n))
 
 

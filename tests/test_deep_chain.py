@@ -33,7 +33,7 @@ def build(tmp_path, depth, fmt="qcow2", extra=0):
             if i < depth:
                 img.write(i * CLUSTER % SIZE, bytes([i % 255 + 1]) * CLUSTER)
             if prev is not None:
-                img._top.set_backing(prev, fmt)
+                img.layers[0].set_backing(prev, fmt)
         paths.append(p)
         prev = os.path.basename(p)
     if not extra:

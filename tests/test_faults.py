@@ -357,13 +357,13 @@ def test_failed_sync_after_refcount_table_switch(tmp_path, qemu):
         return False
 
     def header_table(img):
-        f = img._drivers[0].file
+        f = img.layers[0].file
         return struct.unpack(">QI", f.pread(48, 12))
 
     with blockpull.open(path) as img:
         inj = faults.attach(img, faults.FaultInjector(record_writes=False))
         rule = inj.fail(None, "top", match=after_header_write)
-        top = img._drivers[0]
+        top = img.layers[0]
         off, failed = 0, False
         while off < (48 << 20):
             data = bytes([(off >> 20) + 1]) * (1 << 20)

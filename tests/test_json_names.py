@@ -166,7 +166,7 @@ def test_other_json_shapes_are_refused_as_protocols(tmp_path, qemu, text):
     top = qemu.create(tmp_path / "t.qcow2", MiB)
     # write the name as an image would hold it (qemu-img rebase opens some of them)
     with blockpull.open(top) as img:
-        img._top.set_backing("json:" + text, "qcow2")
+        img.layers[0].set_backing("json:" + text, "qcow2")
     assert qemu.info(top)["backing-filename"] == "json:" + text
     with pytest.raises(blockpull.BackingChainError, match="protocols are refused"):
         blockpull.open(top, readonly=True)

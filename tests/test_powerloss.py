@@ -201,7 +201,7 @@ def test_leak_past_end_of_file_is_not_counted_twice(tmp_path, qemu):
     qemu.io(base, "write -P 1 0 1M")
     top = qemu.create(tmp_path / "top.qcow2", 1 << 20, backing="base.qcow2")
     with blockpull.open(top) as img:
-        drv = img._drivers[0]
+        drv = img.layers[0]
         end = os.path.getsize(top)
         host = drv.alloc_clusters(3)      # counted, never written nor linked
         assert host >= end
@@ -209,7 +209,7 @@ def test_leak_past_end_of_file_is_not_counted_twice(tmp_path, qemu):
     assert os.path.getsize(top) == end    # the counts reached the file, the data did not
     assert qemu.check(top) == 0           # (QEMU looks no further than the end of file)
     with blockpull.open(top, readonly=True) as img:
-        assert img._drivers[0].refcount(host // 65536) == 1
+        assert img.layers[0].refcount(host // 65536) == 1
     with blockpull.open(top) as img:
         img.pull().result(timeout=60)
     rc, out = qemu_check(top)

@@ -164,11 +164,11 @@ def test_write_error_fails_cleanly_and_resumes(tmp_path, qemu, small_chunks, nth
     ref = tmp_path / "ref.raw"
     qemu.img("convert", "-O", "raw", top, str(ref))
     with blockpull.open(top) as img:
-        img._top.file.faults = _FailNthWrite(nth)
+        img.layers[0].file.faults = _FailNthWrite(nth)
         job = img.pull()
         with pytest.raises(blockpull.PullError):
             job.result()
-        img._top.file.faults = None
+        img.layers[0].file.faults = None
     assert qemu.info(top).get("backing-filename")
     assert qemu.check(top) in (0, 3)
     assert qemu.compare(top, ref, "qcow2", "raw")
@@ -184,12 +184,12 @@ def test_write_error_ignored_skips_one_chunk(tmp_path, qemu, small_chunks):
     ref = tmp_path / "ref.raw"
     qemu.img("convert", "-O", "raw", top, str(ref))
     with blockpull.open(top) as img:
-        img._top.file.faults = _FailNthWrite(2)
+        img.layers[0].file.faults = _FailNthWrite(2)
         job = img.pull(on_error="ignore")
         with pytest.raises(blockpull.PullError):
             job.result()
         assert job.info().errors == 1
-        img._top.file.faults = None
+        img.layers[0].file.faults = None
     assert qemu.compare(top, ref, "qcow2", "raw")
     _pull(top)
     assert qemu.compare(top, ref, "qcow2", "raw")
@@ -245,7 +245,7 @@ def test_chunks_are_read_without_the_image_lock(qemu, tmp_path, fmt):
 
         def check(self, op, role, off, n):
             if op == "read" and role == "backing" and n >= 1 << 20:
-                self.reads.append(self.img._lock._is_owned())
+                self.reads.append(self.img.lock._is_owned())
                 if self.wrote < 16:
                     # a guest write lands in the chunk while the pull reads it
                     o = off + 4096 * (self.wrote % 4)
@@ -260,10 +260,10 @@ def test_chunks_are_read_without_the_image_lock(qemu, tmp_path, fmt):
 
     with blockpull.open(top) as img:
         obs = Observer(img)
-        for d in img._drivers[1:]:
+        for d in img.layers[1:]:
             d.file.faults = obs
         img.pull(chunk=1 << 20).result()
-        for d in img._drivers[1:]:
+        for d in img.layers[1:]:
             d.file.faults = None
     assert obs.reads and not any(obs.reads), obs.reads
     assert obs.wrote == 16

@@ -13,11 +13,13 @@ from blockpull.compat import (BLOCK_JOB_SPEED_BANDWIDTH_BYTES, BLOCK_PULL_BANDWI
                               block_pull, block_pull_abort, event_deregister, event_register,
                               get_block_pull_info)
 from blockpull.errors import (BackingChainError, BlockpullError, ImageFormatError,
-                              ImageLockedError, InconsistentBitmapError, JobActiveError,
-                              PullCancelled, PullError, QemuError, ServeError)
+                              ImageLockedError, ImageNotFoundError, InconsistentBitmapError,
+                              JobActiveError, PullCancelled, PullError, QemuError, ServeError)
 from blockpull.image import ChainEntry, Extent, Image, create, open
 from blockpull.checker import CheckResult, check
-from blockpull.job import PullEvent, PullInfo, PullJob, pull
+from blockpull.job import PullEvent, PullInfo, PullJob
+from blockpull.oneshot import pull
+from blockpull.policy import JobStatus, OnError
 
 if TYPE_CHECKING:  # pragma: no cover
     from blockpull import qemu
@@ -48,10 +50,10 @@ __version__ = "0.1.0"
 
 __all__ = [
     "BackingChainError", "BlockpullError", "ImageFormatError", "ImageLockedError",
-    "InconsistentBitmapError", "JobActiveError", "PullCancelled", "PullError", "QemuError",
+    "ImageNotFoundError", "InconsistentBitmapError", "JobActiveError", "PullCancelled", "PullError", "QemuError",
     "ServeError", "Server", "serve",
     "ChainEntry", "CheckResult", "Extent", "Image", "check", "create", "open",
-    "PullEvent", "PullInfo", "PullJob", "pull",
+    "JobStatus", "OnError", "PullEvent", "PullInfo", "PullJob", "pull",
     "BlockPullInfo", "block_pull", "get_block_pull_info", "block_pull_abort",
     "block_job_set_speed", "event_register", "event_deregister",
     "BLOCK_PULL_COMPLETED", "BLOCK_PULL_FAILED", "BLOCK_PULL_CANCELED",

@@ -1,20 +1,20 @@
 """Type stubs for the compiled module blockpull._stream."""
-from typing import Any, Optional
+from typing import Any
 
+from typing_extensions import disjoint_base
+
+from blockpull._chain import Chain
+from blockpull._driver import Driver
+from blockpull._inflight import Flight
 from blockpull._ratelimit import RateLimiter
 
 DEFAULT_CHUNK: int
 DEFAULT_BATCH: int
 DEFAULT_DEPTH: int
 
-class StreamIOError(Exception):
-    exc: BaseException
-    errno: Optional[int]
-    operation: str
-    offset: int
-    def __init__(self, exc: BaseException, operation: str, offset: int) -> None: ...
-
+@disjoint_base
 class Stream:
+    flight: Flight
     base_depth: int
     keep_base: bool
     limiter: RateLimiter
@@ -24,7 +24,6 @@ class Stream:
     zeroed: int
     skipped_zero: int
     errors: int
-    pos: int
     plan_pos: int
     done_front: int
     tracking: bool
@@ -34,16 +33,13 @@ class Stream:
     batch: int
     direct: bool
     depth: int
-    def __init__(self, image: Any, base_depth: int, limiter: RateLimiter, control: Any = ...,
-                 chunk: int = ..., batch: int = ...) -> None: ...
-    def plan_bytes(self) -> int: ...
+    def __init__(self, chain: Chain, top: Driver, lock: Any, base_depth: int,
+                 limiter: RateLimiter, control: Any = ..., chunk: int = ...,
+                 batch: int = ...) -> None: ...
     def prepare(self) -> int: ...
     def guest_write_begin(self, offset: int, n: int) -> int: ...
     def guest_write_end(self, offset: int, n: int, before: int) -> None: ...
-    def copy_in_flight(self, offset: int, n: int) -> bool: ...
     def await_copies(self, offset: int, n: int) -> None: ...
     def run(self) -> str: ...
     def finish_sync(self) -> None: ...
     def intact(self) -> bool: ...
-
-def copy_on_read(image: Any, offset: int, n: int, buf: Any = ...) -> None: ...

@@ -130,7 +130,7 @@ def block_pull_abort(path: Any) -> int:
         return 0
     _img, job, closed = _entry(path)
     job.abort(wait=True)
-    if threading.current_thread() is not job._thread:   # not from an event callback
+    if not job.in_job_thread():   # not from an event callback
         closed.wait()
     return 0
 

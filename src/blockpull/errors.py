@@ -9,9 +9,11 @@ __all__ = [
     "InconsistentBitmapError",
     "BackingChainError",
     "ImageLockedError",
+    "ImageNotFoundError",
     "JobActiveError",
     "PullError",
     "PullCancelled",
+    "StreamIOError",
     "ServeError",
     "QemuError",
 ]
@@ -44,6 +46,10 @@ class ImageLockedError(BlockpullError):
     """Another process (QEMU or blockpull) holds a conflicting lock on the image."""
 
 
+class ImageNotFoundError(BlockpullError, FileNotFoundError):
+    """The image file does not exist (also a FileNotFoundError)."""
+
+
 class JobActiveError(BlockpullError):
     """A pull is already running on that image."""
 
@@ -55,6 +61,20 @@ class PullError(BlockpullError):
                  operation: Optional[str] = None, offset: Optional[int] = None) -> None:
         super().__init__(message)
         self.errno = errno
+        self.operation = operation
+        self.offset = offset
+
+
+class StreamIOError(Exception):
+    """An I/O error inside the copy loop, tagged with the operation ("read" or "write")
+    and the offset (bytes into the virtual disk) where it happened; ``exc`` is the
+    OSError and ``errno`` its errno (None if it has none). The job turns it into a
+    PullError under its error policy; it reaches no caller of the public API."""
+
+    def __init__(self, exc: BaseException, operation: str, offset: int) -> None:
+        super().__init__(str(exc))
+        self.exc = exc
+        self.errno: Optional[int] = getattr(exc, "errno", None)
         self.operation = operation
         self.offset = offset
 

@@ -177,12 +177,12 @@ class FaultInjector:
 
 def files_of(image: Any) -> list:
     """The open ``File`` objects of an Image's chain, top first."""
-    return [d.file for d in image._drivers]
+    return [d.file for d in image.layers]
 
 
 def attach(image: Any, injector: Optional[FaultInjector]) -> Optional[FaultInjector]:
     """Set ``injector`` as the ``faults`` of every file of ``image`` (None detaches)."""
-    with image._lock:
+    with image.lock:
         for f in files_of(image):
             f.faults = injector
     return injector

@@ -16,11 +16,14 @@ from blockpull import _qcow2, _qed, _raw
 from blockpull._chain import Chain
 from blockpull._driver import COMPRESSED, DATA, UNALLOC, ZERO
 from blockpull._fileio import File
+from blockpull._inflight import copy_on_read
 from blockpull.errors import (BackingChainError, BlockpullError, ImageFormatError,
-                              ImageLockedError)
+                              ImageLockedError, ImageNotFoundError)
+from blockpull.job import PullJob
 
 if TYPE_CHECKING:  # pragma: no cover
-    from blockpull.job import PullJob
+    from blockpull._driver import Driver
+    from blockpull._stream import Stream
 
 log = logging.getLogger("blockpull")
 
@@ -431,7 +434,7 @@ class Image:
 
     def _open_chain(self, fmt: Optional[str], lock_files: bool) -> None:
         if not os.path.exists(self.path):
-            raise BlockpullErrorNotFound(f"{self.path}: no such image file")
+            raise ImageNotFoundError(f"{self.path}: no such image file")
         top = _open_driver(self.path, fmt, not self.readonly, "top")
         self._drivers.append(top)
         if lock_files:
@@ -502,6 +505,20 @@ class Image:
         return [ChainEntry(d.file.path, d.format, d.size) for d in self._drivers]
 
     @property
+    def layers(self) -> "Tuple[Driver, ...]":
+        """The open format drivers of the chain, top first (``layers[0]`` is the top,
+        ``layers[i]`` the image ``chain[i]`` names). For tests and tools that look at
+        one image of the chain (its tables, its ``file``); reading or writing through
+        them bypasses the image lock and a running pull's bookkeeping."""
+        return tuple(self._drivers)
+
+    @property
+    def lock(self) -> "threading.RLock":
+        """The image lock (re-entrant): every metadata change of the top holds it, and
+        a pull's job and copy loop take it; hold it to see the chain stand still."""
+        return self._lock
+
+    @property
     def _top(self):
         if self._closed:
             raise ValueError(f"{self.path}: image is closed")
@@ -533,23 +550,47 @@ class Image:
             self._top  # closed check
             self.chain_obj.readinto(offset, mv, 0)
             if self.copy_on_read and len(self._drivers) > 1:
-                from blockpull._stream import copy_on_read
-                st, token = self._filling(offset, n)
-                try:
-                    copy_on_read(self, offset, n, mv)
-                finally:
-                    if st is not None:
-                        st.guest_write_end(offset, n, token)
+                self._copy_in(offset, n, mv)
         return n
+
+    def pull_range(self, offset: int, length: int) -> None:
+        """Copy what the top lacks under [offset, offset+length) (bytes) from the backing
+        chain into the top now, as a copy-on-read would: whole clusters, all-zero ones
+        left to the chain. Nothing happens on a read-only image or one without backing.
+        Raises ValueError outside the disk, OSError on an I/O error."""
+        self._check_range(offset, length)
+        if self.readonly:
+            return
+        with self._lock:
+            self._top  # closed check
+            if len(self._drivers) > 1:
+                self._copy_in(offset, length, None)
+
+    def _copy_in(self, offset: int, length: int, buf: Any) -> None:
+        """Copy-on-read of [offset, offset+length), ``buf`` holding what the chain reads
+        there or None (the lock held); a running pull counts what it fills."""
+        st, token = self._filling(offset, length)
+        try:
+            copy_on_read(self.chain_obj, offset, length, buf,
+                         st.flight if st is not None else None)
+        finally:
+            if st is not None:
+                st.guest_write_end(offset, length, token)
+
+    def _stream(self) -> "Optional[Stream]":
+        """The copy loop of the pull running on this image, or None."""
+        job = self._job
+        if job is None or job.done():
+            return None
+        return job.stream
 
     def _filling(self, offset: int, length: int) -> "tuple[Any, int]":
         """Before a write into the top (the lock held): the running pull's stream and
         its token, so that what the write fills counts as done in its progress; call
         ``stream.guest_write_end(offset, length, token)`` after the write."""
-        job = self._job
-        if job is None or job.done():
+        st = self._stream()
+        if st is None:
             return None, 0
-        st = job._stream
         return st, st.guest_write_begin(offset, length)
 
     def _await_copies(self, offset: int, length: int) -> None:
@@ -558,9 +599,9 @@ class Image:
         that it is writing now. The write then finds that cluster allocated and writes in
         place, instead of beating the copy and leaving its space unreferenced (a leak on
         QED, which keeps no refcounts). The wait lasts one chunk's write at most."""
-        job = self._job
-        if job is not None and not job.done():
-            job._stream.await_copies(offset, length)
+        st = self._stream()
+        if st is not None:
+            st.await_copies(offset, length)
 
     def write(self, offset: int, data: Any) -> None:
         """Write ``data`` at ``offset`` (any alignment; partial clusters copy-on-write)."""
@@ -649,10 +690,19 @@ class Image:
              *, chunk: Optional[int] = None, batch: Optional[int] = None) -> "PullJob":
         """Start pulling the backing chain (down to ``base``) into this image in the
         background; returns the running ``PullJob``. ``chunk`` and ``batch`` (bytes)
-        tune how much is copied per step and between metadata syncs."""
-        from blockpull.job import PullJob
-        return PullJob.start(self, base=base, bandwidth=bandwidth, on_error=on_error,
+        tune how much is copied per step and between metadata syncs. Raises what
+        ``PullJob.create`` raises, and OSError if the chain's tables cannot be read."""
+        self._top  # closed check
+        job = PullJob.create(self, base=base, bandwidth=bandwidth, on_error=on_error,
                              on_event=on_event, chunk=chunk, batch=batch)
+        prev, self._job = self._job, job
+        try:
+            job.start()
+        except BaseException:
+            # a job that never started must not be waited for (close aborts it)
+            self._job = prev
+            raise
+        return job
 
     def base_depth(self, base: Optional[str]) -> int:
         """Chain index of ``base``; the chain length for None.
@@ -696,7 +746,7 @@ class Image:
             f"{self._drivers[named].file.path} so, but from here it is another file; "
             f"give the base as an absolute path")
 
-    def _kept_base_name(self, base_depth: int) -> str:
+    def backing_name_for(self, base_depth: int) -> str:
         """The backing name that points the top at the image at ``base_depth``, spelt as
         the chain spells it: each relative name joined to the directory of the name
         before it, so the result is relative to the top's directory unless a link on the
@@ -725,21 +775,15 @@ class Image:
         raise BackingChainError(f"{self.path}: the base {base.file.path} was moved or "
                                 f"replaced during the pull; the backing link is unchanged")
 
-    def _finish_pull(self, base_depth: int) -> None:
-        """After a complete pull: point the top at the base (or at nothing) crash-safely
-        and drop the images it no longer needs from the chain."""
+    def drop_backings(self, base_depth: int) -> None:
+        """Drop the images between the top and chain index ``base_depth`` from this open
+        chain and close them, once the top's backing link skips them (what a finished
+        pull does, after the top's ``set_backing``); ``base_depth`` past the end drops
+        every backing."""
         with self._lock:
             drivers = self._drivers
-            top = drivers[0]
-            if base_depth == 1:
-                return  # the base is the immediate backing: nothing to change
-            if base_depth >= len(drivers):
-                top.set_backing(None, None)
-            else:
-                base = drivers[base_depth]
-                top.set_backing(self._kept_base_name(base_depth), base.format)
             dropped = drivers[1:base_depth]
-            self._drivers = [top] + drivers[base_depth:]
+            self._drivers = [drivers[0]] + drivers[base_depth:]
             self.chain_obj = Chain(self._drivers)
             for d in dropped:
                 d.close()
@@ -783,10 +827,6 @@ class Image:
 
     def __repr__(self) -> str:
         return f"<blockpull.Image {self.path!r} {self.format} size={self.size}>"
-
-
-class BlockpullErrorNotFound(BlockpullError, FileNotFoundError):
-    """The image file does not exist."""
 
 
 def open(path: Union[str, os.PathLike], *, readonly: bool = False, copy_on_read: bool = False,

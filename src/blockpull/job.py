@@ -9,8 +9,9 @@ import time
 from typing import TYPE_CHECKING, Any, Callable, Generator, List, NamedTuple, Optional, Union
 
 from blockpull._ratelimit import RateLimiter
-from blockpull._stream import Stream, StreamIOError
-from blockpull.errors import JobActiveError, PullCancelled, PullError
+from blockpull._stream import Stream
+from blockpull.errors import JobActiveError, PullCancelled, PullError, StreamIOError
+from blockpull.policy import JobStatus, OnError
 from blockpull.units import format_size, parse_bandwidth
 
 if TYPE_CHECKING:  # pragma: no cover
@@ -18,11 +19,11 @@ if TYPE_CHECKING:  # pragma: no cover
 
 log = logging.getLogger("blockpull")
 
-__all__ = ["PullJob", "JobFuture", "PullInfo", "PullEvent", "pull", "STATUSES"]
+__all__ = ["PullJob", "JobFuture", "PullInfo", "PullEvent", "JobStatus", "OnError",
+           "STATUSES"]
 
 #: every value ``PullJob.status`` takes
-STATUSES = ("running", "paused", "completed", "failed", "cancelled")
-_ON_ERROR = ("report", "stop", "ignore")
+STATUSES = tuple(JobStatus)
 
 _active_lock = threading.Lock()
 _active: dict = {}   # (st_dev, st_ino) of a top image -> its running PullJob
@@ -65,7 +66,7 @@ class JobFuture:
     ``_done`` (a threading.Event), ``_callbacks`` and ``_cb_lock``, and gives ``_name``
     (the image or device, for messages) and ``_final_info()``."""
 
-    _status: str
+    _status: str          # a JobStatus, or its word
     _error: Optional[PullError]
     _done: threading.Event
     _callbacks: List[Callable[[Any], None]]
@@ -77,7 +78,8 @@ class JobFuture:
 
     @property
     def status(self) -> str:
-        """"running", "paused", "completed", "failed" or "cancelled"."""
+        """"running", "paused", "completed", "failed" or "cancelled" (a JobStatus, which
+        equals the word)."""
         return self._status
 
     @property
@@ -98,7 +100,7 @@ class JobFuture:
         aborted, TimeoutError if it is still running after ``timeout`` seconds."""
         if not self._done.wait(timeout):
             raise TimeoutError(f"{self._name}: pull still running")
-        if self._status == "cancelled":
+        if self._status == JobStatus.CANCELLED:
             raise PullCancelled(f"{self._name}: pull was aborted; the image is valid and "
                                 f"still backed, pull again to resume")
         if self._error is not None:
@@ -143,7 +145,7 @@ class PullJob(JobFuture):
     """
 
     def __init__(self, image: "Image", base_depth: int, base: Optional[str],
-                 bandwidth: int, on_error: str,
+                 bandwidth: int, on_error: OnError,
                  on_event: Optional[Callable[[PullEvent], None]],
                  chunk: Optional[int] = None, batch: Optional[int] = None) -> None:
         self.image = image
@@ -154,12 +156,13 @@ class PullJob(JobFuture):
         self._on_event = on_event
         self._base_depth = base_depth
         self._limiter = RateLimiter(bandwidth)
-        self._stream = Stream(image, base_depth, self._limiter, control=self)
+        self._stream = Stream(image.chain_obj, image.layers[0], image.lock, base_depth,
+                              self._limiter, control=self)
         if chunk:
             self._stream.chunk = int(chunk)
         if batch:
             self._stream.batch = int(batch)
-        self._status = "running"
+        self._status = JobStatus.RUNNING
         self._error: Optional[PullError] = None
         self._last_error: Optional[PullError] = None
         self._done = threading.Event()
@@ -177,62 +180,78 @@ class PullJob(JobFuture):
     # ---- starting ---------------------------------------------------------------
 
     @classmethod
-    def start(cls, image: "Image", base: Optional[str] = None, bandwidth: Union[int, str] = 0,
-              on_error: str = "report",
-              on_event: Optional[Callable[[PullEvent], None]] = None,
-              chunk: Optional[int] = None, batch: Optional[int] = None) -> "PullJob":
-        """Plan and start a pull of ``image`` (what ``Image.pull`` calls).
+    def create(cls, image: "Image", base: Optional[str] = None,
+               bandwidth: Union[int, str] = 0, on_error: str = "report",
+               on_event: Optional[Callable[[PullEvent], None]] = None,
+               chunk: Optional[int] = None, batch: Optional[int] = None) -> "PullJob":
+        """A pull of ``image`` down to ``base``, set up but not started (``Image.pull``
+        calls this, makes it the image's job, then calls ``start``).
 
-        ``chunk`` (bytes copied per step) and ``batch`` (bytes between metadata syncs)
-        tune the copy loop; the defaults suit real disks."""
-        if on_error not in _ON_ERROR:
-            raise ValueError(f"on_error must be one of {', '.join(_ON_ERROR)}, not {on_error!r}")
+        ``bandwidth`` is bytes/s (0 = unlimited; "50M" = 50 MiB/s); ``chunk`` (bytes
+        copied per step) and ``batch`` (bytes between metadata syncs) tune the copy loop.
+        Raises ValueError (bad on_error or bandwidth), PermissionError (image open
+        read-only), JobActiveError (a pull already runs on the image), BackingChainError
+        (``base`` is not in the chain). The image is claimed until the job ends, or
+        until ``start`` fails."""
+        policy = OnError.parse(on_error)
         bw = parse_bandwidth(bandwidth)
         if image.readonly:
             raise PermissionError(f"{image.path}: open the image read-write to pull into it")
-        key = image._top.file.identity()
+        key = image.layers[0].file.identity()
         with _active_lock:
             other = _active.get(key)
             if other is not None and not other.done():
                 raise JobActiveError(f"{image.path}: a pull is already running on this image; "
                                      f"wait for it or abort it first")
             base_depth = image.base_depth(base)
-            job = cls(image, base_depth, base, bw, on_error, on_event, chunk, batch)
+            job = cls(image, base_depth, base, bw, policy, on_event, chunk, batch)
             job._key = key
             _active[key] = job
-        prev, image._job = image._job, job
-        try:
-            job._stream.prepare()
-        except BaseException:
-            # a job that never started must not be waited for (Image.close aborts it)
-            image._job = prev
-            with _active_lock:
-                _active.pop(key, None)
-            raise
-        job._thread = threading.Thread(target=job._run, daemon=True,
-                                       name=f"blockpull-pull:{os.path.basename(image.path)}")
-        job._thread.start()
-        log.info("pull of %s started: %d bytes to copy, base %s, bandwidth %s",
-                 image.path, job._stream.end, base, bw or "unlimited")
         return job
+
+    def start(self) -> None:
+        """Plan the pull (from here on, writes into the image count toward its progress)
+        and start its thread. If planning fails (OSError reading the tables), the claim
+        on the image is released and the error raised: the job never runs."""
+        try:
+            self._stream.prepare()
+        except BaseException:
+            with _active_lock:
+                _active.pop(self._key, None)
+            raise
+        self._thread = threading.Thread(target=self._run, daemon=True,
+                                        name=f"blockpull-pull:{os.path.basename(self.path)}")
+        self._thread.start()
+        log.info("pull of %s started: %d bytes to copy, base %s, bandwidth %s",
+                 self.path, self._stream.end, self.base, self._limiter.rate or "unlimited")
+
+    @property
+    def stream(self) -> Stream:
+        """The copy loop (``blockpull._stream.Stream``): the image tells it of the writes
+        it makes during the pull; for the package and for tests."""
+        return self._stream
+
+    def in_job_thread(self) -> bool:
+        """True when called from the job's own thread (from an event or done callback)."""
+        return threading.current_thread() is self._thread
 
     # ---- the job's thread ---------------------------------------------------------
 
     def _run(self) -> None:
-        kind = "failed"
+        kind = JobStatus.FAILED
         try:
             result = self._stream.run()
             if result == "cancelled":
-                kind = "cancelled"
+                kind = JobStatus.CANCELLED
             elif self._last_error is not None:
                 self._error = PullError(
                     f"{self.path}: pull finished with {self._stream.errors} unreadable or "
                     f"unwritable chunk(s); the backing file is kept: {self._last_error}",
                     self._last_error.errno, self._last_error.operation, self._last_error.offset)
             elif self._finish() == "cancelled":
-                kind = "cancelled"
+                kind = JobStatus.CANCELLED
             else:
-                kind = "completed"
+                kind = JobStatus.COMPLETED
         except StreamIOError as exc:
             self._error = self._pull_error(exc)
         except Exception as exc:  # an unexpected failure still ends the job cleanly
@@ -263,15 +282,15 @@ class PullJob(JobFuture):
         the copy loop began) the copy loop runs again before the link changes."""
         while True:
             try:
-                with self.image._lock:
+                with self.image.lock:
                     if self._stream.intact():
                         self._stream.finish_sync()
                         if self._stream.intact():
-                            self.image._finish_pull(self._base_depth)
+                            self._relink()
                             return "completed"
             except OSError as exc:
                 err = StreamIOError(exc, "write", 0)
-                if self.on_io_error(err) != "retry":
+                if self.on_io_error(err) != OnError.STOP:
                     raise err from exc
                 if self._stream.cancel_requested:
                     return "cancelled"
@@ -279,11 +298,27 @@ class PullJob(JobFuture):
             if self._stream.run() == "cancelled":
                 return "cancelled"
 
+    def _relink(self) -> None:
+        """After a complete, durable copy (the image lock held): point the top at the
+        base (or at nothing) and drop the images it no longer needs from the chain. The
+        header change is the driver's crash-safe ``set_backing``."""
+        depth = self._base_depth
+        if depth == 1:
+            return  # the base is the immediate backing: nothing to change
+        layers = self.image.layers
+        top = layers[0]
+        if depth >= len(layers):
+            top.set_backing(None, None)
+        else:
+            top.set_backing(self.image.backing_name_for(depth), layers[depth].format)
+        self.image.drop_backings(depth)
+
     def _pull_error(self, exc: StreamIOError) -> PullError:
         if exc.errno == errno.ENOSPC and exc.operation == "write":
             left = max(0, self._stream.end - self._stream.cur)
-            then = "resume the job" if self.on_error == "stop" else "pull again to resume"
-            if self.image._drivers[0].file.is_device:
+            then = "resume the job" if self.on_error == OnError.STOP else \
+                "pull again to resume"
+            if self.image.layers[0].file.is_device:
                 # a device does not grow: room means a larger device
                 full = "no space left on its block device"
                 room = "grow the device (lvextend, say) by"
@@ -316,7 +351,7 @@ class PullJob(JobFuture):
         """Called by the copy loop when a pause was asked for. Emits "paused", then
         "resumed" once ``resume()`` was called, even when an ``abort()`` follows at once
         (the job then ends "cancelled"); an abort without a resume emits no "resumed"."""
-        self._status = "paused"
+        self._status = JobStatus.PAUSED
         self._parked.set()
         self._emit("paused")
         while not self._resume.wait(0.5):
@@ -325,25 +360,27 @@ class PullJob(JobFuture):
         self._parked.clear()
         if self._resumed or not self._stream.cancel_requested:
             self._resumed = False
-            self._status = "running"
+            self._status = JobStatus.RUNNING
             self._emit("resumed")
 
-    def on_io_error(self, exc: StreamIOError) -> str:
-        """Called by the copy loop on an I/O error: "fail", "retry" or "skip"."""
+    def on_io_error(self, exc: StreamIOError) -> OnError:
+        """Called by the copy loop on an I/O error; applies the job's policy and returns
+        it: REPORT (the loop fails), IGNORE (it gives the chunk up), STOP (the job paused
+        here until resumed: the loop tries the chunk again)."""
         err = self._pull_error(exc)
         self._last_error = err
-        if self.on_error == "report":
-            return "fail"
+        if self.on_error == OnError.REPORT:
+            return OnError.REPORT
         self._emit("error", err)
-        if self.on_error == "ignore":
-            return "skip"
+        if self.on_error == OnError.IGNORE:
+            return OnError.IGNORE
         # "stop": pause until resumed, then retry the chunk
         self._resumed = False
         self._resume.clear()
         self._stream.pause_requested = True
         self.wait_while_paused()
         self._last_error = None
-        return "retry"
+        return OnError.STOP
 
     # ---- watching -----------------------------------------------------------------
 
@@ -393,27 +430,3 @@ class PullJob(JobFuture):
         i = self.info()
         return f"<PullJob {self.path!r} {i.status} {i.cur}/{i.end}>"
 
-
-def pull(path: Union[str, "os.PathLike[str]"], base: Optional[str] = None,
-         bandwidth: Union[int, str] = 0,
-         progress: Optional[Callable[[PullInfo], None]] = None,
-         interval: float = 0.2, on_error: str = "report") -> PullInfo:
-    """Pull ``path`` (down to ``base``) and wait for it: the one-shot, blocking form.
-
-    ``progress(info)`` is called from this thread every ``interval`` seconds and once at
-    the end. Ctrl-C aborts the pull cleanly (the image stays valid and backed) and
-    re-raises KeyboardInterrupt. Returns the final PullInfo or raises PullError.
-    """
-    from blockpull.image import open as _open
-    with _open(path) as img:
-        job = img.pull(base=base, bandwidth=bandwidth, on_error=on_error)
-        try:
-            while not job.wait(interval):
-                if progress is not None:
-                    progress(job.info())
-        except KeyboardInterrupt:
-            job.abort(wait=True)
-            raise
-        if progress is not None:
-            progress(job.info())
-        return job.result()

@@ -27,13 +27,13 @@ from typing import Any, Callable, Dict, Generator, List, Optional, Tuple, Union
 from blockpull.errors import (BackingChainError, BlockpullError, JobActiveError,
                               PullCancelled, PullError, QemuError)
 from blockpull.job import JobFuture, PullEvent, PullInfo
+from blockpull.policy import OnError
 from blockpull.units import parse_bandwidth
 
 log = logging.getLogger("blockpull")
 
 __all__ = ["pull", "QemuPullJob"]
 
-_ON_ERROR = ("report", "stop", "ignore")
 _ID = re.compile(r"^[A-Za-z][A-Za-z0-9._-]*$")   # QEMU's id_wellformed()
 _ids = itertools.count()
 # QEMU reports a job's failure as strerror(errno): map it back to the errno
@@ -341,8 +341,7 @@ def pull(qmp_socket: Union[str, "os.PathLike[str]", Tuple[str, int]], device_or_
     JobActiveError (the node is busy with another job), BackingChainError (no such base),
     ValueError (bad on_error or bandwidth).
     """
-    if on_error not in _ON_ERROR:
-        raise ValueError(f"on_error must be one of {', '.join(_ON_ERROR)}, not {on_error!r}")
+    on_error = OnError.parse(on_error)
     if base is not None and base_node is not None:
         raise ValueError("give base (a file name) or base_node (a node name), not both")
     bw = parse_bandwidth(bandwidth)

@@ -36,6 +36,7 @@ import time
 from typing import Any, Callable, Dict, List, Optional, Set
 
 from blockpull.errors import BlockpullError, JobActiveError, ServeError
+from blockpull.policy import OnError
 
 log = logging.getLogger("blockpull")
 
@@ -407,7 +408,7 @@ class ControlServer:
         if speed < 0:
             raise QMPError("Parameter 'speed' expects a non-negative value")
         on_error = _arg(args, "on-error", str, "report")
-        if on_error not in ("report", "stop", "ignore"):
+        if on_error not in tuple(OnError):
             raise QMPError(f"on-error '{on_error}' is not supported here: use report, stop "
                            f"or ignore")
         if not _arg(args, "auto-finalize", bool, True):

@@ -75,7 +75,7 @@ class Export:
         img = self.image
         out: List[Tuple[int, int, int, int]] = []
         pos, end = offset, offset + length
-        with img._lock:
+        with img.lock:
             chain = img.chain_obj
             while pos < end:
                 depth, kind, run, _host = chain.find(pos, end - pos)
@@ -154,13 +154,10 @@ class Export:
         img = self.image
         if self.readonly:
             return
-        from blockpull._stream import copy_on_read
         pos, end = offset, offset + length
         while pos < end:
             n = min(STEP, end - pos)
-            with img._lock:
-                if len(img.chain_obj.layers) > 1:
-                    copy_on_read(img, pos, n)
+            img.pull_range(pos, n)
             pos += n
 
     def block_status(self, offset: int, length: int, context: str,

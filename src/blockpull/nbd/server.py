@@ -339,7 +339,7 @@ class _Connection:
         if req.length > INLINE_MAX or req.type not in _INLINE_TYPES or \
                 req.flags & P.CMD_FLAG_FUA:
             return False
-        lock = self.export.image._lock
+        lock = self.export.image.lock
         if not lock.acquire(False):
             return False
         try:

@@ -1,0 +1,49 @@
+# cython: language_level=3
+"""Copies in flight between a pull's write and its link, and copy-on-read (see _inflight.pyx)."""
+from libc.stdint cimport int64_t
+from libc.string cimport memcmp
+
+from blockpull._driver cimport Driver
+from blockpull._ratelimit cimport RateLimiter
+
+
+cdef inline bint all_zero(const unsigned char* p, int64_t n) noexcept nogil:
+    """True when the ``n`` bytes at ``p`` are all zero."""
+    if n == 0:
+        return True
+    if p[0] != 0 or p[n - 1] != 0:
+        return False
+    return memcmp(p, p + 1, n - 1) == 0
+
+
+cdef class Chunk:
+    cdef int64_t off
+    cdef int64_t n
+    cdef int64_t host
+    cdef list todo
+    cdef list zeros
+    cdef list skips
+    cdef list views
+    cdef object bmv
+    cdef object future
+    cdef object buf
+    cdef int64_t epoch
+
+    cdef release_views(self)
+
+
+cdef class Flight:
+    cdef object lock
+    cdef object linked
+    cdef int64_t cs
+    cdef list copying
+    cdef readonly int waiters
+    cdef RateLimiter limiter
+
+    cdef bint overlaps(self, int64_t a, int64_t b)
+    cdef reserve(self, Chunk ch)
+    cdef unreserve(self, Chunk ch)
+    cdef clear(self)
+
+
+cdef int cor_group(Driver top, list views, list vaddrs, int64_t cs) except -1

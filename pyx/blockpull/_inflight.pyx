@@ -1,0 +1,191 @@
+# cython: language_level=3
+"""Guest writes against a pull's copies in flight, and copy-on-read.
+
+Between the copy loop's reservation of a chunk and its link, the chunk's clusters are
+written to host clusters nothing points at yet. A guest write that allocated one of
+those top clusters first would win, and the copy would be given back: on a format
+without refcounts (QED) space given back in the middle of the file stays unreferenced,
+a leak for ``qemu-img check``. So allocating writes are serialised per cluster, as QEMU
+serialises them: a guest write to a cluster whose copy is in flight waits for that
+chunk's link (one chunk's write; the lock is released while it waits), and then finds
+the cluster allocated and writes in place. Copy-on-read leaves such a cluster to the
+pull, which links the same data.
+"""
+from libc.stdint cimport int64_t
+
+from blockpull._driver cimport Driver, KIND_UNALLOC
+from blockpull._chain cimport Chain
+from blockpull._ratelimit cimport RateLimiter
+
+import threading
+
+
+cdef class Chunk:
+    """One chunk of the copy loop between its read and its link: ``off``/``n`` (bytes)
+    where it is in the disk, ``host`` the first of the host clusters reserved for the
+    cluster indexes ``todo`` (within the chunk, in order), ``zeros`` the clusters to
+    record as zeros, ``skips`` the all-zero ones left out on a pull without a base,
+    ``views`` what to write, ``future`` the write, ``epoch`` the top's failed syncs
+    when the chunk was read."""
+
+    cdef release_views(self):
+        self.views = None
+        if self.bmv is not None:
+            self.bmv.release()
+            self.bmv = None
+
+
+cdef class Flight:
+    """The chunks of one pull whose copies are written but not linked yet, and the guest
+    writes that wait for them. ``lock`` is the image lock (held by every caller);
+    ``limiter`` is the pull's, woken so that the copy loop links its chunks at once when
+    a write waits; ``cluster_size`` is the top's (bytes)."""
+
+    def __init__(self, lock, RateLimiter limiter, int64_t cluster_size):
+        self.lock = lock
+        self.linked = threading.Condition(lock)
+        self.cs = cluster_size
+        self.copying = []
+        self.waiters = 0
+        self.limiter = limiter
+
+    cdef bint overlaps(self, int64_t a, int64_t b):
+        """True when a chunk in flight holds a copy, not linked yet, of a cluster that
+        meets [a, b) (bytes; the lock is held)."""
+        cdef Chunk ch
+        cdef int64_t cs = self.cs
+        cdef int64_t v
+        for ch in self.copying:
+            if ch.off >= b or ch.off + ch.n <= a:
+                continue
+            for j in ch.todo:
+                v = ch.off + <int64_t>j * cs
+                if v < b and a < v + cs:
+                    return True
+        return False
+
+    def await_copies(self, int64_t offset, int64_t n):
+        """With the image lock held, before a guest write at [offset, offset+n) (bytes):
+        wait (the lock released meanwhile) until no copy of a cluster it touches is in
+        flight, so that the write finds the pull's cluster linked instead of beating it.
+        The copy loop, told of the wait, links its chunks in flight as soon as their
+        writes are done (before it waits for bandwidth), so the wait is about one
+        chunk's write; a pull that stops gives its chunks back."""
+        if not self.overlaps(offset, offset + n):
+            return
+        self.waiters += 1
+        try:
+            self.limiter.wake()
+            while self.overlaps(offset, offset + n):
+                self.linked.wait(0.05)
+        finally:
+            self.waiters -= 1
+
+    cdef reserve(self, Chunk ch):
+        """The chunk's clusters are about to be written (the lock is held)."""
+        if ch.todo:
+            self.copying.append(ch)
+
+    cdef unreserve(self, Chunk ch):
+        """The chunk is linked or given back (the lock is held): wake waiting writes."""
+        cdef int i
+        for i in range(len(self.copying)):
+            if self.copying[i] is ch:
+                del self.copying[i]
+                self.linked.notify_all()
+                break
+
+    cdef clear(self):
+        """Nothing is in flight any more (the lock is held)."""
+        if self.copying:
+            self.copying = []
+            self.linked.notify_all()
+
+
+cdef int cor_group(Driver top, list views, list vaddrs, int64_t cs) except -1:
+    """Write a run of whole clusters (``views``, at virtual offsets ``vaddrs``) into fresh
+    host clusters and link what the top still lacks (a guest write that came first
+    wins; its copy is given back)."""
+    cdef int64_t host, i
+    if not vaddrs:
+        return 0
+    host = top.alloc_clusters(len(vaddrs))
+    i = 0
+    try:
+        top.file.writev_data(views, host)
+        while i < len(vaddrs):
+            if not top.link(vaddrs[i], host + i * cs):
+                top.free_clusters(host + i * cs, 1)
+            i += 1
+    except OSError:
+        # nothing points at the clusters not linked yet: give them back
+        top.free_clusters(host + i * cs, len(vaddrs) - i)
+        raise
+    return 0
+
+
+def copy_on_read(Chain chain, int64_t offset, int64_t n, buf=None, Flight flight=None):
+    """Copy the clusters under [offset, offset+n) (bytes) that the top of ``chain``
+    still lacks from the chain into the top (the caller holds the image lock).
+    ``buf``, when given, holds what the chain reads at [offset, offset+n): the clusters
+    it covers whole are written from it without a second read; only partly covered edge
+    clusters are read again. All-zero clusters are left where they are (the chain reads
+    them cheaply), and so are clusters whose copy by a running pull is in flight
+    (``flight``, the pull's; the pull links the same data, a second copy would only be
+    given back). Raises OSError on an I/O error (what is linked stays)."""
+    cdef Driver top = <Driver>chain.layers[0]
+    cdef int64_t cs = top.cluster_size
+    cdef int64_t v = offset - offset % cs
+    cdef int64_t end = min(offset + n, top.size)
+    cdef int64_t run, vc, vend, clen
+    cdef int kind
+    cdef bytearray data
+    cdef unsigned char[::1] dv
+    cdef const unsigned char[::1] src
+    cdef const unsigned char* p
+    cdef list views, vaddrs
+    bmv = None
+    top.file.enable_direct()
+    if buf is not None:
+        bmv = memoryview(buf).cast("B")
+        src = bmv
+    while v < end:
+        kind, run, _h = top.block_status(v, end - v)
+        if kind != KIND_UNALLOC:
+            v += run
+            continue
+        vend = v + ((min(run, end - v) + cs - 1) // cs) * cs
+        views = []
+        vaddrs = []
+        vc = v
+        while vc < vend:
+            clen = min(cs, top.size - vc)
+            if flight is not None and flight.overlaps(vc, vc + clen):
+                cor_group(top, views, vaddrs, cs)
+                views = []
+                vaddrs = []
+                vc += cs
+                continue
+            if bmv is not None and vc >= offset and vc + clen <= offset + n:
+                p = &src[vc - offset]
+                piece = bmv[vc - offset:vc - offset + clen]
+            else:
+                data = bytearray(cs)
+                dv = data
+                chain.c_read(1, vc, &dv[0], clen)
+                p = &dv[0]
+                piece = data
+            if all_zero(p, clen):
+                cor_group(top, views, vaddrs, cs)
+                views = []
+                vaddrs = []
+            else:
+                views.append(piece)
+                if clen < cs:
+                    views.append(bytes(cs - clen))
+                vaddrs.append(vc)
+            vc += cs
+        cor_group(top, views, vaddrs, cs)
+        views = None
+        piece = None
+        v = vend

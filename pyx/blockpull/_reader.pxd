@@ -1,0 +1,15 @@
+# cython: language_level=3
+from libc.stdint cimport int64_t
+
+from blockpull._chain cimport Chain
+
+
+cdef class BackingReader:
+    cdef Chain chain
+    cdef object lock
+    cdef Chain own
+    cdef list files
+
+    cdef open(self)
+    cdef close(self)
+    cdef int read(self, int64_t v, unsigned char* out, int64_t n) except -1
