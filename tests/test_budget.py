@@ -110,3 +110,60 @@ def test_a_single_limiter_keeps_its_rate_with_two_threads():
     lim = RateLimiter(20 * MiB)
     counts, elapsed = _run([lim, lim], MiB, 1.0)
     assert sum(counts.values()) <= 20 * MiB * elapsed + 2 * MiB
+
+
+# ---- real pulls sharing a budget ----------------------------------------------------------
+
+def _chain(qemu, tmp_path, name, size):
+    base = tmp_path / f"{name}-base.qcow2"
+    top = tmp_path / f"{name}.qcow2"
+    qemu.img("create", "-q", "-f", "qcow2", str(base), str(size))
+    qemu.io(str(base), f"write -P 0x5a 0 {size}", fmt="qcow2")
+    qemu.img("create", "-q", "-f", "qcow2", "-b", base.name, "-F", "qcow2", str(top))
+    ref = tmp_path / f"{name}.raw"
+    qemu.img("convert", "-O", "raw", str(top), str(ref))
+    return top, ref
+
+
+def test_pulls_sharing_a_budget_complete_correctly_and_within_it(qemu, tmp_path):
+    import blockpull
+    size = 8 * MiB
+    chains = [_chain(qemu, tmp_path, f"t{i}", size) for i in range(3)]
+    budget = blockpull.Budget("24M")
+    imgs = [blockpull.open(str(top)) for top, _ in chains]
+    try:
+        t0 = time.monotonic()
+        jobs = [img.pull(budget=budget, chunk=MiB) for img in imgs]
+        assert all(j.budget is budget for j in jobs)
+        infos = [j.result() for j in jobs]
+        elapsed = time.monotonic() - t0
+    finally:
+        for img in imgs:
+            img.close()
+    # 24 MiB through a 24 MiB/s budget: the schedule cannot finish in much under a second
+    # (one chunk per job may start at once)
+    assert elapsed >= (3 * size - 3 * MiB) / (24 * MiB) * 0.99
+    for (top, ref), info in zip(chains, infos):
+        assert info.cur == info.end == size
+        qemu.img("check", str(top))
+        qemu.img("compare", "-f", "qcow2", "-F", "raw", str(top), str(ref))
+        assert "backing-filename" not in qemu.info(str(top))
+
+
+def test_one_shot_and_libvirt_facade_take_a_budget(qemu, tmp_path):
+    import blockpull
+    top, ref = _chain(qemu, tmp_path, "one", 2 * MiB)
+    info = blockpull.pull(str(top), budget=blockpull.Budget(0))
+    assert info.cur == info.end
+    qemu.img("compare", "-f", "qcow2", "-F", "raw", str(top), str(ref))
+    top2, ref2 = _chain(qemu, tmp_path, "two", 2 * MiB)
+    assert blockpull.block_pull(str(top2), 0, budget=blockpull.Budget("100M")) == 0
+    deadline = time.monotonic() + 30
+    while True:
+        i = blockpull.get_block_pull_info(str(top2))
+        if i.end and i.cur == i.end:
+            break
+        assert time.monotonic() < deadline
+        time.sleep(0.05)
+    blockpull.block_pull_abort(str(top2))  # waits until closed (no-op on a finished job)
+    qemu.img("compare", "-f", "qcow2", "-F", "raw", str(top2), str(ref2))

@@ -16,6 +16,7 @@ from blockpull.errors import (BackingChainError, BlockpullError, ImageFormatErro
                               ImageLockedError, ImageNotFoundError, InconsistentBitmapError,
                               JobActiveError, PullCancelled, PullError, QemuError, ServeError)
 from blockpull.image import ChainEntry, Extent, Image, create, open
+from blockpull.budget import Budget
 from blockpull.checker import CheckResult, check
 from blockpull.job import PullEvent, PullInfo, PullJob
 from blockpull.oneshot import pull

@@ -12,8 +12,9 @@ from __future__ import annotations
 import itertools
 import os
 import threading
-from typing import Any, Callable, Dict, NamedTuple, Tuple
+from typing import Any, Callable, Dict, NamedTuple, Optional, Tuple
 
+from blockpull.budget import Budget
 from blockpull.errors import BlockpullError
 from blockpull.image import Image
 from blockpull.job import PullEvent, PullJob
@@ -89,17 +90,19 @@ def _job(path: Any) -> Any:
     return _entry(path)[1]
 
 
-def block_pull(path: str, bandwidth: int = 0, flags: int = 0) -> int:
+def block_pull(path: str, bandwidth: int = 0, flags: int = 0,
+               budget: "Optional[Budget]" = None) -> int:
     """Start pulling the whole backing chain of ``path`` into it; returns 0.
 
     ``bandwidth`` is in MiB/s (0 = unlimited), or in bytes/s with
-    ``flags=BLOCK_PULL_BANDWIDTH_BYTES``.
+    ``flags=BLOCK_PULL_BANDWIDTH_BYTES``. ``budget`` (a ``blockpull.Budget``, beyond
+    libvirt's signature) shares one bandwidth among every pull started with it.
     """
     bw = int(bandwidth) if flags & BLOCK_PULL_BANDWIDTH_BYTES else int(bandwidth) << 20
     key = _key(path)
     img = Image(path)
     try:
-        job = img.pull(bandwidth=bw, on_event=_dispatch)
+        job = img.pull(bandwidth=bw, on_event=_dispatch, budget=budget)
     except BaseException:
         img.close()
         raise

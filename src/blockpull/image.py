@@ -24,6 +24,7 @@ from blockpull.job import PullJob
 if TYPE_CHECKING:  # pragma: no cover
     from blockpull._driver import Driver
     from blockpull._stream import Stream
+    from blockpull.budget import Budget
 
 log = logging.getLogger("blockpull")
 
@@ -687,14 +688,17 @@ class Image:
 
     def pull(self, base: Optional[str] = None, bandwidth: Union[int, str] = 0,
              on_error: str = "report", on_event: Optional[Callable[[Any], None]] = None,
-             *, chunk: Optional[int] = None, batch: Optional[int] = None) -> "PullJob":
+             *, chunk: Optional[int] = None, batch: Optional[int] = None,
+             budget: "Optional[Budget]" = None) -> "PullJob":
         """Start pulling the backing chain (down to ``base``) into this image in the
-        background; returns the running ``PullJob``. ``chunk`` and ``batch`` (bytes)
-        tune how much is copied per step and between metadata syncs. Raises what
-        ``PullJob.create`` raises, and OSError if the chain's tables cannot be read."""
+        background; returns the running ``PullJob``. ``bandwidth`` (bytes/s) is the job's
+        own limit; ``budget`` (a ``blockpull.Budget``) a bandwidth shared with every job
+        started with it. ``chunk`` and ``batch`` (bytes) tune how much is copied per step
+        and between metadata syncs. Raises what ``PullJob.create`` raises, and OSError if
+        the chain's tables cannot be read."""
         self._top  # closed check
         job = PullJob.create(self, base=base, bandwidth=bandwidth, on_error=on_error,
-                             on_event=on_event, chunk=chunk, batch=batch)
+                             on_event=on_event, chunk=chunk, batch=batch, budget=budget)
         prev, self._job = self._job, job
         try:
             job.start()

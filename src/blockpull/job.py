@@ -15,6 +15,7 @@ from blockpull.policy import JobStatus, OnError
 from blockpull.units import format_size, parse_bandwidth
 
 if TYPE_CHECKING:  # pragma: no cover
+    from blockpull.budget import Budget
     from blockpull.image import Image
 
 log = logging.getLogger("blockpull")
@@ -147,7 +148,8 @@ class PullJob(JobFuture):
     def __init__(self, image: "Image", base_depth: int, base: Optional[str],
                  bandwidth: int, on_error: OnError,
                  on_event: Optional[Callable[[PullEvent], None]],
-                 chunk: Optional[int] = None, batch: Optional[int] = None) -> None:
+                 chunk: Optional[int] = None, batch: Optional[int] = None,
+                 budget: "Optional[Budget]" = None) -> None:
         self.image = image
         self.path = image.path
         self._name = self.path
@@ -155,7 +157,9 @@ class PullJob(JobFuture):
         self.on_error = on_error
         self._on_event = on_event
         self._base_depth = base_depth
-        self._limiter = RateLimiter(bandwidth)
+        self.budget = budget
+        self._limiter = (RateLimiter(bandwidth) if budget is None
+                         else budget.job_limiter(bandwidth))
         self._stream = Stream(image.chain_obj, image.layers[0], image.lock, base_depth,
                               self._limiter, control=self)
         if chunk:
@@ -183,11 +187,14 @@ class PullJob(JobFuture):
     def create(cls, image: "Image", base: Optional[str] = None,
                bandwidth: Union[int, str] = 0, on_error: str = "report",
                on_event: Optional[Callable[[PullEvent], None]] = None,
-               chunk: Optional[int] = None, batch: Optional[int] = None) -> "PullJob":
+               chunk: Optional[int] = None, batch: Optional[int] = None,
+               budget: "Optional[Budget]" = None) -> "PullJob":
         """A pull of ``image`` down to ``base``, set up but not started (``Image.pull``
         calls this, makes it the image's job, then calls ``start``).
 
-        ``bandwidth`` is bytes/s (0 = unlimited; "50M" = 50 MiB/s); ``chunk`` (bytes
+        ``bandwidth`` is bytes/s (0 = unlimited; "50M" = 50 MiB/s), the job's own limit;
+        ``budget`` (a ``blockpull.Budget``) is a bandwidth the job shares with every other
+        job started with it, the job's own limit applying inside it; ``chunk`` (bytes
         copied per step) and ``batch`` (bytes between metadata syncs) tune the copy loop.
         Raises ValueError (bad on_error or bandwidth), PermissionError (image open
         read-only), JobActiveError (a pull already runs on the image), BackingChainError
@@ -204,7 +211,7 @@ class PullJob(JobFuture):
                 raise JobActiveError(f"{image.path}: a pull is already running on this image; "
                                      f"wait for it or abort it first")
             base_depth = image.base_depth(base)
-            job = cls(image, base_depth, base, bw, policy, on_event, chunk, batch)
+            job = cls(image, base_depth, base, bw, policy, on_event, chunk, batch, budget)
             job._key = key
             _active[key] = job
         return job

@@ -4,6 +4,7 @@ from __future__ import annotations
 import os
 from typing import Callable, Optional, Union
 
+from blockpull.budget import Budget
 from blockpull.image import open as _open_image
 from blockpull.job import PullInfo
 
@@ -13,15 +14,17 @@ __all__ = ["pull"]
 def pull(path: Union[str, "os.PathLike[str]"], base: Optional[str] = None,
          bandwidth: Union[int, str] = 0,
          progress: Optional[Callable[[PullInfo], None]] = None,
-         interval: float = 0.2, on_error: str = "report") -> PullInfo:
+         interval: float = 0.2, on_error: str = "report",
+         budget: Optional[Budget] = None) -> PullInfo:
     """Pull ``path`` (down to ``base``) and wait for it: the one-shot, blocking form.
 
     ``progress(info)`` is called from this thread every ``interval`` seconds and once at
     the end. Ctrl-C aborts the pull cleanly (the image stays valid and backed) and
-    re-raises KeyboardInterrupt. Returns the final PullInfo or raises PullError.
+    re-raises KeyboardInterrupt. ``budget``: a ``blockpull.Budget`` shared with other
+    pulls. Returns the final PullInfo or raises PullError.
     """
     with _open_image(path) as img:
-        job = img.pull(base=base, bandwidth=bandwidth, on_error=on_error)
+        job = img.pull(base=base, bandwidth=bandwidth, on_error=on_error, budget=budget)
         try:
             while not job.wait(interval):
                 if progress is not None:
