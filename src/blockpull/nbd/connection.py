@@ -102,7 +102,6 @@ class Connection:
         self.no_zeroes = False
         self.tls_active = False
         self.budget = _Budget()
-        self.reading = False        # waiting for the next request header
         self.inbuf = bytearray()    # transmission phase: requests read but not parsed
 
     # ---- plumbing ------------------------------------------------------------------------
@@ -296,11 +295,9 @@ class Connection:
         tasks: Set[asyncio.Task] = set()
         try:
             while True:
-                self.reading = True
                 if self.closing():
                     break
                 req = await self._next_request()
-                self.reading = False
                 if req.type == P.CMD_DISC:
                     break
                 payload = None
@@ -336,7 +333,6 @@ class Connection:
                 tasks.add(t)
                 t.add_done_callback(tasks.discard)
         finally:
-            self.reading = False
             if tasks:
                 await asyncio.gather(*list(tasks), return_exceptions=True)
 
