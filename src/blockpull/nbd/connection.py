@@ -127,6 +127,8 @@ class Connection:
     # ---- the whole conversation ----------------------------------------------------------
 
     async def run(self) -> None:
+        """Serve the client until it leaves, breaks the protocol or the server closes;
+        the requests in flight are answered first. Never raises."""
         try:
             if await self._handshake():
                 await self._transmission()
