@@ -13,7 +13,7 @@ from typing import List, Optional
 import pytest
 
 import blockpull
-from blockpull.cli import build_demo_chain
+from blockpull.cli.demo import build_demo_chain
 from relhelp import child_env
 
 def _env(**extra: str) -> dict:

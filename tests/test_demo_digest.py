@@ -7,7 +7,7 @@ import subprocess
 import sys
 
 import blockpull
-from blockpull.cli import build_demo_chain, content_digest
+from blockpull.cli.demo import build_demo_chain, content_digest
 from relhelp import child_env
 
 MiB = 1 << 20

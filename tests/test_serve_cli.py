@@ -97,7 +97,7 @@ def test_serve_usage_errors(tmp_path, nbdtools, args, words):
 @pytest.mark.slow
 def test_demo_serve_boots_a_vm(tmp_path):
     """`blockpull demo --serve`: a VM boots from the served overlay while it is pulled."""
-    from blockpull.vmdemo import Missing, find_guest
+    from blockpull.cli.vmdemo import Missing, find_guest
     try:
         find_guest()
     except Missing as exc:

@@ -1,7 +1,7 @@
 """The NBD wire format: constants, message layouts and the parsing of client messages.
 
-Nothing here does I/O or touches an image; the transport (``blockpull.nbd.server``) reads
-and writes the bytes, ``blockpull.nbd.export`` carries the requests out. The source of
+Nothing here does I/O or touches an image; a connection (``blockpull.nbd.connection``)
+reads and writes the bytes, ``blockpull.nbd.export`` carries the requests out. The source of
 every constant is the NBD protocol specification (NetworkBlockDevice/nbd, doc/proto.md:
 "Fixed newstyle negotiation", "Option types", "Request types", "Error values"). All
 integers on the wire are big-endian.

@@ -13,18 +13,19 @@ import queue
 import signal
 import sys
 import threading
-from typing import Any, Callable, List
+from typing import Any, Optional, Tuple
 
+import blockpull
+from blockpull.cli.common import (EXIT_OK, PROG, UsageError, add_output, add_progress,
+                                  bandwidth_arg, want_bar)
+from blockpull.cli.output import Progress, emit_json
 from blockpull.units import format_size
 
 __all__ = ["add_parser", "cmd_serve"]
 
 
-def add_parser(sub: Any, common: argparse.ArgumentParser,
-               output: Callable[[argparse.ArgumentParser], None],
-               progress: Callable[[argparse.ArgumentParser], None],
-               bandwidth_arg: Callable[[str], int]) -> None:
-    """Add the ``serve`` subcommand to the ``blockpull`` parser."""
+def add_parser(sub: Any, common: argparse.ArgumentParser) -> None:
+    """Add ``serve`` to the subcommands ``sub``."""
     p = sub.add_parser(
         "serve", parents=[common], help="serve the image over NBD (and pull it meanwhile)",
         description="Serve PATH over NBD (a VM, qemu-img, nbdcopy... connect to the URI "
@@ -59,32 +60,16 @@ def add_parser(sub: Any, common: argparse.ArgumentParser,
     p.add_argument("--control", metavar="QMP_SOCKET",
                    help="also listen on this Unix socket (0600) for QMP: steer pulls as "
                         "QEMU's block jobs on the node 'top'; 'quit' stops serving")
-    progress(p)
-    output(p)
+    add_progress(p)
+    add_output(p)
     p.add_argument("path", metavar="PATH")
     p.set_defaults(func=cmd_serve)
 
-    demo = sub.choices.get("demo")
-    if demo is not None:
-        demo.add_argument("--serve", action="store_true",
-                          help="serve the overlay over NBD and boot a small VM from it "
-                               "while it is pulled (needs qemu-system-x86_64, a kernel in "
-                               "/boot, busybox and cpio); defaults to 32M of data at 4M/s")
-        plain = demo.get_default("func")
 
-        def demo_func(args: argparse.Namespace) -> int:
-            if getattr(args, "serve", False):
-                from blockpull.vmdemo import cmd_demo_serve
-                return cmd_demo_serve(args)
-            return plain(args)
-        demo.set_defaults(func=demo_func)
-
-
-def cmd_serve(args: argparse.Namespace) -> int:
-    """Serve until SIGINT/SIGTERM; exit 0 after a clean shutdown."""
-    import blockpull
-    from blockpull.cli import EXIT_OK, PROG, UsageError, _emit_json
-    json_lines = args.output == "json"
+def _listen_options(args: argparse.Namespace) -> Tuple[Optional[str], Optional[int],
+                                                      Optional[Tuple[str, ...]]]:
+    """The host, port and TLS files ``blockpull.serve`` takes; raises UsageError for
+    options that do not go together."""
     if args.pull and args.readonly:
         raise UsageError("--pull writes into the image: serve it read-write (drop --readonly)")
     if (args.base or args.bandwidth) and not args.pull:
@@ -101,12 +86,16 @@ def cmd_serve(args: argparse.Namespace) -> int:
         port = 10809
     if host is None and port is not None:
         host = "127.0.0.1"
+    return host, port, tls
 
+
+def cmd_serve(args: argparse.Namespace) -> int:
+    """Serve until SIGINT/SIGTERM; exit 0 after a clean shutdown."""
+    json_lines = args.output == "json"
+    host, port, tls = _listen_options(args)
     stop = threading.Event()
-    signum: List[int] = []
 
-    def on_signal(sig: int, _frame: Any) -> None:
-        signum.append(sig)
+    def on_signal(_sig: int, _frame: Any) -> None:
         stop.set()
 
     old = {s: signal.signal(s, on_signal) for s in (signal.SIGINT, signal.SIGTERM)}
@@ -118,8 +107,8 @@ def cmd_serve(args: argparse.Namespace) -> int:
                                  control=args.control)
         try:
             if json_lines:
-                _emit_json({"type": "serving", "uri": server.uri, "path": server.image.path,
-                            "readonly": args.readonly, "control": args.control}, sys.stdout)
+                emit_json({"type": "serving", "uri": server.uri, "path": server.image.path,
+                           "readonly": args.readonly, "control": args.control}, sys.stdout)
             else:
                 print(server.uri, flush=True)
             if args.pull and not stop.is_set():
@@ -136,11 +125,11 @@ def cmd_serve(args: argparse.Namespace) -> int:
                    f"{format_size(info.cur)} of {format_size(info.end)}: the image is valid "
                    f"and still backed; serve it with --pull again to resume")
             if json_lines:
-                _emit_json({"type": "event", "event": "cancelled", "cur": info.cur,
-                            "end": info.end}, sys.stdout)
+                emit_json({"type": "event", "event": "cancelled", "cur": info.cur,
+                           "end": info.end}, sys.stdout)
             print(msg, file=sys.stderr)
         if json_lines:
-            _emit_json({"type": "closed"}, sys.stdout)
+            emit_json({"type": "closed"}, sys.stdout)
         return EXIT_OK
     finally:
         for s, h in old.items():
@@ -150,22 +139,14 @@ def cmd_serve(args: argparse.Namespace) -> int:
 def _follow_pull(server: Any, args: argparse.Namespace, json_lines: bool,
                  stop: threading.Event) -> None:
     """Start the pull and show its progress until it ends or a signal arrives."""
-    from blockpull.cli import PROG, Progress, _TERMINAL
     events: "queue.SimpleQueue[Any]" = queue.SimpleQueue()
-    show_bar = args.progress if args.progress is not None else \
-        (not json_lines and sys.stderr.isatty())
-    progress = Progress(show_bar, json_lines, os.path.basename(server.image.path))
+    progress = Progress(want_bar(args, json_lines), json_lines,
+                        os.path.basename(server.image.path))
     job = server.pull(base=args.base, bandwidth=args.bandwidth, on_error=args.on_error,
                       on_event=events.put)
     progress.start(job.info())
     while not stop.is_set() and not job.wait(progress.interval):
-        while True:
-            try:
-                ev = events.get_nowait()
-            except queue.Empty:
-                break
-            if ev.kind not in _TERMINAL:
-                progress.event(ev)
+        progress.drain(events)
         progress.update(job.info())
     if not job.done():
         return          # a signal: close() aborts the pull and says so

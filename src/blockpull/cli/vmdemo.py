@@ -19,7 +19,15 @@ import sys
 import tempfile
 import threading
 import time
-from typing import Dict, List, Optional, Tuple
+from typing import Any, Callable, Dict, List, Optional, Tuple
+
+import blockpull
+from blockpull.cli.common import EXIT_OK, OperationFailed, UsageError, want_bar
+from blockpull.cli.demo import DEMO_BANDWIDTH, DEMO_DATA, DemoChain, build_demo_chain
+from blockpull.cli.output import Progress, emit_json
+from blockpull.units import format_size
+
+__all__ = ["add_parser", "cmd_demo_serve", "Missing", "find_guest", "build_initrd", "md5_of"]
 
 PACKAGES = "qemu-system-x86 linux-image-cloud-amd64 busybox-static cpio"
 MODULES = ("virtio_ring", "virtio", "virtio_pci_modern_dev", "virtio_pci_legacy_dev",
@@ -52,6 +60,22 @@ $B sync
 echo "guest: done, powering off"
 $B poweroff -f
 """
+
+
+def add_parser(sub: Any, common: argparse.ArgumentParser) -> None:
+    """Add ``--serve`` to the ``demo`` subcommand (registered before this)."""
+    demo = sub.choices["demo"]
+    demo.add_argument("--serve", action="store_true",
+                      help="serve the overlay over NBD and boot a small VM from it "
+                           "while it is pulled (needs qemu-system-x86_64, a kernel in "
+                           "/boot, busybox and cpio); defaults to 32M of data at 4M/s")
+    plain = demo.get_default("func")
+
+    def demo_func(args: argparse.Namespace) -> int:
+        if args.serve:
+            return cmd_demo_serve(args)
+        return int(plain(args))
+    demo.set_defaults(func=demo_func)
 
 
 class Missing(Exception):
@@ -111,7 +135,6 @@ def build_initrd(directory: str, mods: Dict[str, str], busybox: str) -> str:
 
 def md5_of(path: str, backing_format: Optional[str] = None) -> str:
     """MD5 of everything the image reads through its chain (what the guest computes)."""
-    import blockpull
     h = hashlib.md5()
     with blockpull.open(path, readonly=True, backing_format=backing_format) as img:
         buf = bytearray(4 * MiB)
@@ -123,12 +146,59 @@ def md5_of(path: str, backing_format: Optional[str] = None) -> str:
     return h.hexdigest()
 
 
+def _boot(server: Any, kernel: str, initrd: str, progress: Progress,
+          say: Callable[[str, str], None]) -> Tuple[List[str], bool]:
+    """Boot the guest from ``server``'s export and show the pull until the guest powers
+    off; then let the pull finish unlimited. Returns the guest's console lines and
+    whether the pull was still running when the guest was done."""
+    job = server.job
+    cmd = ["qemu-system-x86_64", "-accel", "tcg", "-m", "256", "-nographic",
+           "-no-reboot", "-kernel", kernel, "-initrd", initrd,
+           "-append", "console=ttyS0 panic=-1 quiet",
+           "-drive", f"file={server.uri},format=raw,if=virtio,cache=none"]
+    vm = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+    console: List[str] = []
+
+    def pump() -> None:
+        assert vm.stdout is not None
+        for raw in vm.stdout:
+            line = raw.decode("utf-8", "replace").rstrip("\r\n")
+            console.append(line)
+            if "guest:" in line:
+                say(line[line.index("guest:"):], "guest")
+    reader = threading.Thread(target=pump, daemon=True)
+    reader.start()
+    progress.start(job.info())
+    while vm.poll() is None:
+        progress.update(job.info())
+        time.sleep(progress.interval)
+    reader.join(10)
+    overlapped = not job.done()
+    job.set_speed(0)
+    info = job.result()
+    progress.finish(info, job.status, job.error, server.image.backing_name)
+    return console, overlapped
+
+
+def _verify(built: DemoChain, directory: str, console: List[str], want: str) -> None:
+    """The guest read ``want`` (MD5), its block is in the overlay, which stands alone and
+    checks clean; raises OperationFailed."""
+    m = re.search(r"MD5=([0-9a-f]{32})", "\n".join(console))
+    if m is None:
+        raise OperationFailed("the guest did not report its checksum; its console:\n"
+                              + "\n".join(console[-20:]))
+    if m.group(1) != want:
+        raise OperationFailed(f"the guest read {m.group(1)}, the chain holds {want}")
+    with blockpull.open(built.overlay, readonly=True) as img:
+        standalone = img.backing is None
+        block_ok = img.read(GUEST_OFFSET, len(GUEST_BLOCK)) == GUEST_BLOCK
+    checked = blockpull.check(built.overlay)
+    if not (standalone and block_ok and checked.exit_code == 0):
+        raise OperationFailed(f"demo verification failed (kept in {directory})")
+
+
 def cmd_demo_serve(args: argparse.Namespace) -> int:
     """Build the demo chain, serve the overlay with a pull, boot a VM from it, verify."""
-    import blockpull
-    from blockpull.cli import (DEMO_BANDWIDTH, DEMO_DATA, EXIT_OK, OperationFailed, Progress,
-                               UsageError, _emit_json, build_demo_chain)
-    from blockpull.units import format_size
     try:
         kernel, mods, busybox = find_guest()
     except Missing as exc:
@@ -148,7 +218,7 @@ def cmd_demo_serve(args: argparse.Namespace) -> int:
     def say(text: str, kind: str = "demo") -> None:
         with lock:
             if json_out:
-                _emit_json({"type": kind, "line": text}, sys.stdout)
+                emit_json({"type": kind, "line": text}, sys.stdout)
             else:
                 print(text, flush=True)
 
@@ -159,50 +229,12 @@ def cmd_demo_serve(args: argparse.Namespace) -> int:
             f"{os.path.basename(built.overlay)} in {directory}")
         want = md5_of(built.overlay)
         initrd = build_initrd(directory, mods, busybox)
-        show_bar = args.progress if args.progress is not None else \
-            (not json_out and sys.stderr.isatty())
+        progress = Progress(want_bar(args, json_out), json_out, os.path.basename(built.overlay))
         with blockpull.serve(built.overlay, pull=True, bandwidth=bandwidth) as server:
-            job = server.job
             say(f"serving {server.uri}; pulling at up to {format_size(bandwidth)}/s; "
                 f"booting {os.path.basename(kernel)} from it (TCG)")
-            cmd = ["qemu-system-x86_64", "-accel", "tcg", "-m", "256", "-nographic",
-                   "-no-reboot", "-kernel", kernel, "-initrd", initrd,
-                   "-append", "console=ttyS0 panic=-1 quiet",
-                   "-drive", f"file={server.uri},format=raw,if=virtio,cache=none"]
-            vm = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
-            console: List[str] = []
-
-            def pump() -> None:
-                assert vm.stdout is not None
-                for raw in vm.stdout:
-                    line = raw.decode("utf-8", "replace").rstrip("\r\n")
-                    console.append(line)
-                    if "guest:" in line:
-                        say(line[line.index("guest:"):], "guest")
-            reader = threading.Thread(target=pump, daemon=True)
-            reader.start()
-            progress = Progress(show_bar, json_out, os.path.basename(built.overlay))
-            progress.start(job.info())
-            while vm.poll() is None:
-                progress.update(job.info())
-                time.sleep(progress.interval)
-            reader.join(10)
-            overlapped = not job.done()
-            job.set_speed(0)
-            info = job.result()
-            progress.finish(info, job.status, job.error, server.image.backing_name)
-        m = re.search(r"MD5=([0-9a-f]{32})", "\n".join(console))
-        if m is None:
-            raise OperationFailed("the guest did not report its checksum; its console:\n"
-                                  + "\n".join(console[-20:]))
-        if m.group(1) != want:
-            raise OperationFailed(f"the guest read {m.group(1)}, the chain holds {want}")
-        with blockpull.open(built.overlay, readonly=True) as img:
-            standalone = img.backing is None
-            block_ok = img.read(GUEST_OFFSET, len(GUEST_BLOCK)) == GUEST_BLOCK
-        checked = blockpull.check(built.overlay)
-        if not (standalone and block_ok and checked.exit_code == 0):
-            raise OperationFailed(f"demo verification failed (kept in {directory})")
+            console, overlapped = _boot(server, kernel, initrd, progress, say)
+        _verify(built, directory, console, want)
         say(f"verified: the guest read exactly the chain's content (md5 {want}), its block "
             f"is in {os.path.basename(built.overlay)}, which has no backing file now and "
             f"checks clean" + ("; the pull ran all the while the guest did" if overlapped
