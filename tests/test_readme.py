@@ -28,7 +28,7 @@ def test_api_tour_runs_as_written(tmp_path, qemu):
     assert r.returncode == 0, r.stderr[-3000:]
     assert "ChainEntry" in r.stdout and "Extent" in r.stdout
     template = str(tmp_path / "template.qcow2")
-    for name in ("vm.qcow2", "vm2.qcow2", "vm3.qcow2", "vm4.qcow2"):
+    for name in ("vm.qcow2", "vm2.qcow2", "vm3.qcow2", "vm4.qcow2", "vm9a.qcow2", "vm9b.qcow2"):
         path = str(tmp_path / name)
         qemu.assert_clean(path)
         assert "backing-filename" not in qemu.info(path), name

@@ -33,7 +33,10 @@ def add_parser(sub: Any, common: argparse.ArgumentParser) -> None:
                    help="keep this image of the chain as the new backing file (any path "
                         "to it, or the name the chain records for it)")
     p.add_argument("--bandwidth", type=bandwidth_arg, default=0, metavar="RATE",
-                   help="limit in bytes/s, e.g. 50M (MiB/s); 0 = unlimited (default)")
+                   help="limit in bytes/s, e.g. 50M (MiB/s); 0 = unlimited (default); with "
+                        "several images, the total for all of them")
+    p.add_argument("--jobs", type=int, default=None, metavar="N",
+                   help="with several images: pull at most N at a time (default: all)")
     p.add_argument("--on-error", choices=("report", "stop", "ignore"), default="report",
                    help="on an I/O error: fail (report, default); pause until SIGUSR1 "
                         "then retry (stop); skip the chunk and finish as failed (ignore)")
@@ -44,7 +47,8 @@ def add_parser(sub: Any, common: argparse.ArgumentParser) -> None:
     add_opener(p, False)
     add_progress(p)
     add_output(p)
-    p.add_argument("path", metavar="PATH")
+    p.add_argument("paths", metavar="PATH", nargs="+",
+                   help="the image; several images are pulled at once under one --bandwidth")
     p.set_defaults(func=cmd_pull)
 
 
@@ -152,6 +156,10 @@ def _pull_steered(args: argparse.Namespace, img: Image,
 
 def cmd_pull(args: argparse.Namespace) -> int:
     """``blockpull pull``: pull the chain into PATH with progress, Ctrl-C aborts cleanly."""
+    if len(args.paths) > 1:
+        from blockpull.cli.pull_many import cmd_pull_many
+        return cmd_pull_many(args)
+    args.path = args.paths[0]
     json_lines = args.output == "json"
     show_bar = want_bar(args, json_lines)
     img = open_image(args, readonly=False)

@@ -1,0 +1,116 @@
+"""``blockpull pull A B C``: several images at once under one --bandwidth (a Budget)."""
+from __future__ import annotations
+
+import json
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import List
+
+import pytest
+
+from relhelp import child_env
+
+MiB = 1 << 20
+
+
+def cli(*args, timeout=120) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "blockpull", *map(str, args)],
+                          capture_output=True, text=True, env=child_env(), timeout=timeout)
+
+
+def overlays(qemu, tmp_path: Path, n: int, size: int) -> List[Path]:
+    """n overlays of one template (a provisioning burst), each with a write of its own."""
+    base = tmp_path / "template.qcow2"
+    qemu.img("create", "-q", "-f", "qcow2", str(base), str(size))
+    qemu.io(str(base), f"write -P 0x11 0 {size}", fmt="qcow2")
+    tops = []
+    for i in range(n):
+        top = tmp_path / f"vm{i}.qcow2"
+        qemu.img("create", "-q", "-f", "qcow2", "-b", base.name, "-F", "qcow2", str(top))
+        qemu.io(str(top), f"write -P {0x20 + i} {i * 65536} 65536", fmt="qcow2")
+        tops.append(top)
+    return tops
+
+
+def expected(qemu, top: Path, tmp_path: Path) -> Path:
+    ref = tmp_path / (top.stem + ".raw")
+    qemu.img("convert", "-O", "raw", str(top), str(ref))
+    return ref
+
+
+def test_several_images_pulled_at_once_are_exact_and_standalone(qemu, tmp_path):
+    tops = overlays(qemu, tmp_path, 4, 4 * MiB)
+    refs = [expected(qemu, t, tmp_path) for t in tops]
+    r = cli("pull", *tops, "--jobs", "2", "--bandwidth", "0")
+    assert r.returncode == 0, r.stderr
+    for top, ref in zip(tops, refs):
+        assert f"pulled {top}" in r.stdout
+        qemu.img("check", str(top))
+        qemu.img("compare", "-f", "qcow2", "-F", "raw", str(top), str(ref))
+        assert "backing-filename" not in qemu.info(str(top))
+
+
+def test_json_lines_name_each_image(qemu, tmp_path):
+    tops = overlays(qemu, tmp_path, 2, 2 * MiB)
+    r = cli("pull", *tops, "--output", "json", "--bandwidth", "100M")
+    assert r.returncode == 0, r.stderr
+    ends = [json.loads(line) for line in r.stdout.splitlines()]
+    done = {e["path"]: e for e in ends if e.get("event") == "completed"}
+    assert set(done) == {str(t) for t in tops}
+    assert all(e["cur"] == e["end"] > 0 and e["backing"] is None for e in done.values())
+
+
+def test_one_image_that_cannot_start_fails_the_run_not_the_others(qemu, tmp_path):
+    tops = overlays(qemu, tmp_path, 2, 2 * MiB)
+    refs = [expected(qemu, t, tmp_path) for t in tops]
+    missing = tmp_path / "nope.qcow2"
+    r = cli("pull", tops[0], missing, tops[1])
+    assert r.returncode == 1
+    assert "nope.qcow2" in r.stderr
+    for top, ref in zip(tops, refs):
+        qemu.img("compare", "-f", "qcow2", "-F", "raw", str(top), str(ref))
+        assert "backing-filename" not in qemu.info(str(top))
+
+
+@pytest.mark.parametrize("extra, words", [
+    (["--control", "x.sock"], "--control"),
+    (["--base", "template.qcow2"], "--base"),
+    (["--jobs", "0"], "--jobs"),
+])
+def test_options_that_take_one_image_are_refused_with_several(qemu, tmp_path, extra, words):
+    tops = overlays(qemu, tmp_path, 2, MiB)
+    r = cli("pull", *tops, *extra)
+    assert r.returncode == 2
+    assert words in r.stderr and len(r.stderr.strip().splitlines()) == 1
+    for top in tops:  # nothing was touched
+        assert qemu.info(str(top))["backing-filename"] == "template.qcow2"
+
+
+def test_the_same_image_twice_is_refused(qemu, tmp_path):
+    (top,) = overlays(qemu, tmp_path, 1, MiB)
+    r = cli("pull", top, str(top))
+    assert r.returncode == 2 and "twice" in r.stderr
+
+
+def test_ctrl_c_aborts_every_running_pull_and_a_rerun_finishes(qemu, tmp_path):
+    tops = overlays(qemu, tmp_path, 3, 16 * MiB)
+    refs = [expected(qemu, t, tmp_path) for t in tops]
+    proc = subprocess.Popen([sys.executable, "-m", "blockpull", "pull", *map(str, tops),
+                             "--jobs", "2", "--bandwidth", "4M", "--output", "json"],
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            env=child_env())
+    time.sleep(1.5)
+    proc.send_signal(signal.SIGINT)
+    out, err = proc.communicate(timeout=60)
+    assert proc.returncode == 130, err
+    assert "not started" in err and str(tops[2]) in err
+    for top in tops:  # valid and still backed
+        qemu.img("check", str(top))
+        assert qemu.info(str(top))["backing-filename"] == "template.qcow2"
+    r = cli("pull", *tops)
+    assert r.returncode == 0, r.stderr
+    for top, ref in zip(tops, refs):
+        qemu.img("compare", "-f", "qcow2", "-F", "raw", str(top), str(ref))
