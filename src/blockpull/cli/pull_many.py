@@ -73,9 +73,10 @@ def _start(args: argparse.Namespace, path: str, budget: Budget,
     one = argparse.Namespace(**vars(args))
     one.path = path
     img = open_image(one, readonly=False)
+    def on_event(ev: PullEvent) -> None:
+        events.put((path, ev))
     try:
-        job = img.pull(on_error=args.on_error, budget=budget,
-                       on_event=lambda ev, p=path: events.put((p, ev)))
+        job = img.pull(on_error=args.on_error, budget=budget, on_event=on_event)
     except BaseException:
         img.close()
         raise
