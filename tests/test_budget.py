@@ -167,3 +167,20 @@ def test_one_shot_and_libvirt_facade_take_a_budget(qemu, tmp_path):
         time.sleep(0.05)
     blockpull.block_pull_abort(str(top2))  # waits until closed (no-op on a finished job)
     qemu.img("compare", "-f", "qcow2", "-F", "raw", str(top2), str(ref2))
+
+
+def test_served_images_pull_within_one_budget(qemu, tmp_path):
+    import blockpull
+    budget = blockpull.Budget("50M")
+    chains = [_chain(qemu, tmp_path, f"s{i}", 4 * MiB) for i in range(2)]
+    servers = [blockpull.serve(str(top), pull=True, budget=budget) for top, _ in chains]
+    try:
+        for srv in servers:
+            assert srv.job.budget is budget
+            srv.job.result()
+    finally:
+        for srv in servers:
+            srv.close()
+    for top, ref in chains:
+        qemu.img("check", str(top))
+        qemu.img("compare", "-f", "qcow2", "-F", "raw", str(top), str(ref))

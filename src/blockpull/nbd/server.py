@@ -70,6 +70,7 @@ class Server:
         self.image = image
         self.export_name = export_name
         self.control: Any = None        # the QMP ControlServer, with serve(control=...)
+        self.budget: Any = None         # the Budget every pull of the image draws on, or None
         self._export = Export(image, export_name)
         self._ssl = _tls_context(tls) if tls else None
         self._closing = False
@@ -196,7 +197,7 @@ class Server:
         if self._export.readonly:
             raise ServeError("the export is read-only: serve the image read-write to pull it")
         return self.image.pull(base=base, bandwidth=bandwidth, on_error=on_error,
-                               on_event=on_event, chunk=PULL_CHUNK)
+                               on_event=on_event, chunk=PULL_CHUNK, budget=self.budget)
 
     # ---- closing ------------------------------------------------------------------------------
 
@@ -326,7 +327,7 @@ def serve(path: Union[str, "os.PathLike[str]"], *, socket: Optional[str] = None,
           backing_format: Any = None, tls: Optional[Sequence[str]] = None,
           pull: bool = False, base: Optional[str] = None, bandwidth: Union[int, str] = 0,
           on_error: str = "report", on_event: Optional[Callable[[Any], None]] = None,
-          control: Optional[str] = None) -> Server:
+          control: Optional[str] = None, budget: Any = None) -> Server:
     """Serve the image at ``path`` over NBD; returns a listening ``Server``.
 
     By default on a new Unix socket (0600, in a private 0700 directory); ``socket`` names
@@ -337,7 +338,9 @@ def serve(path: Union[str, "os.PathLike[str]"], *, socket: Optional[str] = None,
     read unless ``copy_on_read=False``. ``pull=True`` starts ``server.pull(base,
     bandwidth, on_error, on_event)`` at once. ``control`` is the path of a QMP socket
     (0600) steering the served image's pulls as QEMU's block jobs on the node ``top``
-    (``blockpull.qmp``); ``quit`` there closes the server.
+    (``blockpull.qmp``); ``quit`` there closes the server. ``budget`` (a
+    ``blockpull.Budget``): every pull of the served image, QMP's too, draws on it as well
+    as on its own ``bandwidth``, so many served images can share one bandwidth.
 
     Raises ServeError for bad serving options, and what ``blockpull.open`` raises
     (ImageFormatError, BackingChainError, ImageLockedError, FileNotFoundError).
@@ -360,6 +363,7 @@ def serve(path: Union[str, "os.PathLike[str]"], *, socket: Optional[str] = None,
                   backing_format=backing_format)
     try:
         server = Server(image, export_name, socket, host, port, tls)
+        server.budget = budget
     except BaseException:
         image.close()
         raise
