@@ -302,7 +302,7 @@ def cmd_create(args: argparse.Namespace) -> int:
     blockpull.create(args.path, size, fmt=args.fmt, backing=args.backing,
                      backing_format=args.backing_format, **opts)
     # report what the new header says, reading it alone (the backing file may be in use)
-    from blockpull.image import _open_driver
+    from blockpull.formats import open_driver as _open_driver
     drv = _open_driver(args.path, args.fmt, False, "top")
     try:
         report: Dict[str, Any] = {
