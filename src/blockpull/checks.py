@@ -8,7 +8,7 @@ from __future__ import annotations
 import struct
 from typing import Any, Dict, List, NamedTuple, Set, Tuple
 
-from blockpull import _qcow2, _qed
+from blockpull import _qcow2, _qed_check
 from blockpull._bitmaps import AUTOCLEAR_BITMAPS, parse_bitmaps
 from blockpull._check import Qcow2Check, parse_snapshot_table
 from blockpull._fileio import File
@@ -206,69 +206,18 @@ def _repair_leaks(f: File, chk: Qcow2Check) -> Tuple[int, Set[int]]:
 
 
 def check_qed(f: File, path: str, repair: bool) -> CheckResult:
-    """QED has no refcounts: every cluster after the header must be referenced exactly
-    once (by the L1 table, an L2 table or an L2 entry), as QEMU's qed-check counts.
-    A second reference, or an entry that is unaligned or past the end of the file, is a
-    corruption; an unreferenced cluster a leak. Leaked space cannot be given back without
-    moving data, so ``repair`` changes nothing and says so."""
-    drv = _qed.Qed(f, False)                 # validates the header
-    cs = drv.cluster_size
-    file_size = f.size()
-    nb = (file_size + cs - 1) // cs
-    used = bytearray(nb)
-    table_clusters = drv.table_bytes // cs
-    entries = drv.table_bytes // 8
-    corruptions = 0
-    messages: List[str] = []
-    allocated = fragmented = 0
-
-    def mark(off: int, n: int, what: str) -> bool:
-        nonlocal corruptions
-        if off % cs or off + n * cs > nb * cs or off < drv.header_size * cs:
-            corruptions += 1
-            if len(messages) < 1000:
-                messages.append(f"ERROR {what} offset 0x{off:x} invalid")
-            return False
-        ok = True
-        for c in range(off // cs, off // cs + n):
-            if used[c]:
-                corruptions += 1
-                ok = False
-                if len(messages) < 1000:
-                    messages.append(f"ERROR cluster {c} referenced twice ({what})")
-            used[c] = 1
-        return ok
-
-    mark(drv.l1_offset, table_clusters, "L1 table")
-    l1 = struct.unpack("<%dQ" % entries, f.pread(drv.l1_offset, drv.table_bytes))
-    for i, l2_off in enumerate(l1):
-        if not l2_off:
-            continue
-        if not mark(l2_off, table_clusters, f"L2 table (L1 entry {i})"):
-            continue
-        l2 = struct.unpack("<%dQ" % entries, f.pread(l2_off, drv.table_bytes))
-        last = 0
-        for j, e in enumerate(l2):
-            if e > 1:                        # 1 is a zero cluster, 0 unallocated
-                allocated += 1
-                if last and e != last + cs:  # qemu-img's count, per L2 table
-                    fragmented += 1
-                last = e
-                mark(e, 1, f"data cluster (L2 0x{l2_off:x} entry {j})")
-    leaks = 0
-    highest = drv.header_size - 1
-    for c in range(drv.header_size, nb):
-        if used[c]:
-            highest = c
-        else:
-            leaks += 1
-            if len(messages) < 1000:
-                messages.append(f"Leaked cluster {c}")
-    if repair and leaks:
+    """Check the QED image open and locked as ``f`` (``_qed_check.check_qed``: every
+    cluster after the header referenced exactly once). Leaked space cannot be given back
+    without moving data, so ``repair`` changes nothing and says so. Raises
+    ImageFormatError when the header is unusable."""
+    chk = _qed_check.check_qed(f)
+    messages = list(chk.messages)
+    if repair and chk.leaks:
         messages.append("QED has no refcounts: leaked clusters are unused space; "
                         "nothing repaired")
     return CheckResult(
-        corruptions=corruptions, leaks=leaks, check_errors=0,
-        image_end_offset=(highest + 1) * cs, messages=tuple(messages), path=path,
-        format="qed", total_clusters=(drv.size + cs - 1) // cs,
-        allocated_clusters=allocated, fragmented_clusters=fragmented)
+        corruptions=chk.corruptions, leaks=chk.leaks, check_errors=0,
+        image_end_offset=chk.image_end_offset, messages=tuple(messages), path=path,
+        format="qed", total_clusters=chk.total_clusters,
+        allocated_clusters=chk.allocated_clusters,
+        fragmented_clusters=chk.fragmented_clusters)
