@@ -43,6 +43,7 @@ import errno as _errno
 import struct
 from collections import OrderedDict
 
+from blockpull.errors import lost_writes_error
 from blockpull._qed_format import (  # noqa: F401 (the module's public names)
     DEFAULT_TABLE_SIZE, F_BACKING_FILE, F_BACKING_RAW, F_NEED_CHECK, HEADER_BYTES,
     KNOWN_FEATURES, MAGIC, MAX_CLUSTER_SIZE, MAX_TABLE_SIZE, MIN_CLUSTER_SIZE, create,
@@ -623,8 +624,7 @@ cdef class Qed(Driver):
         wrote since its last successful flush."""
         self.sync_all()
         if self.guest_lost is not None:
-            from blockpull._qcow2 import _lost_error
-            raise _lost_error(self.file.path, self.guest_lost)
+            raise lost_writes_error(self.file.path, self.guest_lost)
 
     def sync_all(self):
         """``flush`` without the report of guest writes a failed sync lost: what a pull
