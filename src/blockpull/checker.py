@@ -21,6 +21,7 @@ __all__ = ["CheckResult", "check"]
 def _run(entry: Format, path: str, repair: bool) -> CheckResult:
     """Open ``path`` (writable only for a repair that writes), take QEMU's lock bytes and
     run the format's check."""
+    assert entry.check is not None
     refuse_fifo(path)
     writable = repair and entry.repairs
     f = File(path, writable, "top")

@@ -575,5 +575,7 @@ def create(path: Union[str, os.PathLike], size: Union[int, str], *, fmt: str = "
         raise ValueError("size must be positive (or give a backing file)")
     if size >= 1 << 63:
         raise ValueError(f"{path}: size {size} is too large for any image format")
-    FORMATS[fmt].create(path, size, cluster_size=cluster_size, compat=compat,
-                    backing=backing, backing_format=backing_format)
+    make = FORMATS[fmt].create
+    assert make is not None         # fmt is one of creatable()
+    make(path, size, cluster_size=cluster_size, compat=compat, backing=backing,
+         backing_format=backing_format)
