@@ -37,17 +37,15 @@ from libc.string cimport memcpy, memset
 
 from blockpull._fileio cimport File
 from blockpull._driver cimport Driver, KIND_UNALLOC, KIND_DATA, KIND_ZERO
-from blockpull._qed_format cimport (L2_CACHE_BYTES, MAX_NAME, ZERO_ENTRY, QedHeader, Table,
-                                    read_header)
+from blockpull._qed_format cimport L2_CACHE_BYTES, ZERO_ENTRY, QedHeader, Table, read_header
 import errno as _errno
-import struct
 from collections import OrderedDict
 
 from blockpull.errors import lost_writes_error
 from blockpull._qed_format import (  # noqa: F401 (the module's public names)
     DEFAULT_TABLE_SIZE, F_BACKING_FILE, F_BACKING_RAW, F_NEED_CHECK, HEADER_BYTES,
-    KNOWN_FEATURES, MAGIC, MAX_CLUSTER_SIZE, MAX_TABLE_SIZE, MIN_CLUSTER_SIZE, create,
-    format_error, max_image_size, probe)
+    KNOWN_FEATURES, MAGIC, MAX_CLUSTER_SIZE, MAX_TABLE_SIZE, MIN_CLUSTER_SIZE,
+    backing_name_slot, create, format_error, link_sector, max_image_size, probe)
 
 
 cdef class Qed(Driver):
@@ -412,13 +410,39 @@ cdef class Qed(Driver):
         memcpy(&bv[at], &src[0], n)
         return buf
 
+    cdef list _new_views(self, object mv, const unsigned char[::1] src, int64_t pos,
+                         int64_t run_n, int64_t c, int64_t k, int64_t coff, int64_t take,
+                         uint64_t e, object fill):
+        """The buffers ``k`` new clusters from virtual cluster ``c`` (entry ``e``) are
+        written from: ``src[pos:pos + run_n]`` (``mv`` the same bytes), starting ``coff``
+        into the first cluster, ``take`` bytes of it; partial clusters are completed by
+        ``_partial``."""
+        cdef int64_t cs = self.cluster_size
+        cdef int64_t mid, tail
+        if k == 1:
+            if coff or take < cs:
+                return [self._partial(c, e, fill, src[pos:], coff, take)]
+            return [mv[pos:pos + cs]]
+        views = [self._partial(c, e, fill, src[pos:], coff, take) if coff
+                 else mv[pos:pos + cs]]
+        mid = (k - 2) * cs
+        if mid:
+            views.append(mv[pos + take:pos + take + mid])
+        tail = run_n - take - mid
+        if tail < cs:
+            views.append(self._partial(c + k - 1, self._l2_entry(c + k - 1), fill,
+                                       src[pos + take + mid:], 0, tail))
+        else:
+            views.append(mv[pos + take + mid:pos + run_n])
+        return views
+
     cpdef write(self, int64_t vaddr, object data, object fill):
         """Write ``data`` at ``vaddr``: in place over this file's data clusters (one write
         per host-contiguous run), elsewhere into appended clusters, the partial first and
         last ones completed from ``fill(vaddr, buffer)`` (the layers below) or zeros."""
         cdef const unsigned char[::1] src
         cdef int64_t cs = self.cluster_size
-        cdef int64_t n, pos, v, c, coff, take, run_n, k, i, host, mid, tail
+        cdef int64_t n, pos, v, c, coff, take, run_n, k, i, host
         cdef uint64_t e, e2
         if not self.writable:
             raise PermissionError("image %s is open read-only" % self.file.path)
@@ -457,26 +481,7 @@ cdef class Qed(Driver):
             while pos + (k * cs - coff) < n and self._l2_entry(c + k) <= ZERO_ENTRY:
                 k += 1
             run_n = min(k * cs - coff, n - pos)
-            views = []
-            if k == 1:
-                if coff or take < cs:
-                    views.append(self._partial(c, e, fill, src[pos:], coff, take))
-                else:
-                    views.append(mv[pos:pos + cs])
-            else:
-                if coff:
-                    views.append(self._partial(c, e, fill, src[pos:], coff, take))
-                else:
-                    views.append(mv[pos:pos + cs])
-                mid = (k - 2) * cs
-                if mid:
-                    views.append(mv[pos + take:pos + take + mid])
-                tail = run_n - take - mid
-                if tail < cs:
-                    views.append(self._partial(c + k - 1, self._l2_entry(c + k - 1), fill,
-                                               src[pos + take + mid:], 0, tail))
-                else:
-                    views.append(mv[pos + take + mid:pos + run_n])
+            views = self._new_views(mv, src, pos, run_n, c, k, coff, take, e, fill)
             self.ensure_tables(v - coff, k * cs)     # tables before data
             host = self._alloc(k)
             i = 0
@@ -642,7 +647,7 @@ cdef class Qed(Driver):
         first sector switches offset, size and feature bits. QED records only the "raw"
         format (bit 0x04); any other ``fmt`` leaves the bit clear, and the next open finds
         a qcow2 or QED backing by its magic."""
-        cdef int64_t pos, old_lo, old_hi, ln
+        cdef int64_t pos, ln
         self.sync_all()
         features = self.features
         if name is None:
@@ -653,18 +658,8 @@ cdef class Qed(Driver):
             return
         bname = name.encode("utf-8", "surrogateescape")
         ln = len(bname)
-        if ln == 0 or ln > MAX_NAME or b"\0" in bname:
-            raise ValueError("backing name must be 1..%d bytes without NUL" % MAX_NAME)
-        if self.features & F_BACKING_FILE:
-            old_lo, old_hi = self.backing_offset, self.backing_offset + self.backing_size
-        else:
-            old_lo = old_hi = 0
-        pos = HEADER_BYTES
-        if old_hi > old_lo and pos < old_hi and pos + ln > old_lo:
-            pos = (old_hi + 7) & ~7
-            if pos + ln > self.header_end:
-                raise ValueError("%s: no room for a %d-byte backing name in the header"
-                                 % (self.file.path, ln))
+        pos = backing_name_slot(self.file.path, bname, self.features, self.backing_offset,
+                                self.backing_size, self.header_end)
         self.file.write_full(bname, ln, pos)
         self._sync()
         features |= F_BACKING_FILE
@@ -678,10 +673,7 @@ cdef class Qed(Driver):
 
     def _switch(self, uint64_t features, int64_t offset, int64_t size):
         """One write of the first sector: features and backing name offset/size."""
-        sector0 = bytearray(self.file.pread(0, 512))
-        struct.pack_into("<Q", sector0, 16, features)
-        struct.pack_into("<II", sector0, 56, offset, size)
-        self.file.pwrite(sector0, 0)
+        self.file.pwrite(link_sector(self.file.pread(0, 512), features, offset, size), 0)
         self._sync()
         self.features = features
         self.backing_offset = offset

@@ -85,6 +85,37 @@ def max_image_size(cluster_size, table_size):
     return min(cluster_size * entries * entries, MAX_VIRTUAL_SIZE)
 
 
+def backing_name_slot(path, bytes bname, uint64_t features, int64_t old_offset,
+                      int64_t old_size, int64_t header_end):
+    """The header offset, in bytes, where the backing name ``bname`` is written when the
+    link changes: right after the fixed header unless that overlaps the name in use
+    (``old_offset``, ``old_size``, when ``features`` has F_BACKING_FILE), so that a crash
+    leaves either link readable. Raises ValueError for a name that is empty, over 1023
+    bytes, holds NUL or does not fit in the header."""
+    cdef int64_t ln = len(bname)
+    cdef int64_t old_lo = 0, old_hi = 0, pos = HEADER_BYTES
+    if ln == 0 or ln > MAX_NAME or b"\0" in bname:
+        raise ValueError("backing name must be 1..%d bytes without NUL" % MAX_NAME)
+    if features & F_BACKING_FILE:
+        old_lo, old_hi = old_offset, old_offset + old_size
+    if old_hi > old_lo and pos < old_hi and pos + ln > old_lo:
+        pos = (old_hi + 7) & ~7
+        if pos + ln > header_end:
+            raise ValueError("%s: no room for a %d-byte backing name in the header"
+                             % (path, ln))
+    return pos
+
+
+def link_sector(sector0, uint64_t features, int64_t offset, int64_t size):
+    """The header's first 512-byte sector ``sector0`` with ``features`` and the backing
+    name's ``offset`` and ``size`` (bytes) replaced (QEMU's QED spec, "Header"): one
+    sector write switches the backing link."""
+    out = bytearray(sector0)
+    struct.pack_into("<Q", out, 16, features)
+    struct.pack_into("<II", out, 56, offset, size)
+    return out
+
+
 cdef class QedHeader:
     """A QED header as read and validated by ``read_header``: sizes in bytes except
     ``table_size`` and ``header_size`` (clusters); ``backing_name`` is None without a

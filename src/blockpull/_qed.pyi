@@ -13,7 +13,9 @@ from blockpull._qed_format import (DEFAULT_TABLE_SIZE as DEFAULT_TABLE_SIZE,
                                    KNOWN_FEATURES as KNOWN_FEATURES, MAGIC as MAGIC,
                                    MAX_CLUSTER_SIZE as MAX_CLUSTER_SIZE,
                                    MAX_TABLE_SIZE as MAX_TABLE_SIZE,
-                                   MIN_CLUSTER_SIZE as MIN_CLUSTER_SIZE, create as create,
+                                   MIN_CLUSTER_SIZE as MIN_CLUSTER_SIZE,
+                                   backing_name_slot as backing_name_slot, create as create,
+                                   link_sector as link_sector,
                                    format_error as format_error,
                                    max_image_size as max_image_size, probe as probe)
 
