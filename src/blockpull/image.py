@@ -12,6 +12,7 @@ from blockpull._chain import Chain
 from blockpull._driver import COMPRESSED, DATA, UNALLOC, ZERO
 from blockpull.errors import BackingChainError, BlockpullError, ImageFormatError
 from blockpull.formats import FORMATS, creatable
+# the helpers Image below calls, under the names it calls them by
 from blockpull.formats import open_driver as _open_driver
 from blockpull.formats import probe_path as _probe_path
 from blockpull.locking import lock_image as _lock
