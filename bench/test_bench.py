@@ -18,14 +18,14 @@ from benchlib import (PKG_ROOT, GiB, MiB, TiB, StorageDaemon, blockpull_pull, dr
                       record, run, settle)
 
 import blockpull
-from blockpull.image import DRIVERS
+from blockpull import formats
 
 ROUNDS = int(os.environ.get("BLOCKPULL_BENCH_ROUNDS", "5"))
 #: a directory holding another build of the package (e.g. the last release's ``src``):
 #: the dense and sparse benchmarks then pull with it too, each build in a child interpreter
 PREVIOUS = os.environ.get("BLOCKPULL_BENCH_PREVIOUS")
 DENSE = GiB
-FORMATS = [f for f in ("qcow2", "qed") if f in DRIVERS]
+FORMATS = [f for f in ("qcow2", "qed") if f in formats.FORMATS]
 
 
 def _median(benchmark) -> float:

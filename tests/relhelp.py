@@ -17,7 +17,7 @@ from typing import Dict, List, NamedTuple, Optional, Sequence, Tuple
 import pytest
 
 import blockpull
-from blockpull.image import DRIVERS
+from blockpull.formats import FORMATS
 
 SOAK = os.environ.get("BLOCKPULL_SOAK", "") not in ("", "0")
 SECTOR = 512
@@ -58,7 +58,7 @@ VARIANTS = {
     "v2-partial": Variant("v2-partial", compat="0.10", base="base.qcow2"),
     "c512": Variant("c512", cluster=512, refbits=64, size=3 << 20),
 }
-if "qed" in DRIVERS:
+if "qed" in FORMATS:
     VARIANTS["qed"] = Variant("qed", fmt="qed", cluster=4096)
     VARIANTS["qed-partial"] = Variant("qed-partial", fmt="qed", cluster=4096, base="base.qcow2")
 

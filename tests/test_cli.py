@@ -95,7 +95,7 @@ def test_create_takes_human_sizes(tmp_path, qemu):
 
 
 def test_qed_chain_through_the_command_line(tmp_path, qemu):
-    if "qed" not in blockpull.image.DRIVERS:
+    if "qed" not in blockpull.formats.creatable():
         line = assert_one_error_line(cli("create", "-f", "qed", tmp_path / "b.qed", "8M"), (2,))
         assert "qed" in line
         return

@@ -2,13 +2,13 @@
 import pytest
 
 import blockpull
-from blockpull.image import DRIVERS
+from blockpull.formats import creatable
 
 
 @pytest.mark.parametrize("fmt", ["vmdk", "raw", "qed"])
 def test_create_unavailable_format_is_a_named_error(tmp_path, fmt):
     path = tmp_path / f"x.{fmt}"
-    if fmt in DRIVERS and DRIVERS[fmt][2] is not None:
+    if fmt in creatable():
         blockpull.create(path, 1 << 20, fmt=fmt)
         with blockpull.open(path, readonly=True) as img:
             assert img.format == fmt

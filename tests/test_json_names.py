@@ -14,7 +14,7 @@ import subprocess
 import pytest
 
 import blockpull
-from blockpull.image import _json_backing
+from blockpull.paths import json_backing as _json_backing
 
 MiB = 1 << 20
 

@@ -1,15 +1,10 @@
 # cython: language_level=3
-"""QED: header, two-level translation, append allocation, ordering.
+"""QED: the driver (Qed): two-level translation, append allocation, write ordering.
 
-QED (QEMU Enhanced Disk) keeps a 64-byte little-endian header in the first ``header_size``
-clusters (the backing file name follows it there), one L1 table and L2 tables of
-``table_size`` clusters each, and data clusters. An L2 entry is 0 (unallocated: read the
-backing file), 1 (reads as zeros) or the cluster-aligned host offset of the data. There are
-no refcounts: new clusters are appended at the end of the file.
-
-Tables live in memory in their on-disk (little-endian) form so that they can be written
-back without conversion; the L2 cache is bounded. Metadata is written back in an order
-that survives a crash (data before reference; docs/formats.md, "Write ordering"):
+The layout (header, tables, entries, probing, creating) is in _qed_format, the check in
+_qed_check. There are no refcounts: new clusters are appended at the end of the file. The
+L2 cache is bounded. Metadata is written back in an order that survives a crash (data
+before reference; docs/formats.md, "Write ordering"):
 
 0. tables before data: the L2 tables a range needs are appended (their space claimed)
    before its data clusters, so that a full disk fails an allocation rather than the
@@ -33,113 +28,24 @@ leaks. So this driver never sets the bit. It does honour it: an image that has i
 (QEMU crashed while writing) is refused read-write, with a hint to repair it first, and
 may be opened read-only.
 
-Every value read from the file is checked before use: header fields at open, each L1 and
-L2 entry when it is used (cluster aligned, after the header, inside the file or our own
-allocation), table sizes bounded. Errors are ``ImageFormatError`` naming the file and field.
+Every value read from the file is checked before use: header fields at open
+(``read_header``), each L1 and L2 entry when it is used (cluster aligned, after the header,
+inside the file or our own allocation). Errors are ``ImageFormatError`` naming the field.
 """
 from libc.stdint cimport int64_t, uint64_t
 from libc.string cimport memcpy, memset
-from libc.stdlib cimport calloc, free
 
 from blockpull._fileio cimport File
-from blockpull._endian cimport ld_le64 as ld64, st_le64 as st64
 from blockpull._driver cimport Driver, KIND_UNALLOC, KIND_DATA, KIND_ZERO
+from blockpull._qed_format cimport L2_CACHE_BYTES, ZERO_ENTRY, QedHeader, Table, read_header
 import errno as _errno
-import os
-import struct
 from collections import OrderedDict
 
-from blockpull.errors import ImageFormatError
-
-MAGIC = b"QED\0"
-#: bytes of the fixed header
-HEADER_BYTES = 64
-#: features: the image has a backing file
-F_BACKING_FILE = 0x01
-#: features: QEMU may have left the tables inconsistent; check (and repair) before writing
-F_NEED_CHECK = 0x02
-#: features: the backing file is raw (do not probe it)
-F_BACKING_RAW = 0x04
-KNOWN_FEATURES = F_BACKING_FILE | F_NEED_CHECK | F_BACKING_RAW
-
-MIN_CLUSTER_SIZE = 4096
-MAX_CLUSTER_SIZE = 64 * 1024 * 1024
-DEFAULT_TABLE_SIZE = 4
-MAX_TABLE_SIZE = 16
-
-cdef uint64_t ZERO_ENTRY = 1
-cdef int64_t MAX_TABLE_BYTES = 64 * 1024 * 1024
-cdef int64_t MAX_VIRTUAL_SIZE = 1LL << 61
-cdef int64_t L2_CACHE_BYTES = 32 * 1024 * 1024
-cdef int64_t MAX_NAME = 1023
-
-
-cdef class Table:
-    """One L1 or L2 table kept in on-disk byte order, with the byte range changed since it
-    was last written (``new``: never written at all)."""
-    cdef unsigned char* buf
-    cdef readonly int64_t offset
-    cdef readonly Py_ssize_t nbytes
-    cdef public bint new
-    cdef Py_ssize_t dlo
-    cdef Py_ssize_t dhi
-
-    def __cinit__(self, int64_t offset, Py_ssize_t nbytes):
-        self.buf = <unsigned char*>calloc(nbytes if nbytes > 0 else 1, 1)
-        if self.buf == NULL:
-            raise MemoryError()
-        self.offset = offset
-        self.nbytes = nbytes
-        self.dlo = nbytes
-        self.dhi = 0
-
-    def __dealloc__(self):
-        free(self.buf)
-
-    cdef inline uint64_t get(self, Py_ssize_t i) noexcept:
-        return ld64(self.buf + 8 * i)
-
-    cdef inline void put(self, Py_ssize_t i, uint64_t v) noexcept:
-        st64(self.buf + 8 * i, v)
-        if 8 * i < self.dlo:
-            self.dlo = 8 * i
-        if 8 * i + 8 > self.dhi:
-            self.dhi = 8 * i + 8
-
-    cdef inline bint dirty(self) noexcept:
-        return self.dhi > self.dlo
-
-    cdef inline void clean(self) noexcept:
-        self.dlo = self.nbytes
-        self.dhi = 0
-
-    cdef inline void touch(self, Py_ssize_t lo, Py_ssize_t hi) noexcept:
-        """Mark bytes [lo, hi) changed (to be written again)."""
-        if lo < self.dlo:
-            self.dlo = lo
-        if hi > self.dhi:
-            self.dhi = hi
-
-    cdef int write_dirty(self, File f) except -1:
-        """Write the changed entries, widened to whole 512-byte sectors."""
-        cdef Py_ssize_t lo, hi
-        if self.dhi <= self.dlo:
-            return 0
-        lo = self.dlo & ~511
-        hi = min((self.dhi + 511) & ~511, self.nbytes)
-        f.write_full(self.buf + lo, hi - lo, self.offset + lo)
-        self.clean()
-        return 0
-
-
-def _fmt_err(path, msg):
-    return ImageFormatError("%s: %s" % (path, msg))
-
-
-def max_image_size(cluster_size, table_size):
-    """The largest virtual size that QED tables of this geometry can address."""
-    entries = table_size * cluster_size // 8
-    return min(cluster_size * entries * entries, MAX_VIRTUAL_SIZE)
+from blockpull.errors import lost_writes_error
+from blockpull._qed_format import (  # noqa: F401 (the module's public names)
+    DEFAULT_TABLE_SIZE, F_BACKING_FILE, F_BACKING_RAW, F_NEED_CHECK, HEADER_BYTES,
+    KNOWN_FEATURES, MAGIC, MAX_CLUSTER_SIZE, MAX_TABLE_SIZE, MIN_CLUSTER_SIZE,
+    backing_name_slot, create, format_error, link_sector, max_image_size, probe)
 
 
 cdef class Qed(Driver):
@@ -187,87 +93,37 @@ cdef class Qed(Driver):
     # ---- header -----------------------------------------------------------------
 
     def _parse(self):
+        cdef QedHeader h = read_header(self.file)
         path = self.file.path
-        fsize = self.file.size()
-        if fsize < HEADER_BYTES:
-            raise _fmt_err(path, "file is too short for a QED header (%d bytes)" % fsize)
-        hdr = self.file.pread(0, HEADER_BYTES)
-        if hdr[:4] != MAGIC:
-            raise _fmt_err(path, "not a QED image (bad magic)")
-        (cs, tsize, hsize, features, compat, autoclear, l1_off, isize, bfo,
-         bfs) = struct.unpack("<IIIQQQQQII", hdr[4:64])
-        if cs < MIN_CLUSTER_SIZE or cs > MAX_CLUSTER_SIZE or cs & (cs - 1):
-            raise _fmt_err(path, "cluster_size %d invalid: QED needs a power of two from "
-                           "4 KiB to 64 MiB" % cs)
-        self.cluster_size = cs
-        self.cluster_bits = cs.bit_length() - 1
-        if tsize < 1 or tsize > MAX_TABLE_SIZE or tsize & (tsize - 1):
-            raise _fmt_err(path, "table_size %d invalid: QED needs a power of two from 1 "
-                           "to 16 clusters" % tsize)
-        if tsize * cs > MAX_TABLE_BYTES:
-            raise _fmt_err(path, "table_size %d with cluster_size %d makes %d-byte tables; "
-                           "at most %d are supported (convert the image with smaller "
-                           "clusters)" % (tsize, cs, tsize * cs, MAX_TABLE_BYTES))
-        self.table_size = tsize
-        self.table_bytes = tsize * cs
-        unknown = features & ~KNOWN_FEATURES
-        if unknown:
-            raise _fmt_err(path, "unknown bits 0x%x in the features field; this image needs "
-                           "a newer tool" % unknown)
-        self.features = features
-        self.compat_features = compat       # none defined; unknown ones may be ignored
-        self.autoclear_features = autoclear
-        if hsize < 1 or hsize * cs > fsize:
-            raise _fmt_err(path, "header_size %d clusters invalid (1 up to the file size)" % hsize)
-        self.header_size = hsize
-        self.header_end = hsize * cs
-        if l1_off % cs or l1_off < self.header_end:
-            raise _fmt_err(path, "l1_table_offset 0x%x invalid: must be cluster aligned and "
-                           "after the header" % l1_off)
-        if l1_off + (tsize - 1) * cs >= fsize:
-            raise _fmt_err(path, "l1_table_offset 0x%x: the L1 table lies past the end of "
-                           "the file" % l1_off)
-        self.l1_offset = l1_off
-        if isize % 512:
-            raise _fmt_err(path, "image_size %d is not a multiple of 512" % isize)
-        if isize > max_image_size(cs, tsize):
-            raise _fmt_err(path, "image_size %d is more than cluster_size %d and table_size %d "
-                           "can address" % (isize, cs, tsize))
-        self.size = isize
-        entries = tsize * cs // 8
-        self.l2_entries = entries
-        self.l2_bits = entries.bit_length() - 1
-        self.backing_name = None
+        self.cluster_size, self.cluster_bits = h.cluster_size, h.cluster_bits
+        self.table_size, self.table_bytes = h.table_size, h.table_bytes
+        self.l2_entries, self.l2_bits = h.l2_entries, h.l2_bits
+        self.header_size, self.header_end = h.header_size, h.header_end
+        self.features, self.compat_features = h.features, h.compat_features
+        self.autoclear_features, self.l1_offset, self.size = (
+            h.autoclear_features, h.l1_offset, h.size)
+        self.backing_offset, self.backing_size = h.backing_offset, h.backing_size
+        self.backing_name = h.backing_name
+        # QED records no format but "raw": any other must be named by the caller
         self.backing_format = None
-        self.backing_offset = bfo
-        self.backing_size = bfs
-        if features & F_BACKING_FILE:
-            if bfs == 0 or bfs > MAX_NAME:
-                raise _fmt_err(path, "backing_filename_size %d invalid (1..%d)" % (bfs, MAX_NAME))
-            if bfo < HEADER_BYTES or bfo + bfs > self.header_end:
-                raise _fmt_err(path, "backing_filename_offset %d (size %d) lies outside the "
-                               "header (%d bytes)" % (bfo, bfs, self.header_end))
-            raw = self.file.pread(bfo, bfs)
-            if b"\0" in raw:
-                raise _fmt_err(path, "backing file name contains a NUL byte")
-            self.backing_name = raw.decode("utf-8", "surrogateescape")
-            # QED records no format but "raw": any other must be named by the caller
-            self.backing_format = "raw" if features & F_BACKING_RAW else None
-        if self.writable and features & F_NEED_CHECK:
-            raise _fmt_err(path, "the need-check feature bit is set (QEMU did not close it "
-                           "cleanly); repair it with 'qemu-img check -r all %s' or open it "
-                           "read-only" % path)
-        self.l1 = Table(l1_off, self.table_bytes)
-        self.file.read_full(self.l1.buf, self.table_bytes, l1_off)
+        if h.backing_name is not None and h.features & F_BACKING_RAW:
+            self.backing_format = "raw"
+        if self.writable and h.features & F_NEED_CHECK:
+            raise format_error(path, "the need-check feature bit is set (QEMU did not close "
+                               "it cleanly); repair it with 'qemu-img check -r all %s' or "
+                               "open it read-only" % path)
+        self.l1 = Table(h.l1_offset, self.table_bytes)
+        self.l1.load(self.file)
         self.l2_cache_max = max(2, L2_CACHE_BYTES // self.table_bytes)
-        self.file_end0 = (fsize + cs - 1) & ~(cs - 1)
+        cs = self.cluster_size
+        self.file_end0 = (h.file_size + cs - 1) & ~(cs - 1)
         self.next_free = self.file_end0
         self.linked_end = 0
-        self.autoclear_done = autoclear == 0
+        self.autoclear_done = h.autoclear_features == 0
         if self.file.is_device and self.writable:
             # a device is "file" to its end: what the image uses ends at its last
             # referenced cluster, and appends go after it, up to the device's end
-            self.file_end0 = fsize & ~(cs - 1)
+            self.file_end0 = h.file_size & ~(cs - 1)
             self.next_free = self._referenced_end()
 
     cdef int64_t _referenced_end(self) except -1:
@@ -304,7 +160,7 @@ cdef class Qed(Driver):
             return t
         if (off & <uint64_t>(self.cluster_size - 1)) or off < <uint64_t>self.header_end or \
                 off > <uint64_t>(self._limit() - self.table_bytes):
-            raise _fmt_err(self.file.path, "L1 entry %d points at 0x%x: not a cluster aligned "
+            raise format_error(self.file.path, "L1 entry %d points at 0x%x: not a cluster aligned "
                            "table inside the file" % (l1i, off))
         t = Table(<int64_t>off, self.table_bytes)
         self.file.read_full(t.buf, self.table_bytes, <int64_t>off)
@@ -326,7 +182,7 @@ cdef class Qed(Driver):
         if (e & <uint64_t>(self.cluster_size - 1)) or e < <uint64_t>self.header_end or \
                 e > <uint64_t>(self._limit() - self.cluster_size) or \
                 (e >= <uint64_t>self.l1_offset and e < <uint64_t>(self.l1_offset + self.table_bytes)):
-            raise _fmt_err(self.file.path, "L2 entry for cluster %d points at 0x%x: not a "
+            raise format_error(self.file.path, "L2 entry for cluster %d points at 0x%x: not a "
                            "cluster aligned offset inside the file, clear of the header "
                            "and the L1 table" % (c, e))
         return 0
@@ -554,13 +410,39 @@ cdef class Qed(Driver):
         memcpy(&bv[at], &src[0], n)
         return buf
 
+    cdef list _new_views(self, object mv, const unsigned char[::1] src, int64_t pos,
+                         int64_t run_n, int64_t c, int64_t k, int64_t coff, int64_t take,
+                         uint64_t e, object fill):
+        """The buffers ``k`` new clusters from virtual cluster ``c`` (entry ``e``) are
+        written from: ``src[pos:pos + run_n]`` (``mv`` the same bytes), starting ``coff``
+        into the first cluster, ``take`` bytes of it; partial clusters are completed by
+        ``_partial``."""
+        cdef int64_t cs = self.cluster_size
+        cdef int64_t mid, tail
+        if k == 1:
+            if coff or take < cs:
+                return [self._partial(c, e, fill, src[pos:], coff, take)]
+            return [mv[pos:pos + cs]]
+        views = [self._partial(c, e, fill, src[pos:], coff, take) if coff
+                 else mv[pos:pos + cs]]
+        mid = (k - 2) * cs
+        if mid:
+            views.append(mv[pos + take:pos + take + mid])
+        tail = run_n - take - mid
+        if tail < cs:
+            views.append(self._partial(c + k - 1, self._l2_entry(c + k - 1), fill,
+                                       src[pos + take + mid:], 0, tail))
+        else:
+            views.append(mv[pos + take + mid:pos + run_n])
+        return views
+
     cpdef write(self, int64_t vaddr, object data, object fill):
         """Write ``data`` at ``vaddr``: in place over this file's data clusters (one write
         per host-contiguous run), elsewhere into appended clusters, the partial first and
         last ones completed from ``fill(vaddr, buffer)`` (the layers below) or zeros."""
         cdef const unsigned char[::1] src
         cdef int64_t cs = self.cluster_size
-        cdef int64_t n, pos, v, c, coff, take, run_n, k, i, host, mid, tail
+        cdef int64_t n, pos, v, c, coff, take, run_n, k, i, host
         cdef uint64_t e, e2
         if not self.writable:
             raise PermissionError("image %s is open read-only" % self.file.path)
@@ -599,26 +481,7 @@ cdef class Qed(Driver):
             while pos + (k * cs - coff) < n and self._l2_entry(c + k) <= ZERO_ENTRY:
                 k += 1
             run_n = min(k * cs - coff, n - pos)
-            views = []
-            if k == 1:
-                if coff or take < cs:
-                    views.append(self._partial(c, e, fill, src[pos:], coff, take))
-                else:
-                    views.append(mv[pos:pos + cs])
-            else:
-                if coff:
-                    views.append(self._partial(c, e, fill, src[pos:], coff, take))
-                else:
-                    views.append(mv[pos:pos + cs])
-                mid = (k - 2) * cs
-                if mid:
-                    views.append(mv[pos + take:pos + take + mid])
-                tail = run_n - take - mid
-                if tail < cs:
-                    views.append(self._partial(c + k - 1, self._l2_entry(c + k - 1), fill,
-                                               src[pos + take + mid:], 0, tail))
-                else:
-                    views.append(mv[pos + take + mid:pos + run_n])
+            views = self._new_views(mv, src, pos, run_n, c, k, coff, take, e, fill)
             self.ensure_tables(v - coff, k * cs)     # tables before data
             host = self._alloc(k)
             i = 0
@@ -766,8 +629,7 @@ cdef class Qed(Driver):
         wrote since its last successful flush."""
         self.sync_all()
         if self.guest_lost is not None:
-            from blockpull._qcow2 import _lost_error
-            raise _lost_error(self.file.path, self.guest_lost)
+            raise lost_writes_error(self.file.path, self.guest_lost)
 
     def sync_all(self):
         """``flush`` without the report of guest writes a failed sync lost: what a pull
@@ -785,7 +647,7 @@ cdef class Qed(Driver):
         first sector switches offset, size and feature bits. QED records only the "raw"
         format (bit 0x04); any other ``fmt`` leaves the bit clear, and the next open finds
         a qcow2 or QED backing by its magic."""
-        cdef int64_t pos, old_lo, old_hi, ln
+        cdef int64_t pos, ln
         self.sync_all()
         features = self.features
         if name is None:
@@ -796,18 +658,8 @@ cdef class Qed(Driver):
             return
         bname = name.encode("utf-8", "surrogateescape")
         ln = len(bname)
-        if ln == 0 or ln > MAX_NAME or b"\0" in bname:
-            raise ValueError("backing name must be 1..%d bytes without NUL" % MAX_NAME)
-        if self.features & F_BACKING_FILE:
-            old_lo, old_hi = self.backing_offset, self.backing_offset + self.backing_size
-        else:
-            old_lo = old_hi = 0
-        pos = HEADER_BYTES
-        if old_hi > old_lo and pos < old_hi and pos + ln > old_lo:
-            pos = (old_hi + 7) & ~7
-            if pos + ln > self.header_end:
-                raise ValueError("%s: no room for a %d-byte backing name in the header"
-                                 % (self.file.path, ln))
+        pos = backing_name_slot(self.file.path, bname, self.features, self.backing_offset,
+                                self.backing_size, self.header_end)
         self.file.write_full(bname, ln, pos)
         self._sync()
         features |= F_BACKING_FILE
@@ -821,20 +673,13 @@ cdef class Qed(Driver):
 
     def _switch(self, uint64_t features, int64_t offset, int64_t size):
         """One write of the first sector: features and backing name offset/size."""
-        sector0 = bytearray(self.file.pread(0, 512))
-        struct.pack_into("<Q", sector0, 16, features)
-        struct.pack_into("<II", sector0, 56, offset, size)
-        self.file.pwrite(sector0, 0)
+        self.file.pwrite(link_sector(self.file.pread(0, 512), features, offset, size), 0)
         self._sync()
         self.features = features
         self.backing_offset = offset
         self.backing_size = size
 
     # ---- introspection ------------------------------------------------------------
-
-    def l1_entries(self):
-        """The L1 table as a list of raw entries."""
-        return [self.l1.get(i) for i in range(self.l2_entries)]
 
     def info(self):
         """Format-specific facts, for ``blockpull info``."""
@@ -845,59 +690,3 @@ cdef class Qed(Driver):
             "autoclear_features": self.autoclear_features,
             "need_check": bool(self.features & F_NEED_CHECK),
         }
-
-
-def probe(bytes head):
-    """True if ``head`` (the file's first bytes) starts like a QED image."""
-    return head[:4] == MAGIC
-
-
-def create(path, int64_t size, int64_t cluster_size=65536, compat=None, backing=None,
-           backing_format=None, int table_size=DEFAULT_TABLE_SIZE):
-    """Write a new, empty QED image as ``qemu-img create -f qed`` lays it out: a one-cluster
-    header with the backing name after it, then an empty L1 table.
-
-    ``compat`` exists for a uniform signature: QED has no compatibility levels, so only
-    None or the default "1.1" are accepted. Of ``backing_format`` QED records only "raw"
-    (the 0x04 feature bit); with the bit clear, openers probe the backing's magic (QEMU's
-    QED spec, "backing file format"), which finds a qcow2 or QED backing again.
-    ``table_size`` (clusters per table) is 2..16: QEMU cannot open images with 1.
-    """
-    if cluster_size < MIN_CLUSTER_SIZE or cluster_size > MAX_CLUSTER_SIZE or \
-            cluster_size & (cluster_size - 1):
-        raise ValueError("QED cluster_size must be a power of two from 4K to 64M")
-    if table_size < 2 or table_size > MAX_TABLE_SIZE or table_size & (table_size - 1):
-        # the format allows 1, but QEMU refuses to open such images ("QED table offset
-        # is invalid"), so none is made here
-        raise ValueError("QED table_size must be a power of two from 2 to 16")
-    if table_size * cluster_size > MAX_TABLE_BYTES:
-        raise ValueError("QED tables of %d bytes are too large" % (table_size * cluster_size))
-    if compat not in (None, "1.1"):
-        raise ValueError("QED has no compat levels (compat=%r is for qcow2)" % (compat,))
-    if size < 0:
-        raise ValueError("size must not be negative")
-    size = (size + 511) & ~511
-    if size > max_image_size(cluster_size, table_size):
-        raise ValueError("size %d is too large for cluster_size %d" % (size, cluster_size))
-    features = 0
-    name_off = 0
-    bname = b""
-    if backing is not None:
-        bname = os.fsencode(backing)
-        if not bname or len(bname) > MAX_NAME or b"\0" in bname:
-            raise ValueError("backing name must be 1..%d bytes without NUL" % MAX_NAME)
-        features |= F_BACKING_FILE
-        if backing_format == "raw":
-            features |= F_BACKING_RAW
-        name_off = HEADER_BYTES
-    hdr = bytearray(cluster_size)
-    struct.pack_into("<4sIIIQQQQQII", hdr, 0, MAGIC, cluster_size, table_size, 1, features,
-                     0, 0, cluster_size, size, name_off, len(bname))
-    hdr[HEADER_BYTES:HEADER_BYTES + len(bname)] = bname
-    f = File(path, True, "top", True)
-    try:
-        f.pwrite(hdr, 0)
-        f.truncate(cluster_size + table_size * cluster_size)
-        f.fdatasync()
-    finally:
-        f.close()

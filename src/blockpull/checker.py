@@ -1,296 +1,35 @@
 """``blockpull.check``: consistency check (and leak repair) of an image, like ``qemu-img check``.
 
-Each format has one checker function in ``CHECKERS``: ``checker(path, repair) -> CheckResult``.
-A new format adds one function and one line there.
+This module opens, locks and runs; each format's check is the ``check`` of its entry in
+``blockpull.formats.FORMATS`` (``check(file, path, repair) -> CheckResult``).
 """
 from __future__ import annotations
 
 import os
-import struct
-from typing import Any, Callable, Dict, List, NamedTuple, Optional, Set, Tuple, Union
+from typing import Optional, Union
 
-from blockpull import _qcow2
-from blockpull._bitmaps import AUTOCLEAR_BITMAPS, parse_bitmaps
-from blockpull._check import Qcow2Check, parse_snapshot_table
+from blockpull import formats
 from blockpull._fileio import File
+from blockpull.checks import CheckResult
 from blockpull.errors import ImageFormatError
+from blockpull.formats import Format, probe_path, refuse_fifo
+from blockpull.locking import lock_image, without_read_locks
 
-__all__ = ["CheckResult", "check", "CHECKERS"]
-
-
-class CheckResult(NamedTuple):
-    """What a check found, counted the way ``qemu-img check`` counts it.
-
-    ``corruptions``: clusters referenced more often than their refcount says (or with a
-    wrong COPIED flag, an unaligned offset, an offset past the end of the file...): writing
-    to the image could lose data. ``leaks``: clusters whose refcount is higher than their
-    references: wasted space, harmless. ``check_errors``: parts that could not be checked
-    (I/O errors). ``image_end_offset``: end of the last cluster in use. ``messages``: one
-    line per finding (at most 1000; ``dropped_messages`` counts the rest).
-    ``leaks_fixed``: leaks a ``repair=True`` check removed (``leaks`` counts those left).
-    ``fragmented_clusters``: data clusters of the active tables that do not follow the one
-    before them in the same L2 table in the file (compressed ones always), as
-    ``qemu-img check`` counts them.
-    """
-    corruptions: int
-    leaks: int
-    check_errors: int
-    image_end_offset: int
-    messages: Tuple[str, ...]
-    path: str = ""
-    format: str = ""
-    total_clusters: int = 0
-    allocated_clusters: int = 0
-    compressed_clusters: int = 0
-    leaks_fixed: int = 0
-    dropped_messages: int = 0
-    fragmented_clusters: int = 0
-
-    @property
-    def clean(self) -> bool:
-        """No corruption, no leak, nothing left unchecked."""
-        return not (self.corruptions or self.leaks or self.check_errors)
-
-    @property
-    def exit_code(self) -> int:
-        """``qemu-img check``'s exit code: 0 clean, 1 check errors, 2 corrupt, 3 leaks only."""
-        if self.check_errors:
-            return 1
-        if self.corruptions:
-            return 2
-        if self.leaks:
-            return 3
-        return 0
-
-    def to_json(self) -> Dict[str, Any]:
-        """The fields ``qemu-img check --output=json`` prints, with its key names; as
-        there, counts that are 0 are left out, and QED images have no image end offset."""
-        d: Dict[str, Any] = {
-            "filename": self.path, "format": self.format,
-            "check-errors": self.check_errors,
-        }
-        if self.image_end_offset and self.format != "qed":
-            d["image-end-offset"] = self.image_end_offset
-        for key, n in (("total-clusters", self.total_clusters),
-                       ("allocated-clusters", self.allocated_clusters),
-                       ("fragmented-clusters", self.fragmented_clusters),
-                       ("compressed-clusters", self.compressed_clusters)):
-            if n:
-                d[key] = n
-        if self.corruptions:
-            d["corruptions"] = self.corruptions
-        if self.leaks:
-            d["leaks"] = self.leaks
-        if self.leaks_fixed:
-            d["leaks-fixed"] = self.leaks_fixed
-        return d
+__all__ = ["CheckResult", "check"]
 
 
-def _check_qcow2(path: str, repair: bool) -> CheckResult:
-    from blockpull.image import _lock, _refuse_fifo
-    _refuse_fifo(path)
-    f = File(path, repair, "top")
+def _run(entry: Format, path: str, repair: bool) -> CheckResult:
+    """Open ``path`` (writable only for a repair that writes), take QEMU's lock bytes and
+    run the format's check."""
+    assert entry.check is not None
+    refuse_fifo(path)
+    writable = repair and entry.repairs
+    f = File(path, writable, "top")
     try:
-        _lock(f, repair, path)
-        # validates the header and the table extents; encrypted images are checked too
-        drv = _qcow2.Qcow2(f, False, metadata_only=True)
-        file_size = f.size()
-        cbits = drv.cluster_bits
-        snaps, snap_bytes = parse_snapshot_table(f, drv.snapshots_offset, drv.nb_snapshots,
-                                                 cbits, file_size)
-        areas, incomplete = _other_areas(f, drv, file_size)
-        hdr = {
-            "version": drv.version, "cluster_bits": cbits,
-            "refcount_order": drv.refcount_order,
-            "l1_table_offset": drv.l1_offset, "l1_size": drv.l1_size,
-            "refcount_table_offset": drv.rt_offset,
-            "refcount_table_clusters": drv.rt_clusters,
-            "snapshots_offset": drv.snapshots_offset, "snapshots_size": snap_bytes,
-            "extended_l2": bool(drv.incompatible & _qcow2.INCOMPAT_EXTL2),
-        }
-        chk = Qcow2Check(f, hdr, file_size)
-        chk.run(snaps, areas)
-        for reason in incomplete:
-            chk.check_errors += 1
-            chk.messages.append("ERROR check incomplete: " + reason)
-        fixed = 0
-        fixable: Set[int] = set()
-        if repair and chk.leaks:
-            if drv.incompatible & _qcow2.INCOMPAT_CORRUPT:
-                chk.messages.append("image is marked corrupt: leaks not repaired "
-                                    "(repair the corruption with qemu-img check -r all)")
-            elif chk.check_errors or chk.skipped:
-                # a structure that was not read, not understood or not walkable may own
-                # clusters that look leaked: freeing them could destroy it
-                chk.messages.append("check incomplete: leaks not repaired (some metadata "
-                                    "could not be read or understood; see the errors above)")
-            else:
-                fixed, fixable = _repair_leaks(f, chk)
-        fixes = chk.check_flags(fixable)
-        if fixes:
-            # the refcounts these entries rely on are durable: COPIED may now say so
-            for off, entry in fixes:
-                f.pwrite(struct.pack(">Q", entry), off)
-            f.fdatasync()
-            chk.messages.append("Repaired %d COPIED flags of clusters whose leaks were fixed"
-                                % len(fixes))
-        cs = 1 << cbits
-        return CheckResult(
-            corruptions=chk.corruptions, leaks=chk.leaks - fixed,
-            check_errors=chk.check_errors,
-            image_end_offset=(chk.highest + 1) * cs,
-            messages=tuple(chk.messages), path=path, format="qcow2",
-            total_clusters=(drv.size + cs - 1) // cs,
-            allocated_clusters=chk.allocated_clusters,
-            compressed_clusters=chk.compressed_clusters,
-            leaks_fixed=fixed, dropped_messages=chk.dropped_messages,
-            fragmented_clusters=chk.fragmented_clusters)
+        lock_image(f, writable, path)
+        return entry.check(f, path, repair)
     finally:
         f.close()
-
-
-def _other_areas(f: File, drv: Any, file_size: int) -> Tuple[List[Tuple[int, int, str]],
-                                                                List[str]]:
-    """The structures besides the tables that own clusters, as ``qemu-img check`` counts
-    them: the encryption header (LUKS) and, while autoclear bit 0 says they are valid, the
-    persistent bitmaps' directory, tables and data clusters (QEMU's docs/interop/qcow2.rst,
-    "Bitmaps"). Returns ``([(offset, nbytes, role)...], [reason...])``: a reason for each
-    structure that could not be understood (the check is then incomplete)."""
-    areas: List[Tuple[int, int, str]] = []
-    incomplete: List[str] = []
-    cs = drv.cluster_size
-    if drv.crypto_header is not None:
-        off, n = drv.crypto_header
-        areas.append((off, n, "encryption header"))
-    elif drv.crypt_method == 2:
-        incomplete.append("LUKS encrypted image without an encryption header extension")
-    if drv.version == 3 and drv.autoclear & AUTOCLEAR_BITMAPS:
-        for etype, data, _off in drv.extensions:
-            if etype != _qcow2.EXT_BITMAPS:
-                continue
-            try:
-                doff, dsize, bitmaps = parse_bitmaps(f, bytes(data), drv.cluster_bits,
-                                                     drv.size, file_size)
-            except ImageFormatError as exc:
-                incomplete.append(f"persistent bitmaps not understood ({exc})")
-                break
-            areas.append((doff, dsize, "bitmap directory"))
-            for bm in bitmaps:
-                areas.append((bm.table_offset, bm.table_size * 8, "bitmap table"))
-                for off in bm.data_clusters():
-                    areas.append((off, cs, "bitmap data"))
-            break
-    return areas, incomplete
-
-
-def _repair_leaks(f: File, chk: Qcow2Check) -> Tuple[int, Set[int]]:
-    """Lower each leaked cluster's refcount to its number of references.
-
-    Crash safety: only counts that are too high change, each to a value still >= its
-    references, and a refcount entry never straddles a sector; a torn or lost block write
-    leaves each entry at its old or its new value, so the worst a crash leaves is the
-    leak that was there before. One fdatasync makes the whole repair durable.
-    """
-    fixed = 0
-    fixable: Set[int] = set()
-    blocks = chk.leaked_blocks()
-    for off, data, _dropped in blocks:
-        f.pwrite(data, off)
-    if blocks:
-        f.fdatasync()
-    for _off, _data, dropped in blocks:
-        for c in dropped:
-            n = chk.expected_count(c)
-            chk.set_stored(c, n)
-            if n == 1:
-                fixable.add(c)
-            chk.messages.append("Repaired leaked cluster %d refcount -> %d" % (c, n))
-        fixed += len(dropped)
-    return fixed, fixable
-
-
-def _check_qed(path: str, repair: bool) -> CheckResult:
-    """QED has no refcounts: every cluster after the header must be referenced exactly
-    once (by the L1 table, an L2 table or an L2 entry), as QEMU's qed-check counts.
-    A second reference, or an entry that is unaligned or past the end of the file, is a
-    corruption; an unreferenced cluster a leak. Leaked space cannot be given back without
-    moving data, so ``repair`` changes nothing and says so."""
-    from blockpull import _qed
-    from blockpull.image import _lock, _refuse_fifo
-    _refuse_fifo(path)
-    f = File(path, False, "top")
-    try:
-        _lock(f, False, path)
-        drv = _qed.Qed(f, False)                 # validates the header
-        cs = drv.cluster_size
-        file_size = f.size()
-        nb = (file_size + cs - 1) // cs
-        used = bytearray(nb)
-        table_clusters = drv.table_bytes // cs
-        entries = drv.table_bytes // 8
-        corruptions = 0
-        messages: List[str] = []
-        allocated = fragmented = 0
-
-        def mark(off: int, n: int, what: str) -> bool:
-            nonlocal corruptions
-            if off % cs or off + n * cs > nb * cs or off < drv.header_size * cs:
-                corruptions += 1
-                if len(messages) < 1000:
-                    messages.append(f"ERROR {what} offset 0x{off:x} invalid")
-                return False
-            ok = True
-            for c in range(off // cs, off // cs + n):
-                if used[c]:
-                    corruptions += 1
-                    ok = False
-                    if len(messages) < 1000:
-                        messages.append(f"ERROR cluster {c} referenced twice ({what})")
-                used[c] = 1
-            return ok
-
-        mark(drv.l1_offset, table_clusters, "L1 table")
-        l1 = struct.unpack("<%dQ" % entries, f.pread(drv.l1_offset, drv.table_bytes))
-        for i, l2_off in enumerate(l1):
-            if not l2_off:
-                continue
-            if not mark(l2_off, table_clusters, f"L2 table (L1 entry {i})"):
-                continue
-            l2 = struct.unpack("<%dQ" % entries, f.pread(l2_off, drv.table_bytes))
-            last = 0
-            for j, e in enumerate(l2):
-                if e > 1:                        # 1 is a zero cluster, 0 unallocated
-                    allocated += 1
-                    if last and e != last + cs:  # qemu-img's count, per L2 table
-                        fragmented += 1
-                    last = e
-                    mark(e, 1, f"data cluster (L2 0x{l2_off:x} entry {j})")
-        leaks = 0
-        highest = drv.header_size - 1
-        for c in range(drv.header_size, nb):
-            if used[c]:
-                highest = c
-            else:
-                leaks += 1
-                if len(messages) < 1000:
-                    messages.append(f"Leaked cluster {c}")
-        if repair and leaks:
-            messages.append("QED has no refcounts: leaked clusters are unused space; "
-                            "nothing repaired")
-        return CheckResult(
-            corruptions=corruptions, leaks=leaks, check_errors=0,
-            image_end_offset=(highest + 1) * cs, messages=tuple(messages), path=path,
-            format="qed", total_clusters=(drv.size + cs - 1) // cs,
-            allocated_clusters=allocated, fragmented_clusters=fragmented)
-    finally:
-        f.close()
-
-
-#: format name -> checker(path, repair) -> CheckResult
-CHECKERS: Dict[str, Callable[[str, bool], CheckResult]] = {
-    "qcow2": _check_qcow2,
-    "qed": _check_qed,
-}
 
 
 def check(path: Union[str, "os.PathLike[str]"], repair: bool = False, *,
@@ -309,24 +48,23 @@ def check(path: Union[str, "os.PathLike[str]"], repair: bool = False, *,
     itself is unusable, ``ImageLockedError`` when another process has the image open for
     writing, ``ValueError`` for ``repair`` with ``force_share``.
     """
-    from blockpull.image import _probe_path, _without_read_locks
     p = os.fspath(path)
     if repair and force_share:
         raise ValueError(f"{p}: a repair writes to the image: it cannot share it "
                          f"(drop force_share / -U)")
     if format is None:
-        format = _probe_path(p, "top")
-    checker = CHECKERS.get(format)
-    if checker is None:
+        format = probe_path(p, "top")
+    entry = formats.get(format)
+    if entry is None or entry.check is None:
         raise ImageFormatError(f"{p}: format {format!r} has no metadata to check "
-                               f"(checkable: {', '.join(sorted(CHECKERS))})")
+                               f"(checkable: {', '.join(formats.checkable())})")
     if force_share:
-        with _without_read_locks():
-            return checker(p, False)
-    res = checker(p, bool(repair))
+        with without_read_locks():
+            return _run(entry, p, False)
+    res = _run(entry, p, bool(repair))
     if res.leaks_fixed:
         # what qemu-img check prints after a repair: the image checked again
-        again = checker(p, False)
+        again = _run(entry, p, False)
         res = again._replace(leaks_fixed=res.leaks_fixed,
                              messages=res.messages + again.messages,
                              dropped_messages=res.dropped_messages + again.dropped_messages)

@@ -97,3 +97,13 @@ class QemuError(BlockpullError):
         super().__init__(message)
         self.error_class = error_class
         self.desc = desc
+
+
+def lost_writes_error(path: str, exc: BaseException) -> OSError:
+    """The OSError (EIO) every flush of the image at ``path`` raises once a failed
+    fdatasync (``exc``) may have lost guest writes made before it."""
+    import errno
+    return OSError(errno.EIO, "an earlier fdatasync failed (%s): writes made before it "
+                   "may not be on disk, and no later flush can make them so; close the "
+                   "image and check what was written since the last successful flush"
+                   % (getattr(exc, "strerror", None) or exc), path)

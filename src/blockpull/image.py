@@ -1,25 +1,28 @@
 """Opening and creating images, and the ``Image`` object people read, write and pull."""
 from __future__ import annotations
 
-import contextlib
 import errno as _errno
-import json
 import logging
 import os
-import re
 import stat
 import threading
-from typing import (TYPE_CHECKING, Any, Callable, Dict, Iterator, List, NamedTuple, Optional,
-                    Tuple, Union)
+from typing import TYPE_CHECKING, Any, Callable, Dict, List, NamedTuple, Optional, Tuple, Union
 
-from blockpull import _qcow2, _qed, _raw
 from blockpull._chain import Chain
 from blockpull._driver import COMPRESSED, DATA, UNALLOC, ZERO
-from blockpull._fileio import File
 from blockpull._inflight import copy_on_read
-from blockpull.errors import (BackingChainError, BlockpullError, ImageFormatError,
-                              ImageLockedError, ImageNotFoundError)
+from blockpull.errors import BackingChainError, ImageFormatError, ImageNotFoundError
+from blockpull.formats import FORMATS, creatable
+# the helpers Image below calls, under the names it calls them by
+from blockpull.formats import open_driver as _open_driver
+from blockpull.formats import probe_path as _probe_path
 from blockpull.job import PullJob
+from blockpull.locking import lock_image as _lock
+from blockpull.paths import backing_target as _backing_target
+from blockpull.paths import identity as _identity
+from blockpull.paths import kernel_abspath as _kernel_abspath
+from blockpull.paths import local_name as _local_name
+from blockpull.paths import tidy as _tidy
 
 if TYPE_CHECKING:  # pragma: no cover
     from blockpull._driver import Driver
@@ -30,23 +33,8 @@ log = logging.getLogger("blockpull")
 
 __all__ = ["create", "open", "Image", "ChainEntry", "Extent", "MAX_CHAIN_DEPTH"]
 
-#: the format drivers: name -> (driver class, probe(head) -> bool, create function)
-DRIVERS: Dict[str, Any] = {
-    "qcow2": (_qcow2.Qcow2, _qcow2.probe, _qcow2.create),
-    "qed": (_qed.Qed, _qed.probe, _qed.create),
-    "raw": (_raw.Raw, _raw.probe, None),
-}
-
 #: the most images a chain may hold, the top included (libvirt's cap; QEMU has none)
 MAX_CHAIN_DEPTH = 200
-_PROTOCOL = re.compile(r"^[A-Za-z][A-Za-z0-9+.\-]*:")
-#: the formats a backing's magic may show when an image records no backing format
-_PROBED_FORMATS = ("qcow2", "qed")
-#: the format drivers a ``json:`` backing name may name over its ``file`` child
-_JSON_FORMATS = ("qcow2", "qed", "raw")
-
-# QEMU's lock bytes: 100 + i "holds permission i", 200 + i "refuses to share i"
-_PERM_READ, _PERM_WRITE, _PERM_WRITE_UNCHANGED, _PERM_RESIZE = 0, 1, 2, 3
 
 
 class ChainEntry(NamedTuple):
@@ -77,283 +65,6 @@ class Extent(NamedTuple):
         if self.offset is not None:
             d["offset"] = self.offset
         return d
-
-
-def _probe_magic(f: File) -> Optional[str]:
-    """The format the magic of the open file ``f`` shows: qcow2 or QED only (a header of
-    its own, libvirt's rule for safe probing), else None: raw is never probed."""
-    head = f.pread(0, 64)
-    for name in _PROBED_FORMATS:
-        if DRIVERS[name][1](head):
-            return name
-    return None
-
-
-def _not_probed(path: str) -> ImageFormatError:
-    return ImageFormatError(f"{path}: not a qcow2 or QED image; if it is raw, name the format "
-                            f"(format='raw'; -f raw on the command line)")
-
-
-def _refuse_fifo(path: str) -> None:
-    """Raise ImageFormatError if ``path`` is a named pipe: opening one waits for a
-    writer, for ever if none comes (a backing name can point at one)."""
-    try:
-        st = os.stat(path)
-    except OSError:
-        return      # opening it says what is wrong
-    if stat.S_ISFIFO(st.st_mode):
-        raise ImageFormatError(f"{path}: is a named pipe (FIFO), not an image file or "
-                               f"block device")
-
-
-def _probe_path(path: str, role: str, not_probed: Optional[BlockpullError] = None) -> str:
-    """The format of the image at ``path``, from its magic (raw is never guessed).
-    Raises ``not_probed`` (default: an ImageFormatError) when it shows no format."""
-    _refuse_fifo(path)
-    f = File(path, False, role)
-    try:
-        fmt = _probe_magic(f)
-    finally:
-        f.close()
-    if fmt is None:
-        raise not_probed or _not_probed(path)
-    return fmt
-
-
-def _open_driver(path: str, fmt: Optional[str], writable: bool, role: str,
-                 not_probed: Optional[BlockpullError] = None):
-    """Open ``path`` as ``fmt`` (None: by its qcow2/QED magic, raising ``not_probed``,
-    default an ImageFormatError, when it shows neither)."""
-    _refuse_fifo(path)
-    try:
-        f = File(path, writable, role)
-    except FileNotFoundError:
-        raise
-    except IsADirectoryError:
-        raise ImageFormatError(f"{path}: is a directory, not an image")
-    try:
-        if fmt is None:
-            fmt = _probe_magic(f)
-            if fmt is None:
-                raise not_probed or _not_probed(path)
-        if fmt not in DRIVERS:
-            raise ImageFormatError(f"{path}: unsupported format {fmt!r} (qcow2, qed or raw)")
-        cls = DRIVERS[fmt][0]
-        if fmt == "raw" and writable:
-            raise ImageFormatError(f"{path}: raw images can only be backing files")
-        head = f.pread(0, 64)
-        if fmt != "raw" and not DRIVERS[fmt][1](head):
-            raise ImageFormatError(f"{path}: not a {fmt} image (bad magic)")
-        return cls(f, writable)
-    except BaseException:
-        f.close()
-        raise
-
-
-_PERM_NAMES = {_PERM_READ: "consistent read", _PERM_WRITE: "write",
-               _PERM_WRITE_UNCHANGED: "write unchanged", _PERM_RESIZE: "resize"}
-
-
-#: how long a lock conflict may last before it is reported (see ``_lock``)
-LOCK_GRACE = 0.25
-
-_shared_reads = threading.local()
-
-
-@contextlib.contextmanager
-def _without_read_locks() -> Iterator[None]:
-    """Within this block, in this thread, read-only opens take no lock bytes (QEMU's
-    force-share, ``qemu-img -U``): they neither see nor stop a writer. Writable opens
-    still lock."""
-    before = getattr(_shared_reads, "on", False)
-    _shared_reads.on = True
-    try:
-        yield
-    finally:
-        _shared_reads.on = before
-
-
-def _lock(f: File, writable: bool, path: str) -> None:
-    """Take the lock bytes (``_lock_once``), trying again for ``LOCK_GRACE`` seconds on
-    a conflict before refusing.
-
-    A conflict can be a ghost: when any thread of a program forks (to start any other
-    program), the child holds a copy of every descriptor until it execs, and with it
-    the OFD locks of an image that was just closed. Reopening that image at that moment
-    would be refused although nobody uses it; the window lasts far less than the grace.
-    """
-    import time
-    if not writable and getattr(_shared_reads, "on", False):
-        return None
-    deadline = time.monotonic() + LOCK_GRACE
-    while True:
-        try:
-            return _lock_once(f, writable, path)
-        except ImageLockedError:
-            if time.monotonic() >= deadline:
-                raise
-            time.sleep(0.005)
-
-
-def _lock_once(f: File, writable: bool, path: str) -> None:
-    """Take QEMU's OFD lock bytes as a qcow2 node of QEMU takes them, refusing on conflict.
-
-    A writer holds consistent read, write and resize (bytes 100, 101, 103) and refuses
-    to share write and resize (201, 203); a reader holds consistent read (100) and
-    refuses to share write and resize as well, so neither opens an image that a VM or
-    another pull writes (``qemu-img info`` without ``-U`` refuses the same way). As in
-    QEMU, the bytes are taken first and conflicts tested after, so two openers racing
-    cannot both miss each other.
-    """
-    perms = [_PERM_READ, _PERM_WRITE, _PERM_RESIZE] if writable else [_PERM_READ]
-    unshared = [_PERM_WRITE, _PERM_RESIZE]
-    taken = []
-    try:
-        for b in [100 + p for p in perms] + [200 + p for p in unshared]:
-            if not f.lock(b, False):
-                raise ImageLockedError(
-                    f"{path}: lock byte {b} is held exclusively by another process; "
-                    f"close the program that uses it first")
-            taken.append(b)
-        for p in perms:
-            if f.lock_conflicts(200 + p, True):
-                raise ImageLockedError(
-                    f"{path}: another process (a VM or a pull) refuses to share "
-                    f"{_PERM_NAMES[p]} access; stop it first, or use its own interface")
-        for p in unshared:
-            if f.lock_conflicts(100 + p, True):
-                raise ImageLockedError(
-                    f"{path}: another process (a VM or a pull) has it open with "
-                    f"{_PERM_NAMES[p]} access; stop it first, or use its own interface")
-    except BaseException:
-        for b in taken:
-            f.unlock(b)
-        raise
-
-
-def _tidy(path: str) -> str:
-    """``path`` without "." components and repeated slashes, which never change the file
-    a name reaches (a trailing slash is kept: it does). ".." is kept: after a symlinked
-    directory it leads to the link target's parent, not to the parent in the text, so
-    only the kernel may resolve it."""
-    parts = [p for p in path.split("/") if p not in ("", ".")]
-    out = ("/" if path.startswith("/") else "") + "/".join(parts)
-    if parts and (path.endswith("/") or path.endswith("/.")):
-        # a trailing slash says "a directory": the kernel refuses it after a file
-        # (ENOTDIR), as QEMU then does; dropped, it would open the file
-        out += "/"
-    return out or "."
-
-
-def _kernel_abspath(path: str) -> str:
-    """An absolute name for ``path`` that the kernel resolves to the same file: joined
-    to the working directory, ".." left for the kernel (``os.path.abspath`` would collapse
-    it as text and, across a symlinked directory, name another file)."""
-    path = os.fspath(path)
-    if not os.path.isabs(path):
-        path = os.path.join(os.getcwd(), path)
-    return _tidy(path)
-
-
-def _identity(st: os.stat_result) -> tuple:
-    """What tells one file from another, as ``File.identity`` gives it for an open file:
-    (st_dev, st_ino), or (-1, st_rdev) for a block device (any of its device nodes)."""
-    if stat.S_ISBLK(st.st_mode):
-        return (-1, st.st_rdev)
-    return (st.st_dev, st.st_ino)
-
-
-def _plain_name(name: str) -> str:
-    """A backing name without its "file:" protocol prefix."""
-    return name[5:] if name.startswith("file:") else name
-
-
-def _flat_json(obj: Dict[str, Any], prefix: str, out: Dict[str, Any]) -> bool:
-    """Flatten nested objects of a ``json:`` name into dotted keys ("file.filename"), as
-    QEMU reads them; False if a key is given twice (nested and flat)."""
-    for key, value in obj.items():
-        full = prefix + key
-        if isinstance(value, dict):
-            if not _flat_json(value, full + ".", out):
-                return False
-        elif full in out:
-            return False
-        else:
-            out[full] = value
-    return True
-
-
-def _json_backing(name: str) -> Optional[Tuple[str, str]]:
-    """``(filename, format)`` of a ``json:`` backing name that opens a plain local file:
-    exactly a format driver (qcow2, qed or raw) over a ``file`` child with a filename,
-    nested (``"file": {"driver": "file", "filename": F}``) or flat (``"file.driver"``,
-    ``"file.filename"``). None for any other shape (another protocol, extra options,
-    malformed JSON)."""
-    def pairs(items: List[Tuple[str, Any]]) -> Dict[str, Any]:
-        d: Dict[str, Any] = {}
-        for k, v in items:
-            if k in d:
-                raise ValueError(f"key {k!r} given twice")
-            d[k] = v
-        return d
-    try:
-        obj = json.loads(name[5:], object_pairs_hook=pairs)
-    except ValueError:
-        return None
-    flat: Dict[str, Any] = {}
-    if not isinstance(obj, dict) or not _flat_json(obj, "", flat):
-        return None
-    if set(flat) != {"driver", "file.driver", "file.filename"}:
-        return None
-    fmt, proto, filename = flat["driver"], flat["file.driver"], flat["file.filename"]
-    if fmt not in _JSON_FORMATS or proto != "file" or not isinstance(filename, str) \
-            or not filename:
-        return None
-    return filename, fmt
-
-
-def _local_name(name: str) -> Optional[str]:
-    """The local file name a backing name stands for (without "file:", the filename of
-    a plain-file ``json:`` name), or None for a protocol."""
-    if name.startswith("json:"):
-        parsed = _json_backing(name)
-        return parsed[0] if parsed else None
-    if _PROTOCOL.match(name) and not name.startswith("file:"):
-        return None
-    return _plain_name(name)
-
-
-def _backing_target(name: str, parent: str) -> Tuple[str, Optional[str]]:
-    """``(path, format)`` of backing file ``name`` recorded in the image at ``parent``.
-
-    A relative name is joined to the directory of ``parent`` as it stands and resolved
-    by the kernel when opened, as QEMU does (no ".." is collapsed as text). ``format``
-    is the one a ``json:`` name gives (plain-file shapes only, see ``_json_backing``),
-    else None. Raises BackingChainError for empty names, names with NUL, names over 1023
-    bytes, and protocols other than "file:" (any other ``json:`` shape included)."""
-    if not name:
-        raise BackingChainError(f"{parent}: empty backing file name")
-    if "\0" in name:
-        raise BackingChainError(f"{parent}: backing file name contains NUL")
-    if len(name.encode("utf-8", "surrogateescape")) > 1023:
-        raise BackingChainError(f"{parent}: backing file name longer than 1023 bytes")
-    local = _local_name(name)
-    if local is None:
-        raise BackingChainError(
-            f"{parent}: backing file {name!r} is not a plain local path (protocols are refused)")
-    parsed = _json_backing(name) if name.startswith("json:") else None
-    fmt = parsed[1] if parsed else None
-    if "\0" in local:
-        raise BackingChainError(f"{parent}: backing file name contains NUL")
-    if not os.path.isabs(local):
-        local = os.path.join(os.path.dirname(_kernel_abspath(parent)), local)
-    return _tidy(local), fmt
-
-
-def _resolve_backing(name: str, parent: str) -> str:
-    """The path of backing file ``name`` recorded in the image at ``parent`` (see
-    ``_backing_target``). Raises BackingChainError for names that are not local files."""
-    return _backing_target(name, parent)[0]
 
 
 class Image:
@@ -429,7 +140,7 @@ class Image:
             raise BackingChainError(
                 f"{cur_path}: backing file {name!r} has no recorded format; pass "
                 f"backing_format= to name it (formats are never guessed)")
-        if bfmt is not None and bfmt not in DRIVERS:
+        if bfmt is not None and bfmt not in FORMATS:
             raise BackingChainError(f"{cur_path}: backing format {bfmt!r} is not supported")
         return bpath, bfmt
 
@@ -871,10 +582,10 @@ def create(path: Union[str, os.PathLike], size: Union[int, str], *, fmt: str = "
     from blockpull.units import parse_size
     path = os.fspath(path)
     size = parse_size(size) if isinstance(size, str) else int(size)
-    creatable = [name for name, (_cls, _probe, make) in DRIVERS.items() if make is not None]
-    if fmt not in creatable:
+    makes = creatable()
+    if fmt not in makes:
         raise ImageFormatError(f"{path}: cannot create format {fmt!r} "
-                               f"(this build creates {' or '.join(creatable)})")
+                               f"(this build creates {' or '.join(makes)})")
     try:
         is_device = stat.S_ISBLK(os.stat(path).st_mode)
     except OSError:
@@ -909,5 +620,7 @@ def create(path: Union[str, os.PathLike], size: Union[int, str], *, fmt: str = "
         raise ValueError("size must be positive (or give a backing file)")
     if size >= 1 << 63:
         raise ValueError(f"{path}: size {size} is too large for any image format")
-    DRIVERS[fmt][2](path, size, cluster_size=cluster_size, compat=compat,
-                    backing=backing, backing_format=backing_format)
+    make = FORMATS[fmt].create
+    assert make is not None         # fmt is one of creatable()
+    make(path, size, cluster_size=cluster_size, compat=compat, backing=backing,
+         backing_format=backing_format)

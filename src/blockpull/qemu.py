@@ -22,10 +22,10 @@ import queue
 import re
 import threading
 import time
-from typing import Any, Callable, Dict, Generator, List, Optional, Tuple, Union
+from typing import Any, Callable, Dict, List, Optional, Tuple, Union
 
-from blockpull.errors import (BackingChainError, BlockpullError, JobActiveError,
-                              PullCancelled, PullError, QemuError)
+from blockpull.errors import (BackingChainError, BlockpullError, JobActiveError, PullError,
+                              QemuError)
 from blockpull.job import JobFuture, PullEvent, PullInfo
 from blockpull.policy import OnError
 from blockpull.units import parse_bandwidth

@@ -22,7 +22,8 @@ from blockpull.cli.common import (EXIT_OK, PROG, MiB, OperationFailed, UsageErro
                                   add_output, add_progress, bandwidth_arg, size_arg, want_bar)
 from blockpull.cli.output import Progress, emit_json
 from blockpull.cli.pull import run_pull
-from blockpull.image import Image, _kernel_abspath
+from blockpull.image import Image
+from blockpull.paths import kernel_abspath as _kernel_abspath
 from blockpull.job import PullInfo
 from blockpull.units import format_size
 
