@@ -77,8 +77,6 @@ cdef enum:
 
 FALLOC_PUNCH_HOLE = FALLOC_FL_PUNCH_HOLE | FALLOC_FL_KEEP_SIZE
 FALLOC_ZERO_RANGE = FALLOC_FL_ZERO_RANGE
-LOCK_READ = F_RDLCK
-LOCK_WRITE = F_WRLCK
 
 
 cdef inline Py_ssize_t iov_advance(iovec* iov, Py_ssize_t start, Py_ssize_t nv,

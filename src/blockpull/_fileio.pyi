@@ -5,8 +5,6 @@ from typing_extensions import disjoint_base
 
 FALLOC_PUNCH_HOLE: int
 FALLOC_ZERO_RANGE: int
-LOCK_READ: int
-LOCK_WRITE: int
 
 @disjoint_base
 class File:
