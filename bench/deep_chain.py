@@ -39,11 +39,10 @@ def build(d: str, depth: int, fmt: str, size: int, layer: int) -> str:
     path = ""
     for i in range(depth):
         path = os.path.join(d, f"l{i}.{fmt}")
-        blockpull.create(path, size, fmt=fmt)
+        blockpull.create(path, size, fmt=fmt, backing=prev,
+                         backing_format=fmt if prev is not None else None)
         with blockpull.open(path) as img:
             img.write(i * layer % (size - layer), bytes([i % 255 + 1]) * layer)
-            if prev is not None:
-                img.layers[0].set_backing(prev, fmt)
         prev = os.path.basename(path)
     return path
 

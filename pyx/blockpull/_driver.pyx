@@ -13,8 +13,6 @@ format is one new module and one line in ``blockpull.image.DRIVERS``.
 """
 from libc.string cimport memset
 
-KIND_NAMES = {KIND_UNALLOC: "unallocated", KIND_DATA: "data", KIND_ZERO: "zero",
-              KIND_COMPRESSED: "compressed"}
 UNALLOC = KIND_UNALLOC
 DATA = KIND_DATA
 ZERO = KIND_ZERO

@@ -8,7 +8,6 @@ cdef class File:
     cdef readonly bint is_device
     cdef readonly str role
     cdef public object faults
-    cdef int64_t _size_hint
     cdef int dfd
     cdef bint direct_refused
 
@@ -21,3 +20,5 @@ cdef class File:
     cdef int writev_full(self, object iov_views, int64_t off) except -1
     cdef int writev_data(self, object iov_views, int64_t off) except -1
     cdef int _writev(self, object views, int64_t off, bint direct) except -1
+    cdef int _fault_views(self, object views, int64_t off) except -1
+    cdef int _record_views(self, object views, int64_t off, size_t done) except -1

@@ -6,7 +6,7 @@ afterwards as the matching ``OSError`` subclass (``FileNotFoundError``, ``Permis
 ...). A test-only fault injector can be attached to a ``File`` (``faults``); when none is
 attached the cost is one pointer comparison per call.
 """
-from libc.errno cimport errno, EINTR, EINVAL, ENOSPC
+from libc.errno cimport errno, EACCES, EAGAIN, EINTR, EINVAL, ENOSPC, ENXIO
 from libc.stdint cimport int64_t, uint64_t
 from libc.string cimport memset, strerror
 from cpython.buffer cimport PyObject_GetBuffer, PyBuffer_Release, PyBUF_SIMPLE, PyBUF_WRITABLE
@@ -68,15 +68,32 @@ cdef extern from "<sys/stat.h>" nogil:
     int fstat(int fd, stat* st)
     bint S_ISBLK(unsigned int mode)
 
-DEF IOV_MAX_BATCH = 1024
-# O_DIRECT needs buffers, lengths and offsets aligned to the logical block size; 4 KiB
-# covers every common device, smaller clusters take the buffered path.
-DEF DIRECT_ALIGN = 4096
+cdef enum:
+    # vectors per pwritev call (Linux's IOV_MAX)
+    IOV_MAX_BATCH = 1024
+    # O_DIRECT needs buffers, lengths and offsets aligned to the logical block size; 4 KiB
+    # covers every common device, smaller clusters take the buffered path.
+    DIRECT_ALIGN = 4096
 
 FALLOC_PUNCH_HOLE = FALLOC_FL_PUNCH_HOLE | FALLOC_FL_KEEP_SIZE
 FALLOC_ZERO_RANGE = FALLOC_FL_ZERO_RANGE
-LOCK_READ = F_RDLCK
-LOCK_WRITE = F_WRLCK
+
+
+cdef inline Py_ssize_t iov_advance(iovec* iov, Py_ssize_t start, Py_ssize_t nv,
+                                   ssize_t r) noexcept nogil:
+    """After ``r`` bytes were written from ``iov[start:nv]``: skip the vectors written
+    whole, trim a partial one; returns the first vector with bytes left (nv: none)."""
+    while r > 0 and start < nv:
+        if <size_t>r >= iov[start].iov_len:
+            r -= iov[start].iov_len
+            start += 1
+        else:
+            iov[start].iov_base = <char*>iov[start].iov_base + r
+            iov[start].iov_len -= r
+            r = 0
+    while start < nv and iov[start].iov_len == 0:
+        start += 1
+    return start
 
 
 cdef raise_errno(int err, object path, str what):
@@ -275,7 +292,6 @@ cdef class File:
         cdef iovec* iov
         cdef Py_buffer* bufs
         cdef ssize_t r
-        cdef size_t total = 0, done, skip
         cdef int cnt, err = 0
         cdef int64_t pos
         cdef bint observed = self.faults is not None   # the one check when unused
@@ -283,10 +299,7 @@ cdef class File:
             return 0
         self._check_open()
         if observed:
-            pos = off
-            for v in views:
-                self._fault("write", pos, len(v))
-                pos += len(v)
+            self._fault_views(views, off)
         bufs = <Py_buffer*>malloc(nv * sizeof(Py_buffer))
         iov = <iovec*>malloc(nv * sizeof(iovec))
         if bufs == NULL or iov == NULL:
@@ -323,17 +336,7 @@ cdef class File:
                     if fd != self.fd and (pos + r) % DIRECT_ALIGN:
                         fd = self.fd  # a short direct write left us unaligned
                     pos += r
-                    # advance over fully written vectors, trim a partial one
-                    while r > 0 and start < nv:
-                        if <size_t>r >= iov[start].iov_len:
-                            r -= iov[start].iov_len
-                            start += 1
-                        else:
-                            iov[start].iov_base = <char*>iov[start].iov_base + r
-                            iov[start].iov_len -= r
-                            r = 0
-                    while start < nv and iov[start].iov_len == 0:
-                        start += 1
+                    start = iov_advance(iov, start, nv, r)
         finally:
             for i in range(j):
                 PyBuffer_Release(&bufs[i])
@@ -345,18 +348,29 @@ cdef class File:
             self.direct_refused = True
             close(fd)
         if observed:
-            # what reached the file: whole vectors up to where a failure stopped it
-            done = <size_t>(pos - off)
-            pos = off
-            for v in views:
-                if done == 0:
-                    break
-                skip = min(<size_t>len(v), done)
-                self._record("write", pos, bytes(memoryview(v).cast("B")[:skip]))
-                pos += skip
-                done -= skip
+            self._record_views(views, off, <size_t>(pos - off))
         if err:
             raise_errno(err, self.path, "write")
+        return 0
+
+    cdef int _fault_views(self, object views, int64_t off) except -1:
+        """Ask the injector about each buffer of a vectored write (tests only)."""
+        for v in views:
+            self._fault("write", off, len(v))
+            off += len(v)
+        return 0
+
+    cdef int _record_views(self, object views, int64_t off, size_t done) except -1:
+        """Record what of a vectored write reached the file: the first ``done`` bytes,
+        buffer by buffer (tests only)."""
+        cdef size_t skip
+        for v in views:
+            if done == 0:
+                break
+            skip = min(<size_t>len(v), done)
+            self._record("write", off, bytes(memoryview(v).cast("B")[:skip]))
+            off += skip
+            done -= skip
         return 0
 
     # ---- Python-visible API -------------------------------------------------------
@@ -513,7 +527,7 @@ cdef class File:
                 if h < 0:
                     err = errno
         if err:
-            if err == 6:  # ENXIO: no data past offset
+            if err == ENXIO:  # no data past offset
                 return None
             if err == EINVAL:  # file system without SEEK_DATA: all data
                 return (offset, self.size())
@@ -535,7 +549,7 @@ cdef class File:
         r = fcntl(self.fd, F_OFD_SETLK, &fl)
         if r < 0:
             err = errno
-            if err in (11, 13):  # EAGAIN, EACCES
+            if err == EAGAIN or err == EACCES:  # held by another open file description
                 return False
             raise_errno(err, self.path, "lock")
         return True

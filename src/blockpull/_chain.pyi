@@ -1,8 +1,11 @@
 """Type stubs for the compiled module blockpull._chain."""
 from typing import Any, Callable, List, Optional, Tuple
 
+from typing_extensions import disjoint_base
+
 from blockpull._driver import Driver
 
+@disjoint_base
 class Chain:
     layers: List[Driver]
     depth: int

@@ -1,5 +1,7 @@
 """Type stubs for the compiled module blockpull._driver."""
-from typing import Any, Callable, Dict, Optional, Tuple
+from typing import Any, Callable, Optional, Tuple
+
+from typing_extensions import disjoint_base
 
 from blockpull._fileio import File
 
@@ -7,8 +9,8 @@ UNALLOC: int
 DATA: int
 ZERO: int
 COMPRESSED: int
-KIND_NAMES: Dict[int, str]
 
+@disjoint_base
 class Driver:
     file: File
     format: str

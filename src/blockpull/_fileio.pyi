@@ -1,11 +1,12 @@
 """Type stubs for the compiled module blockpull._fileio."""
 from typing import Any, Optional, Sequence, Tuple
 
+from typing_extensions import disjoint_base
+
 FALLOC_PUNCH_HOLE: int
 FALLOC_ZERO_RANGE: int
-LOCK_READ: int
-LOCK_WRITE: int
 
+@disjoint_base
 class File:
     fd: int
     path: str

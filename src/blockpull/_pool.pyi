@@ -1,6 +1,10 @@
 """Type stubs for the compiled module blockpull._pool."""
+import sys
 from typing import Optional
 
+from typing_extensions import disjoint_base
+
+@disjoint_base
 class PoolBuffer:
     size: int
     exports: int
@@ -8,8 +12,11 @@ class PoolBuffer:
     def release(self) -> None: ...
     def __enter__(self) -> "PoolBuffer": ...
     def __exit__(self, *exc: object) -> None: ...
-    def __buffer__(self, flags: int) -> memoryview: ...
+    if sys.version_info >= (3, 12):
+        def __buffer__(self, flags: int, /) -> memoryview: ...
+        def __release_buffer__(self, buffer: memoryview, /) -> None: ...
 
+@disjoint_base
 class BufferPool:
     size: int
     count: int
