@@ -133,3 +133,30 @@ def test_pull_of_a_closed_image_says_closed(qemu, chain3):
         img.pull()
     assert qemu.info(top)["backing-filename"] == "mid.qcow2"
     qemu.assert_clean(top)
+
+
+def test_force_share_reads_an_image_another_process_holds(qemu, tmp_path):
+    import subprocess
+    import time as _time
+    img_path = tmp_path / "held.qcow2"
+    qemu.img("create", "-q", "-f", "qcow2", str(img_path), "1M")
+    qemu.io(str(img_path), "write -P 0x42 0 4096", fmt="qcow2")
+    # qemu-io holds the image (a writer's locks) while it sleeps
+    holder = subprocess.Popen(["qemu-io", "-f", "qcow2", "-c", "sleep 5000", str(img_path)],
+                              stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        deadline = _time.monotonic() + 10
+        while True:
+            try:
+                blockpull.open(str(img_path), readonly=True).close()
+            except blockpull.ImageLockedError:
+                break
+            assert _time.monotonic() < deadline, "qemu-io never took its locks"
+            _time.sleep(0.05)
+        with blockpull.open(str(img_path), readonly=True, force_share=True) as img:
+            assert img.read(0, 4096) == b"\x42" * 4096
+        with pytest.raises(ValueError, match="readonly=True"):
+            blockpull.open(str(img_path), force_share=True)
+    finally:
+        holder.kill()
+        holder.wait()

@@ -14,15 +14,15 @@ from blockpull._inflight import copy_on_read
 from blockpull.errors import BackingChainError, ImageFormatError, ImageNotFoundError
 from blockpull.formats import FORMATS, creatable
 # the helpers Image below calls, under the names it calls them by
-from blockpull.formats import open_driver as _open_driver
-from blockpull.formats import probe_path as _probe_path
+from blockpull.formats import open_driver
+from blockpull.formats import probe_path
 from blockpull.job import PullJob
-from blockpull.locking import lock_image as _lock
-from blockpull.paths import backing_target as _backing_target
-from blockpull.paths import identity as _identity
-from blockpull.paths import kernel_abspath as _kernel_abspath
-from blockpull.paths import local_name as _local_name
-from blockpull.paths import tidy as _tidy
+from blockpull.locking import lock_image
+from blockpull.paths import backing_target
+from blockpull.paths import identity
+from blockpull.paths import kernel_abspath
+from blockpull.paths import local_name
+from blockpull.paths import tidy
 
 if TYPE_CHECKING:  # pragma: no cover
     from blockpull._driver import Driver
@@ -77,8 +77,11 @@ class Image:
 
     def __init__(self, path: str, *, readonly: bool = False, copy_on_read: bool = False,
                  backing_format: Union[None, str, Dict[str, str]] = None,
-                 format: Optional[str] = None, _lock_files: bool = True) -> None:
-        self.path = _kernel_abspath(os.fspath(path))
+                 format: Optional[str] = None, force_share: bool = False) -> None:
+        if force_share and not readonly:
+            raise ValueError("force_share opens without QEMU's locks, which only a read-only "
+                             "open may do: pass readonly=True")
+        self.path = kernel_abspath(os.fspath(path))
         self.readonly = readonly
         self.copy_on_read = copy_on_read and not readonly
         self._lock = threading.RLock()
@@ -87,7 +90,7 @@ class Image:
         self._drivers: list = []
         self._backing_format = backing_format
         try:
-            self._open_chain(format, _lock_files)
+            self._open_chain(format, not force_share)
         except BaseException:
             self._close_files()
             raise
@@ -115,7 +118,7 @@ class Image:
                 st = os.stat(key)
             except OSError:
                 continue
-            if _identity(st) == _identity(want):
+            if identity(st) == identity(want):
                 return value
         return None
 
@@ -129,7 +132,7 @@ class Image:
         A qcow2 image without a recorded format is refused until the format is named.
         """
         name = cur.backing_name
-        bpath, jfmt = _backing_target(name, cur_path)
+        bpath, jfmt = backing_target(name, cur_path)
         recorded = cur.backing_format
         if jfmt is not None and recorded is not None and jfmt != recorded:
             raise BackingChainError(
@@ -147,10 +150,10 @@ class Image:
     def _open_chain(self, fmt: Optional[str], lock_files: bool) -> None:
         if not os.path.exists(self.path):
             raise ImageNotFoundError(f"{self.path}: no such image file")
-        top = _open_driver(self.path, fmt, not self.readonly, "top")
+        top = open_driver(self.path, fmt, not self.readonly, "top")
         self._drivers.append(top)
         if lock_files:
-            _lock(top.file, not self.readonly, self.path)
+            lock_image(top.file, not self.readonly, self.path)
         seen = {top.file.identity()}
         cur = top
         cur_path = self.path
@@ -170,7 +173,7 @@ class Image:
             try:
                 # bfmt None: QED recorded no format and none was named; the backing's own
                 # magic decides, qcow2 or QED only (read from the file that is opened)
-                drv = _open_driver(bpath, bfmt, False, "backing", unprobed)
+                drv = open_driver(bpath, bfmt, False, "backing", unprobed)
             except ImageFormatError as exc:
                 raise BackingChainError(f"{cur_path}: backing file unusable: {exc}") from exc
             except OSError as exc:
@@ -181,7 +184,7 @@ class Image:
                 raise BackingChainError(f"{self.path}: backing chain loops back to {bpath}")
             seen.add(ident)
             if lock_files:
-                _lock(drv.file, False, bpath)
+                lock_image(drv.file, False, bpath)
             cur, cur_path = drv, bpath
 
     # ---- properties -------------------------------------------------------------
@@ -434,7 +437,7 @@ class Image:
         for i, d in enumerate(self._drivers[1:], 1):
             recorded = self._drivers[i - 1].backing_name
             if base == d.file.path or (recorded is not None and
-                                       base in (recorded, _local_name(recorded))):
+                                       base in (recorded, local_name(recorded))):
                 named = i
                 break
         try:
@@ -448,7 +451,7 @@ class Image:
                                     f"backing chain (no such file, and no image of the "
                                     f"chain has that name)")
         for i, d in enumerate(self._drivers[1:], 1):
-            if d.file.identity() == _identity(st):
+            if d.file.identity() == identity(st):
                 if named is not None and named != i:
                     break
                 return i
@@ -474,18 +477,18 @@ class Image:
         cur: Optional[str] = None
         for d in self._drivers[:base_depth]:
             name = d.backing_name
-            name = None if name is None else _local_name(name)
+            name = None if name is None else local_name(name)
             if name is None:
                 cur = None
                 break
             cur = name if cur is None or os.path.isabs(name) else \
                 os.path.join(os.path.dirname(cur), name)
-        for cand in ([_tidy(cur)] if cur else []) + [base.file.path]:
+        for cand in ([tidy(cur)] if cur else []) + [base.file.path]:
             try:
                 st = os.stat(os.path.join(top_dir, cand))
             except OSError:
                 continue
-            if _identity(st) == want:
+            if identity(st) == want:
                 return cand
         raise BackingChainError(f"{self.path}: the base {base.file.path} was moved or "
                                 f"replaced during the pull; the backing link is unchanged")
@@ -546,13 +549,16 @@ class Image:
 
 def open(path: Union[str, os.PathLike], *, readonly: bool = False, copy_on_read: bool = False,
          backing_format: Union[None, str, Dict[str, str]] = None,
-         format: Optional[str] = None) -> Image:
+         format: Optional[str] = None, force_share: bool = False) -> Image:
     """Open an image and its whole backing chain.
 
     ``readonly`` opens the top read-only (backing files always are). ``copy_on_read`` makes
     reads of inherited data also copy it into the top. ``backing_format`` names the format
     of backing files whose format the image does not record (a string for all of them, or
     a dict from backing name, as recorded or as any path to the same file, to format).
+    ``force_share`` (read-only opens only, like ``qemu-img -U``) takes none of QEMU's
+    lock bytes, so an image another process writes can be inspected; what it reads may
+    then be inconsistent.
 
     A backing's format comes from the image that names it: qcow2's backing-format
     extension, QED's "backing is raw" bit, or a ``json:`` name's driver. Where QED records
@@ -560,10 +566,10 @@ def open(path: Union[str, os.PathLike], *, readonly: bool = False, copy_on_read:
     accepted (raw is never guessed); a qcow2 image that records none needs
     ``backing_format``. Chains hold at most ``MAX_CHAIN_DEPTH`` (200) images. Raises
     BackingChainError (missing, looping, too deep, unnamed format, protocol backings),
-    ImageFormatError, ImageLockedError.
+    ImageFormatError, ImageLockedError, ValueError (``force_share`` without ``readonly``).
     """
     return Image(os.fspath(path), readonly=readonly, copy_on_read=copy_on_read,
-                 backing_format=backing_format, format=format)
+                 backing_format=backing_format, format=format, force_share=force_share)
 
 
 def create(path: Union[str, os.PathLike], size: Union[int, str], *, fmt: str = "qcow2",
@@ -598,7 +604,7 @@ def create(path: Union[str, os.PathLike], size: Union[int, str], *, fmt: str = "
     if os.path.exists(path):
         raise FileExistsError(_errno.EEXIST, "image already exists", path)
     if backing is not None:
-        bpath, jfmt = _backing_target(backing, path)
+        bpath, jfmt = backing_target(backing, path)
         if jfmt is not None and backing_format is not None and jfmt != backing_format:
             raise BackingChainError(f"{path}: backing name {backing!r} names format {jfmt!r} "
                                     f"but backing_format is {backing_format!r}")
@@ -607,11 +613,11 @@ def create(path: Union[str, os.PathLike], size: Union[int, str], *, fmt: str = "
         if backing_format is None:
             backing_format = jfmt
         if backing_format is None:
-            backing_format = _probe_path(bpath, "backing", ImageFormatError(
+            backing_format = probe_path(bpath, "backing", ImageFormatError(
                 f"{bpath}: not a qcow2 or QED image; if it is raw, name its format: "
                 f"backing_format='raw' (-F raw on the command line)"))
         if size <= 0:
-            b = Image(bpath, readonly=True, format=backing_format, _lock_files=False)
+            b = Image(bpath, readonly=True, format=backing_format, force_share=True)
             try:
                 size = b.size
             finally:

@@ -164,4 +164,4 @@ def open_image(args: argparse.Namespace, readonly: bool) -> Image:
     with opening:
         return Image(args.path, readonly=readonly, format=getattr(args, "fmt", None),
                      backing_format=getattr(args, "backing_format", None),
-                     _lock_files=not force)
+                     force_share=force)

@@ -8,7 +8,7 @@ from typing import Any, Dict, Sequence
 import blockpull
 from blockpull.cli.common import EXIT_OK, UsageError, add_output, size_arg
 from blockpull.cli.output import emit_json
-from blockpull.paths import kernel_abspath as _kernel_abspath
+from blockpull.paths import kernel_abspath
 from blockpull.units import format_size, parse_size
 
 __all__ = ["add_parser", "cmd_create", "parse_create_options"]
@@ -66,10 +66,10 @@ def parse_create_options(items: Sequence[str]) -> Dict[str, Any]:
 
 def _header_report(path: str, fmt: str) -> Dict[str, Any]:
     """What the new image's header says, read alone (the backing file may be in use)."""
-    from blockpull.formats import open_driver as _open_driver
-    drv = _open_driver(path, fmt, False, "top")
+    from blockpull.formats import open_driver
+    drv = open_driver(path, fmt, False, "top")
     try:
-        return {"path": _kernel_abspath(path), "format": drv.format,
+        return {"path": kernel_abspath(path), "format": drv.format,
                 "virtual_size": drv.size, "cluster_size": drv.cluster_size,
                 "backing": drv.backing_name, "backing_format": drv.backing_format}
     finally:

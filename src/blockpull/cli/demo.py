@@ -23,7 +23,7 @@ from blockpull.cli.common import (EXIT_OK, PROG, MiB, OperationFailed, UsageErro
 from blockpull.cli.output import Progress, emit_json
 from blockpull.cli.pull import run_pull
 from blockpull.image import Image
-from blockpull.paths import kernel_abspath as _kernel_abspath
+from blockpull.paths import kernel_abspath
 from blockpull.job import PullInfo
 from blockpull.units import format_size
 
@@ -208,7 +208,7 @@ def _chain_text(img: Image) -> str:
 def cmd_demo(args: argparse.Namespace) -> int:
     """``blockpull demo``: build a sample chain, pull it, verify it, summarise."""
     if args.directory is not None:
-        directory = _kernel_abspath(args.directory)
+        directory = kernel_abspath(args.directory)
         os.makedirs(directory, exist_ok=True)
         remove = False
     else:
