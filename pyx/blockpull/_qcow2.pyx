@@ -30,11 +30,11 @@ from blockpull._fileio cimport File
 from blockpull._endian cimport ld_be64 as ld64, st_be64 as st64
 from blockpull._driver cimport (Driver, KIND_UNALLOC, KIND_DATA, KIND_ZERO,
                                 KIND_COMPRESSED)
+from blockpull._tablecache cimport Table, TableCache
 import errno as _errno
 import os
 import struct
 import zlib
-from collections import OrderedDict
 
 from blockpull.errors import ImageFormatError
 from blockpull._bitmaps import Bitmaps, AUTOCLEAR_BITMAPS
@@ -125,35 +125,6 @@ def _zstd_frame_len(const unsigned char[::1] b, Py_ssize_t pos):
     return p - pos
 
 
-cdef class Table:
-    """One cluster-sized (or L1-sized) table kept in on-disk byte order."""
-    cdef unsigned char* buf
-    cdef readonly int64_t offset
-    cdef readonly Py_ssize_t nbytes
-    cdef public bint dirty
-    cdef public bint new
-
-    def __cinit__(self, int64_t offset, Py_ssize_t nbytes):
-        self.buf = <unsigned char*>calloc(nbytes if nbytes > 0 else 1, 1)
-        if self.buf == NULL:
-            raise MemoryError()
-        self.offset = offset
-        self.nbytes = nbytes
-
-    def __dealloc__(self):
-        free(self.buf)
-
-    cdef inline uint64_t get(self, Py_ssize_t i) noexcept:
-        return ld64(self.buf + 8 * i)
-
-    cdef inline void put(self, Py_ssize_t i, uint64_t v) noexcept:
-        st64(self.buf + 8 * i, v)
-        self.dirty = True
-
-    cdef bytes tobytes(self):
-        return PyBytes_FromStringAndSize(<char*>self.buf, self.nbytes)
-
-
 def _fmt_err(path, msg):
     return ImageFormatError("%s: %s" % (path, msg))
 
@@ -194,10 +165,9 @@ cdef class Qcow2(Driver):
     cdef uint64_t rc_max
     cdef Table l1
     cdef Table reftable
-    cdef object l2_cache          # OrderedDict offset -> Table
-    cdef object rb_cache          # OrderedDict index -> Table
-    cdef int64_t l2_cache_max
-    cdef int64_t rb_cache_max
+    cdef TableCache l2_cache      # L2 tables by host offset
+    cdef TableCache rb_cache      # refcount blocks by refcount table index
+    cdef int64_t l2_cache_bytes
     cdef set l1_dirty             # dirty L1 indexes
     cdef set rt_dirty             # reftable indexes that point at new blocks
     cdef bint rt_moved
@@ -226,7 +196,6 @@ cdef class Qcow2(Driver):
     cdef list wrote_rb            # (index, refcount block) written
     cdef set wrote_l1             # active L1 indexes written
     cdef dict wrote_snap          # snapshot index -> its L1 indexes written
-    cdef bint recovering          # inside _sync_failed: no cache eviction
     cdef set wrote_rt             # refcount table indexes written
     cdef bint wrote_rt_header     # the header switched to a grown refcount table
     cdef bint rt_header_redo      # that switch must be written again
@@ -234,15 +203,18 @@ cdef class Qcow2(Driver):
     cdef readonly int64_t sync_failures
     cdef object guest_lost        # the failed sync's OSError, once guest data was lost
 
-    def __init__(self, File f, bint writable, *, bint metadata_only=False):
-        """``metadata_only`` (read-only opens for checking): accept encrypted images,
-        whose tables are not encrypted; their data cannot be read."""
+    def __init__(self, File f, bint writable, *, bint metadata_only=False,
+                 int64_t l2_cache_bytes=L2_CACHE_BYTES):
+        """Open the qcow2 image in ``f``. ``metadata_only`` (read-only opens for
+        checking): accept encrypted images, whose tables are not encrypted; their data
+        cannot be read. ``l2_cache_bytes``: the L2 table cache's budget in bytes (default
+        32 MiB; at least 16 tables are kept); dirty tables may exceed it until the next
+        write, which flushes first. Raises ImageFormatError for a malformed image."""
         self.file = f
         self.writable = writable
         self.metadata_only = metadata_only and not writable
         self.format = "qcow2"
-        self.l2_cache = OrderedDict()
-        self.rb_cache = OrderedDict()
+        self.l2_cache_bytes = l2_cache_bytes
         self.l1_dirty = set()
         self.rt_dirty = set()
         self.free_waiting = []
@@ -407,8 +379,8 @@ cdef class Qcow2(Driver):
         self.backing_size = bfs if bfo else 0
         self.has_zero_flag = version == 3
         per_table = self.cluster_size
-        self.l2_cache_max = max(16, L2_CACHE_BYTES // per_table)
-        self.rb_cache_max = max(16, RB_CACHE_BYTES // per_table)
+        self.l2_cache = TableCache(max(16, self.l2_cache_bytes // per_table))
+        self.rb_cache = TableCache(max(16, RB_CACHE_BYTES // per_table))
         self.next_free = (self.file_size + cs - 1) >> cbits
         self.autoclear_done = (self.autoclear & ~AUTOCLEAR_BITMAPS) == 0
         self._load_snapshots()
@@ -500,7 +472,6 @@ cdef class Qcow2(Driver):
     cdef Table _load_l2(self, int64_t off):
         cdef Table t = self.l2_cache.get(off)
         if t is not None:
-            self.l2_cache.move_to_end(off)
             return t
         if off % self.cluster_size or off + self.cluster_size > max(self.file_size, self.next_free << self.cluster_bits):
             raise _fmt_err(self.file.path, "L2 table offset 0x%x invalid" % off)
@@ -509,16 +480,20 @@ cdef class Qcow2(Driver):
         self._cache_put_l2(t)
         return t
 
-    cdef _cache_put_l2(self, Table t):
-        cdef Table old
-        self.l2_cache[t.offset] = t
-        if len(self.l2_cache) > self.l2_cache_max and not self.recovering:
-            # evict the least recently used clean table; flush when all are dirty
-            for k in list(self.l2_cache.keys())[:len(self.l2_cache) - self.l2_cache_max]:
-                old = self.l2_cache[k]
-                if old.dirty or old.new:
-                    self.flush_metadata()
-                self.l2_cache.pop(k, None)
+    cdef int _cache_put_l2(self, Table t) except -1:
+        """Keep L2 table ``t``; only clean tables make room (nothing is written here)."""
+        self.l2_cache.put(t.offset, t)
+        return 0
+
+    cdef int _bound_dirty(self) except -1:
+        """On the write path, before a change: when dirty tables hold either cache over
+        its budget, run a flush point (``flush_metadata``) so that they can be dropped.
+        Lookups never do this: a read or a map never writes or syncs."""
+        if self.l2_cache.excess() or self.rb_cache.excess():
+            self.flush_metadata()
+            self.l2_cache.drop_clean()
+            self.rb_cache.drop_clean()
+        return 0
 
     cdef inline uint64_t _l2_entry(self, int64_t cluster) except? 0xFFFFFFFFFFFFFFFF:
         cdef int64_t l1i = cluster >> self.l2_bits
@@ -732,7 +707,6 @@ cdef class Qcow2(Driver):
         cdef uint64_t e
         cdef int64_t off
         if t is not None:
-            self.rb_cache.move_to_end(idx)
             return t
         if idx >= (self.reftable.nbytes >> 3):
             return None
@@ -747,17 +721,7 @@ cdef class Qcow2(Driver):
                            "file" % (idx, off))
         t = Table(off, self.cluster_size)
         self.file.read_full(t.buf, self.cluster_size, off)
-        self.rb_cache[idx] = t
-        if len(self.rb_cache) > self.rb_cache_max:
-            for k in list(self.rb_cache.keys())[:len(self.rb_cache) - self.rb_cache_max]:
-                old = <Table>self.rb_cache[k]
-                if old.new:
-                    continue  # its reftable entry is not yet durable
-                if old.dirty:
-                    self.file.write_full(old.buf, old.nbytes, old.offset)
-                    old.dirty = False
-                    self.wrote_rb.append((k, old))
-                del self.rb_cache[k]
+        self.rb_cache.put(idx, t)
         return t
 
     cdef uint64_t _rc_get_in(self, Table t, int64_t i) noexcept:
@@ -860,7 +824,7 @@ cdef class Qcow2(Driver):
             rb = Table(b << self.cluster_bits, self.cluster_size)
             rb.new = True
             rb.dirty = True
-            self.rb_cache[idx] = rb
+            self.rb_cache.put(idx, rb)
             self.reftable.put(idx, <uint64_t>(b << self.cluster_bits))
             self.rt_dirty.add(idx)
             self._count_new(b)
@@ -953,7 +917,7 @@ cdef class Qcow2(Driver):
         rb = Table(b << self.cluster_bits, self.cluster_size)
         rb.new = True
         rb.dirty = True
-        self.rb_cache[idx] = rb
+        self.rb_cache.put(idx, rb)
         self.reftable.put(idx, <uint64_t>(b << self.cluster_bits))
         self.rt_dirty.add(idx)
         self._count_new(b)
@@ -974,6 +938,7 @@ cdef class Qcow2(Driver):
         cdef int64_t l1i, last
         if n <= 0:
             return
+        self._bound_dirty()
         last = (vaddr + n - 1) >> span
         for l1i in range(vaddr >> span, last + 1):
             self._tables_for(l1i)
@@ -1132,6 +1097,7 @@ cdef class Qcow2(Driver):
         n = src.shape[0]
         if vaddr < 0 or vaddr + n > self.size:
             raise ValueError("write [%d, %d) outside the virtual size %d" % (vaddr, vaddr + n, self.size))
+        self._bound_dirty()
         self._autoclear()
         self._bitmaps_mark(vaddr, n)
         pos = 0
@@ -1308,6 +1274,7 @@ cdef class Qcow2(Driver):
     cpdef bint link(self, int64_t vaddr, int64_t host) except -1:
         cdef int64_t c = vaddr >> self.cluster_bits
         cdef int64_t refs, k
+        self._bound_dirty()
         if not self.snap_l1:
             if self._l2_entry(c) != 0:
                 return False
@@ -1328,6 +1295,7 @@ cdef class Qcow2(Driver):
         cdef int64_t c = vaddr >> self.cluster_bits
         if self.version < 3:
             raise ValueError("qcow2 v2 has no zero clusters")
+        self._bound_dirty()
         if not self.snap_l1:
             if self._l2_entry(c) != 0:
                 return False
@@ -1346,6 +1314,7 @@ cdef class Qcow2(Driver):
         if vaddr < 0 or n < 0 or vaddr + n > self.size:
             raise ValueError("write_zeroes [%d, %d) outside the virtual size %d" % (vaddr, vaddr + n, self.size))
         if n:
+            self._bound_dirty()
             self._autoclear()
             self._bitmaps_mark(vaddr, n)
         while v < end:
@@ -1415,15 +1384,15 @@ cdef class Qcow2(Driver):
         self.free_waiting = self.free_after_sync + self.free_waiting
         self.free_after_sync = []
         for t in self.wrote_l2:
-            cur = self.l2_cache.get(t.offset)
+            cur = self.l2_cache.lookup(t.offset)
             if cur is None:
-                self.l2_cache[t.offset] = t
+                self.l2_cache.keep(t.offset, t)
                 cur = t
             (<Table>cur).dirty = True
         for idx, t in self.wrote_rb:
-            cur = self.rb_cache.get(idx)
+            cur = self.rb_cache.lookup(idx)
             if cur is None:
-                self.rb_cache[idx] = t
+                self.rb_cache.keep(idx, t)
                 cur = t
             (<Table>cur).dirty = True
         self.l1_dirty |= self.wrote_l1
@@ -1434,12 +1403,8 @@ cdef class Qcow2(Driver):
             self.rt_unsynced = True
         if self.wrote_rt_header and not self.rt_moved:
             self.rt_header_redo = True
-        self.recovering = True
-        try:
-            for c, host, old in reversed(self.fresh):
-                self._unlink_fresh(c, host, old)
-        finally:
-            self.recovering = False
+        for c, host, old in reversed(self.fresh):
+            self._unlink_fresh(c, host, old)
         self._synced()
         self._trim_tail()
 
@@ -1507,7 +1472,7 @@ cdef class Qcow2(Driver):
             return
         # 1. counts and new tables, then a sync that also covers the data written so far
         self._write_refblocks()
-        for t in list(self.l2_cache.values()):
+        for t in self.l2_cache.values():
             if t.new:
                 self.file.write_full(t.buf, t.nbytes, t.offset)
         if self.rt_moved:
@@ -1550,7 +1515,7 @@ cdef class Qcow2(Driver):
             for t in self.rb_cache.values():
                 t.new = False
         # 2. the references: L2 tables and L1 entries
-        for t in list(self.l2_cache.values()):
+        for t in self.l2_cache.values():
             if t.new:
                 t.new = False
                 t.dirty = False

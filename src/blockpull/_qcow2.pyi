@@ -1,6 +1,8 @@
 """Type stubs for the compiled module blockpull._qcow2."""
 from typing import Any, Callable, Dict, List, Optional, Tuple
 
+from typing_extensions import disjoint_base
+
 from blockpull._driver import Driver
 from blockpull._fileio import File
 
@@ -18,7 +20,9 @@ INCOMPAT_COMPRESSION: int
 INCOMPAT_EXTL2: int
 KNOWN_INCOMPAT: int
 FEATURE_NAMES: List[Any]
+AUTOCLEAR_BITMAPS: int
 
+@disjoint_base
 class Qcow2(Driver):
     version: int
     refcount_order: int
@@ -34,6 +38,10 @@ class Qcow2(Driver):
     snapshots_offset: int
     compression_type: int
     extensions: List[Any]
+    backing_offset: int
+    backing_size: int
+    extended_l2: bool
+    lock: Any
     next_free: int
     syncs: int
     bitmaps: Optional[Any]
@@ -41,7 +49,8 @@ class Qcow2(Driver):
     crypt_method: int
     crypto_header: Optional[Tuple[int, int]]
     sync_failures: int
-    def __init__(self, f: File, writable: bool, *, metadata_only: bool = ...) -> None: ...
+    def __init__(self, f: File, writable: bool, *, metadata_only: bool = ...,
+                 l2_cache_bytes: int = ...) -> None: ...
     def refcount(self, cluster: int) -> int: ...
     def write_zeroes(self, vaddr: int, n: int, fill: Optional[Callable[[int, Any], None]], backed: bool) -> None: ...
     def l1_entries(self) -> List[int]: ...
