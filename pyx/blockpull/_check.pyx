@@ -27,6 +27,7 @@ from libc.stdlib cimport malloc, free, calloc
 
 from blockpull._fileio cimport File
 from blockpull._endian cimport ld_be64 as ld64, st_be64 as st64
+from blockpull._q2compress cimport comp_extent
 
 import struct
 
@@ -295,9 +296,6 @@ cdef class Qcow2Check:
     cdef int walk_l2(self, uint64_t l2_off, bint active) except -1:
         cdef int64_t j, n = self.cs // self.entry_bytes
         cdef uint64_t e, off, coff, csize
-        cdef int x = 62 - (self.cluster_bits - 8)
-        cdef uint64_t cmask = (1ULL << x) - 1
-        cdef uint64_t smask = (1ULL << (self.cluster_bits - 8)) - 1
         # fragmentation as qemu-img check counts it: within one L2 table, a data cluster
         # that does not follow the previous one in the file; a compressed one always
         cdef uint64_t next_contiguous = 0
@@ -309,8 +307,7 @@ cdef class Qcow2Check:
                 if e & COPIED:
                     self.corrupt("L2 table 0x%x entry %d: compressed cluster with COPIED set"
                                  % (l2_off, j))
-                coff = e & cmask
-                csize = (((e >> x) & smask) + 1) * 512 - (coff & 511)
+                comp_extent(e, self.cluster_bits, &coff, &csize)
                 if active:
                     self.allocated_clusters += 1
                     self.compressed_clusters += 1

@@ -31,10 +31,10 @@ from blockpull._endian cimport ld_be64 as ld64, st_be64 as st64
 from blockpull._driver cimport (Driver, KIND_UNALLOC, KIND_DATA, KIND_ZERO,
                                 KIND_COMPRESSED)
 from blockpull._tablecache cimport Table, TableCache
+from blockpull._q2compress cimport Decompressor, comp_extent
 import errno as _errno
 import os
 import struct
-import zlib
 
 from blockpull.errors import ImageFormatError
 from blockpull._bitmaps import Bitmaps, AUTOCLEAR_BITMAPS
@@ -73,56 +73,6 @@ FEATURE_NAMES = [
     (0, 3, b"compression type"), (0, 4, b"extended L2 entries"),
     (1, 0, b"lazy refcounts"), (2, 0, b"bitmaps"), (2, 1, b"raw external data"),
 ]
-
-
-def _zstd_frame_len(const unsigned char[::1] b, Py_ssize_t pos):
-    """Length in bytes of the zstd frame (or skippable frame) at ``b[pos:]``, from its
-    header and block headers alone (RFC 8878); -1 when it is malformed or truncated."""
-    cdef Py_ssize_t n = b.shape[0], p = pos
-    cdef uint32_t magic, bh, bsize
-    cdef int fhd, fcs_flag, single, did_flag, btype
-    if n - p < 8:
-        return -1
-    magic = b[p] | (b[p + 1] << 8) | (b[p + 2] << 16) | (<uint32_t>b[p + 3] << 24)
-    if (magic & 0xFFFFFFF0) == 0x184D2A50:
-        bsize = b[p + 4] | (b[p + 5] << 8) | (b[p + 6] << 16) | (<uint32_t>b[p + 7] << 24)
-        if bsize > n - p - 8:
-            return -1
-        return 8 + bsize
-    if magic != 0xFD2FB528:
-        return -1
-    fhd = b[p + 4]
-    if fhd & 0x08:
-        return -1
-    fcs_flag = fhd >> 6
-    single = (fhd >> 5) & 1
-    did_flag = fhd & 3
-    p += 5
-    if not single:
-        p += 1
-    p += (0, 1, 2, 4)[did_flag]
-    p += ((1 if single else 0), 2, 4, 8)[fcs_flag]
-    while True:
-        if n - p < 3:
-            return -1
-        bh = b[p] | (b[p + 1] << 8) | (b[p + 2] << 16)
-        p += 3
-        btype = (bh >> 1) & 3
-        bsize = bh >> 3
-        if btype == 3:
-            return -1
-        if btype == 1:
-            bsize = 1
-        if bsize > n - p:
-            return -1
-        p += bsize
-        if bh & 1:
-            break
-    if fhd & 0x04:
-        p += 4
-        if p > n:
-            return -1
-    return p - pos
 
 
 def _fmt_err(path, msg):
@@ -183,7 +133,7 @@ cdef class Qcow2(Driver):
     cdef readonly int crypt_method
     cdef readonly tuple crypto_header  # (offset, length) of the LUKS header area, or None
     cdef int64_t file_size
-    cdef object zstd_dctx
+    cdef Decompressor decomp
     cdef int64_t last_comp_vcluster
     cdef bytes last_comp_data
     cdef public object lock
@@ -637,68 +587,20 @@ cdef class Qcow2(Driver):
         return 0
 
     cdef bytes _decompress(self, int64_t c):
-        cdef uint64_t e
-        cdef int x, nb_bits
-        cdef int64_t coff, nsect, clen
+        """What compressed virtual cluster ``c`` holds (the last one is kept)."""
+        cdef uint64_t coff, clen
         if c == self.last_comp_vcluster:
             return self.last_comp_data
-        e = self._l2_entry(c)
-        x = 62 - (self.cluster_bits - 8)
-        coff = e & ((1ULL << x) - 1)
-        nsect = ((e >> x) & ((1ULL << (self.cluster_bits - 8)) - 1)) + 1
-        clen = nsect * 512 - (coff & 511)
-        if coff >= self.file_size:
+        comp_extent(self._l2_entry(c), self.cluster_bits, &coff, &clen)
+        if coff >= <uint64_t>self.file_size:
             raise _fmt_err(self.file.path, "compressed cluster %d lies past the end of the file" % c)
         clen = min(clen, self.file_size - coff)
-        comp = self.file.pread(coff, clen)
-        cs = self.cluster_size
-        try:
-            if self.compression_type == 0:
-                d = zlib.decompressobj(-12)
-                plain = d.decompress(comp, cs)
-            else:
-                plain = self._zstd(comp, cs)
-        except zlib.error as exc:
-            raise _fmt_err(self.file.path, "compressed cluster %d is corrupt (%s)" % (c, exc))
-        if len(plain) != cs:
-            raise _fmt_err(self.file.path, "compressed cluster %d decompresses to %d bytes, not %d" % (c, len(plain), cs))
+        if self.decomp is None:
+            self.decomp = Decompressor(self.cluster_size, self.compression_type, self.file.path)
+        plain = self.decomp.decompress(self.file.pread(coff, clen), c)
         self.last_comp_vcluster = c
         self.last_comp_data = plain
         return plain
-
-    def _zstd(self, comp, int64_t cs):
-        """Decode zstd data the way QEMU does (block/qcow2-threads.c): one or more frames,
-        decoded in turn until exactly one cluster is out; bytes after the frame that
-        completes the cluster are padding and ignored; a frame that would run past the
-        cluster end is corruption. Output is bounded by the cluster size whatever the
-        input claims."""
-        try:
-            import zstandard
-        except ImportError:
-            raise _fmt_err(self.file.path, "zstd compressed clusters need the 'zstandard' "
-                           "module (pip install zstandard)")
-        if self.zstd_dctx is None:
-            self.zstd_dctx = zstandard.ZstdDecompressor()
-        out = bytearray()
-        pos = 0
-        path = self.file.path
-        try:
-            while len(out) < cs:
-                if pos >= len(comp):
-                    raise _fmt_err(path, "zstd compressed cluster ends after %d of %d bytes" % (len(out), cs))
-                flen = _zstd_frame_len(comp, pos)
-                if flen <= 0:
-                    raise _fmt_err(path, "zstd compressed cluster: malformed frame at byte %d" % pos)
-                reader = self.zstd_dctx.stream_reader(comp[pos:pos + flen],
-                                                      read_across_frames=False)
-                chunk = reader.read(cs - len(out))
-                if reader.read(1):
-                    raise _fmt_err(path, "zstd compressed cluster decompresses to more than %d bytes" % cs)
-                out += chunk
-                pos += flen
-        except zstandard.ZstdError as exc:
-            raise _fmt_err(path, "zstd compressed cluster is corrupt (%s)" % exc)
-        return bytes(out)
 
     # ---- refcounts ----------------------------------------------------------------
 
@@ -1185,23 +1087,24 @@ cdef class Qcow2(Driver):
         cdef Table t = self._l2_for_write(c >> self.l2_bits)
         cdef int64_t i = c & (self.l2_entries - 1)
         cdef uint64_t old = t.get(i)
-        cdef int64_t off
-        cdef int x
-        cdef int64_t coff, nsect, first, last
         t.put(i, newe)
-        if old & COMPRESSED_FLAG:
-            x = 62 - (self.cluster_bits - 8)
-            coff = old & ((1ULL << x) - 1)
-            nsect = ((old >> x) & ((1ULL << (self.cluster_bits - 8)) - 1)) + 1
-            first = coff >> self.cluster_bits
-            last = ((coff & ~511) + nsect * 512 - 1) >> self.cluster_bits
-            self._drop_ref(first, last - first + 1)
-            if c == self.last_comp_vcluster:
-                self.last_comp_vcluster = -1
-        else:
-            off = old & OFFSET_MASK
-            if off:
-                self._drop_ref(off >> self.cluster_bits, 1)
+        drop = self._held_by(old)
+        if drop is not None:
+            self._drop_ref(drop[0], drop[1])
+        if old & COMPRESSED_FLAG and c == self.last_comp_vcluster:
+            self.last_comp_vcluster = -1
+
+    cdef object _held_by(self, uint64_t e):
+        """The host clusters L2 entry ``e`` holds a reference to, as (first, count), or
+        None: one data cluster, or every cluster a compressed cluster's bytes touch."""
+        cdef uint64_t coff, clen
+        if e & COMPRESSED_FLAG:
+            comp_extent(e, self.cluster_bits, &coff, &clen)
+            return (coff >> self.cluster_bits,
+                    ((coff + clen - 1) >> self.cluster_bits) - (coff >> self.cluster_bits) + 1)
+        if e & OFFSET_MASK:
+            return ((e & OFFSET_MASK) >> self.cluster_bits, 1)
+        return None
 
     cpdef tuple pull_status(self, int64_t vaddr, int64_t n):
         """Like block_status, but a cluster that any internal snapshot lacks counts as
@@ -1414,8 +1317,7 @@ cdef class Qcow2(Driver):
         into views that lacked the cluster (a pull's copy)."""
         cdef int64_t l1i = c >> self.l2_bits
         cdef int64_t i2 = c & (self.l2_entries - 1)
-        cdef int64_t refs = 0, off, k, x, coff, nsect, first, last
-        cdef uint64_t e
+        cdef int64_t refs = 0, off, k
         cdef Table t, l1
         cdef set seen = set()
         if old is not None:
@@ -1424,17 +1326,7 @@ cdef class Qcow2(Driver):
             t = self._load_l2(self.l1.get(l1i) & OFFSET_MASK)
             t.put(i2, <uint64_t>old)
             self._rc_add(host >> self.cluster_bits, -1)
-            e = <uint64_t>old
-            drop = None
-            if e & COMPRESSED_FLAG:
-                x = 62 - (self.cluster_bits - 8)
-                coff = e & ((1ULL << x) - 1)
-                nsect = ((e >> x) & ((1ULL << (self.cluster_bits - 8)) - 1)) + 1
-                first = coff >> self.cluster_bits
-                last = ((coff & ~511) + nsect * 512 - 1) >> self.cluster_bits
-                drop = (first, last - first + 1)
-            elif e & OFFSET_MASK:
-                drop = ((e & OFFSET_MASK) >> self.cluster_bits, 1)
+            drop = self._held_by(<uint64_t>old)
             if drop is not None:
                 for lst in (self.free_waiting, self.free_after_sync):
                     if drop in lst:
