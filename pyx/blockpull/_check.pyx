@@ -18,8 +18,9 @@ Memory is bounded by the file, not by the virtual size: one 32-bit expected coun
 References past the end of the file are counted as corruptions where they are found and
 never grow those arrays.
 
-``parse_snapshot_table`` reads the snapshot table with every field bounded; the driver uses
-it to validate an image at open time, the checker to find the snapshots' L1 tables.
+``parse_snapshot_table`` (blockpull._q2header) reads the snapshot table with every field
+bounded; the driver's header parse uses it at open time, the checker to find the
+snapshots' L1 tables.
 """
 from libc.stdint cimport int64_t, uint64_t, uint32_t, uint8_t
 from libc.string cimport memcpy, memset
@@ -29,9 +30,9 @@ from blockpull._fileio cimport File
 from blockpull._endian cimport ld_be64 as ld64, st_be64 as st64
 from blockpull._q2compress cimport comp_extent
 
-import struct
-
-from blockpull.errors import ImageFormatError
+# one parse of the snapshot table and its limits serves the driver and the checker
+from blockpull._q2header import (parse_snapshot_table, MAX_L1_BYTES, MAX_SNAPSHOTS_BYTES,
+                                 MAX_SNAPSHOTS, MAX_SNAPSHOT_EXTRA)
 
 cdef uint64_t OFFSET_MASK = 0x00FFFFFFFFFFFE00ULL
 cdef uint64_t COPIED = 1ULL << 63
@@ -40,12 +41,6 @@ cdef uint64_t ZERO_FLAG = 1ULL
 cdef uint64_t L1_RESERVED = 0x7F000000000001FFULL
 cdef uint64_t RT_RESERVED = 0x1FFULL
 
-#: the largest L1 table QEMU accepts (QCOW_MAX_L1_SIZE), in bytes
-MAX_L1_BYTES = 32 * 1024 * 1024
-#: the largest snapshot table QEMU accepts (QCOW_MAX_SNAPSHOTS_SIZE), in bytes
-MAX_SNAPSHOTS_BYTES = 64 * 1024 * 1024
-MAX_SNAPSHOTS = 65536
-MAX_SNAPSHOT_EXTRA = 1024
 #: messages kept in a result; the rest are counted
 MAX_MESSAGES = 1000
 
@@ -71,50 +66,6 @@ ROLE_NAMES = ["unused", "header", "L1 table", "L2 table", "refcount table",
 #: roles of the other areas ``Qcow2Check.run`` may be given, by name
 AREA_ROLES = {"bitmap directory": R_BITMAP_DIRECTORY, "bitmap table": R_BITMAP_TABLE,
               "bitmap data": R_BITMAP_DATA, "encryption header": R_CRYPTO_HEADER}
-
-
-def parse_snapshot_table(File f, uint64_t offset, uint64_t count, int cluster_bits,
-                         int64_t file_size):
-    """The snapshot table: ``([(l1_offset, l1_size, id, name, entry_offset)...], nbytes)``.
-
-    Every length is checked against the file before it is read: the table must lie inside
-    the file and within QEMU's limits (65536 snapshots, 64 MiB, 1 KiB of extra data per
-    entry). Raises ImageFormatError naming the file and the field; the L1 fields are
-    returned as stored (the caller decides whether a bad one is fatal).
-    """
-    cdef int64_t cs = 1LL << cluster_bits
-    cdef uint64_t pos, total, l1_off
-    cdef uint32_t l1_size, extra, id_len, name_len
-    path = f.path
-    out = []
-    if count == 0:
-        return out, 0
-    if count > MAX_SNAPSHOTS:
-        raise ImageFormatError("%s: nb_snapshots %d exceeds %d" % (path, count, MAX_SNAPSHOTS))
-    if offset == 0 or offset & (cs - 1) or offset >= <uint64_t>file_size:
-        raise ImageFormatError("%s: snapshots_offset 0x%x invalid (unaligned, zero or past "
-                               "the end of the file)" % (path, offset))
-    pos = offset
-    for i in range(count):
-        if pos + 40 > <uint64_t>file_size:
-            raise ImageFormatError("%s: snapshot table entry %d lies past the end of the file" % (path, i))
-        hdr = f.pread(pos, 40)
-        (l1_off, l1_size, id_len, name_len, _ds, _dn, _vmc, _vms,
-         extra) = struct.unpack(">QIHHIIQII", hdr)
-        if extra > MAX_SNAPSHOT_EXTRA:
-            raise ImageFormatError("%s: snapshot %d extra_data_size %d exceeds %d"
-                                   % (path, i, extra, MAX_SNAPSHOT_EXTRA))
-        total = 40 + extra + id_len + name_len
-        if pos + total > <uint64_t>file_size:
-            raise ImageFormatError("%s: snapshot table entry %d lies past the end of the file" % (path, i))
-        if pos + total - offset > MAX_SNAPSHOTS_BYTES:
-            raise ImageFormatError("%s: snapshot table larger than %d bytes" % (path, MAX_SNAPSHOTS_BYTES))
-        names = f.pread(pos + 40 + extra, id_len + name_len)
-        sid = names[:id_len].decode("utf-8", "replace")
-        sname = names[id_len:].decode("utf-8", "replace")
-        out.append((l1_off, l1_size, sid, sname, pos))
-        pos += (total + 7) & ~7ULL
-    return out, pos - offset
 
 
 cdef class Qcow2Check:

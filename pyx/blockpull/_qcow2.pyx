@@ -33,47 +33,22 @@ from blockpull._driver cimport (Driver, KIND_UNALLOC, KIND_DATA, KIND_ZERO,
 from blockpull._tablecache cimport Table, TableCache
 from blockpull._q2compress cimport Decompressor, comp_extent
 import errno as _errno
-import os
-import struct
 
 from blockpull.errors import ImageFormatError
 from blockpull._bitmaps import Bitmaps, AUTOCLEAR_BITMAPS
-
-cdef extern from *:
-    uint32_t bswap32 "__builtin_bswap32"(uint32_t x) nogil
-
-MAGIC = b"QFI\xfb"
-EXT_END = 0
-EXT_BACKING_FORMAT = 0xE2792ACA
-EXT_FEATURE_TABLE = 0x6803F857
-EXT_BITMAPS = 0x23852875
-EXT_CRYPTO = 0x0537BE77
-EXT_DATA_FILE = 0x44415441
-
-INCOMPAT_DIRTY = 1
-INCOMPAT_CORRUPT = 2
-INCOMPAT_DATA_FILE = 4
-INCOMPAT_COMPRESSION = 8
-INCOMPAT_EXTL2 = 16
-KNOWN_INCOMPAT = 0x1F
+from blockpull._q2header import (Header, MAGIC, EXT_END, EXT_BACKING_FORMAT,
+                                 EXT_FEATURE_TABLE, EXT_BITMAPS, EXT_CRYPTO, EXT_DATA_FILE,
+                                 INCOMPAT_DIRTY, INCOMPAT_CORRUPT, INCOMPAT_DATA_FILE,
+                                 INCOMPAT_COMPRESSION, INCOMPAT_EXTL2, KNOWN_INCOMPAT,
+                                 FEATURE_NAMES, MAX_REFTABLE_BYTES, create, probe)
 
 cdef uint64_t OFFSET_MASK = 0x00FFFFFFFFFFFE00ULL
 cdef uint64_t COPIED = 1ULL << 63
 cdef uint64_t COMPRESSED_FLAG = 1ULL << 62
 cdef uint64_t ZERO_FLAG = 1ULL
 
-cdef int64_t MAX_L1_BYTES = 32 * 1024 * 1024
-cdef int64_t MAX_REFTABLE_BYTES = 8 * 1024 * 1024
-cdef int64_t MAX_VIRTUAL_SIZE = 1LL << 61
 cdef int64_t L2_CACHE_BYTES = 32 * 1024 * 1024
 cdef int64_t RB_CACHE_BYTES = 16 * 1024 * 1024
-
-FEATURE_NAMES = [
-    (0, 0, b"dirty bit"), (0, 1, b"corrupt bit"), (0, 2, b"external data file"),
-    (0, 3, b"compression type"), (0, 4, b"extended L2 entries"),
-    (1, 0, b"lazy refcounts"), (2, 0, b"bitmaps"), (2, 1, b"raw external data"),
-]
-
 
 def _fmt_err(path, msg):
     return ImageFormatError("%s: %s" % (path, msg))
@@ -137,6 +112,7 @@ cdef class Qcow2(Driver):
     cdef int64_t last_comp_vcluster
     cdef bytes last_comp_data
     cdef public object lock
+    cdef readonly object header   # the parsed header (blockpull._q2header.Header)
     cdef list snap_l1             # each internal snapshot's L1 table (Table), or []
     cdef list snap_l1_dirty       # dirty entry indexes per snapshot L1
     cdef dict l2_refs             # with snapshots: L2 offset -> L1 entries pointing at it
@@ -176,162 +152,44 @@ cdef class Qcow2(Driver):
     # ---- header -----------------------------------------------------------------
 
     def _parse(self):
-        path = self.file.path
         self.file_size = self.file.size()
-        if self.file_size < 72:
-            raise _fmt_err(path, "file is too short for a qcow2 header (%d bytes)" % self.file_size)
-        hdr = self.file.pread(0, 112 if self.file_size >= 112 else 72)
-        if hdr[:4] != MAGIC:
-            raise _fmt_err(path, "not a qcow2 image (bad magic)")
-        (version, bfo, bfs, cbits, size, crypt, l1_size, l1_off, rt_off, rt_cl,
-         nb_snap, snap_off) = struct.unpack(">IQIIQIIQQIIQ", hdr[4:72])
-        if version not in (2, 3):
-            raise _fmt_err(path, "unsupported qcow2 version %d (only 2 and 3)" % version)
-        self.version = version
-        if not 9 <= cbits <= 21:
-            raise _fmt_err(path, "cluster_bits %d out of range 9..21" % cbits)
-        self.cluster_bits = cbits
-        self.cluster_size = 1 << cbits
-        cs = self.cluster_size
-        if crypt != 0 and not (self.metadata_only and crypt in (1, 2)):
-            raise _fmt_err(path, "encrypted images (crypt_method %d) are not supported" % crypt)
-        self.crypt_method = crypt
-        self.crypto_header = None
-        if size > MAX_VIRTUAL_SIZE:
-            raise _fmt_err(path, "virtual size %d is too large" % size)
-        self.size = size
-        if version == 3:
-            if self.file_size < 104:
-                raise _fmt_err(path, "file is too short for a qcow2 v3 header")
-            (self.incompatible, self.compatible, self.autoclear, rorder,
-             hlen) = struct.unpack(">QQQII", hdr[72:104])
-            if hlen < 104 or hlen % 8 or hlen > cs:
-                raise _fmt_err(path, "header_length %d invalid" % hlen)
-            if not 0 <= rorder <= 6:
-                raise _fmt_err(path, "refcount_order %d out of range 0..6" % rorder)
-            self.header_length = hlen
-            self.refcount_order = rorder
-            if hlen > 104:
-                self.compression_type = hdr[104] if len(hdr) > 104 else 0
-        else:
-            self.incompatible = self.compatible = self.autoclear = 0
-            self.refcount_order = 4
-            self.header_length = 72
-        unknown = self.incompatible & ~KNOWN_INCOMPAT
-        if unknown:
-            raise _fmt_err(path, "unknown incompatible feature bits 0x%x; this image needs a newer tool" % unknown)
-        if self.incompatible & INCOMPAT_DATA_FILE:
-            raise _fmt_err(path, "external data files (incompatible bit 2) are not supported")
-        self.extended_l2 = bool(self.incompatible & INCOMPAT_EXTL2)
-        if self.extended_l2:
-            if cbits < 14:
-                raise _fmt_err(path, "extended L2 entries need clusters of at least 16 KiB "
-                               "(cluster_bits %d)" % cbits)
-            if self.writable:
-                raise _fmt_err(path, "images with extended L2 entries (incompatible bit 4) "
-                               "can only be opened read-only; open it with readonly=True or "
-                               "convert it with 'qemu-img convert -O qcow2 -o extended_l2=off'")
-        if self.incompatible & INCOMPAT_COMPRESSION:
-            if self.compression_type not in (0, 1):
-                raise _fmt_err(path, "unknown compression type %d" % self.compression_type)
-        elif self.compression_type != 0:
-            raise _fmt_err(path, "compression type %d set without incompatible bit 3" % self.compression_type)
-        if self.writable and self.incompatible & INCOMPAT_CORRUPT:
-            raise _fmt_err(path, "image is marked corrupt; repair it (qemu-img check -r all) "
-                           "or open it read-only")
-        if self.writable and self.incompatible & INCOMPAT_DIRTY:
-            raise _fmt_err(path, "image is marked dirty (refcounts may be stale); run "
-                           "'qemu-img check -r all' on it or open it read-only")
-        self.l2_bits = cbits - 4 if self.extended_l2 else cbits - 3
-        self.sc_bits = cbits - 5
+        h = Header.read(self.file, self.file_size, self.writable, self.metadata_only)
+        self.header = h
+        self.version = h.version
+        self.cluster_bits = h.cluster_bits
+        self.cluster_size = h.cluster_size
+        self.crypt_method = h.crypt_method
+        self.size = h.size
+        self.incompatible = h.incompatible
+        self.compatible = h.compatible
+        self.autoclear = h.autoclear
+        self.header_length = h.header_length
+        self.refcount_order = h.refcount_order
+        self.compression_type = h.compression_type
+        self.extended_l2 = h.extended_l2
+        self.nb_snapshots = h.nb_snapshots
+        self.snapshots_offset = h.snapshots_offset
+        self.crypto_header = h.crypto_header
+        self._take_names()
+        self.l2_bits = h.l2_bits
+        self.sc_bits = self.cluster_bits - 5
         self.l2_entries = 1 << self.l2_bits
-        self.rb_bits = cbits + 3 - self.refcount_order
+        self.rb_bits = self.cluster_bits + 3 - self.refcount_order
         self.rb_entries = 1LL << self.rb_bits
         self.rc_max = (1ULL << (1 << self.refcount_order)) - 1 if self.refcount_order < 6 else <uint64_t>-1
-        # L1
-        need_l1 = (size + (1 << (cbits + self.l2_bits)) - 1) >> (cbits + self.l2_bits)
-        if l1_size * 8 > MAX_L1_BYTES:
-            raise _fmt_err(path, "L1 table of %d entries is too large" % l1_size)
-        if l1_size < need_l1:
-            raise _fmt_err(path, "L1 table (%d entries) too small for virtual size %d" % (l1_size, size))
-        if l1_size and (l1_off % cs or l1_off == 0):
-            raise _fmt_err(path, "L1 table offset 0x%x is not cluster aligned" % l1_off)
-        if l1_off + l1_size * 8 > self.file_size and (l1_size or l1_off >= 1 << 62):
-            raise _fmt_err(path, "L1 table at 0x%x lies past the end of the file" % l1_off)
-        self.l1_offset = l1_off
-        self.l1_size = l1_size
-        self.l1 = Table(l1_off, l1_size * 8)
-        if l1_size:
-            self.file.read_full(self.l1.buf, l1_size * 8, l1_off)
-        # refcount table
-        if rt_cl == 0 or rt_cl * cs > MAX_REFTABLE_BYTES:
-            raise _fmt_err(path, "refcount table size %d clusters invalid" % rt_cl)
-        if rt_off % cs or rt_off == 0:
-            raise _fmt_err(path, "refcount table offset 0x%x is not cluster aligned" % rt_off)
-        if rt_off + rt_cl * cs > self.file_size:
-            raise _fmt_err(path, "refcount table at 0x%x lies past the end of the file" % rt_off)
-        self.rt_offset = rt_off
-        self.rt_clusters = rt_cl
-        self.reftable = Table(rt_off, rt_cl * cs)
-        self.file.read_full(self.reftable.buf, rt_cl * cs, rt_off)
-        # snapshots
-        if nb_snap:
-            if nb_snap > 65536:
-                raise _fmt_err(path, "too many snapshots (nb_snapshots %d)" % nb_snap)
-            if snap_off % cs or snap_off == 0 or snap_off >= self.file_size:
-                raise _fmt_err(path, "snapshot table offset 0x%x invalid" % snap_off)
-            self._validate_snapshots(snap_off, nb_snap)
-        elif snap_off >= 1 << 62:
-            raise _fmt_err(path, "snapshots_offset 0x%x invalid" % snap_off)
-        self.nb_snapshots = nb_snap
-        self.snapshots_offset = snap_off
-        # header extensions and backing file name
-        cluster0 = self.file.pread(0, cs)  # zeros past the end of a short file
-        self.extensions = []
-        self.backing_format = None
-        off = self.header_length
-        end = bfo if (bfo and bfo < cs) else cs
-        while True:
-            if off + 8 > end:
-                break  # no end marker before the name/cluster end: tolerate like QEMU
-            etype, elen = struct.unpack(">II", cluster0[off:off + 8])
-            if etype == EXT_END:
-                break
-            if off + 8 + elen > end:
-                raise _fmt_err(path, "header extension 0x%x overruns the header cluster" % etype)
-            data = cluster0[off + 8:off + 8 + elen]
-            if etype == EXT_BACKING_FORMAT:
-                try:
-                    self.backing_format = data.decode("ascii")
-                except UnicodeDecodeError:
-                    raise _fmt_err(path, "backing format name is not ASCII")
-            elif etype == EXT_CRYPTO:
-                if not self.metadata_only:
-                    raise _fmt_err(path, "encryption header extension present: encrypted "
-                                   "images are not supported")
-                if len(data) < 16:
-                    raise _fmt_err(path, "encryption header extension is too short")
-                self.crypto_header = struct.unpack(">QQ", data[:16])
-            self.extensions.append((etype, data, off))
-            off += 8 + ((elen + 7) & ~7)
-        self.backing_name = None
-        if bfo:
-            # where the name lies is the format's business; what it says (empty, NUL,
-            # over 1023 bytes, a protocol) is judged where the chain is resolved
-            if bfo + bfs > cs or bfo < 72:
-                raise _fmt_err(path, "backing_file_offset 0x%x: name lies outside the header "
-                               "cluster" % bfo)
-            raw = cluster0[bfo:bfo + bfs]
-            if len(raw) != bfs:
-                raise _fmt_err(path, "backing file name lies past the end of the file")
-            self.backing_name = raw.decode("utf-8", "surrogateescape")
-        self.backing_offset = bfo
-        self.backing_size = bfs if bfo else 0
-        self.has_zero_flag = version == 3
-        per_table = self.cluster_size
-        self.l2_cache = TableCache(max(16, self.l2_cache_bytes // per_table))
-        self.rb_cache = TableCache(max(16, RB_CACHE_BYTES // per_table))
-        self.next_free = (self.file_size + cs - 1) >> cbits
+        self.l1_offset = h.l1_offset
+        self.l1_size = h.l1_size
+        self.l1 = Table(self.l1_offset, self.l1_size * 8)
+        if self.l1_size:
+            self.file.read_full(self.l1.buf, self.l1_size * 8, self.l1_offset)
+        self.rt_offset = h.rt_offset
+        self.rt_clusters = h.rt_clusters
+        self.reftable = Table(self.rt_offset, self.rt_clusters * self.cluster_size)
+        self.file.read_full(self.reftable.buf, self.reftable.nbytes, self.rt_offset)
+        self.has_zero_flag = self.version == 3
+        self.l2_cache = TableCache(max(16, self.l2_cache_bytes // self.cluster_size))
+        self.rb_cache = TableCache(max(16, RB_CACHE_BYTES // self.cluster_size))
+        self.next_free = (self.file_size + self.cluster_size - 1) >> self.cluster_bits
         self.autoclear_done = (self.autoclear & ~AUTOCLEAR_BITMAPS) == 0
         self._load_snapshots()
         if self.file.is_device:
@@ -345,6 +203,15 @@ cdef class Qcow2(Driver):
                     self.bitmaps = Bitmaps(self.file, bytes(data), self.cluster_bits,
                                            self.size, self.file_size, self.refcount)
                     break
+
+    def _take_names(self):
+        """The backing link and the extensions, as the header now names them."""
+        h = self.header
+        self.extensions = h.extensions
+        self.backing_name = h.backing_name
+        self.backing_format = h.backing_format
+        self.backing_offset = h.backing_offset
+        self.backing_size = h.backing_size
 
     cdef int64_t _counted_end(self) except -1:
         """One past the last host cluster whose refcount is not zero."""
@@ -360,62 +227,27 @@ cdef class Qcow2(Driver):
         return 1
 
     def _load_snapshots(self):
-        """Read every internal snapshot's L1 table. A pull fills what the snapshots lack
+        """Read every internal snapshot's L1 table (named by the header's one parse of
+        the snapshot table, which checked them). A pull fills what the snapshots lack
         too, since their unallocated clusters read the same backing chain."""
-        cdef int64_t off = self.snapshots_offset
-        cdef int64_t l1_off, l1_size, i, e
+        cdef int64_t i, e
         cdef Table t
         self.snap_l1 = []
         self.snap_l1_dirty = []
         self.l2_refs = {}
-        if not self.nb_snapshots:
-            return
-        path = self.file.path
-        for i in range(self.nb_snapshots):
-            if off + 40 > self.file_size:
-                raise _fmt_err(path, "snapshot table entry %d lies past the end of the file" % i)
-            hdr = self.file.pread(off, 40)
-            l1_off, l1_size, id_len, name_len = struct.unpack(">QIHH", hdr[:16])
-            extra = struct.unpack(">I", hdr[36:40])[0]
-            if extra > 1024:
-                raise _fmt_err(path, "snapshot %d extra data size %d invalid" % (i, extra))
-            if l1_size * 8 > MAX_L1_BYTES:
-                raise _fmt_err(path, "snapshot %d L1 table of %d entries is too large" % (i, l1_size))
-            if l1_size and (l1_off % self.cluster_size or l1_off == 0 or
-                            l1_off + l1_size * 8 > self.file_size):
-                raise _fmt_err(path, "snapshot %d L1 table offset 0x%x invalid" % (i, l1_off))
+        for (l1_off, l1_size, _sid, _name, _pos) in self.header.snapshots:
             t = Table(l1_off, l1_size * 8)
             if l1_size:
                 self.file.read_full(t.buf, l1_size * 8, l1_off)
             self.snap_l1.append(t)
             self.snap_l1_dirty.append(set())
-            off += (40 + extra + id_len + name_len + 7) & ~7
+        if not self.snap_l1:
+            return
         for t in [self.l1] + self.snap_l1:
             for i in range(t.nbytes >> 3):
                 e = t.get(i) & OFFSET_MASK
                 if e:
                     self.l2_refs[e] = self.l2_refs.get(e, 0) + 1
-
-    def _validate_snapshots(self, uint64_t snap_off, uint64_t nb_snap):
-        """Every snapshot's L1 table must be aligned, inside the file and of sane size;
-        the table itself is read with every length bounded by the file."""
-        from blockpull._check import parse_snapshot_table
-        path = self.file.path
-        cdef int64_t cs = self.cluster_size
-        snaps, _n = parse_snapshot_table(self.file, snap_off, nb_snap, self.cluster_bits,
-                                         self.file_size)
-        total = 0
-        for (l1_off, l1_size, sid, _name, _pos) in snaps:
-            total += l1_size * 8
-            if total > self.file_size:
-                # each snapshot owns its L1 table: together they fit in the file, and
-                # memory for them stays bounded by it
-                raise _fmt_err(path, "snapshot L1 tables (l1_size of snapshot %s and before) "
-                               "add up to more than the file size" % sid)
-            if l1_size * 8 > MAX_L1_BYTES:
-                raise _fmt_err(path, "snapshot %s: l1_size %d too large" % (sid, l1_size))
-            if l1_off % cs or (l1_size and (l1_off == 0 or l1_off + l1_size * 8 > self.file_size)):
-                raise _fmt_err(path, "snapshot %s: L1 table offset 0x%x invalid" % (sid, l1_off))
 
     # ---- tables -----------------------------------------------------------------
 
@@ -909,15 +741,13 @@ cdef class Qcow2(Driver):
         """Before the first change, clear the autoclear feature bits this driver does not
         maintain: all but bit 0. Persistent bitmaps (bit 0) are kept up to date (see
         blockpull._bitmaps), so their bit, extension and clusters stay as they are."""
-        cdef unsigned char b[8]
         if self.autoclear_done:
             return
         self.autoclear_done = True
         if self.version != 3 or not (self.autoclear & ~AUTOCLEAR_BITMAPS):
             return
         self.autoclear &= AUTOCLEAR_BITMAPS
-        st64(b, self.autoclear)
-        self.file.write_full(b, 8, 88)
+        self.header.write_autoclear(self.file, self.autoclear)
         self._sync()
 
     cdef _bitmaps_mark(self, int64_t vaddr, int64_t n):
@@ -1358,7 +1188,6 @@ cdef class Qcow2(Driver):
     cpdef flush_metadata(self):
         cdef Table t, sl1
         cdef Py_ssize_t si
-        cdef unsigned char hdr[12]
         cdef int64_t idx, sect
         if not self.writable:
             return
@@ -1371,9 +1200,7 @@ cdef class Qcow2(Driver):
             self.file.write_full(self.reftable.buf, self.reftable.nbytes, self.reftable.offset)
         self._sync()
         if self.rt_moved:
-            st64(hdr, self.rt_offset)
-            (<uint32_t*>(hdr + 8))[0] = bswap32(<uint32_t>self.rt_clusters)
-            self.file.write_full(hdr, 12, 48)
+            self.header.write_reftable(self.file, self.rt_offset, self.rt_clusters)
             self.wrote_rt_header = True
             self.rt_header_redo = False
             # Written, the header may name the new table even if the sync below fails:
@@ -1387,9 +1214,7 @@ cdef class Qcow2(Driver):
         else:
             if self.rt_header_redo:
                 # a switch whose sync failed: written again, synced below
-                st64(hdr, self.rt_offset)
-                (<uint32_t*>(hdr + 8))[0] = bswap32(<uint32_t>self.rt_clusters)
-                self.file.write_full(hdr, 12, 48)
+                self.header.write_reftable(self.file, self.rt_offset, self.rt_clusters)
                 self.wrote_rt_header = True
                 self.rt_header_redo = False
                 self.rt_unsynced = True
@@ -1484,106 +1309,14 @@ cdef class Qcow2(Driver):
     # ---- backing link ---------------------------------------------------------------
 
     def set_backing(self, name, fmt):
-        """Point the image at backing ``name`` of format ``fmt`` (or at none) crash-safely:
-        the new name goes where the old one is not, is made durable, and only then does one
-        write of the first sector switch the link."""
-        cdef int64_t cs = self.cluster_size
+        """Point the image at backing ``name`` of format ``fmt`` (or at none) crash-safely,
+        after everything written so far is durable (see ``Header.set_backing``). Raises
+        ValueError for a name the header cannot hold, OSError when a write or sync fails."""
         self.sync_all()
-        path = self.file.path
-        cluster0 = bytearray(self.file.pread(0, cs))
-        fmt_ext = None
-        for (etype, data, off) in self.extensions:
-            if etype == EXT_BACKING_FORMAT:
-                fmt_ext = (off, len(data))
-        ext_end = self.header_length
-        for (etype, data, off) in self.extensions:
-            ext_end = max(ext_end, off + 8 + ((len(data) + 7) & ~7))
-        ext_end += 8  # end marker
-        if name is None:
-            sector0 = bytearray(cluster0[:512])
-            sector0[8:20] = b"\0" * 12
-            self.file.write_full(sector0, 512, 0)
-            self._sync()
-            self.backing_name = None
-            self.backing_offset = 0
-            self.backing_size = 0
-            return
-        bname = name.encode("utf-8", "surrogateescape")
-        if not bname or len(bname) > 1023 or b"\0" in bname:
-            raise ValueError("backing name must be 1..1023 bytes without NUL")
-        fmtb = fmt.encode("ascii") if fmt else None
-        in_place = (fmtb is not None and fmt_ext is not None and
-                    ((len(fmtb) + 7) & ~7) == ((fmt_ext[1] + 7) & ~7) and
-                    fmt_ext[0] + 8 + len(fmtb) <= 512)
-        if not in_place:
-            return self._rewrite_header(cluster0, bname, fmtb, ext_end)
-        # place the new name after the extensions and clear of the old name
-        old_lo = self.backing_offset
-        old_hi = old_lo + self.backing_size if old_lo else 0
-        pos = (max(ext_end, old_hi) + 7) & ~7
-        if pos + len(bname) > cs:
-            pos = (ext_end + 7) & ~7
-            if old_lo and pos + len(bname) > old_lo:
-                return self._rewrite_header(cluster0, bname, fmtb, ext_end)
-        self.file.write_full(bname, len(bname), pos)
-        self._sync()
-        cluster0 = self.file.pread(0, 512)
-        sector0 = bytearray(cluster0[:512])
-        sector0[8:20] = struct.pack(">QI", pos, len(bname))
-        fo = fmt_ext[0]
-        sector0[fo:fo + 8] = struct.pack(">II", EXT_BACKING_FORMAT, len(fmtb))
-        sector0[fo + 8:fo + 8 + ((len(fmtb) + 7) & ~7)] = fmtb.ljust((len(fmtb) + 7) & ~7, b"\0")
-        self.file.write_full(sector0, 512, 0)
-        self._sync()
-        self.backing_name = name
-        self.backing_format = fmt
-        self.backing_offset = pos
-        self.backing_size = len(bname)
-        self.extensions = [(t, (fmtb if t == EXT_BACKING_FORMAT else d), o) for (t, d, o) in self.extensions]
-
-    def _rewrite_header(self, cluster0, bytes bname, fmtb, int64_t ext_end):
-        """General case: lay out the header cluster anew (extensions kept, backing format
-        replaced), written name first and header last."""
-        cdef int64_t cs = self.cluster_size
-        exts = bytearray()
-        if fmtb is not None:
-            exts += struct.pack(">II", EXT_BACKING_FORMAT, len(fmtb)) + fmtb.ljust((len(fmtb) + 7) & ~7, b"\0")
-        for (etype, data, off) in self.extensions:
-            if etype != EXT_BACKING_FORMAT:
-                exts += struct.pack(">II", etype, len(data)) + bytes(data).ljust((len(data) + 7) & ~7, b"\0")
-        exts += b"\0" * 8
-        newc = bytearray(cluster0[:self.header_length]) + exts
-        name_off = len(newc)
-        if name_off + len(bname) > cs:
-            raise ValueError("backing name does not fit in the header cluster")
-        newc += bname
-        newc[8:20] = struct.pack(">QI", name_off, len(bname))
-        # tail first (beyond the first sector), then the first sector
-        if len(newc) > 512:
-            self.file.write_full(bytes(newc[512:]), len(newc) - 512, 512)
-            self._sync()
-        head = bytes(newc[:512])
-        self.file.write_full(head, len(head), 0)
-        self._sync()
-        self.backing_name = bname.decode("utf-8", "surrogateescape")
-        self.backing_format = fmtb.decode("ascii") if fmtb is not None else None
-        self.backing_offset = name_off
-        self.backing_size = len(bname)
-        # re-read extension offsets
-        self.extensions = []
-        off = self.header_length
-        while off + 8 <= name_off:
-            etype, elen = struct.unpack(">II", newc[off:off + 8])
-            if etype == 0:
-                break
-            self.extensions.append((etype, bytes(newc[off + 8:off + 8 + elen]), off))
-            off += 8 + ((elen + 7) & ~7)
+        self.header.set_backing(self.file, name, fmt, lambda: self._sync())
+        self._take_names()
 
     # ---- introspection ------------------------------------------------------------
-
-    def l1_entries(self):
-        """The active L1 table as a list of raw entries."""
-        return [self.l1.get(i) for i in range(self.l1_size)]
 
     def info(self):
         return {
@@ -1594,85 +1327,4 @@ cdef class Qcow2(Driver):
             "autoclear": self.autoclear,
         }
 
-
-def probe(bytes head):
-    return head[:4] == MAGIC
-
-
-def create(path, int64_t size, int64_t cluster_size=65536, str compat="1.1",
-           backing=None, backing_format=None):
-    """Write a new, empty qcow2 image (v3 for compat "1.1", v2 for "0.10")."""
-    cdef int cbits
-    if cluster_size < 512 or cluster_size > (1 << 21) or cluster_size & (cluster_size - 1):
-        raise ValueError("cluster_size must be a power of two from 512 to 2M")
-    if compat not in ("1.1", "0.10", "v3", "v2"):
-        raise ValueError("compat must be '1.1' (qcow2 v3) or '0.10' (qcow2 v2)")
-    version = 3 if compat in ("1.1", "v3") else 2
-    if size < 0 or size > MAX_VIRTUAL_SIZE:
-        raise ValueError("size out of range")
-    size = (size + 511) & ~511
-    cbits = cluster_size.bit_length() - 1
-    cs = cluster_size
-    l2_entries = cs // 8
-    l1_size = (size + cs * l2_entries - 1) // (cs * l2_entries)
-    if l1_size * 8 > MAX_L1_BYTES:
-        raise ValueError("size too large for this cluster size")
-    l1_clusters = max(1, (l1_size * 8 + cs - 1) // cs)
-    rb_entries = cs * 8 // 16
-    rt_clusters = 1
-    n_rb = 1
-    while True:
-        total = 1 + rt_clusters + n_rb + l1_clusters
-        need_rb = (total + rb_entries - 1) // rb_entries
-        need_rt = (need_rb * 8 + cs - 1) // cs
-        if need_rb <= n_rb and need_rt <= rt_clusters:
-            break
-        n_rb = max(n_rb, need_rb)
-        rt_clusters = max(rt_clusters, need_rt)
-    rt_off = cs
-    rb_off = rt_off + rt_clusters * cs
-    l1_off = rb_off + n_rb * cs
-    total = 1 + rt_clusters + n_rb + l1_clusters
-    hlen = 112 if version == 3 else 72
-    hdr = bytearray(cs)
-    exts = bytearray()
-    bname = None
-    if backing is not None:
-        bname = os.fsencode(backing)
-        if not bname or len(bname) > 1023 or b"\0" in bname:
-            raise ValueError("backing name must be 1..1023 bytes without NUL")
-        if backing_format is not None:
-            fb = backing_format.encode("ascii")
-            exts += struct.pack(">II", EXT_BACKING_FORMAT, len(fb)) + fb.ljust((len(fb) + 7) & ~7, b"\0")
-    if version == 3:
-        table = b"".join(struct.pack(">BB46s", t, b, name) for (t, b, name) in FEATURE_NAMES)
-        if hlen + len(exts) + 8 + len(table) + 8 + (len(bname) if bname else 0) <= min(cs, 4096):
-            exts += struct.pack(">II", EXT_FEATURE_TABLE, len(table)) + table
-    exts += b"\0" * 8
-    name_off = hlen + len(exts)
-    if bname is not None and name_off + len(bname) > cs:
-        raise ValueError("backing name does not fit in a %d-byte header cluster" % cs)
-    struct.pack_into(">4sIQIIQIIQQIIQ", hdr, 0, MAGIC, version,
-                     name_off if bname else 0, len(bname) if bname else 0,
-                     cbits, size, 0, l1_size, l1_off, rt_off, rt_clusters, 0, 0)
-    if version == 3:
-        struct.pack_into(">QQQII", hdr, 72, 0, 0, 0, 4, hlen)
-    hdr[hlen:hlen + len(exts)] = exts
-    if bname:
-        hdr[name_off:name_off + len(bname)] = bname
-    rt = bytearray(rt_clusters * cs)
-    for i in range(n_rb):
-        struct.pack_into(">Q", rt, 8 * i, rb_off + i * cs)
-    rbs = bytearray(n_rb * cs)
-    for c in range(total):
-        struct.pack_into(">H", rbs, 2 * c, 1)
-    f = File(path, True, "top", True)
-    try:
-        f.pwrite(hdr, 0)
-        f.pwrite(rt, rt_off)
-        f.pwrite(rbs, rb_off)
-        f.truncate(total * cs)
-        f.fdatasync()
-    finally:
-        f.close()
 

@@ -5,6 +5,7 @@ from typing_extensions import disjoint_base
 
 from blockpull._driver import Driver
 from blockpull._fileio import File
+from blockpull._q2header import Header
 
 MAGIC: bytes
 EXT_END: int
@@ -21,6 +22,7 @@ INCOMPAT_EXTL2: int
 KNOWN_INCOMPAT: int
 FEATURE_NAMES: List[Any]
 AUTOCLEAR_BITMAPS: int
+MAX_REFTABLE_BYTES: int
 
 @disjoint_base
 class Qcow2(Driver):
@@ -42,6 +44,7 @@ class Qcow2(Driver):
     backing_size: int
     extended_l2: bool
     lock: Any
+    header: Header
     next_free: int
     syncs: int
     bitmaps: Optional[Any]
@@ -53,7 +56,6 @@ class Qcow2(Driver):
                  l2_cache_bytes: int = ...) -> None: ...
     def refcount(self, cluster: int) -> int: ...
     def write_zeroes(self, vaddr: int, n: int, fill: Optional[Callable[[int, Any], None]], backed: bool) -> None: ...
-    def l1_entries(self) -> List[int]: ...
     def info(self) -> Dict[str, Any]: ...
 
 def probe(head: bytes) -> bool: ...
