@@ -29,6 +29,7 @@ from libc.stdlib cimport malloc, free, calloc
 from blockpull._fileio cimport File
 from blockpull._endian cimport ld_be64 as ld64, st_be64 as st64
 from blockpull._q2compress cimport comp_extent
+from blockpull._q2refcount cimport rc_load, rc_store
 
 # one parse of the snapshot table and its limits serves the driver and the checker
 from blockpull._q2header import (parse_snapshot_table, MAX_L1_BYTES, MAX_SNAPSHOTS_BYTES,
@@ -323,38 +324,10 @@ cdef class Qcow2Check:
                     continue
                 lim = min(self.rb_entries, self.nb - base)
                 for j in range(lim):
-                    self.stored[base + j] = self.rc_get(self.buf, j)
+                    self.stored[base + j] = rc_load(self.buf, self.refcount_order, j)
         finally:
             free(rt)
         return 0
-
-    cdef uint64_t rc_get(self, const unsigned char* b, int64_t i) noexcept:
-        cdef int order = self.refcount_order
-        cdef int bits = 1 << order
-        cdef int k
-        cdef uint64_t v = 0
-        if order >= 3:
-            for k in range(bits >> 3):
-                v = (v << 8) | b[i * (bits >> 3) + k]
-            return v
-        return (b[(i * bits) >> 3] >> ((i * bits) & 7)) & ((1 << bits) - 1)
-
-    cdef void rc_set(self, unsigned char* b, int64_t i, uint64_t v) noexcept:
-        cdef int order = self.refcount_order
-        cdef int bits = 1 << order
-        cdef int k, nbytes
-        cdef int64_t byte, shift
-        cdef unsigned char mask
-        if order >= 3:
-            nbytes = bits >> 3
-            for k in range(nbytes - 1, -1, -1):
-                b[i * nbytes + k] = v & 0xFF
-                v >>= 8
-        else:
-            byte = (i * bits) >> 3
-            shift = (i * bits) & 7
-            mask = ((1 << bits) - 1) << shift
-            b[byte] = (b[byte] & ~mask) | ((v << shift) & mask)
 
     # ---- comparison ---------------------------------------------------------------------
 
@@ -501,7 +474,7 @@ cdef class Qcow2Check:
             block = bytearray(self.f.pread(off, self.cs))
             b = <unsigned char*>(<char*>block)
             for c in dropped:
-                self.rc_set(b, c - base, self.expected[c])
+                rc_store(b, self.refcount_order, c - base, self.expected[c])
             out.append((off, bytes(block), dropped))
         return out
 

@@ -3,6 +3,7 @@
 (see _tablecache.pyx)."""
 from libc.stdint cimport int64_t, uint64_t
 from blockpull._endian cimport ld_be64, st_be64
+from blockpull._fileio cimport File
 
 
 cdef class Table:
@@ -20,6 +21,7 @@ cdef class Table:
         self.dirty = True
 
     cdef bytes tobytes(self)
+    cdef int write_entries(self, File f, object idxs) except -1
 
 
 cdef class TableCache:

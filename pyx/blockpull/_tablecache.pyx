@@ -35,6 +35,14 @@ cdef class Table:
     cdef bytes tobytes(self):
         return PyBytes_FromStringAndSize(<char*>self.buf, self.nbytes)
 
+    cdef int write_entries(self, File f, object idxs) except -1:
+        """Write to ``f`` the 512-byte sectors that hold the entries ``idxs`` (8-byte
+        entries): an L1 or refcount table entry changes with one sector write."""
+        cdef int64_t sect
+        for sect in sorted({(i * 8) & ~511 for i in idxs}):
+            f.write_full(self.buf + sect, min(512, self.nbytes - sect), self.offset + sect)
+        return 0
+
 
 cdef class TableCache:
     """Tables by key, least recently used first; ``capacity`` is a count of tables."""

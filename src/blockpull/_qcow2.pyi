@@ -22,7 +22,6 @@ INCOMPAT_EXTL2: int
 KNOWN_INCOMPAT: int
 FEATURE_NAMES: List[Any]
 AUTOCLEAR_BITMAPS: int
-MAX_REFTABLE_BYTES: int
 
 @disjoint_base
 class Qcow2(Driver):
@@ -30,8 +29,6 @@ class Qcow2(Driver):
     refcount_order: int
     l1_offset: int
     l1_size: int
-    rt_offset: int
-    rt_clusters: int
     incompatible: int
     compatible: int
     autoclear: int
@@ -45,7 +42,6 @@ class Qcow2(Driver):
     extended_l2: bool
     lock: Any
     header: Header
-    next_free: int
     syncs: int
     bitmaps: Optional[Any]
     metadata_only: bool
@@ -54,6 +50,12 @@ class Qcow2(Driver):
     sync_failures: int
     def __init__(self, f: File, writable: bool, *, metadata_only: bool = ...,
                  l2_cache_bytes: int = ...) -> None: ...
+    @property
+    def rt_offset(self) -> int: ...
+    @property
+    def rt_clusters(self) -> int: ...
+    @property
+    def next_free(self) -> int: ...
     def refcount(self, cluster: int) -> int: ...
     def write_zeroes(self, vaddr: int, n: int, fill: Optional[Callable[[int, Any], None]], backed: bool) -> None: ...
     def info(self) -> Dict[str, Any]: ...
