@@ -1,11 +1,9 @@
 """Type stubs for the compiled module blockpull._qcow2."""
 from typing import Any, Callable, Dict, List, Optional, Tuple
 
-from typing_extensions import disjoint_base
-
 from blockpull._driver import Driver
+from blockpull._q2order import Qcow2Ordering
 from blockpull._fileio import File
-from blockpull._q2header import Header
 
 MAGIC: bytes
 EXT_END: int
@@ -23,31 +21,7 @@ KNOWN_INCOMPAT: int
 FEATURE_NAMES: List[Any]
 AUTOCLEAR_BITMAPS: int
 
-@disjoint_base
-class Qcow2(Driver):
-    version: int
-    refcount_order: int
-    l1_offset: int
-    l1_size: int
-    incompatible: int
-    compatible: int
-    autoclear: int
-    header_length: int
-    nb_snapshots: int
-    snapshots_offset: int
-    compression_type: int
-    extensions: List[Any]
-    backing_offset: int
-    backing_size: int
-    extended_l2: bool
-    lock: Any
-    header: Header
-    syncs: int
-    bitmaps: Optional[Any]
-    metadata_only: bool
-    crypt_method: int
-    crypto_header: Optional[Tuple[int, int]]
-    sync_failures: int
+class Qcow2(Qcow2Ordering):
     def __init__(self, f: File, writable: bool, *, metadata_only: bool = ...,
                  l2_cache_bytes: int = ...) -> None: ...
     @property
