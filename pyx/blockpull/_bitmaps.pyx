@@ -84,6 +84,68 @@ def _err(path, msg):
     return ImageFormatError("%s: %s" % (path, msg))
 
 
+def _parse_entry(f, d, pos, doff, cs, size, file_size, set names, bint full, nb):
+    """The directory entry at ``pos`` of directory ``d`` (at ``doff``), checked, with its
+    bitmap table read: ``(Bitmap, entry size in bytes)``. ``full``: the directory already
+    holds the ``nb`` entries the extension names. Raises ImageFormatError."""
+    path = f.path
+    dsize = len(d)
+    if pos + 24 > dsize:
+        raise _err(path, "bitmap directory entry at 0x%x overruns the directory" % (doff + pos))
+    toff, tsize, flags, btype, gbits, nsize, xsize = struct.unpack(">QIIBBHI", d[pos:pos + 24])
+    esize = (24 + xsize + nsize + 7) & ~7
+    if pos + esize > dsize:
+        raise _err(path, "bitmap directory entry at 0x%x overruns the directory" % (doff + pos))
+    name = d[pos + 24 + xsize:pos + 24 + xsize + nsize].decode("utf-8", "replace")
+    label = "bitmap %r" % name
+    if full:
+        raise _err(path, "bitmap directory holds more entries than the %d the header "
+                   "extension names" % nb)
+    if xsize:
+        raise _err(path, "%s has %d bytes of extra data, which is not understood" % (label, xsize))
+    if btype != TYPE_DIRTY_TRACKING:
+        raise _err(path, "%s has type %d, not 1 (dirty tracking)" % (label, btype))
+    if flags & ~KNOWN_FLAGS:
+        raise _err(path, "%s has unknown flags 0x%x" % (label, flags))
+    if not MIN_GRANULARITY_BITS <= gbits <= MAX_GRANULARITY_BITS:
+        raise _err(path, "%s has granularity bits %d (9..31)" % (label, gbits))
+    if nsize == 0 or nsize > MAX_NAME_BYTES:
+        raise _err(path, "bitmap name of %d bytes (1..1023)" % nsize)
+    if name in names:
+        raise _err(path, "two bitmaps are named %r" % name)
+    names.add(name)
+    if tsize == 0 or tsize > MAX_TABLE_ENTRIES or tsize * cs > MAX_DATA_BYTES:
+        raise _err(path, "%s has a bitmap table of %d entries" % (label, tsize))
+    if toff == 0 or toff % cs or toff + tsize * 8 > file_size:
+        raise _err(path, "%s: bitmap table at 0x%x (%d entries) is unaligned or lies past "
+                   "the end of the file" % (label, toff, tsize))
+    if not flags & FLAG_IN_USE and size > ((tsize * cs * 8) << gbits):
+        raise _err(path, "%s: bitmap table of %d entries is too small for the virtual "
+                   "size %d" % (label, tsize, size))
+    raw = f.pread(toff, tsize * 8)
+    table = [e for (e,) in struct.iter_unpack(">Q", raw)]
+    for i, e in enumerate(table):
+        off = e & TABLE_OFFSET_MASK
+        if e & TABLE_RESERVED or (off and e & TABLE_ALL_ONES):
+            raise _err(path, "%s: bitmap table entry %d has reserved bits set (0x%x)"
+                       % (label, i, e))
+        if off and (off % cs or off + cs > file_size):
+            raise _err(path, "%s: bitmap data cluster 0x%x is unaligned or lies past the "
+                       "end of the file" % (label, off))
+    bm = Bitmap()
+    bm.name = name
+    bm.entry_offset = doff + pos
+    bm.flags = flags
+    bm.granularity_bits = gbits
+    bm.table_offset = toff
+    bm.table_size = tsize
+    bm.table = table
+    bm.chunks = {}
+    bm.dirty = set()
+    bm.pending = set()
+    return bm, esize
+
+
 def parse_bitmaps(f, bytes ext, int cluster_bits, int64_t size, int64_t file_size):
     """Read the bitmap directory and tables that the bitmaps extension ``ext`` (its data)
     describes: ``(directory_offset, directory_size, [Bitmap...])``.
@@ -114,59 +176,8 @@ def parse_bitmaps(f, bytes ext, int cluster_bits, int64_t size, int64_t file_siz
     names = set()
     pos = 0
     while pos < dsize:
-        if pos + 24 > dsize:
-            raise _err(path, "bitmap directory entry at 0x%x overruns the directory" % (doff + pos))
-        toff, tsize, flags, btype, gbits, nsize, xsize = struct.unpack(">QIIBBHI", d[pos:pos + 24])
-        esize = (24 + xsize + nsize + 7) & ~7
-        if pos + esize > dsize:
-            raise _err(path, "bitmap directory entry at 0x%x overruns the directory" % (doff + pos))
-        name = d[pos + 24 + xsize:pos + 24 + xsize + nsize].decode("utf-8", "replace")
-        label = "bitmap %r" % name
-        if len(out) == nb:
-            raise _err(path, "bitmap directory holds more entries than the %d the header "
-                       "extension names" % nb)
-        if xsize:
-            raise _err(path, "%s has %d bytes of extra data, which is not understood" % (label, xsize))
-        if btype != TYPE_DIRTY_TRACKING:
-            raise _err(path, "%s has type %d, not 1 (dirty tracking)" % (label, btype))
-        if flags & ~KNOWN_FLAGS:
-            raise _err(path, "%s has unknown flags 0x%x" % (label, flags))
-        if not MIN_GRANULARITY_BITS <= gbits <= MAX_GRANULARITY_BITS:
-            raise _err(path, "%s has granularity bits %d (9..31)" % (label, gbits))
-        if nsize == 0 or nsize > MAX_NAME_BYTES:
-            raise _err(path, "bitmap name of %d bytes (1..1023)" % nsize)
-        if name in names:
-            raise _err(path, "two bitmaps are named %r" % name)
-        names.add(name)
-        if tsize == 0 or tsize > MAX_TABLE_ENTRIES or tsize * cs > MAX_DATA_BYTES:
-            raise _err(path, "%s has a bitmap table of %d entries" % (label, tsize))
-        if toff == 0 or toff % cs or toff + tsize * 8 > file_size:
-            raise _err(path, "%s: bitmap table at 0x%x (%d entries) is unaligned or lies past "
-                       "the end of the file" % (label, toff, tsize))
-        if not flags & FLAG_IN_USE and size > ((tsize * cs * 8) << gbits):
-            raise _err(path, "%s: bitmap table of %d entries is too small for the virtual "
-                       "size %d" % (label, tsize, size))
-        raw = f.pread(toff, tsize * 8)
-        table = [e for (e,) in struct.iter_unpack(">Q", raw)]
-        for i, e in enumerate(table):
-            off = e & TABLE_OFFSET_MASK
-            if e & TABLE_RESERVED or (off and e & TABLE_ALL_ONES):
-                raise _err(path, "%s: bitmap table entry %d has reserved bits set (0x%x)"
-                           % (label, i, e))
-            if off and (off % cs or off + cs > file_size):
-                raise _err(path, "%s: bitmap data cluster 0x%x is unaligned or lies past the "
-                           "end of the file" % (label, off))
-        bm = Bitmap()
-        bm.name = name
-        bm.entry_offset = doff + pos
-        bm.flags = flags
-        bm.granularity_bits = gbits
-        bm.table_offset = toff
-        bm.table_size = tsize
-        bm.table = table
-        bm.chunks = {}
-        bm.dirty = set()
-        bm.pending = set()
+        bm, esize = _parse_entry(f, d, pos, doff, cs, size, file_size, names,
+                                 len(out) == nb, nb)
         out.append(bm)
         pos += esize
     if len(out) != nb:

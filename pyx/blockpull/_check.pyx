@@ -18,8 +18,9 @@ Memory is bounded by the file, not by the virtual size: one 32-bit expected coun
 References past the end of the file are counted as corruptions where they are found and
 never grow those arrays.
 
-``parse_snapshot_table`` reads the snapshot table with every field bounded; the driver uses
-it to validate an image at open time, the checker to find the snapshots' L1 tables.
+``parse_snapshot_table`` (blockpull._q2header) reads the snapshot table with every field
+bounded; the driver's header parse uses it at open time, the checker to find the
+snapshots' L1 tables.
 """
 from libc.stdint cimport int64_t, uint64_t, uint32_t, uint8_t
 from libc.string cimport memcpy, memset
@@ -27,10 +28,12 @@ from libc.stdlib cimport malloc, free, calloc
 
 from blockpull._fileio cimport File
 from blockpull._endian cimport ld_be64 as ld64, st_be64 as st64
+from blockpull._q2compress cimport comp_extent
+from blockpull._q2refcount cimport rc_load, rc_store
 
-import struct
-
-from blockpull.errors import ImageFormatError
+# one parse of the snapshot table and its limits serves the driver and the checker
+from blockpull._q2header import (parse_snapshot_table, MAX_L1_BYTES, MAX_SNAPSHOTS_BYTES,
+                                 MAX_SNAPSHOTS, MAX_SNAPSHOT_EXTRA)
 
 cdef uint64_t OFFSET_MASK = 0x00FFFFFFFFFFFE00ULL
 cdef uint64_t COPIED = 1ULL << 63
@@ -39,12 +42,6 @@ cdef uint64_t ZERO_FLAG = 1ULL
 cdef uint64_t L1_RESERVED = 0x7F000000000001FFULL
 cdef uint64_t RT_RESERVED = 0x1FFULL
 
-#: the largest L1 table QEMU accepts (QCOW_MAX_L1_SIZE), in bytes
-MAX_L1_BYTES = 32 * 1024 * 1024
-#: the largest snapshot table QEMU accepts (QCOW_MAX_SNAPSHOTS_SIZE), in bytes
-MAX_SNAPSHOTS_BYTES = 64 * 1024 * 1024
-MAX_SNAPSHOTS = 65536
-MAX_SNAPSHOT_EXTRA = 1024
 #: messages kept in a result; the rest are counted
 MAX_MESSAGES = 1000
 
@@ -70,50 +67,6 @@ ROLE_NAMES = ["unused", "header", "L1 table", "L2 table", "refcount table",
 #: roles of the other areas ``Qcow2Check.run`` may be given, by name
 AREA_ROLES = {"bitmap directory": R_BITMAP_DIRECTORY, "bitmap table": R_BITMAP_TABLE,
               "bitmap data": R_BITMAP_DATA, "encryption header": R_CRYPTO_HEADER}
-
-
-def parse_snapshot_table(File f, uint64_t offset, uint64_t count, int cluster_bits,
-                         int64_t file_size):
-    """The snapshot table: ``([(l1_offset, l1_size, id, name, entry_offset)...], nbytes)``.
-
-    Every length is checked against the file before it is read: the table must lie inside
-    the file and within QEMU's limits (65536 snapshots, 64 MiB, 1 KiB of extra data per
-    entry). Raises ImageFormatError naming the file and the field; the L1 fields are
-    returned as stored (the caller decides whether a bad one is fatal).
-    """
-    cdef int64_t cs = 1LL << cluster_bits
-    cdef uint64_t pos, total, l1_off
-    cdef uint32_t l1_size, extra, id_len, name_len
-    path = f.path
-    out = []
-    if count == 0:
-        return out, 0
-    if count > MAX_SNAPSHOTS:
-        raise ImageFormatError("%s: nb_snapshots %d exceeds %d" % (path, count, MAX_SNAPSHOTS))
-    if offset == 0 or offset & (cs - 1) or offset >= <uint64_t>file_size:
-        raise ImageFormatError("%s: snapshots_offset 0x%x invalid (unaligned, zero or past "
-                               "the end of the file)" % (path, offset))
-    pos = offset
-    for i in range(count):
-        if pos + 40 > <uint64_t>file_size:
-            raise ImageFormatError("%s: snapshot table entry %d lies past the end of the file" % (path, i))
-        hdr = f.pread(pos, 40)
-        (l1_off, l1_size, id_len, name_len, _ds, _dn, _vmc, _vms,
-         extra) = struct.unpack(">QIHHIIQII", hdr)
-        if extra > MAX_SNAPSHOT_EXTRA:
-            raise ImageFormatError("%s: snapshot %d extra_data_size %d exceeds %d"
-                                   % (path, i, extra, MAX_SNAPSHOT_EXTRA))
-        total = 40 + extra + id_len + name_len
-        if pos + total > <uint64_t>file_size:
-            raise ImageFormatError("%s: snapshot table entry %d lies past the end of the file" % (path, i))
-        if pos + total - offset > MAX_SNAPSHOTS_BYTES:
-            raise ImageFormatError("%s: snapshot table larger than %d bytes" % (path, MAX_SNAPSHOTS_BYTES))
-        names = f.pread(pos + 40 + extra, id_len + name_len)
-        sid = names[:id_len].decode("utf-8", "replace")
-        sname = names[id_len:].decode("utf-8", "replace")
-        out.append((l1_off, l1_size, sid, sname, pos))
-        pos += (total + 7) & ~7ULL
-    return out, pos - offset
 
 
 cdef class Qcow2Check:
@@ -295,9 +248,6 @@ cdef class Qcow2Check:
     cdef int walk_l2(self, uint64_t l2_off, bint active) except -1:
         cdef int64_t j, n = self.cs // self.entry_bytes
         cdef uint64_t e, off, coff, csize
-        cdef int x = 62 - (self.cluster_bits - 8)
-        cdef uint64_t cmask = (1ULL << x) - 1
-        cdef uint64_t smask = (1ULL << (self.cluster_bits - 8)) - 1
         # fragmentation as qemu-img check counts it: within one L2 table, a data cluster
         # that does not follow the previous one in the file; a compressed one always
         cdef uint64_t next_contiguous = 0
@@ -309,8 +259,7 @@ cdef class Qcow2Check:
                 if e & COPIED:
                     self.corrupt("L2 table 0x%x entry %d: compressed cluster with COPIED set"
                                  % (l2_off, j))
-                coff = e & cmask
-                csize = (((e >> x) & smask) + 1) * 512 - (coff & 511)
+                comp_extent(e, self.cluster_bits, &coff, &csize)
                 if active:
                     self.allocated_clusters += 1
                     self.compressed_clusters += 1
@@ -375,38 +324,10 @@ cdef class Qcow2Check:
                     continue
                 lim = min(self.rb_entries, self.nb - base)
                 for j in range(lim):
-                    self.stored[base + j] = self.rc_get(self.buf, j)
+                    self.stored[base + j] = rc_load(self.buf, self.refcount_order, j)
         finally:
             free(rt)
         return 0
-
-    cdef uint64_t rc_get(self, const unsigned char* b, int64_t i) noexcept:
-        cdef int order = self.refcount_order
-        cdef int bits = 1 << order
-        cdef int k
-        cdef uint64_t v = 0
-        if order >= 3:
-            for k in range(bits >> 3):
-                v = (v << 8) | b[i * (bits >> 3) + k]
-            return v
-        return (b[(i * bits) >> 3] >> ((i * bits) & 7)) & ((1 << bits) - 1)
-
-    cdef void rc_set(self, unsigned char* b, int64_t i, uint64_t v) noexcept:
-        cdef int order = self.refcount_order
-        cdef int bits = 1 << order
-        cdef int k, nbytes
-        cdef int64_t byte, shift
-        cdef unsigned char mask
-        if order >= 3:
-            nbytes = bits >> 3
-            for k in range(nbytes - 1, -1, -1):
-                b[i * nbytes + k] = v & 0xFF
-                v >>= 8
-        else:
-            byte = (i * bits) >> 3
-            shift = (i * bits) & 7
-            mask = ((1 << bits) - 1) << shift
-            b[byte] = (b[byte] & ~mask) | ((v << shift) & mask)
 
     # ---- comparison ---------------------------------------------------------------------
 
@@ -553,7 +474,7 @@ cdef class Qcow2Check:
             block = bytearray(self.f.pread(off, self.cs))
             b = <unsigned char*>(<char*>block)
             for c in dropped:
-                self.rc_set(b, c - base, self.expected[c])
+                rc_store(b, self.refcount_order, c - base, self.expected[c])
             out.append((off, bytes(block), dropped))
         return out
 

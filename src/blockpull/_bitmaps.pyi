@@ -1,6 +1,8 @@
 """Type stubs for the compiled module blockpull._bitmaps."""
 from typing import Any, Callable, Dict, List, Set, Tuple
 
+from typing_extensions import disjoint_base
+
 AUTOCLEAR_BITMAPS: int
 FLAG_IN_USE: int
 FLAG_AUTO: int
@@ -17,6 +19,7 @@ MIN_GRANULARITY_BITS: int
 MAX_GRANULARITY_BITS: int
 MAX_NAME_BYTES: int
 
+@disjoint_base
 class Bitmap:
     name: str
     entry_offset: int
@@ -37,6 +40,7 @@ class Bitmap:
 def parse_bitmaps(f: Any, ext: bytes, cluster_bits: int, size: int,
                   file_size: int) -> Tuple[int, int, List[Bitmap]]: ...
 
+@disjoint_base
 class Bitmaps:
     bitmaps: List[Bitmap]
     enabled: List[Bitmap]

@@ -1,8 +1,11 @@
 """Type stubs for the compiled module blockpull._check."""
 from typing import Any, Dict, List, Optional, Set, Tuple
 
+from typing_extensions import disjoint_base
+
 from blockpull._fileio import File
 
+MAX_L1_BYTES: int
 MAX_SNAPSHOTS_BYTES: int
 MAX_SNAPSHOTS: int
 MAX_SNAPSHOT_EXTRA: int
@@ -10,8 +13,10 @@ MAX_MESSAGES: int
 ROLE_NAMES: List[str]
 AREA_ROLES: Dict[str, int]
 
-def parse_snapshot_table(f: File, offset: int, count: int, cluster_bits: int, *args: Any) -> Tuple[Any, Any]: ...
+def parse_snapshot_table(f: File, offset: int, count: int, cluster_bits: int,
+                         file_size: int) -> Tuple[List[Tuple[int, int, str, str, int]], int]: ...
 
+@disjoint_base
 class Qcow2Check:
     corruptions: int
     leaks: int
@@ -30,4 +35,3 @@ class Qcow2Check:
     def leaked_blocks(self) -> Any: ...
     def set_stored(self, c: int, v: int) -> None: ...
     def expected_count(self, c: int) -> int: ...
-    def __getattr__(self, name: str) -> Any: ...

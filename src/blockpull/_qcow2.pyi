@@ -2,6 +2,7 @@
 from typing import Any, Callable, Dict, List, Optional, Tuple
 
 from blockpull._driver import Driver
+from blockpull._q2order import Qcow2Ordering
 from blockpull._fileio import File
 
 MAGIC: bytes
@@ -18,33 +19,19 @@ INCOMPAT_COMPRESSION: int
 INCOMPAT_EXTL2: int
 KNOWN_INCOMPAT: int
 FEATURE_NAMES: List[Any]
+AUTOCLEAR_BITMAPS: int
 
-class Qcow2(Driver):
-    version: int
-    refcount_order: int
-    l1_offset: int
-    l1_size: int
-    rt_offset: int
-    rt_clusters: int
-    incompatible: int
-    compatible: int
-    autoclear: int
-    header_length: int
-    nb_snapshots: int
-    snapshots_offset: int
-    compression_type: int
-    extensions: List[Any]
-    next_free: int
-    syncs: int
-    bitmaps: Optional[Any]
-    metadata_only: bool
-    crypt_method: int
-    crypto_header: Optional[Tuple[int, int]]
-    sync_failures: int
-    def __init__(self, f: File, writable: bool, *, metadata_only: bool = ...) -> None: ...
+class Qcow2(Qcow2Ordering):
+    def __init__(self, f: File, writable: bool, *, metadata_only: bool = ...,
+                 l2_cache_bytes: int = ...) -> None: ...
+    @property
+    def rt_offset(self) -> int: ...
+    @property
+    def rt_clusters(self) -> int: ...
+    @property
+    def next_free(self) -> int: ...
     def refcount(self, cluster: int) -> int: ...
     def write_zeroes(self, vaddr: int, n: int, fill: Optional[Callable[[int, Any], None]], backed: bool) -> None: ...
-    def l1_entries(self) -> List[int]: ...
     def info(self) -> Dict[str, Any]: ...
 
 def probe(head: bytes) -> bool: ...

@@ -1,0 +1,116 @@
+# cython: language_level=3
+"""qcow2 compressed clusters: zlib (raw deflate, compression type 0) and zstd (type 1)
+framing and decoding (QEMU's docs/interop/qcow2.rst, "Compressed Clusters Descriptor"
+and the ``compression_type`` header field). Output is bounded by the cluster size
+whatever the input claims."""
+import zlib
+
+import zstandard
+
+from blockpull.errors import ImageFormatError
+
+
+def zstd_frame_len(const unsigned char[::1] b, Py_ssize_t pos):
+    """Length in bytes of the zstd frame (or skippable frame) at ``b[pos:]``, from its
+    header and block headers alone (RFC 8878); -1 when it is malformed or truncated."""
+    cdef Py_ssize_t n = b.shape[0], p = pos
+    cdef unsigned int magic, bh, bsize
+    cdef int fhd, fcs_flag, single, did_flag, btype
+    if n - p < 8:
+        return -1
+    magic = b[p] | (b[p + 1] << 8) | (b[p + 2] << 16) | (<unsigned int>b[p + 3] << 24)
+    if (magic & 0xFFFFFFF0) == 0x184D2A50:
+        bsize = b[p + 4] | (b[p + 5] << 8) | (b[p + 6] << 16) | (<unsigned int>b[p + 7] << 24)
+        if bsize > n - p - 8:
+            return -1
+        return 8 + bsize
+    if magic != 0xFD2FB528:
+        return -1
+    fhd = b[p + 4]
+    if fhd & 0x08:
+        return -1
+    fcs_flag = fhd >> 6
+    single = (fhd >> 5) & 1
+    did_flag = fhd & 3
+    p += 5
+    if not single:
+        p += 1
+    p += (0, 1, 2, 4)[did_flag]
+    p += ((1 if single else 0), 2, 4, 8)[fcs_flag]
+    while True:
+        if n - p < 3:
+            return -1
+        bh = b[p] | (b[p + 1] << 8) | (b[p + 2] << 16)
+        p += 3
+        btype = (bh >> 1) & 3
+        bsize = bh >> 3
+        if btype == 3:
+            return -1
+        if btype == 1:
+            bsize = 1
+        if bsize > n - p:
+            return -1
+        p += bsize
+        if bh & 1:
+            break
+    if fhd & 0x04:
+        p += 4
+        if p > n:
+            return -1
+    return p - pos
+
+
+cdef class Decompressor:
+    """Decodes the compressed clusters of one image (``path`` names it in errors)."""
+
+    def __init__(self, int64_t cluster_size, int compression_type, path):
+        self.cluster_size = cluster_size
+        self.compression_type = compression_type
+        self.path = path
+
+    cpdef bytes decompress(self, bytes comp, int64_t c):
+        """The ``cluster_size`` bytes virtual cluster ``c`` holds, from its compressed
+        bytes ``comp``. Raises ImageFormatError when they are corrupt or decode to any
+        other length."""
+        cdef int64_t cs = self.cluster_size
+        try:
+            if self.compression_type == 0:
+                plain = zlib.decompressobj(-12).decompress(comp, cs)
+            else:
+                plain = self._zstd(comp)
+        except zlib.error as exc:
+            raise ImageFormatError("%s: compressed cluster %d is corrupt (%s)" % (self.path, c, exc))
+        except zstandard.ZstdError as exc:
+            raise ImageFormatError("%s: zstd compressed cluster is corrupt (%s)" % (self.path, exc))
+        if len(plain) != cs:
+            raise ImageFormatError("%s: compressed cluster %d decompresses to %d bytes, not %d"
+                                   % (self.path, c, len(plain), cs))
+        return plain
+
+    cdef bytes _zstd(self, bytes comp):
+        """Decode zstd data the way QEMU does (block/qcow2-threads.c): one or more frames,
+        decoded in turn until exactly one cluster is out; bytes after the frame that
+        completes the cluster are padding and ignored; a frame that would run past the
+        cluster end is corruption."""
+        cdef int64_t cs = self.cluster_size
+        cdef Py_ssize_t pos = 0, flen
+        path = self.path
+        if self.zstd_dctx is None:
+            self.zstd_dctx = zstandard.ZstdDecompressor()
+        out = bytearray()
+        while len(out) < cs:
+            if pos >= len(comp):
+                raise ImageFormatError("%s: zstd compressed cluster ends after %d of %d bytes"
+                                       % (path, len(out), cs))
+            flen = zstd_frame_len(comp, pos)
+            if flen <= 0:
+                raise ImageFormatError("%s: zstd compressed cluster: malformed frame at byte %d"
+                                       % (path, pos))
+            reader = self.zstd_dctx.stream_reader(comp[pos:pos + flen], read_across_frames=False)
+            chunk = reader.read(cs - len(out))
+            if reader.read(1):
+                raise ImageFormatError("%s: zstd compressed cluster decompresses to more than "
+                                       "%d bytes" % (path, cs))
+            out += chunk
+            pos += flen
+        return bytes(out)
