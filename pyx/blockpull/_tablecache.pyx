@@ -78,9 +78,11 @@ cdef class TableCache:
         table stays: its caller holds it and may be about to change it. Writes nothing."""
         cdef Py_ssize_t over = len(self.tables) - self.capacity
         cdef Table t
+        cdef list keys
         if over <= 0:
             return 0
-        for k in list(self.tables.keys())[:-1]:
+        keys = list(self.tables.keys())
+        for k in keys[:len(keys) - 1]:
             t = self.tables[k]
             if not (t.dirty or t.new):
                 del self.tables[k]
