@@ -51,6 +51,7 @@ DEFAULT_CHUNK = 8 * 1024 * 1024
 DEFAULT_BATCH = 256 * 1024 * 1024
 DEFAULT_DEPTH = 2     # chunk writes in flight while the next chunks are read
 DEFAULT_READ_DEPTH = 4  # chunk reads in flight (reader threads)
+MAX_READ_DEPTH = 64     # a pass holds depth + read_depth chunk buffers
 
 
 cdef class Stream:

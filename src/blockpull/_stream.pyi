@@ -12,6 +12,7 @@ DEFAULT_CHUNK: int
 DEFAULT_BATCH: int
 DEFAULT_DEPTH: int
 DEFAULT_READ_DEPTH: int
+MAX_READ_DEPTH: int
 
 @disjoint_base
 class Stream:
