@@ -230,3 +230,25 @@ def test_read_error_among_reads_in_flight(qemu, tmp_path, reads_ahead, fmt, poli
         assert rule.fired == 1
         faults.detach(img)
     _judge(qemu, top, _expect(tmp_path, []), fmt, backed=policy != "stop")
+
+
+def test_read_depth_knob(qemu, tmp_path):
+    """``Image.pull(read_depth=2)`` keeps two chunk reads in flight, no more; a value out
+    of range is refused with ValueError before any job runs."""
+    top = _chain(qemu, tmp_path, "qcow2")
+    gate = ReadGate()
+    with blockpull.open(top) as img:
+        for bad in (0, -1, 10 ** 6):
+            with pytest.raises(ValueError, match="read_depth"):
+                img.pull(read_depth=bad)
+        assert img.job is None or img.job.done()
+        _attach_backing(img, gate)
+        job = img.pull(read_depth=2, chunk=CHUNK)
+        try:
+            gate.wait_held(2)
+        finally:
+            gate.go.set()
+        job.result(timeout=WAIT)
+        faults.detach(img)
+    assert gate.most == 2
+    _judge(qemu, top, _expect(tmp_path, []), "qcow2")
