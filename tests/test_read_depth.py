@@ -152,6 +152,32 @@ def test_guest_writes_racing_reads_ahead(qemu, tmp_path, reads_ahead, fmt):
     _judge(qemu, top, _expect(tmp_path, writes), fmt)
 
 
+@pytest.mark.parametrize("fmt", ["qcow2", "qed"])
+def test_copy_on_read_of_ranges_being_read(qemu, tmp_path, reads_ahead, fmt):
+    """Guest reads with copy-on-read of the chunks whose reads are in flight copy them
+    into the top at once (they do not wait for the pull); the pull then leaves those
+    clusters alone: the result reads as the chain and checks clean."""
+    top = _chain(qemu, tmp_path, fmt)
+    gate = ReadGate()
+    with open(tmp_path / "chain.raw", "rb") as f:
+        chain = f.read()
+    with blockpull.open(top, copy_on_read=True) as img:
+        _attach_backing(img, gate)
+        job = img.pull()
+        try:
+            gate.wait_held(reads_ahead["read_depth"])
+            for off, n in ((0, 3 * CHUNK), (CHUNK + 777, 5000), (2 * CHUNK - 100, 200)):
+                assert img.read(off, n) == chain[off:off + n]
+            held = gate.held
+        finally:
+            gate.go.set()
+        assert held == reads_ahead["read_depth"], "a guest read waited for the pull"
+        info = job.result(timeout=WAIT)
+        assert info.cur == info.end
+        faults.detach(img)
+    _judge(qemu, top, _expect(tmp_path, []), fmt)
+
+
 def test_pause_waits_for_reads_in_flight_then_reads_nothing(qemu, tmp_path, reads_ahead):
     """A pause asked while reads are in flight parks once they are done; nothing more is
     read from the backing chain while paused; resume completes the pull."""
