@@ -28,8 +28,11 @@ cdef class Chunk:
     cdef object future
     cdef object buf
     cdef int64_t epoch
+    cdef list runs
+    cdef bytearray state
 
     cdef release_views(self)
+    cdef set_views(self, int64_t cs)
 
 
 cdef class Flight:
@@ -46,4 +49,6 @@ cdef class Flight:
     cdef clear(self)
 
 
+cdef int keep_lacking(Driver top, Flight flight, Chunk ch, bint keep_base,
+                      int64_t* skipped) except -1
 cdef int cor_group(Driver top, list views, list vaddrs, int64_t cs) except -1

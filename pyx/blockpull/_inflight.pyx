@@ -16,6 +16,7 @@ from libc.stdint cimport int64_t
 from blockpull._driver cimport Driver, KIND_UNALLOC
 from blockpull._chain cimport Chain
 from blockpull._ratelimit cimport RateLimiter
+from blockpull.errors import StreamIOError
 
 import threading
 
@@ -25,14 +26,35 @@ cdef class Chunk:
     where it is in the disk, ``host`` the first of the host clusters reserved for the
     cluster indexes ``todo`` (within the chunk, in order), ``zeros`` the clusters to
     record as zeros, ``skips`` the all-zero ones left out on a pull without a base,
-    ``views`` what to write, ``future`` the write, ``epoch`` the top's failed syncs
-    when the chunk was read."""
+    ``views`` what to write, ``future`` its read, then its write, ``epoch`` the top's
+    failed syncs when the chunk was planned, ``runs`` what the top lacked then ((first
+    cluster, clusters, bytes)), ``state`` per cluster read: 1 data, 2 all zeros."""
 
     cdef release_views(self):
         self.views = None
         if self.bmv is not None:
             self.bmv.release()
             self.bmv = None
+
+    cdef set_views(self, int64_t cs):
+        """One vectored write of the clusters to copy (unreachable until linked): a view
+        of ``buf`` per run of consecutive clusters of ``todo``, a short last cluster
+        padded to a whole cluster (``cs`` bytes) on disk."""
+        cdef int64_t n = self.n, i = 0, k, last, pad
+        cdef list todo = self.todo
+        cdef list views = []
+        self.bmv = memoryview(self.buf)
+        while i < len(todo):
+            k = i
+            while k + 1 < len(todo) and todo[k + 1] == todo[k] + 1:
+                k += 1
+            views.append(self.bmv[<int64_t>todo[i] * cs:min((<int64_t>todo[k] + 1) * cs, n)])
+            i = k + 1
+        last = todo[len(todo) - 1]
+        pad = (last + 1) * cs - n
+        if pad > 0:
+            views.append(bytes(pad))
+        self.views = views
 
 
 cdef class Flight:
@@ -100,6 +122,54 @@ cdef class Flight:
         if self.copying:
             self.copying = []
             self.linked.notify_all()
+
+
+cdef int keep_lacking(Driver top, Flight flight, Chunk ch, bint keep_base,
+                      int64_t* skipped) except -1:
+    """Of the clusters of ``ch`` read (``ch.runs``, ``ch.state``), keep those ``top``
+    still lacks (the lock is held): data to copy (``todo``, host clusters reserved, the
+    chunk in ``flight``), zeros to record over a kept base (``zeros``), all-zero
+    clusters to leave out (``skips``, their bytes added to ``skipped[0]``); a guest
+    write that filled a cluster meanwhile wins. Raises StreamIOError when the tables or
+    the space cannot be had."""
+    cdef int64_t cs = top.cluster_size
+    cdef int64_t off = ch.off, n = ch.n
+    cdef int64_t i, j, k, e, v, run
+    cdef int kind
+    cdef bytearray state = ch.state
+    cdef list todo = []       # cluster indexes (within the chunk) to copy, in order
+    cdef list zeros = []
+    cdef list skips = []
+    for i, k, _n in ch.runs:
+        e = i + k
+        while i < e:
+            v = off + i * cs
+            kind, run, _h = top.pull_status(v, min((e - i) * cs, n - i * cs))
+            k = min((run + cs - 1) // cs, e - i)
+            if kind == KIND_UNALLOC:
+                for j in range(i, i + k):
+                    if state[j] == 1:
+                        todo.append(j)
+                    elif keep_base:
+                        zeros.append(j)
+                    else:
+                        skipped[0] += min(cs, n - j * cs)
+                        skips.append(j)
+            i += k
+    if todo or zeros:
+        try:
+            # tables before data: once the data is written, linking it needs
+            # no space (a full disk fails here, before anything is written)
+            top.ensure_tables(off, n)
+            if todo:
+                ch.host = top.alloc_clusters(len(todo))
+        except OSError as exc:
+            raise StreamIOError(exc, "write", off)
+    ch.todo = todo
+    flight.reserve(ch)
+    ch.zeros = zeros
+    ch.skips = skips
+    return 0
 
 
 cdef int cor_group(Driver top, list views, list vaddrs, int64_t cs) except -1:

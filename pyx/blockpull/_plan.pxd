@@ -13,3 +13,6 @@ cdef class Planner:
 
     cdef bint hidden(self, int64_t q)
     cdef tuple next_run(self, int64_t pos, int64_t limit)
+
+
+cdef list lacking(Driver top, int64_t off, int64_t n)

@@ -70,3 +70,21 @@ cdef class Planner:
                 return (start, end - start)
             pos = qend
         return (-1, 0)
+
+
+cdef list lacking(Driver top, int64_t off, int64_t n):
+    """(first cluster, clusters, bytes) of each run of the chunk [off, off+n) (bytes,
+    ``off`` cluster aligned) that ``top`` lacks (the lock is held)."""
+    cdef int64_t cs = top.cluster_size
+    cdef int64_t ncl = (n + cs - 1) // cs
+    cdef int64_t i = 0, v, k, run
+    cdef int kind
+    cdef list runs = []
+    while i < ncl:
+        v = off + i * cs
+        kind, run, _h = top.pull_status(v, n - i * cs)
+        k = (run + cs - 1) // cs
+        if kind == KIND_UNALLOC:
+            runs.append((i, min(k, ncl - i), min(run, n - i * cs)))
+        i += k
+    return runs

@@ -13,3 +13,16 @@ cdef class BackingReader:
     cdef open(self)
     cdef close(self)
     cdef int read(self, int64_t v, unsigned char* out, int64_t n) except -1
+
+
+cdef class ReaderPool:
+    cdef Chain chain
+    cdef object lock
+    cdef list readers
+    cdef object free
+    cdef object threads
+
+    cdef open(self, int depth)
+    cdef close(self)
+    cdef object submit(self, list runs, int64_t off, int64_t n, int64_t cs, buf,
+                       bytearray state)

@@ -1,11 +1,22 @@
 # cython: language_level=3
-"""A pull's own reader of the backing chain, so that chunks are read without the image
-lock while readers of the image use the image's drivers."""
+"""A pull's own readers of the backing chain, so that chunks are read without the image
+lock while readers of the image use the image's drivers, several chunks at once.
+
+Each reader thread of a ``ReaderPool`` reads through a ``BackingReader`` of its own: the
+drivers' table caches (and a qcow2 driver's last decompressed cluster) are not shared
+between threads, so the reads need no lock, and the preads, inflating of compressed
+clusters (zlib, zstd) and zero scans of several chunks run on as many cores.
+"""
 from libc.stdint cimport int64_t
 
 from blockpull._chain cimport Chain
 from blockpull._driver cimport Driver
 from blockpull._fileio cimport File
+from blockpull._inflight cimport all_zero
+from blockpull.errors import StreamIOError
+
+from concurrent.futures import ThreadPoolExecutor
+import queue
 
 
 cdef class BackingReader:
@@ -69,3 +80,75 @@ cdef class BackingReader:
             own.faults = theirs.faults       # fault injection follows the image's files
         self.own.c_read(1, v, out, n)
         return 0
+
+
+cdef int read_runs(BackingReader r, list runs, int64_t off, int64_t n, int64_t cs,
+                   unsigned char* p, unsigned char* st) except -1:
+    """Read ``runs`` ((first cluster, clusters, bytes) of the chunk [off, off+n)) from the
+    backing chain through ``r`` into ``p`` and mark each cluster read in ``st``: 1 data,
+    2 all zeros. Raises StreamIOError at the run that failed."""
+    cdef int64_t i, j, k, v, clen
+    for i, k, clen in runs:
+        v = off + i * cs
+        try:
+            r.read(v, p + i * cs, clen)
+        except OSError as exc:
+            raise StreamIOError(exc, "read", v)
+        with nogil:     # a whole chunk's scan: let readers of the image run
+            for j in range(i, i + k):
+                clen = min(cs, n - j * cs)
+                st[j] = 2 if all_zero(p + j * cs, clen) else 1
+    return 0
+
+
+cdef class ReaderPool:
+    """``depth`` reader threads of one pull over the backing images of ``chain``, each
+    with a ``BackingReader`` of its own (``lock``: the image lock, for a reader whose
+    images could not be reopened). ``submit`` reads a chunk's runs on one of them."""
+
+    def __init__(self, Chain chain, lock):
+        self.chain = chain
+        self.lock = lock
+        self.readers = []
+        self.free = None
+        self.threads = None
+
+    cdef open(self, int depth):
+        """Start ``depth`` (at least 1) reader threads and open their readers."""
+        cdef BackingReader r
+        depth = max(1, depth)
+        self.free = queue.SimpleQueue()
+        self.readers = []
+        for _ in range(depth):
+            r = BackingReader(self.chain, self.lock)
+            r.open()
+            self.readers.append(r)
+            self.free.put(r)
+        self.threads = ThreadPoolExecutor(depth, thread_name_prefix="blockpull-pull-read")
+
+    cdef close(self):
+        """Wait for the reads submitted, stop the threads, close the readers."""
+        cdef BackingReader r
+        if self.threads is not None:
+            self.threads.shutdown(wait=True)
+            self.threads = None
+        for r in self.readers:
+            r.close()
+        self.readers = []
+        self.free = None
+
+    cdef object submit(self, list runs, int64_t off, int64_t n, int64_t cs, buf,
+                       bytearray state):
+        """Read ``runs`` of the chunk [off, off+n) (see ``read_runs``) into ``buf`` and
+        ``state`` on a reader thread; the future of it (its result raises
+        StreamIOError)."""
+        return self.threads.submit(self._read, runs, off, n, cs, buf, state)
+
+    def _read(self, list runs, int64_t off, int64_t n, int64_t cs, buf, bytearray state):
+        cdef const unsigned char[::1] mv = buf
+        cdef unsigned char[::1] stv = state
+        cdef BackingReader r = self.free.get()
+        try:
+            read_runs(r, runs, off, n, cs, <unsigned char*>&mv[0], &stv[0])
+        finally:
+            self.free.put(r)

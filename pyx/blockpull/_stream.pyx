@@ -4,12 +4,12 @@ to the top image, link them in, batch the metadata.
 
 Per chunk (at most ``chunk`` bytes of one run, cluster aligned):
 
-1. under the image lock: find which top clusters are unallocated; without the lock,
-   read them from the backing chain into a pool buffer (the backing images never change
-   during a pull, and the pull reads them through drivers of its own, so readers of the
-   image do not wait for it); under the lock again: keep the clusters the top still
-   lacks (a guest write meanwhile wins) and reserve contiguous host clusters for the
-   ones that are not all zeros;
+1. under the image lock: find which top clusters are unallocated; without the lock, on
+   a reader thread: read them from the backing chain into a pool buffer (the backing
+   images never change during a pull, and the pull reads them through drivers of its
+   own, so readers of the image do not wait for it); under the lock again, in virtual
+   order: keep the clusters the top still lacks (a guest write meanwhile wins) and
+   reserve contiguous host clusters for the ones that are not all zeros;
 2. without the lock, on a writer thread: one vectored write of those clusters (nobody
    can see them yet), through the top's O_DIRECT descriptor when it is aligned;
 3. once that write has completed, under the lock: link each cluster that is still
@@ -17,30 +17,41 @@ Per chunk (at most ``chunk`` bytes of one run, cluster aligned):
    zeros over a kept base become zero clusters; every ``batch`` bytes the driver syncs
    and writes its tables.
 
-The steps overlap: while ``depth`` chunks are being written, the next one is read into a
-spare buffer; chunks are linked in order. The progress counters are C integers read
-without a lock. The system calls release the GIL; nothing per cluster goes back to Python.
+The steps overlap: while ``depth`` chunks are being written, the next ``read_depth``
+ones are read into spare buffers, by as many reader threads (each with drivers of its
+own: compressed clusters are inflated on every core); chunks are kept and linked in
+order. Buffers come from one pool of ``depth + read_depth`` chunks. The rate limiter is
+drawn from before each chunk's read. The progress counters are C integers read without
+a lock. The system calls release the GIL; nothing per cluster goes back to Python.
 
-The plan is ``_plan.Planner``'s, the reads without the lock go through
-``_reader.BackingReader``, and the copies in flight (which guest writes wait for) are
-kept in ``_inflight.Flight``; all three are cimported, their methods called in C.
+A read in flight holds no reservation: a guest write into its range goes ahead (and
+wins at the re-check), and copy-on-read of that range reads the chain itself, as it
+did before reads ran ahead; only the copies between reservation and link
+(``_inflight.Flight``) make guest writes wait.
+
+The plan is ``_plan.Planner``'s (and ``_plan.lacking``), the reads without the lock go
+through ``_reader.ReaderPool``, and the copies in flight (which guest writes wait for)
+are kept in ``_inflight.Flight``; all are cimported, their methods called in C.
 """
 from libc.stdint cimport int64_t
 
 from blockpull._driver cimport Driver, KIND_UNALLOC
 from blockpull._chain cimport Chain
-from blockpull._inflight cimport Chunk, Flight, all_zero, cor_group
-from blockpull._plan cimport Planner
+from blockpull._inflight cimport Chunk, Flight, cor_group, keep_lacking
+from blockpull._plan cimport Planner, lacking
 from blockpull._ratelimit cimport RateLimiter
-from blockpull._reader cimport BackingReader
+from blockpull._reader cimport ReaderPool
 from blockpull._pool import BufferPool
 from blockpull.errors import StreamIOError
 
+from concurrent import futures
 from concurrent.futures import ThreadPoolExecutor
 
 DEFAULT_CHUNK = 8 * 1024 * 1024
 DEFAULT_BATCH = 256 * 1024 * 1024
-DEFAULT_DEPTH = 2     # chunk writes in flight while the next chunk is read
+DEFAULT_DEPTH = 2     # chunk writes in flight while the next chunks are read
+DEFAULT_READ_DEPTH = 4  # chunk reads in flight (reader threads)
+MAX_READ_DEPTH = 64     # a pass holds depth + read_depth chunk buffers
 
 
 cdef class Stream:
@@ -49,8 +60,9 @@ cdef class Stream:
     no base), under ``lock``, the image lock that every writer of the top holds. The
     copy is paced by ``limiter`` (bytes/s) and steered by ``control`` (the job:
     ``wait_while_paused()``, ``on_io_error(StreamIOError)``); ``chunk`` and ``batch``
-    are bytes. ``flight`` holds its copies in flight, which writes into the top wait
-    for (``await_copies``) and copy-on-read leaves alone. Raises ValueError when ``top``
+    are bytes; ``depth`` chunk writes and ``read_depth`` chunk reads are in flight at
+    once. ``flight`` holds its copies in flight, which writes into the top wait for
+    (``await_copies``) and copy-on-read leaves alone. Raises ValueError when ``top``
     is not the chain's top."""
     cdef object lock
     cdef Chain chain
@@ -78,8 +90,9 @@ cdef class Stream:
     cdef object writer
     cdef public bint direct
     cdef public int depth
+    cdef public int read_depth
     cdef int64_t run_epoch    # the top's failed syncs when this pass began
-    cdef BackingReader reader
+    cdef ReaderPool readers
     cdef Planner planner
 
     def __init__(self, Chain chain, Driver top, lock, int base_depth, RateLimiter limiter,
@@ -90,7 +103,7 @@ cdef class Stream:
         self.chain = chain
         self.top = top
         self.flight = Flight(lock, limiter, top.cluster_size)
-        self.reader = BackingReader(chain, lock)
+        self.readers = ReaderPool(chain, lock)
         self.planner = Planner(chain, base_depth)
         self.base_depth = base_depth
         self.keep_base = base_depth < chain.depth
@@ -100,6 +113,7 @@ cdef class Stream:
         self.batch = batch
         self.direct = True
         self.depth = DEFAULT_DEPTH
+        self.read_depth = DEFAULT_READ_DEPTH
 
     # ---- planning -------------------------------------------------------------------
 
@@ -195,88 +209,96 @@ cdef class Stream:
         (the control paused and was resumed: the chunk is tried again) or "ignore" (the
         chunk is given up and counted in ``errors``).
 
-        ``depth`` chunks are written at once by as many writer threads while the next
-        chunk is read from the chain into a spare buffer; chunks are linked in order,
-        each once its own write has completed. A chunk whose write fails is given back
-        and handled by ``on_error``; the chunks read after it are given back too and
-        read again."""
-        cdef int64_t pos = 0, run_end = -1, s, n, take
+        ``read_depth`` chunks are read from the chain at once by as many reader threads
+        while ``depth`` chunks are written by as many writer threads; chunks are kept
+        in order as their reads complete, and linked in order, each once its own write
+        has completed. A chunk whose read or write fails is given back and handled by
+        ``on_error``; the chunks after it are given back too and read again."""
+        cdef int64_t pos = 0, run_end = -1, s = -1, n = 0, take
         cdef int64_t cs = self.top.cluster_size
         cdef int64_t chunk = max(cs, self.chunk - self.chunk % cs)
         cdef int depth = max(1, self.depth)
+        cdef int rdepth = max(1, self.read_depth)
         cdef Chunk ch
         cdef list inflight = []      # chunks being written, oldest first
-        cdef list bufs = self._begin_run(depth, chunk)
+        cdef list reads = []         # chunks being read, in virtual order
+        cdef list bufs = self._begin_run(depth, rdepth, chunk)
         cdef list spare = list(bufs)
         cdef bint clean = False
+        failed = None
         try:
             while True:
+                if failed is not None:
+                    # the chunks after a failed one are read again from where it says
+                    pos, run_end, failed = self._restart(reads, spare, failed), -1, None
+                    continue
                 if self.cancel_requested or (self.pause_requested and self.control is not None):
                     failed = self._settle(inflight, spare, len(inflight))
                     if self.cancel_requested:
                         return "cancelled"  # a failed write just stays uncopied
-                    if failed is not None:
-                        pos, run_end = self._handle(failed), -1
-                        continue
-                    self.control.wait_while_paused()
-                    self.limiter.restart()
+                    if failed is None:
+                        self._await_reads(reads)   # nothing is read while paused
+                        self.control.wait_while_paused()
+                        self.limiter.restart()
                     continue
-                if pos >= run_end:
-                    with self.lock:
-                        s, n = self.planner.next_run(pos, self.top.size)
-                    if s < 0:
-                        if not inflight:
-                            break
-                        failed = self._settle(inflight, spare, 1)
-                        if failed is not None:
-                            pos, run_end = self._handle(failed), -1
-                        continue
-                    pos = s
-                    run_end = s + n
-                if len(inflight) >= depth or (self.flight.waiters and inflight):
-                    # (a guest write waits for a chunk in flight: link them now)
+                if self.flight.waiters and inflight:
+                    # a guest write waits for a chunk in flight: link them now
                     failed = self._settle(inflight, spare, 1)
-                    if failed is not None:
-                        pos, run_end = self._handle(failed), -1
                     continue
-                take = min(self.chunk_limit(chunk, cs), run_end - pos)
-                if self.limiter.consume(take):
-                    continue  # woken: re-check cancel/pause/speed, then draw again
-                buf = spare.pop()
+                if len(reads) < rdepth:
+                    if pos >= run_end:
+                        with self.lock:
+                            s, n = self.planner.next_run(pos, self.top.size)
+                        if s >= 0:
+                            pos, run_end = s, s + n
+                    if pos < run_end:
+                        take = min(self.chunk_limit(chunk, cs), run_end - pos)
+                        if self.limiter.consume(take):
+                            continue  # woken: re-check cancel/pause/speed, then draw again
+                        reads.append(self._start_chunk(spare.pop(), pos, take))
+                        pos += take
+                        continue
+                if not reads:
+                    if not inflight:
+                        break
+                    failed = self._settle(inflight, spare, 1)
+                    continue
+                if len(inflight) >= depth or (inflight and self._write_first(reads[0], inflight[0])):
+                    failed = self._settle(inflight, spare, 1)
+                    continue
+                ch = reads.pop(0)
                 try:
-                    ch = self.prepare_chunk(buf, pos, take)
+                    self._finish_read(ch)
                 except StreamIOError as exc:
-                    spare.append(buf)
+                    self._drop(ch, spare)
                     failed = self._settle(inflight, spare, len(inflight))
                     if failed is None:
-                        failed = (pos, take, exc)
-                    pos, run_end = self._handle(failed), -1
+                        failed = (ch.off, ch.n, exc)
                     continue
-                ch.buf = buf
                 if ch.todo:
                     ch.future = self.writer.submit(self.top.file.pwritev_data, ch.views, ch.host)
                 inflight.append(ch)
-                pos += take
             clean = self.errors == 0
             return "completed"
         finally:
-            self._end_run(inflight, bufs, clean)
+            self._end_run(inflight, reads, bufs, clean)
 
-    cdef list _begin_run(self, int depth, int64_t chunk):
-        """Set up a pass of the copy loop: ``depth + 1`` pool buffers of ``chunk`` bytes
-        (returned), ``depth`` writer threads, this pull's own reader of the chain."""
+    cdef list _begin_run(self, int depth, int rdepth, int64_t chunk):
+        """Set up a pass of the copy loop: ``depth + rdepth`` pool buffers of ``chunk``
+        bytes (returned), ``depth`` writer threads, ``rdepth`` reader threads with this
+        pull's own readers of the chain."""
         if self.direct:
             self.top.file.enable_direct()
-        self.pool = BufferPool(depth + 1, chunk)
-        bufs = [self.pool.acquire() for _ in range(depth + 1)]
+        self.pool = BufferPool(depth + rdepth, chunk)
+        bufs = [self.pool.acquire() for _ in range(depth + rdepth)]
         self.writer = ThreadPoolExecutor(depth, thread_name_prefix="blockpull-write")
         self.run_epoch = self._epoch()
-        self.reader.open()
+        self.readers.open(rdepth)
         return bufs
 
-    cdef _end_run(self, list inflight, list bufs, bint clean):
-        """End a pass: give back the chunks still in flight, stop the writers, stop
-        counting guest writes, release the reader and the buffers.
+    cdef _end_run(self, list inflight, list reads, list bufs, bint clean):
+        """End a pass: give back the chunks still in flight, stop the writers and the
+        readers, stop counting guest writes, release the buffers.
 
         A clean run leaves its last batch to the caller's final flush, which reports an
         I/O error under the job's policy; a failed or cancelled run writes what it
@@ -284,6 +306,7 @@ cdef class Stream:
         cdef Chunk ch
         for ch in inflight:
             self._discard(ch)
+        self._await_reads(reads)
         self.writer.shutdown(wait=True)
         self.writer = None
         with self.lock:
@@ -296,7 +319,7 @@ cdef class Stream:
                     self.top.flush_metadata()
             except OSError:
                 pass
-        self.reader.close()
+        self.readers.close()       # (after its threads have stopped)
         for b in bufs:
             b.release()
         self.pool = None
@@ -423,133 +446,75 @@ cdef class Stream:
                 c = cs
         return c
 
-    cdef Chunk prepare_chunk(self, buf, int64_t off, int64_t n):
-        """Read what the top lacks in [off, off+n) from the backing chain (without the
-        lock), then under the lock keep what the top still lacks and reserve host
-        clusters for the non-zero clusters; the views to write are set up, nothing is
-        written yet.
+    cdef Chunk _start_chunk(self, buf, int64_t off, int64_t n):
+        """Start reading what the top lacks in [off, off+n) from the backing chain into
+        ``buf`` on a reader thread (without the lock); ``_finish_read`` keeps it."""
+        cdef int64_t cs = self.top.cluster_size
+        cdef Chunk ch = Chunk.__new__(Chunk)
+        ch.off = off
+        ch.n = n
+        ch.buf = buf
+        ch.state = bytearray((n + cs - 1) // cs)
+        with self.lock:
+            ch.epoch = self._epoch()
+            ch.runs = lacking(self.top, off, n)
+        if ch.runs:
+            ch.future = self.readers.submit(ch.runs, off, n, cs, buf, ch.state)
+        return ch
+
+    cdef int _finish_read(self, Chunk ch) except -1:
+        """Wait for the chunk's read (raises its StreamIOError), then under the lock keep
+        what the top still lacks and reserve host clusters for the non-zero clusters;
+        the views to write are set up, nothing is written yet.
 
         A guest write between the read and the re-check allocates its clusters in the
         top, and the re-check leaves them out: the guest write wins. The data read for
         the clusters kept is current: the top still lacks them, so the chain reads them
         from the backing images, which no one writes during a pull."""
-        cdef int64_t cs = self.top.cluster_size
-        cdef int64_t ncl = (n + cs - 1) // cs
-        cdef const unsigned char[::1] mv = buf
-        cdef Chunk ch = Chunk.__new__(Chunk)
-        cdef list runs
-        cdef bytearray state = bytearray(ncl)   # 1 data, 2 all zeros, per cluster read
-        cdef unsigned char[::1] stv = state
-        ch.off = off
-        ch.n = n
-        with self.lock:
-            ch.epoch = self._epoch()
-            runs = self._lacking(off, n, ncl)
-        self._read_runs(runs, off, n, <unsigned char*>&mv[0], &stv[0])
+        if ch.future is not None:
+            fut, ch.future = ch.future, None
+            fut.result()
         with self.lock:
             # the re-check: what a guest write filled meanwhile is its own
-            self._keep_lacking(ch, runs, state)
+            keep_lacking(self.top, self.flight, ch, self.keep_base, &self.skipped_zero)
         if ch.todo:
-            self._set_views(ch, buf)
-        return ch
-
-    cdef list _lacking(self, int64_t off, int64_t n, int64_t ncl):
-        """(first cluster, clusters, bytes) of each run of [off, off+n) that the top
-        lacks, ``ncl`` clusters in all (the lock is held)."""
-        cdef Driver top = self.top
-        cdef int64_t cs = top.cluster_size
-        cdef int64_t i = 0, v, k, run
-        cdef int kind
-        cdef list runs = []
-        while i < ncl:
-            v = off + i * cs
-            kind, run, _h = top.pull_status(v, n - i * cs)
-            k = (run + cs - 1) // cs
-            if kind == KIND_UNALLOC:
-                runs.append((i, min(k, ncl - i), min(run, n - i * cs)))
-            i += k
-        return runs
-
-    cdef int _read_runs(self, list runs, int64_t off, int64_t n, unsigned char* p,
-                        unsigned char* st) except -1:
-        """Read ``runs`` of the chunk at ``off`` from the backing chain into ``p`` and
-        mark each cluster read in ``st``: 1 data, 2 all zeros."""
-        cdef int64_t cs = self.top.cluster_size
-        cdef int64_t i, j, k, v, clen
-        for i, k, clen in runs:
-            v = off + i * cs
-            try:
-                self.reader.read(v, p + i * cs, clen)
-            except OSError as exc:
-                raise StreamIOError(exc, "read", v)
-            with nogil:     # a whole chunk's scan: let readers of the image run
-                for j in range(i, i + k):
-                    clen = min(cs, n - j * cs)
-                    st[j] = 2 if all_zero(p + j * cs, clen) else 1
+            ch.set_views(self.top.cluster_size)
         return 0
 
-    cdef _keep_lacking(self, Chunk ch, list runs, bytearray state):
-        """Of the clusters read, keep those the top still lacks (the lock is held): data
-        to copy (``todo``, host clusters reserved), zeros to record over a kept base
-        (``zeros``), all-zero clusters to leave out (``skips``)."""
-        cdef Driver top = self.top
-        cdef int64_t cs = top.cluster_size
-        cdef int64_t off = ch.off, n = ch.n
-        cdef int64_t i, j, k, e, v, run
-        cdef int kind
-        cdef list todo = []       # cluster indexes (within the chunk) to copy, in order
-        cdef list zeros = []
-        cdef list skips = []
-        for i, k, _n in runs:
-            e = i + k
-            while i < e:
-                v = off + i * cs
-                kind, run, _h = top.pull_status(v, min((e - i) * cs, n - i * cs))
-                k = min((run + cs - 1) // cs, e - i)
-                if kind == KIND_UNALLOC:
-                    for j in range(i, i + k):
-                        if state[j] == 1:
-                            todo.append(j)
-                        elif self.keep_base:
-                            zeros.append(j)
-                        else:
-                            self.skipped_zero += min(cs, n - j * cs)
-                            skips.append(j)
-                i += k
-        if todo or zeros:
-            try:
-                # tables before data: once the data is written, linking it needs
-                # no space (a full disk fails here, before anything is written)
-                top.ensure_tables(off, n)
-                if todo:
-                    ch.host = top.alloc_clusters(len(todo))
-            except OSError as exc:
-                raise StreamIOError(exc, "write", off)
-        ch.todo = todo
-        self.flight.reserve(ch)
-        ch.zeros = zeros
-        ch.skips = skips
+    cdef bint _write_first(self, Chunk r, Chunk w):
+        """While the read of ``r`` (the next chunk to keep) runs: True once the write of
+        ``w`` (the oldest in flight) is done first, so that it is linked meanwhile;
+        False once the read is done."""
+        rf, wf = r.future, w.future
+        if rf is None or rf.done():
+            return False
+        if wf is None or wf.done():
+            return True
+        futures.wait((rf, wf), return_when=futures.FIRST_COMPLETED)
+        return not rf.done()
 
-    cdef _set_views(self, Chunk ch, buf):
-        """One vectored write of the clusters to copy (unreachable until linked): a view
-        of ``buf`` per run of consecutive clusters, a short last cluster padded to a
-        whole cluster on disk."""
-        cdef int64_t cs = self.top.cluster_size
-        cdef int64_t n = ch.n, i = 0, k, last, pad
-        cdef list todo = ch.todo
-        cdef list views = []
-        ch.bmv = memoryview(buf)
-        while i < len(todo):
-            k = i
-            while k + 1 < len(todo) and todo[k + 1] == todo[k] + 1:
-                k += 1
-            views.append(ch.bmv[<int64_t>todo[i] * cs:min((<int64_t>todo[k] + 1) * cs, n)])
-            i = k + 1
-        last = todo[len(todo) - 1]
-        pad = (last + 1) * cs - n
-        if pad > 0:
-            views.append(bytes(pad))
-        ch.views = views
+    cdef _drop(self, Chunk ch, list spare):
+        """Give up a chunk being read (nothing is reserved for it yet): wait for its read,
+        its buffer goes back to ``spare``."""
+        if ch.future is not None:
+            futures.wait((ch.future,))
+            ch.future = None
+        spare.append(ch.buf)
+        ch.buf = None
+
+    cdef _await_reads(self, list reads):
+        """Wait until no read of ``reads`` runs (their outcomes stay with them)."""
+        cdef Chunk ch
+        futures.wait([ch.future for ch in reads if ch.future is not None])
+
+    cdef int64_t _restart(self, list reads, list spare, tuple failed) except -1:
+        """After a failed chunk: give up the chunks being read after it, then ask
+        ``on_error`` (``_handle``); the position to carry on from."""
+        cdef Chunk ch
+        for ch in reads:
+            self._drop(ch, spare)
+        del reads[:]
+        return self._handle(failed)
 
     cdef bint finish_chunk(self, Chunk ch) except -1:
         """Wait for the chunk's write, then under the lock link each cluster the top still

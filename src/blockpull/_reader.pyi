@@ -8,3 +8,7 @@ from blockpull._chain import Chain
 @disjoint_base
 class BackingReader:
     def __init__(self, chain: Chain, lock: Any) -> None: ...
+
+@disjoint_base
+class ReaderPool:
+    def __init__(self, chain: Chain, lock: Any) -> None: ...

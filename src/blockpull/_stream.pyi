@@ -11,6 +11,8 @@ from blockpull._ratelimit import RateLimiter
 DEFAULT_CHUNK: int
 DEFAULT_BATCH: int
 DEFAULT_DEPTH: int
+DEFAULT_READ_DEPTH: int
+MAX_READ_DEPTH: int
 
 @disjoint_base
 class Stream:
@@ -33,6 +35,7 @@ class Stream:
     batch: int
     direct: bool
     depth: int
+    read_depth: int
     def __init__(self, chain: Chain, top: Driver, lock: Any, base_depth: int,
                  limiter: RateLimiter, control: Any = ..., chunk: int = ...,
                  batch: int = ...) -> None: ...

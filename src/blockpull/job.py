@@ -9,7 +9,7 @@ import time
 from typing import TYPE_CHECKING, Any, Callable, Generator, List, NamedTuple, Optional, Union
 
 from blockpull._ratelimit import RateLimiter
-from blockpull._stream import Stream
+from blockpull._stream import MAX_READ_DEPTH, Stream
 from blockpull.errors import JobActiveError, PullCancelled, PullError, StreamIOError
 from blockpull.policy import JobStatus, OnError
 from blockpull.units import format_size, parse_bandwidth
@@ -149,7 +149,8 @@ class PullJob(JobFuture):
                  bandwidth: int, on_error: OnError,
                  on_event: Optional[Callable[[PullEvent], None]],
                  chunk: Optional[int] = None, batch: Optional[int] = None,
-                 budget: "Optional[Budget]" = None) -> None:
+                 budget: "Optional[Budget]" = None,
+                 read_depth: Optional[int] = None) -> None:
         self.image = image
         self.path = image.path
         self._name = self.path
@@ -166,6 +167,8 @@ class PullJob(JobFuture):
             self._stream.chunk = int(chunk)
         if batch:
             self._stream.batch = int(batch)
+        if read_depth:
+            self._stream.read_depth = int(read_depth)
         self._status = JobStatus.RUNNING
         self._error: Optional[PullError] = None
         self._last_error: Optional[PullError] = None
@@ -188,20 +191,25 @@ class PullJob(JobFuture):
                bandwidth: Union[int, str] = 0, on_error: str = "report",
                on_event: Optional[Callable[[PullEvent], None]] = None,
                chunk: Optional[int] = None, batch: Optional[int] = None,
-               budget: "Optional[Budget]" = None) -> "PullJob":
+               budget: "Optional[Budget]" = None,
+               read_depth: Optional[int] = None) -> "PullJob":
         """A pull of ``image`` down to ``base``, set up but not started (``Image.pull``
         calls this, makes it the image's job, then calls ``start``).
 
         ``bandwidth`` is bytes/s (0 = unlimited; "50M" = 50 MiB/s), the job's own limit;
         ``budget`` (a ``blockpull.Budget``) is a bandwidth the job shares with every other
         job started with it, the job's own limit applying inside it; ``chunk`` (bytes
-        copied per step) and ``batch`` (bytes between metadata syncs) tune the copy loop.
-        Raises ValueError (bad on_error or bandwidth), PermissionError (image open
+        copied per step), ``batch`` (bytes between metadata syncs) and ``read_depth``
+        (chunk reads of the backing chain in flight at once, default 4) tune the copy loop.
+        Raises ValueError (bad on_error, bandwidth or read_depth), PermissionError (image open
         read-only), JobActiveError (a pull already runs on the image), BackingChainError
         (``base`` is not in the chain). The image is claimed until the job ends, or
         until ``start`` fails."""
         policy = OnError.parse(on_error)
         bw = parse_bandwidth(bandwidth)
+        if read_depth is not None and not 1 <= read_depth <= MAX_READ_DEPTH:
+            raise ValueError(f"read_depth must be 1 to {MAX_READ_DEPTH} (chunk reads in "
+                             f"flight), not {read_depth}")
         if image.readonly:
             raise PermissionError(f"{image.path}: open the image read-write to pull into it")
         key = image.layers[0].file.identity()
@@ -211,7 +219,8 @@ class PullJob(JobFuture):
                 raise JobActiveError(f"{image.path}: a pull is already running on this image; "
                                      f"wait for it or abort it first")
             base_depth = image.base_depth(base)
-            job = cls(image, base_depth, base, bw, policy, on_event, chunk, batch, budget)
+            job = cls(image, base_depth, base, bw, policy, on_event, chunk, batch, budget,
+                      read_depth)
             job._key = key
             _active[key] = job
         return job
