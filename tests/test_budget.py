@@ -247,3 +247,22 @@ def test_a_pull_under_a_budget_copies_in_small_steps(qemu, tmp_path):
             assert cur_j - cur_i <= rate * (t_j - t_i) + slack, (cur_j - cur_i, t_j - t_i)
     qemu.img("check", str(top))
     qemu.img("compare", "-f", "qcow2", "-F", "raw", str(top), str(ref))
+
+
+def test_a_rate_below_one_byte_per_second_is_refused_not_unlimited(qemu, tmp_path):
+    # "0.5" (bytes/s) used to round to 0, which means unlimited
+    import blockpull
+    for bad in ("0.5", 0.5, "0.9/s"):
+        with pytest.raises(ValueError, match="below 1 byte/s"):
+            Budget(bad)
+    budget = Budget("1M")
+    with pytest.raises(ValueError, match="below 1 byte/s"):
+        budget.set_speed("0.1")
+    assert budget.bandwidth == MiB
+    top, ref = _chain(qemu, tmp_path, "frac", MiB)
+    with pytest.raises(ValueError, match="below 1 byte/s"):
+        blockpull.pull(str(top), bandwidth="0.5")
+    with pytest.raises(ValueError, match="whole number"):
+        blockpull.block_pull(str(top), 0.5)  # libvirt's MiB/s
+    assert qemu.info(str(top))["backing-filename"] == f"{top.stem}-base.qcow2"
+    qemu.img("check", str(top))
