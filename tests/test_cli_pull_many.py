@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import json
+import os
 import signal
 import subprocess
 import sys
@@ -114,3 +115,73 @@ def test_ctrl_c_aborts_every_running_pull_and_a_rerun_finishes(qemu, tmp_path):
     assert r.returncode == 0, r.stderr
     for top, ref in zip(tops, refs):
         qemu.img("compare", "-f", "qcow2", "-F", "raw", str(top), str(ref))
+
+
+def test_the_same_image_through_a_hard_link_is_refused(qemu, tmp_path):
+    (top,) = overlays(qemu, tmp_path, 1, MiB)
+    link = tmp_path / "link.qcow2"
+    os.link(top, link)
+    r = cli("pull", top, link)
+    assert r.returncode == 2 and "twice" in r.stderr and len(r.stderr.splitlines()) == 1
+    assert qemu.info(str(top))["backing-filename"] == "template.qcow2"
+
+
+@pytest.mark.parametrize("extra", [["--jobs", "0"], ["--jobs=-1"], ["--jobs", "many"],
+                                   ["--bandwidth", "0.5"]])
+@pytest.mark.parametrize("n", [1, 2])
+def test_bad_jobs_or_bandwidth_is_refused_with_one_image_too(qemu, tmp_path, extra, n):
+    # (--jobs 0 with one image was ignored; --bandwidth 0.5 rounded to 0: unlimited)
+    tops = overlays(qemu, tmp_path, n, MiB)
+    r = cli("pull", *tops, *extra)
+    assert r.returncode == 2, r.stderr
+    assert extra[0].split("=")[0] in r.stderr and len(r.stderr.splitlines()) == 1
+    for top in tops:
+        qemu.img("check", str(top))
+        assert qemu.info(str(top))["backing-filename"] == "template.qcow2"
+
+
+def test_an_image_that_cannot_start_is_told_as_the_single_pull_tells_it(qemu, tmp_path):
+    tops = overlays(qemu, tmp_path, 1, MiB)
+    raw = tmp_path / "disk.img"
+    raw.write_bytes(b"\x01" * MiB)
+    single = cli("pull", raw)
+    r = cli("pull", tops[0], raw)
+    assert single.returncode == 2 and r.returncode == 1
+    assert single.stderr.strip() in r.stderr.splitlines()
+    assert "-f raw" in r.stderr and "format=" not in r.stderr
+    assert "backing-filename" not in qemu.info(str(tops[0]))
+
+
+def test_a_signal_while_an_ended_pull_closes_its_image_lets_the_close_finish(
+        qemu, tmp_path, monkeypatch, capsys):
+    # SIGINT used to raise wherever the loop was, here inside Image.close: the close was
+    # cut short, the image reported twice and closed a second time
+    from blockpull.cli.main import main
+    from blockpull.image import Image
+    tops = overlays(qemu, tmp_path, 2, MiB)
+    refs = [expected(qemu, t, tmp_path) for t in tops]
+    calls = []
+    real_close = Image.close
+
+    def close(self):
+        if os.path.samefile(self.path, tops[0]):
+            calls.append("enter")
+            if calls.count("enter") == 1:
+                os.kill(os.getpid(), signal.SIGINT)
+                time.sleep(0.2)  # the handler runs here
+            real_close(self)
+            calls.append("done")
+        else:
+            real_close(self)
+
+    monkeypatch.setattr(Image, "close", close)
+    code = main(["pull", *map(str, tops), "--jobs", "1"])
+    out, err = capsys.readouterr()
+    assert code == 130, err
+    assert calls == ["enter", "done"]
+    assert out.count(f"pulled {tops[0]}") == 1
+    assert "not started" in err and str(tops[1]) in err
+    qemu.img("check", str(tops[0]))
+    assert "backing-filename" not in qemu.info(str(tops[0]))
+    qemu.img("compare", "-f", "qcow2", "-F", "raw", str(tops[0]), str(refs[0]))
+    assert qemu.info(str(tops[1]))["backing-filename"] == "template.qcow2"
