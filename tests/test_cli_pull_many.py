@@ -185,3 +185,49 @@ def test_a_signal_while_an_ended_pull_closes_its_image_lets_the_close_finish(
     assert "backing-filename" not in qemu.info(str(tops[0]))
     qemu.img("compare", "-f", "qcow2", "-F", "raw", str(tops[0]), str(refs[0]))
     assert qemu.info(str(tops[1]))["backing-filename"] == "template.qcow2"
+
+
+def test_a_pull_paused_by_an_error_says_how_to_go_on_and_sigusr1_resumes_it(
+        qemu, tmp_path, monkeypatch, capsys):
+    # under --on-error stop the paused pull said "pull again to resume" (a new pull would
+    # be refused: this one holds the image) and, unlike the single pull, not SIGUSR1
+    import errno
+    import threading
+
+    import blockpull.cli.pull_many as pull_many
+    from blockpull.cli.main import main
+    from blockpull.faults import FaultInjector, attach
+    tops = overlays(qemu, tmp_path, 2, 2 * MiB)
+    refs = [expected(qemu, t, tmp_path) for t in tops]
+    real_open = pull_many.open_image
+    opened = []
+
+    def open_image(args, readonly):
+        img = real_open(args, readonly)
+        if os.path.samefile(img.path, tops[0]):
+            inj = FaultInjector()
+            inj.fail("write", role="top", errno=errno.EIO, nth=2, times=1)
+            attach(img, inj)
+            opened.append(img)
+        return img
+
+    def resume_once_paused():
+        deadline = time.monotonic() + 30
+        while time.monotonic() < deadline:
+            if opened and opened[0].job is not None and opened[0].job.status == "paused":
+                os.kill(os.getpid(), signal.SIGUSR1)
+                return
+            time.sleep(0.02)
+
+    monkeypatch.setattr(pull_many, "open_image", open_image)
+    helper = threading.Thread(target=resume_once_paused, daemon=True)
+    helper.start()
+    code = main(["pull", *map(str, tops), "--on-error", "stop", "--bandwidth", "8M"])
+    helper.join(30)
+    out, err = capsys.readouterr()
+    assert code == 0, err
+    assert "I/O error in" in err and "SIGUSR1" in err and "pull again" not in err, err
+    for top, ref in zip(tops, refs):
+        qemu.img("check", str(top))
+        assert "backing-filename" not in qemu.info(str(top))
+        qemu.img("compare", "-f", "qcow2", "-F", "raw", str(top), str(ref))

@@ -337,9 +337,12 @@ class PullJob(JobFuture):
                              f"{room} about {format_size(left)} more and {then}",
                              exc.errno, exc.operation, exc.offset)
         what = "reading the backing chain" if exc.operation == "read" else "writing the image"
+        # (under "stop" the job waits, paused, for resume(): a new pull would be refused)
+        then = "resume the job to retry" if self.on_error == OnError.STOP else \
+            "pull again to resume"
         return PullError(f"{self.path}: I/O error {what} at offset {exc.offset}: "
                          f"{getattr(exc.exc, 'strerror', None) or exc}; the image is intact "
-                         f"and still backed, pull again to resume",
+                         f"and still backed, {then}",
                          exc.errno, exc.operation, exc.offset)
 
     def _emit(self, kind: str, error: Optional[PullError] = None) -> None:

@@ -190,3 +190,7 @@ def _drain(events: "queue.SimpleQueue[Tuple[str, PullEvent]]", json_lines: bool)
                        "error": None if ev.error is None else str(ev.error)}, sys.stdout)
         elif ev.kind == "error" and ev.error is not None:
             print(f"{PROG}: I/O error in {path}: {ev.error}", file=sys.stderr)
+            if ev.job.on_error == "stop":
+                print(f"{PROG}: pull of {path} paused; send SIGUSR1 (kill -USR1 "
+                      f"{os.getpid()}) to retry every paused pull, Ctrl-C to abort them all",
+                      file=sys.stderr)
