@@ -266,3 +266,22 @@ def test_a_rate_below_one_byte_per_second_is_refused_not_unlimited(qemu, tmp_pat
         blockpull.block_pull(str(top), 0.5)  # libvirt's MiB/s
     assert qemu.info(str(top))["backing-filename"] == f"{top.stem}-base.qcow2"
     qemu.img("check", str(top))
+
+
+def test_a_budget_that_is_not_a_budget_is_refused_at_once(qemu, tmp_path):
+    # budget="10M" failed deep inside with AttributeError, and serve() stored it for a
+    # later (QMP) pull to fail on
+    import blockpull
+    top, _ref = _chain(qemu, tmp_path, "typo", MiB)
+    with pytest.raises(TypeError, match="blockpull.Budget"):
+        blockpull.pull(str(top), budget="10M")
+    with blockpull.open(str(top)) as img:
+        with pytest.raises(TypeError, match="bandwidth="):
+            img.pull(budget=10 * MiB)
+        assert img.job is None
+    with pytest.raises(blockpull.ServeError, match="blockpull.Budget"):
+        blockpull.serve(str(top), budget="10M")
+    with pytest.raises(TypeError):
+        blockpull.block_pull(str(top), 1, budget="10M")
+    qemu.img("check", str(top))
+    assert qemu.info(str(top))["backing-filename"] == f"{top.stem}-base.qcow2"

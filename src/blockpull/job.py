@@ -10,12 +10,12 @@ from typing import TYPE_CHECKING, Any, Callable, Generator, List, NamedTuple, Op
 
 from blockpull._ratelimit import RateLimiter
 from blockpull._stream import Stream
+from blockpull.budget import Budget
 from blockpull.errors import JobActiveError, PullCancelled, PullError, StreamIOError
 from blockpull.policy import JobStatus, OnError
 from blockpull.units import format_size, parse_bandwidth
 
 if TYPE_CHECKING:  # pragma: no cover
-    from blockpull.budget import Budget
     from blockpull.image import Image
 
 log = logging.getLogger("blockpull")
@@ -196,12 +196,15 @@ class PullJob(JobFuture):
         ``budget`` (a ``blockpull.Budget``) is a bandwidth the job shares with every other
         job started with it, the job's own limit applying inside it; ``chunk`` (bytes
         copied per step) and ``batch`` (bytes between metadata syncs) tune the copy loop.
-        Raises ValueError (bad on_error or bandwidth), PermissionError (image open
-        read-only), JobActiveError (a pull already runs on the image), BackingChainError
+        Raises ValueError (bad on_error or bandwidth), TypeError (``budget`` is not a
+        Budget), PermissionError (image open read-only), JobActiveError (a pull already runs on the image), BackingChainError
         (``base`` is not in the chain). The image is claimed until the job ends, or
         until ``start`` fails."""
         policy = OnError.parse(on_error)
         bw = parse_bandwidth(bandwidth)
+        if budget is not None and not isinstance(budget, Budget):
+            raise TypeError(f"budget= takes a blockpull.Budget shared by pulls, not "
+                            f"{budget!r}; for this pull's own limit give bandwidth=")
         if image.readonly:
             raise PermissionError(f"{image.path}: open the image read-write to pull into it")
         key = image.layers[0].file.identity()
