@@ -231,3 +231,16 @@ def test_a_pull_paused_by_an_error_says_how_to_go_on_and_sigusr1_resumes_it(
         qemu.img("check", str(top))
         assert "backing-filename" not in qemu.info(str(top))
         qemu.img("compare", "-f", "qcow2", "-F", "raw", str(top), str(ref))
+
+
+def test_json_lines_tell_the_end_of_an_image_that_could_not_start(qemu, tmp_path):
+    # a JSON reader learnt nothing of it: the error was on stderr only
+    tops = overlays(qemu, tmp_path, 1, MiB)
+    missing = tmp_path / "nope.qcow2"
+    r = cli("pull", tops[0], missing, "--output", "json")
+    assert r.returncode == 1
+    events = [json.loads(line) for line in r.stdout.splitlines()]
+    ends = {e["path"]: e for e in events if e["event"] in ("completed", "failed", "cancelled")}
+    assert set(ends) == {str(tops[0]), str(missing)}
+    assert ends[str(missing)]["event"] == "failed" and "nope.qcow2" in ends[str(missing)]["error"]
+    assert "backing-filename" not in qemu.info(str(tops[0]))

@@ -142,8 +142,7 @@ class _Runner:
                 try:
                     self.running[path] = _start(self.args, path, self.budget, self.events)
                 except Exception as exc:  # this image cannot start: the others go on
-                    print(f"{PROG}: error: {describe(exc)[1]}", file=sys.stderr)
-                    self.ok = False
+                    self._not_started(path, describe(exc)[1])
             _drain(self.events, self.json_lines)
             if resume_asked:  # SIGUSR1: retry every pull paused by an error (stop)
                 resume_asked.clear()
@@ -155,6 +154,14 @@ class _Runner:
                     img.close()
                     del self.running[path]
             time.sleep(0.05)
+
+    def _not_started(self, path: str, message: str) -> None:
+        """Tell that ``path`` could not start (in JSON too: every image gets an end)."""
+        if self.json_lines:
+            emit_json({"type": "event", "event": "failed", "path": path, "cur": 0, "end": 0,
+                       "error": message}, sys.stdout)
+        print(f"{PROG}: error: {message}", file=sys.stderr)
+        self.ok = False
 
     def abort_all(self, signum: int) -> None:
         """Abort every running pull, then report and close each."""
