@@ -1,8 +1,11 @@
 """Type stubs for the compiled module blockpull._ratelimit."""
 from typing import Optional
 
+from typing_extensions import disjoint_base
+
+@disjoint_base
 class RateLimiter:
-    def __init__(self, rate: int = ..., parent: Optional[RateLimiter] = ...) -> None: ...
+    def __new__(cls, rate: int = ..., parent: Optional[RateLimiter] = ...) -> RateLimiter: ...
     @property
     def rate(self) -> int: ...
     @property
