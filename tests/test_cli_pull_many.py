@@ -244,3 +244,47 @@ def test_json_lines_tell_the_end_of_an_image_that_could_not_start(qemu, tmp_path
     assert set(ends) == {str(tops[0]), str(missing)}
     assert ends[str(missing)]["event"] == "failed" and "nope.qcow2" in ends[str(missing)]["error"]
     assert "backing-filename" not in qemu.info(str(tops[0]))
+
+
+def _three_deep(qemu, tmp_path: Path):
+    base, mid, top = (tmp_path / f"{n}.qcow2" for n in ("base", "mid", "top"))
+    qemu.img("create", "-q", "-f", "qcow2", str(base), str(4 * MiB))
+    qemu.io(str(base), f"write -P 0x11 0 {4 * MiB}", fmt="qcow2")
+    qemu.img("create", "-q", "-f", "qcow2", "-b", base.name, "-F", "qcow2", str(mid))
+    qemu.io(str(mid), f"write -P 0x22 {MiB} {MiB}", fmt="qcow2")
+    qemu.img("create", "-q", "-f", "qcow2", "-b", mid.name, "-F", "qcow2", str(top))
+    qemu.io(str(top), f"write -P 0x33 {3 * MiB} 65536", fmt="qcow2")
+    return mid, top
+
+
+@pytest.mark.parametrize("order", ["top-first", "mid-first"])
+def test_an_image_in_anothers_chain_is_told_so_not_blamed_on_another_process(
+        qemu, tmp_path, order):
+    # our own lock refused the second one, and the message sent the user looking for a VM
+    mid, top = _three_deep(qemu, tmp_path)
+    refs = {p: expected(qemu, p, tmp_path) for p in (mid, top)}
+    first, second = (top, mid) if order == "top-first" else (mid, top)
+    r = cli("pull", first, second, "--bandwidth", "2M")  # the first runs for seconds
+    assert r.returncode == 1
+    line = r.stderr.strip().splitlines()[-1]
+    assert str(second) in line and "backs the other" in line and "--jobs 1" in line, line
+    assert "another process" not in line
+    assert "backing-filename" not in qemu.info(str(first))
+    assert "backing-filename" in qemu.info(str(second))
+    r = cli("pull", second, "--jobs", "1")
+    assert r.returncode == 0, r.stderr
+    for p, ref in refs.items():
+        qemu.img("check", str(p))
+        qemu.img("compare", "-f", "qcow2", "-F", "raw", str(p), str(ref))
+        assert "backing-filename" not in qemu.info(str(p))
+
+
+def test_overlays_of_one_template_held_by_another_process_still_name_it(qemu, tmp_path):
+    import blockpull
+    tops = overlays(qemu, tmp_path, 2, 2 * MiB)
+    with blockpull.open(str(tops[1])):  # another process holds it read-write
+        r = cli("pull", *tops, "--bandwidth", "8M")
+    assert r.returncode == 1
+    assert "another process" in r.stderr and "backs the other" not in r.stderr
+    assert "backing-filename" not in qemu.info(str(tops[0]))
+    assert qemu.info(str(tops[1]))["backing-filename"] == "template.qcow2"

@@ -14,12 +14,13 @@ import queue
 import signal
 import sys
 import time
-from typing import Any, Dict, List, Tuple
+from typing import Any, Dict, List, Optional, Set, Tuple
 
 from blockpull.budget import Budget
 from blockpull.cli.common import (EXIT_FAILED, EXIT_OK, PROG, MiB, UsageError, describe, log,
                                   open_image)
 from blockpull.cli.output import emit_json
+from blockpull.errors import ImageLockedError
 from blockpull.image import Image
 from blockpull.job import PullEvent, PullJob
 from blockpull.units import format_size
@@ -35,6 +36,11 @@ def _identity(path: str) -> Any:
     except OSError:
         return os.path.realpath(path)
     return (st.st_dev, st.st_ino)
+
+
+def _chain_ids(img: Image) -> Set[Any]:
+    """What names each file of ``img``'s chain (as ``_identity`` does)."""
+    return {layer.file.identity() for layer in img.layers}
 
 
 def _check_args(args: argparse.Namespace) -> None:
@@ -142,7 +148,12 @@ class _Runner:
                 try:
                     self.running[path] = _start(self.args, path, self.budget, self.events)
                 except Exception as exc:  # this image cannot start: the others go on
-                    self._not_started(path, describe(exc)[1])
+                    other = self._sharing_chain(path) \
+                        if isinstance(exc, ImageLockedError) else None
+                    self._not_started(path, describe(exc)[1] if other is None else
+                                      f"{path}: one of it and {other} backs the other, "
+                                      f"and {other} is being pulled: pull them one at a "
+                                      f"time (--jobs 1)")
             _drain(self.events, self.json_lines)
             if resume_asked:  # SIGUSR1: retry every pull paused by an error (stop)
                 resume_asked.clear()
@@ -154,6 +165,27 @@ class _Runner:
                     img.close()
                     del self.running[path]
             time.sleep(0.05)
+
+    def _sharing_chain(self, path: str) -> Optional[str]:
+        """The running image whose chain holds ``path``, or that is in ``path``'s chain
+        (our own lock then refused ``path``), or None. (Images that merely share a base,
+        such as overlays of one template, do not count: that sharing is allowed.)"""
+        top = _identity(path)
+        mine = {top}
+        try:
+            probe = open_image(argparse.Namespace(**{**vars(self.args), "path": path,
+                                                     "force_share": True}), readonly=True)
+        except Exception:
+            pass
+        else:
+            try:
+                mine = _chain_ids(probe)
+            finally:
+                probe.close()
+        for other, (img, _job) in self.running.items():
+            if top in _chain_ids(img) or img.layers[0].file.identity() in mine:
+                return other
+        return None
 
     def _not_started(self, path: str, message: str) -> None:
         """Tell that ``path`` could not start (in JSON too: every image gets an end)."""
