@@ -197,9 +197,9 @@ class PullJob(JobFuture):
         job started with it, the job's own limit applying inside it; ``chunk`` (bytes
         copied per step) and ``batch`` (bytes between metadata syncs) tune the copy loop.
         Raises ValueError (bad on_error or bandwidth), TypeError (``budget`` is not a
-        Budget), PermissionError (image open read-only), JobActiveError (a pull already runs on the image), BackingChainError
-        (``base`` is not in the chain). The image is claimed until the job ends, or
-        until ``start`` fails."""
+        Budget), PermissionError (image open read-only), JobActiveError (a pull already
+        runs on the image), BackingChainError (``base`` is not in the chain). The image is
+        claimed until the job ends, or until ``start`` fails."""
         policy = OnError.parse(on_error)
         bw = parse_bandwidth(bandwidth)
         if budget is not None and not isinstance(budget, Budget):
