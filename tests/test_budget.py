@@ -112,6 +112,41 @@ def test_a_single_limiter_keeps_its_rate_with_two_threads():
     assert sum(counts.values()) <= 20 * MiB * elapsed + 2 * MiB
 
 
+#: the idle time (s) a limiter's schedule may keep as credit (_ratelimit.MAX_LAG)
+MAX_LAG = 0.1
+
+
+def _draw_for(limiter, chunk, seconds):
+    """Draw ``chunk`` after ``chunk`` for about ``seconds``: (bytes granted, elapsed)."""
+    got = 0
+    t0 = time.monotonic()
+    while time.monotonic() - t0 < seconds:
+        if not limiter.consume(chunk):
+            got += chunk
+    return got, time.monotonic() - t0
+
+
+@pytest.mark.parametrize("shared", [True, False], ids=["budget", "own-limiter"])
+def test_idle_time_is_not_saved_up_for_a_burst(shared):
+    # a budget made before its pulls start (serve(budget=), a program's start) or one
+    # every job paused on must not grant the idle seconds as a burst afterwards
+    rate = 8 * MiB
+    limiter = Budget(rate).job_limiter() if shared else RateLimiter(rate)
+    time.sleep(1.0)
+    got, elapsed = _draw_for(limiter, 256 * 1024, 0.5)
+    assert got <= rate * (elapsed + MAX_LAG) + 256 * 1024, got / MiB
+
+
+def test_a_jobs_own_speed_holds_after_the_budget_held_it_back():
+    # three jobs share 12 MiB/s (4 each): the one with its own 8 MiB/s falls behind its
+    # own schedule, which must not become credit above 8 MiB/s once it is alone
+    budget = Budget(12 * MiB)
+    own = budget.job_limiter(8 * MiB)
+    _run([own, budget.job_limiter(), budget.job_limiter()], 256 * 1024, 1.5)
+    got, elapsed = _draw_for(own, 256 * 1024, 1.0)
+    assert got <= 8 * MiB * (elapsed + MAX_LAG) + 256 * 1024, got / MiB
+
+
 # ---- real pulls sharing a budget ----------------------------------------------------------
 
 def _chain(qemu, tmp_path, name, size):
@@ -184,3 +219,69 @@ def test_served_images_pull_within_one_budget(qemu, tmp_path):
     for top, ref in chains:
         qemu.img("check", str(top))
         qemu.img("compare", "-f", "qcow2", "-F", "raw", str(top), str(ref))
+
+
+def test_a_pull_under_a_budget_copies_in_small_steps(qemu, tmp_path):
+    # the step follows the budget's rate as it follows a job's own (about 1/64 s of it):
+    # one 8 MiB step under a 4 MiB/s budget is a 2 s stall, then a burst, and the jobs
+    # sharing the budget take turns of seconds
+    import blockpull
+    rate = 4 * MiB
+    top, ref = _chain(qemu, tmp_path, "steps", 4 * MiB)
+    img = blockpull.open(str(top))
+    try:
+        job = img.pull(budget=blockpull.Budget(rate))
+        samples = []  # (time before reading, bytes copied, time after reading)
+        while not job.done():
+            t_before = time.monotonic()
+            cur = job.info().cur
+            samples.append((t_before, cur, time.monotonic()))
+            time.sleep(0.02)
+        job.result()
+    finally:
+        img.close()
+    # no short window copies more than the budget allows plus a few small steps
+    slack = rate * MAX_LAG + 1 * MiB
+    for i, (t_i, cur_i, _a) in enumerate(samples):
+        for _b, cur_j, t_j in samples[i + 1:]:
+            assert cur_j - cur_i <= rate * (t_j - t_i) + slack, (cur_j - cur_i, t_j - t_i)
+    qemu.img("check", str(top))
+    qemu.img("compare", "-f", "qcow2", "-F", "raw", str(top), str(ref))
+
+
+def test_a_rate_below_one_byte_per_second_is_refused_not_unlimited(qemu, tmp_path):
+    # "0.5" (bytes/s) used to round to 0, which means unlimited
+    import blockpull
+    for bad in ("0.5", 0.5, "0.9/s"):
+        with pytest.raises(ValueError, match="below 1 byte/s"):
+            Budget(bad)
+    budget = Budget("1M")
+    with pytest.raises(ValueError, match="below 1 byte/s"):
+        budget.set_speed("0.1")
+    assert budget.bandwidth == MiB
+    top, ref = _chain(qemu, tmp_path, "frac", MiB)
+    with pytest.raises(ValueError, match="below 1 byte/s"):
+        blockpull.pull(str(top), bandwidth="0.5")
+    with pytest.raises(ValueError, match="whole number"):
+        blockpull.block_pull(str(top), 0.5)  # libvirt's MiB/s
+    assert qemu.info(str(top))["backing-filename"] == f"{top.stem}-base.qcow2"
+    qemu.img("check", str(top))
+
+
+def test_a_budget_that_is_not_a_budget_is_refused_at_once(qemu, tmp_path):
+    # budget="10M" failed deep inside with AttributeError, and serve() stored it for a
+    # later (QMP) pull to fail on
+    import blockpull
+    top, _ref = _chain(qemu, tmp_path, "typo", MiB)
+    with pytest.raises(TypeError, match="blockpull.Budget"):
+        blockpull.pull(str(top), budget="10M")
+    with blockpull.open(str(top)) as img:
+        with pytest.raises(TypeError, match="bandwidth="):
+            img.pull(budget=10 * MiB)
+        assert img.job is None
+    with pytest.raises(blockpull.ServeError, match="blockpull.Budget"):
+        blockpull.serve(str(top), budget="10M")
+    with pytest.raises(TypeError):
+        blockpull.block_pull(str(top), 1, budget="10M")
+    qemu.img("check", str(top))
+    assert qemu.info(str(top))["backing-filename"] == f"{top.stem}-base.qcow2"

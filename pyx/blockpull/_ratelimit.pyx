@@ -7,6 +7,10 @@ unthrottled burst at the start, and the achieved rate over a run converges on th
 A speed change starts a new epoch at once; ``wake()`` (abort, pause) ends any sleep at
 once. The sleep is a condition-variable wait with the GIL released.
 
+The schedule lags the clock by at most ``MAX_LAG`` seconds: time nobody drew in (a budget
+made before its pulls start, every job paused, a job held back by a shared budget below its
+own speed) is not saved up as credit for a burst above the rate afterwards.
+
 A draw reserves its bytes on the schedule before sleeping (and gives them back if woken
 early), so several threads drawing on one limiter share its rate: that is how a budget
 shared by many pulls works. A limiter may have a ``parent``: a draw then waits on its own
@@ -47,6 +51,11 @@ cdef extern from *:
     """
     long long bp_atomic_load(long long* p) noexcept nogil
     void bp_atomic_inc(long long* p) noexcept nogil
+
+
+#: the most idle time (seconds) the schedule keeps as credit: enough to even out the jitter
+#: of the sleeps, too little for a burst
+cdef double MAX_LAG = 0.1
 
 
 cdef inline double now() noexcept nogil:
@@ -139,6 +148,9 @@ cdef class RateLimiter:
             return 0
         g = self.gen
         ep = self.epoch
+        t = now() - MAX_LAG
+        if self.t0 + <double>self.sent / <double>self._rate < t:
+            self.t0 = t - <double>self.sent / <double>self._rate  # idle time is no credit
         self.sent += n
         deadline = self.t0 + <double>self.sent / <double>self._rate
         while True:

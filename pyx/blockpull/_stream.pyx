@@ -436,9 +436,13 @@ cdef class Stream:
 
     cdef int64_t chunk_limit(self, int64_t chunk, int64_t cs):
         """Chunk size: under a limit, about 1/64 s of budget, so that the limiter stays
-        smooth and the wait before the first chunk costs little of the achieved rate."""
-        cdef int64_t rate = self.limiter.rate
+        smooth and the wait before the first chunk costs little of the achieved rate.
+        The limit is the lower of the job's own and its shared budget's (the parent)."""
+        cdef int64_t rate = self.limiter._rate
+        cdef RateLimiter parent = self.limiter.parent
         cdef int64_t c = chunk
+        if parent is not None and parent._rate > 0 and (rate <= 0 or parent._rate < rate):
+            rate = parent._rate
         if rate > 0:
             c = min(chunk, max(cs, rate // 64))
             c -= c % cs

@@ -1,11 +1,11 @@
 """Type stubs for the compiled module blockpull._ratelimit."""
 from typing import Optional
 
-from typing_extensions import Self, disjoint_base
+from typing_extensions import disjoint_base
 
 @disjoint_base
 class RateLimiter:
-    def __new__(cls, rate: int = ..., parent: Optional[RateLimiter] = ...) -> Self: ...
+    def __new__(cls, rate: int = ..., parent: Optional[RateLimiter] = ...) -> RateLimiter: ...
     @property
     def rate(self) -> int: ...
     @property

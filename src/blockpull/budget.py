@@ -4,7 +4,9 @@ A ``Budget`` is a rate limiter that any number of running pulls draw on together
 their copying stays within the budget, each draw takes the next slot of one schedule, so jobs
 that can use their share get equal shares (slots go round in the order jobs ask for them), and
 a job that ends, pauses or is aborted stops drawing, which gives its share to the others at
-once. A job's own ``bandwidth`` still applies inside the budget.
+once. Time in which no job draws (before the first starts, all paused) is not saved up for
+a burst. A job's own ``bandwidth`` still applies inside the budget; each job copies in steps
+of about 1/64 s of the budget.
 """
 from __future__ import annotations
 

@@ -90,6 +90,16 @@ def _job(path: Any) -> Any:
     return _entry(path)[1]
 
 
+def _bytes_per_second(bandwidth: int, in_bytes: bool) -> int:
+    """libvirt's bandwidth (a whole number of MiB/s, or of bytes/s) in bytes/s. A fraction
+    is refused: cut to a whole number, 0.5 MiB/s would become 0, which means unlimited."""
+    bw = int(bandwidth)
+    if bw != bandwidth and not isinstance(bandwidth, str):
+        unit = "bytes/s" if in_bytes else "MiB/s (or bytes/s with the BANDWIDTH_BYTES flag)"
+        raise ValueError(f"bandwidth {bandwidth!r} is not a whole number of {unit}")
+    return bw if in_bytes else bw << 20
+
+
 def block_pull(path: str, bandwidth: int = 0, flags: int = 0,
                budget: "Optional[Budget]" = None) -> int:
     """Start pulling the whole backing chain of ``path`` into it; returns 0.
@@ -97,8 +107,9 @@ def block_pull(path: str, bandwidth: int = 0, flags: int = 0,
     ``bandwidth`` is in MiB/s (0 = unlimited), or in bytes/s with
     ``flags=BLOCK_PULL_BANDWIDTH_BYTES``. ``budget`` (a ``blockpull.Budget``, beyond
     libvirt's signature) shares one bandwidth among every pull started with it.
+    Raises ValueError for a negative or fractional bandwidth.
     """
-    bw = int(bandwidth) if flags & BLOCK_PULL_BANDWIDTH_BYTES else int(bandwidth) << 20
+    bw = _bytes_per_second(bandwidth, bool(flags & BLOCK_PULL_BANDWIDTH_BYTES))
     key = _key(path)
     img = Image(path)
     try:
@@ -139,8 +150,9 @@ def block_pull_abort(path: Any) -> int:
 
 
 def block_job_set_speed(path: Any, bandwidth: int, flags: int = 0) -> int:
-    """Change the pull's limit: MiB/s, or bytes/s with BLOCK_JOB_SPEED_BANDWIDTH_BYTES."""
-    bw = int(bandwidth) if flags & BLOCK_JOB_SPEED_BANDWIDTH_BYTES else int(bandwidth) << 20
+    """Change the pull's limit: MiB/s, or bytes/s with BLOCK_JOB_SPEED_BANDWIDTH_BYTES.
+    Raises ValueError for a negative or fractional bandwidth."""
+    bw = _bytes_per_second(bandwidth, bool(flags & BLOCK_JOB_SPEED_BANDWIDTH_BYTES))
     _job(path).set_speed(bw)
     return 0
 

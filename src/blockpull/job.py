@@ -10,12 +10,12 @@ from typing import TYPE_CHECKING, Any, Callable, Generator, List, NamedTuple, Op
 
 from blockpull._ratelimit import RateLimiter
 from blockpull._stream import MAX_READ_DEPTH, Stream
+from blockpull.budget import Budget
 from blockpull.errors import JobActiveError, PullCancelled, PullError, StreamIOError
 from blockpull.policy import JobStatus, OnError
 from blockpull.units import format_size, parse_bandwidth
 
 if TYPE_CHECKING:  # pragma: no cover
-    from blockpull.budget import Budget
     from blockpull.image import Image
 
 log = logging.getLogger("blockpull")
@@ -201,15 +201,18 @@ class PullJob(JobFuture):
         job started with it, the job's own limit applying inside it; ``chunk`` (bytes
         copied per step), ``batch`` (bytes between metadata syncs) and ``read_depth``
         (chunk reads of the backing chain in flight at once, default 4) tune the copy loop.
-        Raises ValueError (bad on_error, bandwidth or read_depth), PermissionError (image open
-        read-only), JobActiveError (a pull already runs on the image), BackingChainError
-        (``base`` is not in the chain). The image is claimed until the job ends, or
-        until ``start`` fails."""
+        Raises ValueError (bad on_error, bandwidth or read_depth), TypeError (``budget`` is
+        not a Budget), PermissionError (image open read-only), JobActiveError (a pull
+        already runs on the image), BackingChainError (``base`` is not in the chain). The
+        image is claimed until the job ends, or until ``start`` fails."""
         policy = OnError.parse(on_error)
         bw = parse_bandwidth(bandwidth)
         if read_depth is not None and not 1 <= read_depth <= MAX_READ_DEPTH:
             raise ValueError(f"read_depth must be 1 to {MAX_READ_DEPTH} (chunk reads in "
                              f"flight), not {read_depth}")
+        if budget is not None and not isinstance(budget, Budget):
+            raise TypeError(f"budget= takes a blockpull.Budget shared by pulls, not "
+                            f"{budget!r}; for this pull's own limit give bandwidth=")
         if image.readonly:
             raise PermissionError(f"{image.path}: open the image read-write to pull into it")
         key = image.layers[0].file.identity()
@@ -346,9 +349,12 @@ class PullJob(JobFuture):
                              f"{room} about {format_size(left)} more and {then}",
                              exc.errno, exc.operation, exc.offset)
         what = "reading the backing chain" if exc.operation == "read" else "writing the image"
+        # (under "stop" the job waits, paused, for resume(): a new pull would be refused)
+        then = "resume the job to retry" if self.on_error == OnError.STOP else \
+            "pull again to resume"
         return PullError(f"{self.path}: I/O error {what} at offset {exc.offset}: "
                          f"{getattr(exc.exc, 'strerror', None) or exc}; the image is intact "
-                         f"and still backed, pull again to resume",
+                         f"and still backed, {then}",
                          exc.errno, exc.operation, exc.offset)
 
     def _emit(self, kind: str, error: Optional[PullError] = None) -> None:

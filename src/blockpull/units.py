@@ -31,7 +31,8 @@ def parse_size(value: Union[int, str]) -> int:
 def parse_bandwidth(value: Union[int, str, None]) -> int:
     """Bytes per second from an int or a string; a bare number string means bytes,
     "50M" means 50 MiB/s. 0 (or None) means unlimited. Raises ValueError for anything
-    else, negative rates and rates of 2**63 bytes/s or more."""
+    else, negative rates, rates above 0 but below 1 byte/s ("0.5") and rates of 2**63
+    bytes/s or more."""
     if value is None:
         return 0
     v = value
@@ -44,6 +45,11 @@ def parse_bandwidth(value: Union[int, str, None]) -> int:
     except ValueError:
         raise ValueError(f"invalid bandwidth {value!r}: use bytes/s or a number with K, M "
                          f"or G") from None
+    m = _RX.match(str(v))
+    if n == 0 and m is not None and float(m.group(1)) > 0:
+        # a rate below 1 byte/s rounds to 0, which would mean unlimited
+        raise ValueError(f"bandwidth {value!r} is below 1 byte/s: give at least 1 byte/s, "
+                         f"or 0 for unlimited")
     if n > _MAX_RATE:
         raise ValueError(f"bandwidth {value!r} is too large: at most {_MAX_RATE} bytes/s; "
                          f"0 means unlimited")

@@ -15,7 +15,7 @@ from blockpull.units import parse_bandwidth, parse_size
 
 __all__ = ["EXIT_OK", "EXIT_FAILED", "EXIT_USAGE", "EXIT_INTERRUPTED", "MiB", "PROG",
            "TERMINAL", "UsageError", "OperationFailed", "Parser", "describe", "size_arg",
-           "bandwidth_arg", "add_output", "add_progress", "add_opener", "want_bar",
+           "bandwidth_arg", "count_arg", "add_output", "add_progress", "add_opener", "want_bar",
            "suggest_force_share", "open_image", "log"]
 
 log = logging.getLogger("blockpull")
@@ -103,6 +103,17 @@ def bandwidth_arg(text: str) -> int:
         return parse_bandwidth(text)
     except ValueError as exc:
         raise argparse.ArgumentTypeError(str(exc)) from None
+
+
+def count_arg(text: str) -> int:
+    """A count argument (``--jobs``): a whole number of 1 or more."""
+    try:
+        n = int(text)
+    except ValueError:
+        n = 0
+    if n < 1:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a whole number of 1 or more")
+    return n
 
 
 def add_output(p: argparse.ArgumentParser) -> None:

@@ -13,8 +13,8 @@ import sys
 from typing import Any, Callable, Iterator, List, Optional, Tuple
 
 from blockpull.cli.common import (EXIT_FAILED, EXIT_OK, PROG, MiB, OperationFailed,
-                                  add_opener, add_output, add_progress, bandwidth_arg, log,
-                                  open_image, want_bar)
+                                  add_opener, add_output, add_progress, bandwidth_arg, count_arg,
+                                  log, open_image, want_bar)
 from blockpull.cli.output import Progress
 from blockpull.image import Image
 from blockpull.job import PullEvent, PullJob
@@ -35,7 +35,7 @@ def add_parser(sub: Any, common: argparse.ArgumentParser) -> None:
     p.add_argument("--bandwidth", type=bandwidth_arg, default=0, metavar="RATE",
                    help="limit in bytes/s, e.g. 50M (MiB/s); 0 = unlimited (default); with "
                         "several images, the total for all of them")
-    p.add_argument("--jobs", type=int, default=None, metavar="N",
+    p.add_argument("--jobs", type=count_arg, default=None, metavar="N",
                    help="with several images: pull at most N at a time (default: all)")
     p.add_argument("--on-error", choices=("report", "stop", "ignore"), default="report",
                    help="on an I/O error: fail (report, default); pause until SIGUSR1 "

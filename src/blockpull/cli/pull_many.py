@@ -14,11 +14,13 @@ import queue
 import signal
 import sys
 import time
-from typing import Any, Dict, List, Optional, Tuple
+from typing import Any, Dict, List, Optional, Set, Tuple
 
 from blockpull.budget import Budget
-from blockpull.cli.common import EXIT_FAILED, EXIT_OK, PROG, MiB, UsageError, log, open_image
+from blockpull.cli.common import (EXIT_FAILED, EXIT_OK, PROG, MiB, UsageError, describe, log,
+                                  open_image)
 from blockpull.cli.output import emit_json
+from blockpull.errors import ImageLockedError
 from blockpull.image import Image
 from blockpull.job import PullEvent, PullJob
 from blockpull.units import format_size
@@ -26,10 +28,19 @@ from blockpull.units import format_size
 __all__ = ["cmd_pull_many"]
 
 
-class _Stop(BaseException):
-    def __init__(self, signum: int) -> None:
-        super().__init__(signum)
-        self.signum = signum
+def _identity(path: str) -> Any:
+    """What names one file: its device and inode (a hard link, a symlink and a path
+    through ``..`` are the same image), or the resolved path of a file not there."""
+    try:
+        st = os.stat(path)
+    except OSError:
+        return os.path.realpath(path)
+    return (st.st_dev, st.st_ino)
+
+
+def _chain_ids(img: Image) -> Set[Any]:
+    """What names each file of ``img``'s chain (as ``_identity`` does)."""
+    return {layer.file.identity() for layer in img.layers}
 
 
 def _check_args(args: argparse.Namespace) -> None:
@@ -37,10 +48,8 @@ def _check_args(args: argparse.Namespace) -> None:
         raise UsageError("--control steers one pull: give one PATH with it")
     if args.base:
         raise UsageError("--base names an image of one chain: give one PATH with it")
-    if len(set(os.path.realpath(p) for p in args.paths)) != len(args.paths):
+    if len(set(_identity(p) for p in args.paths)) != len(args.paths):
         raise UsageError("the same image is named twice: name each image once")
-    if args.jobs is not None and args.jobs < 1:
-        raise UsageError("--jobs takes a whole number of 1 or more")
 
 
 def _report(path: str, img: Image, job: PullJob, json_lines: bool) -> bool:
@@ -84,71 +93,125 @@ def _start(args: argparse.Namespace, path: str, budget: Budget,
 
 
 def cmd_pull_many(args: argparse.Namespace) -> int:
-    """Pull every PATH, at most ``--jobs`` at a time, ``--bandwidth`` shared by all."""
-    _check_args(args)
-    json_lines = args.output == "json"
-    budget = Budget(args.bandwidth)
-    todo = list(args.paths)
-    width = args.jobs or len(todo)
-    running: Dict[str, Tuple[Image, PullJob]] = {}
-    events: "queue.SimpleQueue[Tuple[str, PullEvent]]" = queue.SimpleQueue()
-    ok = True
-    signum: Optional[int] = None
+    """Pull every PATH, at most ``--jobs`` at a time, ``--bandwidth`` shared by all.
 
+    SIGINT and SIGTERM are noted, not raised: what the loop is doing (opening an image,
+    closing one whose pull ended) finishes, then every running pull is aborted."""
+    _check_args(args)
+    stop_asked: List[int] = []
     resume_asked: List[bool] = []
 
     def stop(s: int, _frame: Any) -> None:
-        raise _Stop(s)
+        stop_asked.append(s)
 
     def resume(_s: int, _frame: Any) -> None:
         resume_asked.append(True)
     old = {s: signal.signal(s, stop) for s in (signal.SIGINT, signal.SIGTERM)}
     old[signal.SIGUSR1] = signal.signal(signal.SIGUSR1, resume)
+    runner = _Runner(args)
     try:
-        try:
-            while todo or running:
-                while todo and len(running) < width:
-                    path = todo.pop(0)
-                    try:
-                        running[path] = _start(args, path, budget, events)
-                    except Exception as exc:  # this image cannot start: the others go on
-                        print(f"{PROG}: error: {exc}", file=sys.stderr)
-                        ok = False
-                _drain(events, json_lines)
-                if resume_asked:  # SIGUSR1: retry every pull paused by an error (stop)
-                    resume_asked.clear()
-                    for _img, job in running.values():
-                        job.resume()
-                for path, (img, job) in list(running.items()):
-                    if job.done():
-                        ok = _report(path, img, job, json_lines) and ok
-                        img.close()
-                        del running[path]
-                time.sleep(0.05)
-        except _Stop as exc:
-            signum = exc.signum
+        runner.run(stop_asked, resume_asked)
+        if stop_asked:
             for s in (signal.SIGINT, signal.SIGTERM):
                 signal.signal(s, signal.SIG_IGN)
-            log.info("aborting %d running pulls (signal %d)", len(running), signum)
-            for _img, job in running.values():
-                job.abort(wait=False)
-            for path, (img, job) in running.items():
-                job.wait()
-                _report(path, img, job, json_lines)
-                img.close()
-            running.clear()
+            runner.abort_all(stop_asked[0])
     finally:
         for s, h in old.items():
             signal.signal(s, h)
-        for img, job in running.values():  # an error above: leave nothing running
+        runner.leave_nothing_running()
+    _drain(runner.events, runner.json_lines)
+    if stop_asked:
+        if runner.todo:
+            print(f"{PROG}: not started: {' '.join(runner.todo)}", file=sys.stderr)
+        return 128 + stop_asked[0]
+    return EXIT_OK if runner.ok else EXIT_FAILED
+
+
+class _Runner:
+    """The images to pull, the pulls running (at most ``--jobs``) and how they went."""
+
+    def __init__(self, args: argparse.Namespace) -> None:
+        self.args = args
+        self.json_lines = args.output == "json"
+        self.budget = Budget(args.bandwidth)
+        self.todo = list(args.paths)
+        self.width = args.jobs or len(self.todo)
+        self.running: Dict[str, Tuple[Image, PullJob]] = {}
+        self.events: "queue.SimpleQueue[Tuple[str, PullEvent]]" = queue.SimpleQueue()
+        self.ok = True
+
+    def run(self, stop_asked: List[int], resume_asked: List[bool]) -> None:
+        """Start, watch and report the pulls until all ended or a signal asked to stop."""
+        while (self.todo or self.running) and not stop_asked:
+            while self.todo and len(self.running) < self.width and not stop_asked:
+                path = self.todo.pop(0)
+                try:
+                    self.running[path] = _start(self.args, path, self.budget, self.events)
+                except Exception as exc:  # this image cannot start: the others go on
+                    other = self._sharing_chain(path) \
+                        if isinstance(exc, ImageLockedError) else None
+                    self._not_started(path, describe(exc)[1] if other is None else
+                                      f"{path}: one of it and {other} backs the other, "
+                                      f"and {other} is being pulled: pull them one at a "
+                                      f"time (--jobs 1)")
+            _drain(self.events, self.json_lines)
+            if resume_asked:  # SIGUSR1: retry every pull paused by an error (stop)
+                resume_asked.clear()
+                for _img, job in self.running.values():
+                    job.resume()
+            for path, (img, job) in list(self.running.items()):
+                if job.done():
+                    self.ok = _report(path, img, job, self.json_lines) and self.ok
+                    img.close()
+                    del self.running[path]
+            time.sleep(0.05)
+
+    def _sharing_chain(self, path: str) -> Optional[str]:
+        """The running image whose chain holds ``path``, or that is in ``path``'s chain
+        (our own lock then refused ``path``), or None. (Images that merely share a base,
+        such as overlays of one template, do not count: that sharing is allowed.)"""
+        top = _identity(path)
+        mine = {top}
+        try:
+            probe = open_image(argparse.Namespace(**{**vars(self.args), "path": path,
+                                                     "force_share": True}), readonly=True)
+        except Exception:
+            pass
+        else:
+            try:
+                mine = _chain_ids(probe)
+            finally:
+                probe.close()
+        for other, (img, _job) in self.running.items():
+            if top in _chain_ids(img) or img.layers[0].file.identity() in mine:
+                return other
+        return None
+
+    def _not_started(self, path: str, message: str) -> None:
+        """Tell that ``path`` could not start (in JSON too: every image gets an end)."""
+        if self.json_lines:
+            emit_json({"type": "event", "event": "failed", "path": path, "cur": 0, "end": 0,
+                       "error": message}, sys.stdout)
+        print(f"{PROG}: error: {message}", file=sys.stderr)
+        self.ok = False
+
+    def abort_all(self, signum: int) -> None:
+        """Abort every running pull, then report and close each."""
+        log.info("aborting %d running pulls (signal %d)", len(self.running), signum)
+        for _img, job in self.running.values():
+            job.abort(wait=False)
+        for path, (img, job) in self.running.items():
+            job.wait()
+            _report(path, img, job, self.json_lines)
+            img.close()
+        self.running.clear()
+
+    def leave_nothing_running(self) -> None:
+        """After an unexpected error: abort and close what still runs."""
+        for img, job in self.running.values():
             job.abort(wait=True)
             img.close()
-    _drain(events, json_lines)
-    if signum is not None:
-        if todo:
-            print(f"{PROG}: not started: {' '.join(todo)}", file=sys.stderr)
-        return 128 + signum
-    return EXIT_OK if ok else EXIT_FAILED
+        self.running.clear()
 
 
 def _drain(events: "queue.SimpleQueue[Tuple[str, PullEvent]]", json_lines: bool) -> None:
@@ -166,3 +229,7 @@ def _drain(events: "queue.SimpleQueue[Tuple[str, PullEvent]]", json_lines: bool)
                        "error": None if ev.error is None else str(ev.error)}, sys.stdout)
         elif ev.kind == "error" and ev.error is not None:
             print(f"{PROG}: I/O error in {path}: {ev.error}", file=sys.stderr)
+            if ev.job.on_error == "stop":
+                print(f"{PROG}: pull of {path} paused; send SIGUSR1 (kill -USR1 "
+                      f"{os.getpid()}) to retry every paused pull, Ctrl-C to abort them all",
+                      file=sys.stderr)

@@ -22,6 +22,7 @@ import threading
 from typing import Any, Callable, Optional, Sequence, Set, Union
 from urllib.parse import quote
 
+from blockpull.budget import Budget
 from blockpull.errors import ServeError
 from blockpull.nbd import protocol as P
 from blockpull.nbd.connection import (MAX_BYTES_IN_FLIGHT, MAX_IN_FLIGHT, MAX_OPTION,
@@ -342,7 +343,8 @@ def serve(path: Union[str, "os.PathLike[str]"], *, socket: Optional[str] = None,
     ``blockpull.Budget``): every pull of the served image, QMP's too, draws on it as well
     as on its own ``bandwidth``, so many served images can share one bandwidth.
 
-    Raises ServeError for bad serving options, and what ``blockpull.open`` raises
+    Raises ServeError for bad serving options (a ``budget`` that is not a Budget too), and
+    what ``blockpull.open`` raises
     (ImageFormatError, BackingChainError, ImageLockedError, FileNotFoundError).
     """
     from blockpull.image import open as _open
@@ -359,6 +361,9 @@ def serve(path: Union[str, "os.PathLike[str]"], *, socket: Optional[str] = None,
     if not isinstance(export_name, str) or len(export_name.encode()) > P.MAX_STRING \
             or "\0" in export_name:
         raise ServeError("export_name must be a string of at most 4096 bytes without NUL")
+    if budget is not None and not isinstance(budget, Budget):
+        raise ServeError(f"budget= takes a blockpull.Budget shared by pulls, not {budget!r}; "
+                         f"for the pull's own limit give bandwidth=")
     image = _open(path, readonly=readonly, copy_on_read=copy_on_read and not readonly,
                   backing_format=backing_format)
     try:
