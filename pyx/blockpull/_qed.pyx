@@ -3,30 +3,14 @@
 
 The layout (header, tables, entries, probing, creating) is in _qed_format, the check in
 _qed_check. There are no refcounts: new clusters are appended at the end of the file. The
-L2 cache is bounded. Metadata is written back in an order that survives a crash (data
-before reference; docs/formats.md, "Write ordering"):
+L2 cache is bounded and a lookup never writes. Metadata is written back in the order of
+docs/crash-model.md, "How the drivers keep it": L2 tables claimed before data, data before
+reference, brand-new L2 tables written whole and the file extended over every linked
+cluster, one fdatasync, then the changed L2 and L1 entries (``flush_metadata``); a failed
+fdatasync makes everything since the last good one count as not written (``_sync_failed``).
 
-0. tables before data: the L2 tables a range needs are appended (their space claimed)
-   before its data clusters, so that a full disk fails an allocation rather than the
-   write-back of what is already linked;
-1. data clusters are written by the caller (``write`` / the stream loop);
-2. ``flush_metadata``: brand-new L2 tables are written whole and the file is extended to
-   cover every cluster a table will point at; one fdatasync makes those and the data
-   durable; only then are the changed L2 entries and L1 entries written (the next
-   fdatasync covers them);
-3. a failed fdatasync makes everything written since the last good one count as not
-   written (``_sync_failed``): it is written again, or unlinked and copied again.
-
-The need-check bit (features 0x02). QEMU sets it while an image is open for writing and
-clears it on a clean close, because its own write-back can leave a table pointing at
-clusters that are not yet on disk. Ours cannot: no entry is ever written before what it
-points at is durable, and no reference is ever dropped to a cluster that stays in use
-(zeroing an allocated cluster writes zeros in place instead of unlinking it). A crash at
-any instant therefore leaves an image that reads what it read before, with at worst some
-unreferenced clusters at the end of the file, which ``qemu-img check`` reports as harmless
-leaks. So this driver never sets the bit. It does honour it: an image that has it set
-(QEMU crashed while writing) is refused read-write, with a hint to repair it first, and
-may be opened read-only.
+The need-check bit is never set (an image with it set is refused read-write): why is in
+docs/crash-model.md, "How the drivers keep it".
 
 Every value read from the file is checked before use: header fields at open
 (``read_header``), each L1 and L2 entry when it is used (cluster aligned, after the header,
@@ -80,7 +64,7 @@ cdef class Qed(Driver):
     cdef readonly int64_t sync_failures
     cdef object guest_lost                # the failed sync's OSError, once guest data was lost
 
-    def __init__(self, File f, bint writable):
+    def __init__(self, File f, bint writable, *, int64_t l2_cache_bytes=0):
         self.file = f
         self.writable = writable
         self.format = "qed"
@@ -89,6 +73,8 @@ cdef class Qed(Driver):
         self.free_runs = []
         self._synced()
         self._parse()
+        if l2_cache_bytes > 0:      # a smaller cache (the default is L2_CACHE_BYTES)
+            self.l2_cache_max = max(2, l2_cache_bytes // self.table_bytes)
 
     # ---- header -----------------------------------------------------------------
 
@@ -168,14 +154,31 @@ cdef class Qed(Driver):
         return t
 
     cdef _cache_put(self, Table t):
-        cdef Table old
+        """Keep L2 table ``t``. Only clean tables make room, so a read or a map never
+        writes or syncs; the write path bounds the dirty ones (``_bound_dirty``)."""
         self.l2_cache[t.offset] = t
+        self.l2_cache.move_to_end(t.offset)
+        self._trim()
+
+    cdef _trim(self):
+        """Drop least recently used clean tables over the budget (never the newest)."""
+        cdef Table old
+        if self.recovering or len(self.l2_cache) <= self.l2_cache_max:
+            return
+        for k in list(self.l2_cache.keys())[:len(self.l2_cache) - 1]:
+            old = self.l2_cache[k]
+            if not (old.new or old.dirty()):
+                del self.l2_cache[k]
+                if len(self.l2_cache) <= self.l2_cache_max:
+                    break
+
+    cdef int _bound_dirty(self) except -1:
+        """Write path, before a change: dirty tables holding the cache over its budget
+        are written at a flush point, then dropped."""
         if len(self.l2_cache) > self.l2_cache_max and not self.recovering:
-            for k in list(self.l2_cache.keys())[:len(self.l2_cache) - self.l2_cache_max]:
-                old = self.l2_cache[k]
-                if old.new or old.dirty():
-                    self.flush_metadata()
-                self.l2_cache.pop(k, None)
+            self.flush_metadata()
+            self._trim()
+        return 0
 
     cdef inline int _check_data(self, uint64_t e, int64_t c) except -1:
         """A data entry must name a whole cluster after the header and inside the file."""
@@ -306,6 +309,7 @@ cdef class Qed(Driver):
         if not self.writable:
             raise PermissionError("image %s is open read-only" % self.file.path)
         self._autoclear()
+        self._bound_dirty()
         for l1i in range(vaddr >> span, ((vaddr + n - 1) >> span) + 1):
             if l1i < self.l2_entries and self.l1.get(l1i) == 0:
                 self._l2_for_write(l1i)
@@ -358,6 +362,7 @@ cdef class Qed(Driver):
         if vaddr < 0 or vaddr >= self.size:
             raise ValueError("link at %d outside the virtual size %d" % (vaddr, self.size))
         self._check_ours(host)
+        self._bound_dirty()
         if self._l2_entry(c) != 0:
             return False
         self._set_l2(c, <uint64_t>host)
@@ -372,6 +377,7 @@ cdef class Qed(Driver):
             raise PermissionError("image %s is open read-only" % self.file.path)
         if vaddr < 0 or vaddr >= self.size:
             raise ValueError("link_zero at %d outside the virtual size %d" % (vaddr, self.size))
+        self._bound_dirty()
         if self._l2_entry(c) != 0:
             return False
         self._autoclear()
@@ -454,6 +460,7 @@ cdef class Qed(Driver):
         if n == 0:
             return
         self._autoclear()
+        self._bound_dirty()
         pos = 0
         while pos < n:
             v = vaddr + pos
@@ -516,6 +523,7 @@ cdef class Qed(Driver):
         if vaddr < 0 or n < 0 or end > self.size:
             raise ValueError("write_zeroes [%d, %d) outside the virtual size %d" % (vaddr, end, self.size))
         self._autoclear()
+        self._bound_dirty()
         while v < end:
             c = v >> self.cluster_bits
             nxt = min((c + 1) << self.cluster_bits, end)
