@@ -24,17 +24,9 @@ from libc.stdint cimport int64_t, uint64_t
 from blockpull._q2compress cimport comp_extent
 from blockpull._q2map cimport OFFSET_MASK, COMPRESSED_FLAG
 
-import errno
 
 from blockpull._bitmaps import AUTOCLEAR_BITMAPS
-
-
-def lost_error(path, exc):
-    """The error every flush raises after a failed fdatasync lost guest writes."""
-    return OSError(errno.EIO, "an earlier fdatasync failed (%s): writes made before it "
-                   "may not be on disk, and no later flush can make them so; close the "
-                   "image and check what was written since the last successful flush"
-                   % (getattr(exc, "strerror", None) or exc), path)
+from blockpull.errors import lost_writes_error
 
 
 cdef class Qcow2Ordering(Driver):
@@ -271,7 +263,7 @@ cdef class Qcow2Ordering(Driver):
         does not make flush fail."""
         self.sync_all()
         if self.guest_lost is not None:
-            raise lost_error(self.file.path, self.guest_lost)
+            raise lost_writes_error(self.file.path, self.guest_lost)
 
     def sync_all(self):
         """``flush`` without the report of guest writes a failed sync lost: what a pull

@@ -29,7 +29,6 @@ from blockpull._q2snap cimport Snapshots
 from blockpull._q2order cimport Qcow2Ordering
 from blockpull.errors import ImageFormatError
 from blockpull._bitmaps import Bitmaps, AUTOCLEAR_BITMAPS
-from blockpull._q2order import lost_error
 from blockpull._q2header import (Header, MAGIC, EXT_END, EXT_BACKING_FORMAT,
                                  EXT_FEATURE_TABLE, EXT_BITMAPS, EXT_CRYPTO, EXT_DATA_FILE,
                                  INCOMPAT_DIRTY, INCOMPAT_CORRUPT, INCOMPAT_DATA_FILE,
@@ -43,8 +42,6 @@ def _fmt_err(path, msg):
     return ImageFormatError("%s: %s" % (path, msg))
 
 
-#: the name blockpull._qed uses for ``lost_error``
-_lost_error = lost_error
 
 
 cdef class Qcow2(Qcow2Ordering):

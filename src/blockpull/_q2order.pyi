@@ -9,7 +9,6 @@ from blockpull._q2header import Header
 AUTOCLEAR_BITMAPS: int
 
 
-def lost_error(path: Any, exc: BaseException) -> OSError: ...
 
 
 @disjoint_base
