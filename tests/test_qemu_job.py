@@ -6,6 +6,7 @@ import errno
 import json
 import os
 import threading
+import time
 
 import pytest
 
@@ -176,7 +177,9 @@ def test_error_under_stop_pauses_then_abort(qemu, chain, daemon):
     d = daemon(*_failing_chain(chain))
     rec = Recorder()
     job = bq.pull(d.sockets[0], "top", on_error="stop", on_event=rec)
-    job._paused.wait(30)
+    deadline = time.monotonic() + 30
+    while job.status != "paused" and time.monotonic() < deadline:
+        time.sleep(0.02)
     assert job.status == "paused"
     job.abort()
     kinds = rec.kinds()
