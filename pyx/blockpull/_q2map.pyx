@@ -46,7 +46,7 @@ cdef class ClusterMap:
         return ImageFormatError("%s: %s" % (self.file.path, msg))
 
     cdef Table load_l2(self, int64_t off):
-        cdef Table t = self.cache.get(off)
+        cdef Table t = <Table>self.cache.get(off)
         if t is not None:
             return t
         if off % self.cluster_size or <uint64_t>(off + self.cluster_size) > self.rc.host_end():

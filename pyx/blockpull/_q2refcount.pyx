@@ -62,7 +62,7 @@ cdef class Refcounts:
 
     cdef Table block(self, int64_t idx):
         """Refcount block ``idx`` (read on first use), or None where the table has none."""
-        cdef Table t = self.cache.get(idx)
+        cdef Table t = <Table>self.cache.get(idx)
         cdef uint64_t off
         if t is not None:
             return t

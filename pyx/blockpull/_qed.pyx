@@ -22,8 +22,8 @@ from libc.string cimport memcpy, memset
 from blockpull._fileio cimport File
 from blockpull._driver cimport Driver, KIND_UNALLOC, KIND_DATA, KIND_ZERO
 from blockpull._qed_format cimport L2_CACHE_BYTES, ZERO_ENTRY, QedHeader, Table, read_header
+from blockpull._tablecache cimport TableCache
 import errno as _errno
-from collections import OrderedDict
 
 from blockpull.errors import lost_writes_error
 from blockpull._qed_format import (  # noqa: F401 (the module's public names)
@@ -51,8 +51,7 @@ cdef class Qed(Driver):
     cdef int64_t file_end0                # file size at open, rounded up to a cluster
     cdef int64_t linked_end               # the file must reach this before references sync
     cdef Table l1
-    cdef object l2_cache                  # OrderedDict offset -> Table
-    cdef int64_t l2_cache_max
+    cdef TableCache l2_cache              # L2 tables by offset (never writes)
     cdef list free_runs                   # [(host, clusters)] given back, never linked
     cdef bint autoclear_done
     cdef public object lock
@@ -69,12 +68,11 @@ cdef class Qed(Driver):
         self.writable = writable
         self.format = "qed"
         self.has_zero_flag = True
-        self.l2_cache = OrderedDict()
         self.free_runs = []
         self._synced()
         self._parse()
         if l2_cache_bytes > 0:      # a smaller cache (the default is L2_CACHE_BYTES)
-            self.l2_cache_max = max(2, l2_cache_bytes // self.table_bytes)
+            self.l2_cache = TableCache(max(2, l2_cache_bytes // self.table_bytes))
 
     # ---- header -----------------------------------------------------------------
 
@@ -100,7 +98,7 @@ cdef class Qed(Driver):
                                "open it read-only" % path)
         self.l1 = Table(h.l1_offset, self.table_bytes)
         self.l1.load(self.file)
-        self.l2_cache_max = max(2, L2_CACHE_BYTES // self.table_bytes)
+        self.l2_cache = TableCache(max(2, L2_CACHE_BYTES // self.table_bytes))
         cs = self.cluster_size
         self.file_end0 = (h.file_size + cs - 1) & ~(cs - 1)
         self.next_free = self.file_end0
@@ -140,9 +138,8 @@ cdef class Qed(Driver):
 
     cdef Table _load_l2(self, int64_t l1i):
         cdef uint64_t off = self.l1.get(l1i)
-        cdef Table t = self.l2_cache.get(off)
+        cdef Table t = <Table>self.l2_cache.get(off)
         if t is not None:
-            self.l2_cache.move_to_end(off)
             return t
         if (off & <uint64_t>(self.cluster_size - 1)) or off < <uint64_t>self.header_end or \
                 off > <uint64_t>(self._limit() - self.table_bytes):
@@ -154,30 +151,16 @@ cdef class Qed(Driver):
         return t
 
     cdef _cache_put(self, Table t):
-        """Keep L2 table ``t``. Only clean tables make room, so a read or a map never
-        writes or syncs; the write path bounds the dirty ones (``_bound_dirty``)."""
-        self.l2_cache[t.offset] = t
-        self.l2_cache.move_to_end(t.offset)
-        self._trim()
-
-    cdef _trim(self):
-        """Drop least recently used clean tables over the budget (never the newest)."""
-        cdef Table old
-        if self.recovering or len(self.l2_cache) <= self.l2_cache_max:
-            return
-        for k in list(self.l2_cache.keys())[:len(self.l2_cache) - 1]:
-            old = self.l2_cache[k]
-            if not (old.new or old.dirty()):
-                del self.l2_cache[k]
-                if len(self.l2_cache) <= self.l2_cache_max:
-                    break
+        """Keep L2 table ``t`` in the one ``TableCache``: only clean tables make room, so
+        a read or a map never writes or syncs; the write path bounds the dirty ones."""
+        self.l2_cache.put(t.offset, t)
 
     cdef int _bound_dirty(self) except -1:
         """Write path, before a change: dirty tables holding the cache over its budget
         are written at a flush point, then dropped."""
-        if len(self.l2_cache) > self.l2_cache_max and not self.recovering:
+        if self.l2_cache.excess() and not self.recovering:
             self.flush_metadata()
-            self._trim()
+            self.l2_cache.drop_clean()
         return 0
 
     cdef inline int _check_data(self, uint64_t e, int64_t c) except -1:
@@ -587,9 +570,9 @@ cdef class Qed(Driver):
         try:
             for t, lo, hi in self.wrote:
                 if t is not self.l1:
-                    cur = self.l2_cache.get(t.offset)
+                    cur = self.l2_cache.lookup(t.offset)
                     if cur is None:
-                        self.l2_cache[t.offset] = t
+                        self.l2_cache.keep(t.offset, t)
                         cur = t
                     t = <Table>cur
                 t.touch(lo, hi)
@@ -613,14 +596,14 @@ cdef class Qed(Driver):
         cdef Table t
         if not self.writable:
             return
-        for t in list(self.l2_cache.values()):
+        for t in self.l2_cache.values():
             if t.new:
                 self.file.write_full(t.buf, t.nbytes, t.offset)
         if self.linked_end > self.file.size():
             # a data cluster written short must still lie inside the file
             self.file.truncate(self.linked_end)
         self._sync()
-        for t in list(self.l2_cache.values()):
+        for t in self.l2_cache.values():
             if t.new:
                 t.new = False
                 t.clean()

@@ -3,6 +3,7 @@
 from libc.stdint cimport int64_t, uint64_t
 from blockpull._fileio cimport File
 from blockpull._endian cimport ld_le64, st_le64
+from blockpull._tablecache cimport CachedTable
 
 cdef enum:
     ZERO_ENTRY = 1                  # an L2 entry that reads as zeros (0: unallocated)
@@ -11,11 +12,7 @@ cdef enum:
     L2_CACHE_BYTES = 33554432       # L2 tables kept in memory per image (32 MiB)
 
 
-cdef class Table:
-    cdef unsigned char* buf
-    cdef readonly int64_t offset
-    cdef readonly Py_ssize_t nbytes
-    cdef public bint new
+cdef class Table(CachedTable):
     cdef Py_ssize_t dlo
     cdef Py_ssize_t dhi
 

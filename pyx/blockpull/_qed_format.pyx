@@ -12,7 +12,6 @@ back without conversion. Every header field is checked when it is read (``read_h
 errors are ``ImageFormatError`` naming the file and the field.
 """
 from libc.stdint cimport int64_t, uint64_t
-from libc.stdlib cimport calloc, free
 
 from blockpull._fileio cimport File
 import os
@@ -39,22 +38,18 @@ MAX_TABLE_SIZE = 16
 cdef int64_t MAX_VIRTUAL_SIZE = 1LL << 61
 
 
-cdef class Table:
+cdef class Table(CachedTable):
     """One L1 or L2 table of ``nbytes`` bytes at file offset ``offset``, kept in on-disk
-    byte order, with the byte range changed since it was last written (``new``: never
-    written at all)."""
+    byte order (little-endian), with the byte range changed since it was last written
+    (``new``: never written at all); the buffer is ``CachedTable``'s, so QED's L2 tables
+    live in the one ``TableCache``."""
 
     def __cinit__(self, int64_t offset, Py_ssize_t nbytes):
-        self.buf = <unsigned char*>calloc(nbytes if nbytes > 0 else 1, 1)
-        if self.buf == NULL:
-            raise MemoryError()
-        self.offset = offset
-        self.nbytes = nbytes
         self.dlo = nbytes
         self.dhi = 0
 
-    def __dealloc__(self):
-        free(self.buf)
+    cdef bint is_dirty(self) noexcept:
+        return self.dhi > self.dlo
 
     cdef int load(self, File f) except -1:
         """Read the table from the file (bytes past its end read as zeros)."""

@@ -6,12 +6,16 @@ from blockpull._endian cimport ld_be64, st_be64
 from blockpull._fileio cimport File
 
 
-cdef class Table:
+cdef class CachedTable:
     cdef unsigned char* buf
     cdef readonly int64_t offset
     cdef readonly Py_ssize_t nbytes
-    cdef public bint dirty        # changed in memory since it was last written
     cdef public bint new          # a table no durable reference names yet
+    cdef bint is_dirty(self) noexcept
+
+
+cdef class Table(CachedTable):
+    cdef public bint dirty        # changed in memory since it was last written
 
     cdef inline uint64_t get(self, Py_ssize_t i) noexcept:
         return ld_be64(self.buf + 8 * i)
@@ -28,7 +32,7 @@ cdef class TableCache:
     cdef object tables                 # OrderedDict key -> Table, least recently used first
     cdef readonly Py_ssize_t capacity  # tables kept before clean ones are dropped
 
-    cdef Table get(self, object key)
-    cdef int put(self, object key, Table t) except -1
+    cdef CachedTable get(self, object key)
+    cdef int put(self, object key, CachedTable t) except -1
     cdef int drop_clean(self) except -1
     cdef Py_ssize_t excess(self) noexcept

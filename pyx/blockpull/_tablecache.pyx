@@ -19,8 +19,11 @@ from cpython.bytes cimport PyBytes_FromStringAndSize
 from collections import OrderedDict
 
 
-cdef class Table:
-    """One cluster-sized (or L1-sized) table of ``nbytes`` bytes at host ``offset``."""
+cdef class CachedTable:
+    """What a ``TableCache`` holds: one table of ``nbytes`` bytes at host ``offset`` in a
+    buffer of its own, ``new`` while no durable reference names it; a format's table
+    class says, by ``is_dirty``, whether it has changes not yet written (qcow2: ``Table``
+    below; QED: ``blockpull._qed_format.Table``, little-endian)."""
 
     def __cinit__(self, int64_t offset, Py_ssize_t nbytes):
         self.buf = <unsigned char*>calloc(nbytes if nbytes > 0 else 1, 1)
@@ -31,6 +34,17 @@ cdef class Table:
 
     def __dealloc__(self):
         free(self.buf)
+
+    cdef bint is_dirty(self) noexcept:
+        return False
+
+
+cdef class Table(CachedTable):
+    """One cluster-sized (or L1-sized) qcow2 table of ``nbytes`` bytes at host ``offset``,
+    big-endian entries, ``dirty`` once changed in memory."""
+
+    cdef bint is_dirty(self) noexcept:
+        return self.dirty
 
     cdef bytes tobytes(self):
         return PyBytes_FromStringAndSize(<char*>self.buf, self.nbytes)
@@ -57,14 +71,14 @@ cdef class TableCache:
     def __contains__(self, key):
         return key in self.tables
 
-    cdef Table get(self, object key):
+    cdef CachedTable get(self, object key):
         """The table under ``key`` (now the most recently used), or None."""
-        cdef Table t = self.tables.get(key)
+        cdef CachedTable t = self.tables.get(key)
         if t is not None:
             self.tables.move_to_end(key)
         return t
 
-    cdef int put(self, object key, Table t) except -1:
+    cdef int put(self, object key, CachedTable t) except -1:
         """Keep ``t`` under ``key``; then drop clean tables if over capacity."""
         self.tables[key] = t
         self.tables.move_to_end(key)
@@ -77,14 +91,14 @@ cdef class TableCache:
         cache is within capacity (or only such tables are left). The most recently used
         table stays: its caller holds it and may be about to change it. Writes nothing."""
         cdef Py_ssize_t over = len(self.tables) - self.capacity
-        cdef Table t
+        cdef CachedTable t
         cdef list keys
         if over <= 0:
             return 0
         keys = list(self.tables.keys())
         for k in keys[:len(keys) - 1]:
             t = self.tables[k]
-            if not (t.dirty or t.new):
+            if not (t.is_dirty() or t.new):
                 del self.tables[k]
                 over -= 1
                 if over == 0:
@@ -95,7 +109,7 @@ cdef class TableCache:
         """How many tables more than ``capacity`` are held (dirty or new ones)."""
         return max(0, len(self.tables) - self.capacity)
 
-    def keep(self, key, Table t):
+    def keep(self, key, CachedTable t):
         """Put ``t`` back under ``key`` without dropping anything (a rewrite after a
         failed sync must find every table it marked dirty)."""
         self.tables[key] = t

@@ -4,6 +4,7 @@ from typing import Any, Dict, Optional
 from typing_extensions import disjoint_base
 
 from blockpull._fileio import File
+from blockpull._tablecache import CachedTable
 from blockpull.errors import ImageFormatError
 
 __pyx_capi__: Dict[str, Any]
@@ -20,10 +21,7 @@ DEFAULT_TABLE_SIZE: int
 MAX_TABLE_SIZE: int
 
 @disjoint_base
-class Table:
-    offset: int
-    nbytes: int
-    new: bool
+class Table(CachedTable):
     def __new__(cls, offset: int, nbytes: int) -> Table: ...
 
 @disjoint_base
