@@ -5,9 +5,20 @@ and the ``compression_type`` header field). Output is bounded by the cluster siz
 whatever the input claims."""
 import zlib
 
-import zstandard
 
 from blockpull.errors import ImageFormatError
+
+
+_zstandard = None     # imported with the first zstd cluster: most images have none
+
+
+def _zstd_module():
+    """The zstandard module (a dependency), imported on first use to keep start-up short."""
+    global _zstandard
+    if _zstandard is None:
+        import zstandard
+        _zstandard = zstandard
+    return _zstandard
 
 
 def zstd_frame_len(const unsigned char[::1] b, Py_ssize_t pos):
@@ -73,15 +84,18 @@ cdef class Decompressor:
         bytes ``comp``. Raises ImageFormatError when they are corrupt or decode to any
         other length."""
         cdef int64_t cs = self.cluster_size
-        try:
-            if self.compression_type == 0:
+        if self.compression_type == 0:
+            try:
                 plain = zlib.decompressobj(-12).decompress(comp, cs)
-            else:
+            except zlib.error as exc:
+                raise ImageFormatError("%s: compressed cluster %d is corrupt (%s)"
+                                       % (self.path, c, exc))
+        else:
+            try:
                 plain = self._zstd(comp)
-        except zlib.error as exc:
-            raise ImageFormatError("%s: compressed cluster %d is corrupt (%s)" % (self.path, c, exc))
-        except zstandard.ZstdError as exc:
-            raise ImageFormatError("%s: zstd compressed cluster is corrupt (%s)" % (self.path, exc))
+            except _zstd_module().ZstdError as exc:
+                raise ImageFormatError("%s: zstd compressed cluster is corrupt (%s)"
+                                       % (self.path, exc))
         if len(plain) != cs:
             raise ImageFormatError("%s: compressed cluster %d decompresses to %d bytes, not %d"
                                    % (self.path, c, len(plain), cs))
@@ -96,7 +110,7 @@ cdef class Decompressor:
         cdef Py_ssize_t pos = 0, flen
         path = self.path
         if self.zstd_dctx is None:
-            self.zstd_dctx = zstandard.ZstdDecompressor()
+            self.zstd_dctx = _zstd_module().ZstdDecompressor()
         out = bytearray()
         while len(out) < cs:
             if pos >= len(comp):
