@@ -12,17 +12,10 @@ from blockpull._chain import Chain
 from blockpull._driver import COMPRESSED, DATA, UNALLOC, ZERO
 from blockpull._inflight import copy_on_read
 from blockpull.errors import BackingChainError, ImageFormatError, ImageNotFoundError
-from blockpull.formats import FORMATS, creatable
-# the helpers Image below calls, under the names it calls them by
-from blockpull.formats import open_driver
-from blockpull.formats import probe_path
+from blockpull.formats import FORMATS, creatable, open_driver, probe_path
 from blockpull.job import PullJob
 from blockpull.locking import lock_image
-from blockpull.paths import backing_target
-from blockpull.paths import identity
-from blockpull.paths import kernel_abspath
-from blockpull.paths import local_name
-from blockpull.paths import tidy
+from blockpull.paths import backing_target, identity, kernel_abspath, local_name, tidy
 
 if TYPE_CHECKING:  # pragma: no cover
     from blockpull._driver import Driver
