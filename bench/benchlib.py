@@ -199,21 +199,26 @@ class Chains:
 # ---- the peers -------------------------------------------------------------------------
 
 class StorageDaemon:
-    """qemu-storage-daemon with one image open, driven over QMP."""
+    """qemu-storage-daemon with one image (node ``top``) or several (``top0``.. ``topN-1``,
+    ``images`` a list) open, driven over QMP."""
 
     # a connect attempt before the daemon listens is expected: not worth an ERROR line
     logging.getLogger("qemu.qmp").setLevel(logging.CRITICAL)
 
-    def __init__(self, image: str, fmt: str) -> None:
+    def __init__(self, image, fmt: str = "qcow2") -> None:
         from qemu.qmp.legacy import QEMUMonitorProtocol
-        self.sock = image + ".qmp"
+        self.images = [image] if isinstance(image, str) else list(image)
+        self.nodes = (["top"] if isinstance(image, str)
+                      else [f"top{i}" for i in range(len(self.images))])
+        self.sock = self.images[0] + ".qmp"
         drop_file(self.sock)
-        self.proc = subprocess.Popen(
-            ["qemu-storage-daemon",
-             "--blockdev", f"driver={fmt},node-name=top,file.driver=file,file.filename={image}",
-             "--chardev", f"socket,id=mon,path={self.sock},server=on,wait=off",
-             "--monitor", "chardev=mon"],
-            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+        args = ["qemu-storage-daemon"]
+        for node, path in zip(self.nodes, self.images):
+            args += ["--blockdev",
+                     f"driver={fmt},node-name={node},file.driver=file,file.filename={path}"]
+        args += ["--chardev", f"socket,id=mon,path={self.sock},server=on,wait=off",
+                 "--monitor", "chardev=mon"]
+        self.proc = subprocess.Popen(args, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
         # the socket file appears at bind(), before listen(): retry until it answers
         deadline = time.monotonic() + 10
         while True:
@@ -231,21 +236,29 @@ class StorageDaemon:
                     self.qmp.close()
             time.sleep(0.005)
 
+    def cpu(self) -> float:
+        """User + system CPU seconds the daemon has used, from /proc/PID/stat."""
+        with open(f"/proc/{self.proc.pid}/stat") as f:
+            fields = f.read().rsplit(")", 1)[1].split()
+        return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
     def stream(self, speed: int = 0) -> None:
-        """Run block-stream on the top node and wait for it to complete."""
-        args = {"job-id": "stream0", "device": "top"}
-        if speed:
-            args["speed"] = speed
-        r = self.qmp.cmd_obj({"execute": "block-stream", "arguments": args})
-        if "error" in r:
-            raise RuntimeError(f"block-stream: {r['error']}")
-        while True:
+        """Run block-stream on every node at once and wait until all have completed."""
+        for i, node in enumerate(self.nodes):
+            args = {"job-id": f"stream{i}", "device": node}
+            if speed:
+                args["speed"] = speed
+            r = self.qmp.cmd_obj({"execute": "block-stream", "arguments": args})
+            if "error" in r:
+                raise RuntimeError(f"block-stream: {r['error']}")
+        left = len(self.nodes)
+        while left:
             ev = self.qmp.pull_event(wait=True)
             if ev["event"] == "BLOCK_JOB_COMPLETED":
                 if ev["data"].get("error"):
                     raise RuntimeError(f"block-stream failed: {ev['data']['error']}")
-                return
-            if ev["event"] == "BLOCK_JOB_ERROR":
+                left -= 1
+            elif ev["event"] == "BLOCK_JOB_ERROR":
                 raise RuntimeError(f"block-stream error: {ev['data']}")
 
     def close(self) -> None:

@@ -23,11 +23,11 @@ import statistics
 import subprocess
 import tempfile
 import time
-from typing import Callable, Dict, List, Optional
+from typing import Callable, Dict, List
 
 import pytest
 
-from benchlib import GiB, MiB, drop_file, fdatasync_path, record, run, settle
+from benchlib import GiB, MiB, StorageDaemon, drop_file, fdatasync_path, record, run, settle
 
 import blockpull
 
@@ -63,79 +63,7 @@ def _cpu_self() -> float:
     return t.user + t.system
 
 
-def _cpu_pid(pid: int) -> float:
-    """User + system CPU seconds of a process, from /proc/PID/stat."""
-    with open(f"/proc/{pid}/stat") as f:
-        fields = f.read().rsplit(")", 1)[1].split()
-    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
-
-
 # ---- the contenders --------------------------------------------------------------------
-
-class Daemon:
-    """qemu-storage-daemon with the images as nodes top0..topN-1, driven over QMP."""
-
-    def __init__(self, images: List[str], fmt: str = "qcow2") -> None:
-        from qemu.qmp.legacy import QEMUMonitorProtocol
-        self.sock = images[0] + ".qmp"
-        drop_file(self.sock)
-        args = ["qemu-storage-daemon"]
-        for i, p in enumerate(images):
-            args += ["--blockdev",
-                     f"driver={fmt},node-name=top{i},file.driver=file,file.filename={p}"]
-        args += ["--chardev", f"socket,id=mon,path={self.sock},server=on,wait=off",
-                 "--monitor", "chardev=mon"]
-        self.images = images
-        self.proc = subprocess.Popen(args, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
-        deadline = time.monotonic() + 10
-        while True:
-            if self.proc.poll() is not None or time.monotonic() > deadline:
-                self.proc.kill()
-                self.proc.wait()
-                raise RuntimeError("qemu-storage-daemon did not start: %s"
-                                   % self.proc.stderr.read().decode())
-            if os.path.exists(self.sock):
-                self.qmp = QEMUMonitorProtocol(self.sock)
-                try:
-                    self.qmp.connect()
-                    break
-                except Exception:
-                    self.qmp.close()
-            time.sleep(0.005)
-
-    def cpu(self) -> float:
-        return _cpu_pid(self.proc.pid)
-
-    def stream_all(self) -> None:
-        """block-stream on every node at once; returns when all have completed."""
-        for i in range(len(self.images)):
-            r = self.qmp.cmd_obj({"execute": "block-stream",
-                                  "arguments": {"job-id": f"s{i}", "device": f"top{i}"}})
-            if "error" in r:
-                raise RuntimeError(f"block-stream: {r['error']}")
-        left = len(self.images)
-        while left:
-            ev = self.qmp.pull_event(wait=True)
-            if ev["event"] == "BLOCK_JOB_COMPLETED":
-                if ev["data"].get("error"):
-                    raise RuntimeError(f"block-stream failed: {ev['data']['error']}")
-                left -= 1
-            elif ev["event"] == "BLOCK_JOB_ERROR":
-                raise RuntimeError(f"block-stream error: {ev['data']}")
-
-    def close(self) -> None:
-        try:
-            self.qmp.close()
-        except Exception:
-            pass
-        self.proc.terminate()
-        try:
-            self.proc.wait(10)
-        except subprocess.TimeoutExpired:
-            self.proc.kill()
-            self.proc.wait()
-        drop_file(self.sock)
-
 
 def blockpull_all(images: List[str]) -> None:
     """Open every image, start every pull, wait for all (each ends durable and relinked)."""
@@ -151,10 +79,10 @@ def blockpull_all(images: List[str]) -> None:
 
 def qemu_all(images: List[str]) -> float:
     """block-stream every image in one daemon; returns the daemon's CPU seconds."""
-    d = Daemon(images)
+    d = StorageDaemon(images)
     try:
         c0 = d.cpu()
-        d.stream_all()
+        d.stream()
         for p in images:
             fdatasync_path(p)
         return d.cpu() - c0
