@@ -4,6 +4,7 @@ import os
 import random
 import shutil
 import struct
+import zlib
 
 import pytest
 import zstandard
@@ -130,6 +131,38 @@ def test_zstd_several_frames_and_padding(tmp_path, qemu):
     assert want[65536:131072] == b"".join(parts)
     with blockpull.open(p, readonly=True) as img:
         assert img.read(0, img.size) == want
+
+
+def test_zlib_cluster_with_a_32k_window_reads_as_qemu_reads_it(tmp_path, qemu):
+    # QEMU writes raw deflate with a 4 KiB window, but zlib (QEMU's reader) also decodes a
+    # stream whose matches reach further back, as another writer may make: so must we
+    p = compressed_image(qemu, tmp_path, "zlib", 65536)
+    r = random.Random(8).randbytes(6000)
+    plain = (r * 11)[:65536]
+    co = zlib.compressobj(6, zlib.DEFLATED, -15)
+    forge_zstd_cluster(p, co.compress(plain) + co.flush() + b"\xff" * 300, cluster=1)
+    want = qemu.to_raw(p, tmp_path / "q.raw")
+    assert want[65536:131072] == plain
+    with blockpull.open(p, readonly=True) as img:
+        assert img.read(0, img.size) == want
+        # partial reads of one compressed cluster, in and out of order
+        for off in (70000, 65536, 131071, 100000, 65536 + 4096):
+            assert img.read(off, 1) == want[off:off + 1]
+        assert img.read(130000, 4000) == want[130000:134000]
+
+
+def test_zlib_cluster_that_decodes_short_is_corrupt(tmp_path, qemu):
+    p = compressed_image(qemu, tmp_path, "zlib", 65536)
+    co = zlib.compressobj(6, zlib.DEFLATED, -12)
+    forge_zstd_cluster(p, co.compress(b"\7" * 60000) + co.flush(), cluster=1)
+    r = qemu.run("qemu-io", "-c", "read 64k 64k", p, check=False)
+    assert "error" in (r.stdout + r.stderr).lower()
+    with blockpull.open(p, readonly=True) as img:
+        assert img.read(0, 65536) == b"\3" * 65536
+        with pytest.raises(blockpull.ImageFormatError, match="decompresses to 60000 bytes"):
+            img.read(65536, 65536)
+        with pytest.raises(blockpull.ImageFormatError, match="decompresses to 60000 bytes"):
+            img.read(65536 + 512, 512)
 
 
 def test_zstd_frame_past_cluster_end_is_corrupt(tmp_path, qemu):

@@ -20,4 +20,8 @@ cdef class Decompressor:
     cdef object zstd_dctx
 
     cpdef bytes decompress(self, bytes comp, int64_t c)
+    cdef int decode(self, const unsigned char* comp, size_t clen, unsigned char* out,
+                    int64_t c) except -1
+    cdef int _inflate(self, const unsigned char* comp, size_t clen, unsigned char* out,
+                      int64_t c) except -1
     cdef bytes _zstd(self, bytes comp)

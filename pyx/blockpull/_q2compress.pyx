@@ -2,14 +2,28 @@
 """qcow2 compressed clusters: zlib (raw deflate, compression type 0) and zstd (type 1)
 framing and decoding (QEMU's docs/interop/qcow2.rst, "Compressed Clusters Descriptor"
 and the ``compression_type`` header field). Output is bounded by the cluster size
-whatever the input claims."""
-import zlib
+whatever the input claims. zlib clusters are inflated by ISA-L (the ``isal`` package),
+about twice as fast as zlib, and zstd clusters by ``zstandard``; both release the GIL, so
+each reader thread of a pull inflates on its own core. Clusters are decoded into the
+caller's buffer: no Python object is kept per cluster."""
+from libc.stdint cimport int64_t
+from libc.string cimport memcpy
+from cpython.bytes cimport PyBytes_AS_STRING, PyBytes_FromStringAndSize
 
 
 from blockpull.errors import ImageFormatError
 
-
+_isal_zlib = None     # imported with the first zlib cluster
 _zstandard = None     # imported with the first zstd cluster: most images have none
+
+
+def _isal_module():
+    """isal.isal_zlib (a dependency), imported on first use to keep start-up short."""
+    global _isal_zlib
+    if _isal_zlib is None:
+        from isal import isal_zlib
+        _isal_zlib = isal_zlib
+    return _isal_zlib
 
 
 def _zstd_module():
@@ -72,7 +86,8 @@ def zstd_frame_len(const unsigned char[::1] b, Py_ssize_t pos):
 
 
 cdef class Decompressor:
-    """Decodes the compressed clusters of one image (``path`` names it in errors)."""
+    """Decodes the compressed clusters of one image (``path`` names it in errors). Not
+    shared between threads: each driver (and so each reader thread) has its own."""
 
     def __init__(self, int64_t cluster_size, int compression_type, path):
         self.cluster_size = cluster_size
@@ -83,23 +98,51 @@ cdef class Decompressor:
         """The ``cluster_size`` bytes virtual cluster ``c`` holds, from its compressed
         bytes ``comp``. Raises ImageFormatError when they are corrupt or decode to any
         other length."""
+        out = PyBytes_FromStringAndSize(NULL, self.cluster_size)
+        self.decode(<const unsigned char*>PyBytes_AS_STRING(comp), len(comp),
+                    <unsigned char*>PyBytes_AS_STRING(out), c)
+        return out
+
+    cdef int decode(self, const unsigned char* comp, size_t clen, unsigned char* out,
+                    int64_t c) except -1:
+        """Decode the ``clen`` compressed bytes at ``comp`` of virtual cluster ``c`` into
+        the ``cluster_size`` bytes at ``out``. Raises ImageFormatError when they are
+        corrupt or decode to any other length."""
         cdef int64_t cs = self.cluster_size
+        cdef bytes plain
         if self.compression_type == 0:
-            try:
-                plain = zlib.decompressobj(-12).decompress(comp, cs)
-            except zlib.error as exc:
-                raise ImageFormatError("%s: compressed cluster %d is corrupt (%s)"
-                                       % (self.path, c, exc))
-        else:
-            try:
-                plain = self._zstd(comp)
-            except _zstd_module().ZstdError as exc:
-                raise ImageFormatError("%s: zstd compressed cluster is corrupt (%s)"
-                                       % (self.path, exc))
+            return self._inflate(comp, clen, out, c)
+        try:
+            plain = self._zstd(PyBytes_FromStringAndSize(<const char*>comp, clen))
+        except _zstd_module().ZstdError as exc:
+            raise ImageFormatError("%s: zstd compressed cluster is corrupt (%s)"
+                                   % (self.path, exc))
         if len(plain) != cs:
             raise ImageFormatError("%s: compressed cluster %d decompresses to %d bytes, not %d"
                                    % (self.path, c, len(plain), cs))
-        return plain
+        memcpy(out, PyBytes_AS_STRING(plain), cs)
+        return 0
+
+    cdef int _inflate(self, const unsigned char* comp, size_t clen, unsigned char* out,
+                      int64_t c) except -1:
+        """Raw deflate (RFC 1951), as QEMU writes it with a 4 KiB window; decoded with a
+        32 KiB window so that any valid deflate stream reads as zlib reads it. The cluster
+        is complete once ``cluster_size`` bytes are out: the input is known only to
+        512-byte precision, so what follows is padding."""
+        cdef int64_t cs = self.cluster_size
+        cdef bytes plain
+        isal_zlib = _isal_module()
+        try:
+            plain = isal_zlib.decompressobj(-15).decompress(
+                PyBytes_FromStringAndSize(<const char*>comp, clen), cs)
+        except isal_zlib.error as exc:
+            raise ImageFormatError("%s: compressed cluster %d is corrupt (%s)"
+                                   % (self.path, c, exc))
+        if len(plain) != cs:
+            raise ImageFormatError("%s: compressed cluster %d decompresses to %d bytes, not %d"
+                                   % (self.path, c, len(plain), cs))
+        memcpy(out, PyBytes_AS_STRING(plain), cs)
+        return 0
 
     cdef bytes _zstd(self, bytes comp):
         """Decode zstd data the way QEMU does (block/qcow2-threads.c): one or more frames,

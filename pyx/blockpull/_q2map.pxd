@@ -32,7 +32,8 @@ cdef class ClusterMap:
     cdef TableCache cache           # L2 tables by host offset
     cdef Decompressor decomp
     cdef int64_t last_comp_vcluster
-    cdef bytes last_comp_data
+    cdef unsigned char* comp_in       # compressed bytes of one cluster (2 clusters' room)
+    cdef unsigned char* comp_out      # the last cluster decoded for a partial read
 
     cdef Table load_l2(self, int64_t off)
     cdef uint64_t l2_entry(self, int64_t cluster) except? 0xFFFFFFFFFFFFFFFF
@@ -40,7 +41,7 @@ cdef class ClusterMap:
     cdef int unit(self, Table t, int64_t c, int64_t l2i, int sub, int64_t* host) except -1
     cdef int read_layer(self, int64_t vaddr, unsigned char* out, int64_t n, int kind,
                         int64_t host) except -1
-    cdef bytes decompress(self, int64_t c)
+    cdef int decompress(self, int64_t c, unsigned char* out) except -1
 
     cdef inline int kind(self, uint64_t e) noexcept:
         """What a standard (64-bit) L2 entry maps its cluster to."""

@@ -9,7 +9,7 @@ one (blockpull._tablecache).
 """
 from libc.stdint cimport int64_t, uint64_t
 from libc.string cimport memcpy, memset
-from cpython.bytes cimport PyBytes_AS_STRING
+from libc.stdlib cimport malloc, free
 
 from blockpull._q2compress cimport comp_extent
 
@@ -41,6 +41,10 @@ cdef class ClusterMap:
             f.read_full(self.l1.buf, self.l1_size * 8, h.l1_offset)
         self.cache = TableCache(max(16, l2_cache_bytes // self.cluster_size))
         self.last_comp_vcluster = -1
+
+    def __dealloc__(self):
+        free(self.comp_in)
+        free(self.comp_out)
 
     def _err(self, msg):
         return ImageFormatError("%s: %s" % (self.file.path, msg))
@@ -177,24 +181,37 @@ cdef class ClusterMap:
             inoff = vaddr & (cs - 1)
             if inoff + n > cs:
                 raise ValueError("compressed read crosses a cluster")
-            plain = self.decompress(c)
-            memcpy(out, PyBytes_AS_STRING(plain) + inoff, n)
+            if n == cs:
+                self.decompress(c, out)          # straight into the caller's buffer
+                return 0
+            if c != self.last_comp_vcluster:
+                if self.comp_out == NULL:
+                    self.comp_out = <unsigned char*>malloc(cs)
+                    if self.comp_out == NULL:
+                        raise MemoryError()
+                self.last_comp_vcluster = -1
+                self.decompress(c, self.comp_out)
+                self.last_comp_vcluster = c      # partial reads of one cluster decode once
+            memcpy(out, self.comp_out + inoff, n)
         else:
             raise ValueError("read_layer of an unallocated range")
         return 0
 
-    cdef bytes decompress(self, int64_t c):
-        """What compressed virtual cluster ``c`` holds (the last one is kept)."""
+    cdef int decompress(self, int64_t c, unsigned char* out) except -1:
+        """Decode compressed virtual cluster ``c`` into the ``cluster_size`` bytes at
+        ``out``. Its compressed bytes span at most 2 ** (cluster_bits - 8) sectors of 512
+        bytes (the descriptor's sector count), which is two clusters."""
         cdef uint64_t coff, clen
-        if c == self.last_comp_vcluster:
-            return self.last_comp_data
         comp_extent(self.l2_entry(c), self.cluster_bits, &coff, &clen)
         if coff >= <uint64_t>self.rc.file_size:
             raise self._err("compressed cluster %d lies past the end of the file" % c)
         clen = min(clen, self.rc.file_size - coff)
         if self.decomp is None:
             self.decomp = Decompressor(self.cluster_size, self.compression_type, self.file.path)
-        plain = self.decomp.decompress(self.file.pread(coff, clen), c)
-        self.last_comp_vcluster = c
-        self.last_comp_data = plain
-        return plain
+        if self.comp_in == NULL:
+            self.comp_in = <unsigned char*>malloc(2 * self.cluster_size)
+            if self.comp_in == NULL:
+                raise MemoryError()
+        self.file.read_full(self.comp_in, clen, coff)
+        self.decomp.decode(self.comp_in, clen, out, c)
+        return 0
