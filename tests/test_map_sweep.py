@@ -269,3 +269,77 @@ def test_map_equals_qemu_img_map(shape, tmp_path, qemu, monkeypatch):
     theirs = qemu.img("map", *opts, top, check=False)
     rc, got, err = _ours([*opts, top])
     assert (rc, got) == (theirs.returncode, theirs.stdout), err
+
+
+# ---- the reported cases, with the values qemu-img gives ---------------------------------
+
+
+def _both_json(qemu, *args):
+    want = json.loads(qemu.img("map", "--output=json", *args).stdout)
+    rc, got, err = _ours(["--output", "json", *args])
+    assert rc == 0, err
+    return json.loads(got), want
+
+
+def test_raw_backing_extents_have_offsets(tmp_path, qemu, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    _raw("b.raw", 64 * KiB)
+    qemu.create("t.qcow2", 64 * KiB, backing="b.raw", backing_fmt="raw")
+    got, want = _both_json(qemu, "t.qcow2")
+    assert got == want == [{"start": 0, "length": 65536, "depth": 1, "present": True,
+                            "zero": True, "data": False, "offset": 0}]
+
+
+def test_raw_backing_length_is_rounded_up_to_512(tmp_path, qemu, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    _raw("b.raw", 1000001, [(1000000, b"x")])
+    qemu.img("create", "-q", "-f", "qcow2", "-b", "b.raw", "-F", "raw", "t.qcow2", "1M")
+    got, want = _both_json(qemu, "t.qcow2")
+    assert got == want
+    tail = {"start": 1000001, "length": 447, "depth": 1, "present": True, "zero": True,
+            "data": False, "offset": 1000001}
+    assert tail in got and got[-1]["start"] == 1000448 and got[-1]["depth"] == 0
+    with blockpull.open("b.raw", format="raw", readonly=True) as img:
+        assert img.size == 1000448 == qemu.info("b.raw")["virtual-size"]
+        assert img.read(999999, 449) == b"\0x" + bytes(447)
+
+
+def test_metadata_preallocation_maps_host_holes_as_zero(tmp_path, qemu, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    qemu.create("pm.qcow2", 4 * MiB, opts=["preallocation=metadata"])
+    qemu.io("pm.qcow2", "write -P 1 64k 4k")
+    got, want = _both_json(qemu, "pm.qcow2")
+    assert got == want
+    assert [(e["start"], e["length"], e["zero"], e["data"]) for e in got] == \
+        [(0, 65536, True, True), (65536, 4096, False, True),
+         (69632, 4 * MiB - 69632, True, True)]
+
+
+def test_extended_l2_2m_cluster_with_one_sector_written(tmp_path, qemu, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    qemu.create("e.qcow2", 4 * MiB, opts=["extended_l2=on", "cluster_size=2M"])
+    qemu.io("e.qcow2", "write -P 1 0 512")
+    got, want = _both_json(qemu, "e.qcow2")
+    assert got == want
+    assert (got[0]["length"], got[0]["zero"], got[1]["zero"]) == (4096, False, True)
+
+
+def test_human_map_names_images_as_the_chain_does(tmp_path, qemu, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    b_chain_in_subdir(qemu)
+    rc, got, err = _ours(["./t.qcow2"])
+    assert rc == 0, err
+    assert got == qemu.img("map", "./t.qcow2").stdout
+    assert [line.split()[3] for line in got.splitlines()[1:]] == \
+        ["./d/base.qcow2", "./d/mid.qcow2", "./t.qcow2", "./d/base.qcow2"]
+    assert str(tmp_path) not in got
+
+
+def test_human_map_stops_at_a_compressed_cluster_like_qemu_img(tmp_path, qemu, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    qemu.create("c.qcow2", MiB)
+    qemu.io("c.qcow2", "write -P 1 0 64k", "write -c -P 2 64k 64k", "write -P 3 128k 64k")
+    theirs = qemu.img("map", "c.qcow2", check=False)
+    rc, got, err = _ours(["c.qcow2"])
+    assert (rc, got) == (theirs.returncode, theirs.stdout) == (1, theirs.stdout)
+    assert len(got.splitlines()) == 2 and "--output json" in err
