@@ -11,10 +11,13 @@ import contextlib
 import io
 import json
 import os
+from pathlib import Path
 
 import pytest
 
 import blockpull
+import relhelp
+import test_check_repair
 from blockpull.cli.main import main as cli_main
 
 KiB = 1 << 10
@@ -213,6 +216,26 @@ def b_pulled_whole(q):
     return "l1.qcow2", []
 
 
+def b_relhelp(variant, pulled):
+    """The reliability tests' chain ``variant`` (relhelp.build_chain), pulled to its base
+    with ``pulled``."""
+    def build(q):
+        c = relhelp.build_chain("c", relhelp.VARIANTS[variant])
+        if pulled:
+            with blockpull.open(c["top"]) as img:
+                img.pull(base=relhelp.VARIANTS[variant].base).result(timeout=60)
+        return c["top"], []
+    return build
+
+
+def b_check_repair(name):
+    """A shape test_check_repair checks and repairs (its s_* builders)."""
+    def build(q):
+        path, opts = getattr(test_check_repair, name)(q, Path("."))
+        return os.path.relpath(path), opts
+    return build
+
+
 SHAPES = {
     "plain-v3": b_plain_v3,
     "plain-v2": b_plain_v2,
@@ -248,6 +271,12 @@ SHAPES = {
     "qcow2-over-qed": b_qcow2_over_qed,
     "pulled-to-base": b_pulled_to_base,
     "pulled-whole": b_pulled_whole,
+    **{f"relhelp-{v}": b_relhelp(v, False) for v in relhelp.VARIANTS},
+    **{f"relhelp-{v}-pulled": b_relhelp(v, True) for v, var in relhelp.VARIANTS.items()
+       if var.base},
+    # every shape test_check_repair builds, but the encrypted one (blockpull refuses those)
+    **{f"repair-{n[2:]}": b_check_repair(n) for n in dir(test_check_repair)
+       if n.startswith("s_") and "luks" not in n},
 }
 
 
