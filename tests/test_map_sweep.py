@@ -142,6 +142,15 @@ def b_prealloc_backing(q):
     return "t.qcow2", []
 
 
+def b_prealloc_extl2_backed(q):
+    q.create("b.qcow2", 2 * MiB)
+    q.io("b.qcow2", "write -P 1 0 2M")
+    q.create("t.qcow2", 2 * MiB, backing="b.qcow2",
+             opts=["preallocation=metadata", "extended_l2=on"])
+    q.io("t.qcow2", "write -P 2 4k 4k", "write -P 3 1M 64k")
+    return "t.qcow2", []
+
+
 def b_prealloc_small_clusters(q):
     q.create("t.qcow2", MiB, opts=["preallocation=metadata", "cluster_size=512"])
     q.io("t.qcow2", "write -P 1 1000k 3k")
@@ -261,6 +270,7 @@ SHAPES = {
     "prealloc-metadata-extl2": b_prealloc("metadata", "extended_l2=on"),
     "prealloc-backing": b_prealloc_backing,
     "prealloc-512": b_prealloc_small_clusters,
+    "prealloc-extl2-backed": b_prealloc_extl2_backed,
     **{f"extl2-{cs // KiB}k": b_extl2(cs) for cs in (32 * KiB, 64 * KiB, 2 * MiB)},
     "extl2-64k-backed": b_extl2(64 * KiB, backed=True),
     "snapshot": b_snapshot,
