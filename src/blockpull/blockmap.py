@@ -18,6 +18,7 @@ import os
 from typing import TYPE_CHECKING, Any, Dict, List, NamedTuple, Optional, Sequence, Tuple
 
 from blockpull._driver import COMPRESSED, DATA, UNALLOC, ZERO
+from blockpull.errors import ImageFormatError
 
 if TYPE_CHECKING:  # pragma: no cover
     from blockpull._chain import Chain
@@ -69,7 +70,8 @@ def metadata_preallocated(drv: "Driver") -> bool:
     QEMU's rule (block/qcow2-refcount.c, qcow2_detect_metadata_preallocation): with R
     the bytes the host file allocates (st_blocks * 512) in clusters, the image is taken
     as preallocated when at least max(R * 10 / 9, R + 2) of the clusters of the host
-    file have a non-zero refcount. False for other formats."""
+    file have a non-zero refcount. False for other formats, and (as in QEMU) when a
+    refcount cannot be read: the map does not need them."""
     if drv.format != "qcow2":
         return False
     cs = drv.cluster_size
@@ -80,11 +82,14 @@ def metadata_preallocated(drv: "Driver") -> bool:
         return False          # even every cluster referenced would not reach it
     refcount = drv.refcount   # type: ignore[attr-defined]
     count = 0
-    for c in range(end):
-        if refcount(c):
-            count += 1
-            if count >= threshold:
-                return True
+    try:
+        for c in range(end):
+            if refcount(c):
+                count += 1
+                if count >= threshold:
+                    return True
+    except (OSError, ImageFormatError):
+        pass
     return False
 
 
@@ -97,7 +102,10 @@ def _host_zero(drv: "Driver", host: int, run: int) -> Tuple[bool, int]:
     if host >= end:
         return True, run
     n = min(run, end - host)
-    found = drv.file.next_data(host)
+    try:
+        found = drv.file.next_data(host)
+    except OSError:
+        return False, run   # QEMU learns nothing then, and keeps the run as data
     if found is None:
         return True, (run if host + n == end else n)
     data, hole = found
