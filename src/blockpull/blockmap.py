@@ -18,6 +18,7 @@ import os
 from typing import TYPE_CHECKING, Any, Dict, List, NamedTuple, Optional, Sequence, Tuple
 
 from blockpull._driver import COMPRESSED, DATA, UNALLOC, ZERO
+from blockpull._qcow2 import INCOMPAT_DATA_FILE
 from blockpull.errors import ImageFormatError
 
 if TYPE_CHECKING:  # pragma: no cover
@@ -70,9 +71,13 @@ def metadata_preallocated(drv: "Driver") -> bool:
     QEMU's rule (block/qcow2-refcount.c, qcow2_detect_metadata_preallocation): with R
     the bytes the host file allocates (st_blocks * 512) in clusters, the image is taken
     as preallocated when at least max(R * 10 / 9, R + 2) of the clusters of the host
-    file have a non-zero refcount. False for other formats, and (as in QEMU) when a
-    refcount cannot be read: the map does not need them."""
+    file have a non-zero refcount. False for other formats and for images with an
+    external data file (not asked here), and (as in QEMU) when a refcount cannot be
+    read: the map does not need them."""
     if drv.format != "qcow2":
+        return False
+    if drv.incompatible & INCOMPAT_DATA_FILE:   # type: ignore[attr-defined]
+        # QEMU asks the external data file then; its host offsets are not drv.file's
         return False
     cs = drv.cluster_size
     real = os.fstat(drv.file.fd).st_blocks * 512 // cs
