@@ -1,12 +1,17 @@
 # cython: language_level=3
-"""raw: the file is the disk. Only ever a backing file here; holes read as zeros."""
+"""raw: the file is the disk. Only ever a backing file here; holes read as zeros.
+
+As in QEMU, the disk is the file's length rounded up to 512 bytes (QEMU's block layer
+counts lengths in 512-byte sectors): the bytes past the file's end read as zeros."""
 from libc.stdint cimport int64_t
 from blockpull._fileio cimport File
 from blockpull._driver cimport Driver, KIND_DATA, KIND_ZERO, KIND_UNALLOC
 
 
 cdef class Raw(Driver):
-    """A raw image file, read-only; ``block_status`` maps holes with SEEK_DATA/SEEK_HOLE."""
+    """A raw image file, read-only; ``block_status`` maps holes with SEEK_DATA/SEEK_HOLE.
+    ``size`` (bytes) is the file's length rounded up to 512; the tail past the file's
+    end is a hole."""
     cdef int64_t _data_start
     cdef int64_t _data_end
 
@@ -16,7 +21,7 @@ cdef class Raw(Driver):
         self.file = f
         self.writable = False
         self.format = "raw"
-        self.size = f.size()
+        self.size = (f.size() + 511) & ~511LL
         self.cluster_size = 65536
         self.cluster_bits = 16
         self.backing_name = None

@@ -9,8 +9,8 @@ import threading
 from typing import TYPE_CHECKING, Any, Callable, Dict, List, NamedTuple, Optional, Tuple, Union
 
 from blockpull._chain import Chain
-from blockpull._driver import COMPRESSED, DATA, UNALLOC, ZERO
 from blockpull._inflight import copy_on_read
+from blockpull.blockmap import Extent, chain_map
 from blockpull.errors import BackingChainError, ImageFormatError, ImageNotFoundError
 from blockpull.formats import FORMATS, creatable, open_driver, probe_path
 from blockpull.job import PullJob
@@ -35,29 +35,6 @@ class ChainEntry(NamedTuple):
     path: str
     format: str
     size: int
-
-
-class Extent(NamedTuple):
-    """A run of the virtual disk that reads the same way (``qemu-img map`` semantics).
-
-    ``depth`` is the chain index that provides it, ``present`` whether any image of the
-    chain allocates it, ``offset`` the host offset in that image for plain data.
-    """
-    start: int
-    length: int
-    depth: int
-    data: bool
-    zero: bool
-    present: bool = True
-    offset: Optional[int] = None
-
-    def to_json(self) -> Dict[str, Any]:
-        """The dict `qemu-img map --output=json` prints for this extent."""
-        d: Dict[str, Any] = {"start": self.start, "length": self.length, "depth": self.depth,
-                             "present": self.present, "zero": self.zero, "data": self.data}
-        if self.offset is not None:
-            d["offset"] = self.offset
-        return d
 
 
 class Image:
@@ -360,36 +337,10 @@ class Image:
                 self._top.flush()
 
     def map(self) -> List[Extent]:
-        """Allocation map of the whole disk, extent for extent as ``qemu-img map``."""
-        out: List[Extent] = []
-        pos, size = 0, self.size
+        """Allocation map of the whole disk, extent for extent as ``qemu-img map``
+        (blockpull.blockmap). Raises OSError if a table or a host file cannot be read."""
         with self._lock:
-            while pos < size:
-                depth, kind, run, host = self.chain_obj.find(pos, size - pos)
-                present = kind != UNALLOC
-                data = kind in (DATA, COMPRESSED)
-                zero = kind in (ZERO, UNALLOC)
-                off = host if kind == DATA or (kind == ZERO and host) else None
-                if kind == ZERO and self._drivers[depth].format == "raw":
-                    off = pos   # a raw hole is the file's own bytes: qemu-img map names them
-                if kind == UNALLOC and pos < self._drivers[depth].size:
-                    # qemu-img map shows where the bottom image keeps space for a range
-                    # that reads through (allocated but unused subclusters)
-                    k2, r2, h2 = self._drivers[depth].block_status(pos, run)
-                    if k2 == UNALLOC and h2:
-                        off, run = h2, min(run, r2)
-                e = Extent(pos, run, depth, data, zero, present, off)
-                if out:
-                    p = out[-1]
-                    if (p.depth, p.data, p.zero, p.present) == (depth, data, zero, present) and \
-                            ((p.offset is None and off is None) or
-                             (p.offset is not None and off is not None and p.offset + p.length == off)):
-                        out[-1] = p._replace(length=p.length + run)
-                        pos += run
-                        continue
-                out.append(e)
-                pos += run
-        return out
+            return chain_map(self.chain_obj, self._drivers, self.size)
 
     # ---- pulling ----------------------------------------------------------------
 
