@@ -350,7 +350,12 @@ cdef class File:
         if observed:
             self._record_views(views, off, <size_t>(pos - off))
         if err:
-            raise_errno(err, self.path, "write")
+            # what reached the file before the error, for a caller that keeps it (a
+            # pull keeps the whole clusters a full disk let through)
+            exc = OSError(err, "write: %s" % strerror(err).decode("utf-8", "replace"),
+                          str(self.path))
+            exc.bytes_written = pos - off
+            raise exc
         return 0
 
     cdef int _fault_views(self, object views, int64_t off) except -1:

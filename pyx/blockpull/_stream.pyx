@@ -527,9 +527,11 @@ cdef class Stream:
         was read: its data may have been lost with that sync's pages. Every ``batch``
         bytes the driver writes its tables."""
         cdef int64_t front = self.done_front
-        self._await_write(ch)
+        failed = self._await_write(ch)
         ch.release_views()
         with self.lock:
+            if failed is not None:
+                self._keep_written(ch, front, failed)
             if self._epoch() != ch.epoch:
                 self._give_back(ch, 0)
                 return False
@@ -544,22 +546,43 @@ cdef class Stream:
                     raise StreamIOError(exc, "write", ch.off)
         return True
 
-    cdef int _await_write(self, Chunk ch) except -1:
-        """Wait for the chunk's write; when it failed, give its clusters back and raise
-        StreamIOError at its first cluster."""
-        cdef int64_t first
+    cdef object _await_write(self, Chunk ch):
+        """Wait for the chunk's write: None when it succeeded (or there was none), else
+        its OSError."""
         if ch.future is None:
-            return 0
+            return None
         fut, ch.future = ch.future, None
         try:
             fut.result()
         except OSError as exc:
-            first = ch.off + <int64_t>ch.todo[0] * self.top.cluster_size
-            ch.release_views()
-            with self.lock:
-                self._give_back(ch, 0)
+            return exc
+        return None
+
+    cdef _keep_written(self, Chunk ch, int64_t front, exc):
+        """The chunk's write failed (the lock is held): link the whole clusters that
+        reached the file before the error (a full disk lets part of a write through, and
+        with several writes in flight each may be cut short), give back the rest, and
+        raise StreamIOError at the first cluster not linked. The kept clusters are
+        linked like any others, their data made durable before the tables that point at
+        them (``on_error`` flushes before the policy is asked)."""
+        cdef int64_t cs = self.top.cluster_size
+        cdef int64_t k = getattr(exc, "bytes_written", 0) // cs
+        cdef int64_t first
+        k = max(0, min(k, len(ch.todo) - 1))
+        if k == 0 or self._epoch() != ch.epoch:
+            first = ch.off + <int64_t>ch.todo[0] * cs
+            self._give_back(ch, 0)
             raise StreamIOError(exc, "write", first)
-        return 0
+        first = <int64_t>ch.todo[k]
+        if k < len(ch.todo):
+            self.top.free_clusters(ch.host + k * cs, len(ch.todo) - k)
+        ch.todo = ch.todo[:k]
+        ch.zeros = [j for j in ch.zeros if j < first]
+        ch.skips = [j for j in ch.skips if j < first]
+        self._link_chunk(ch, front)    # raises StreamIOError itself if linking fails
+        v = ch.off + first * cs
+        self._partly_done(ch, v)       # the chunk to retry (or give up) is [v, end)
+        raise StreamIOError(exc, "write", v)
 
     cdef _link_chunk(self, Chunk ch, int64_t front):
         """Link the chunk's clusters (the lock is held), in virtual order, so that a
