@@ -282,3 +282,82 @@ def test_cli_pull_many_keep(tmp_path, qemu):
         qemu.assert_clean(t)
         assert qemu.compare(t, w, None, "raw")
         assert _compressed_entries(qemu, t) > 0
+
+
+@pytest.mark.parametrize("ctype", ["zlib", "zstd"])
+def test_check_agrees_with_qemu(tmp_path, qemu, ctype):
+    """blockpull.check counts a kept image as qemu-img check does (packed host clusters,
+    one reference per compressed cluster in each)."""
+    import json
+    cs = 4096
+    top, want = _chain(qemu, tmp_path, cs, ctype, 120)
+    _pull(top, "keep")
+    q = json.loads(qemu.img("check", "--output=json", top, check=False).stdout)
+    r = blockpull.check(top)
+    assert (r.corruptions, r.leaks) == (0, 0), r.messages
+    assert r.compressed_clusters == q["compressed-clusters"] > 0
+    assert r.allocated_clusters == q["allocated-clusters"]
+    assert r.fragmented_clusters == q["fragmented-clusters"]
+    assert r.image_end_offset == q["image-end-offset"]
+
+
+def test_v2_top_keeps_zlib(tmp_path, qemu):
+    """qcow2 v2 holds compressed clusters too (zlib, the only type it can name)."""
+    cs = 65536
+    top, want = _chain(qemu, tmp_path, cs, "zlib", 20, top_opts=["compat=0.10"])
+    info = _pull(top, "keep")
+    assert info.compressed == "keep" and info.kept_bytes > 0
+    qemu.assert_clean(top)
+    assert qemu.compare(top, want, None, "raw")
+    assert qemu.info(top)["format-specific"]["data"]["compat"] == "0.10"
+
+
+def test_v2_top_zstd_backing_inflates(tmp_path, qemu):
+    cs = 65536
+    top, want = _chain(qemu, tmp_path, cs, "zstd", 20, mid=False, top_opts=["compat=0.10"])
+    info = _pull(top, "keep")
+    assert info.compressed == "inflate" and "112-byte header" in info.compressed_reason
+    qemu.assert_clean(top)
+    assert qemu.compare(top, want, None, "raw")
+    assert _compressed_entries(qemu, top) == 0
+
+
+def test_abort_then_copy_on_read_then_pull_again(tmp_path, qemu):
+    """An aborted keep pull leaves a valid, still backed image; copy-on-read fills the
+    rest (inflated), and a second keep pull finds nothing left to copy."""
+    import time
+    cs = 4096
+    top, want = _chain(qemu, tmp_path, cs, "zstd", 200)
+    with blockpull.open(top) as img:
+        job = img.pull(compressed="keep", chunk=4 * cs, bandwidth=40 * cs)
+        while job.info().kept_bytes == 0 and not job.done():
+            time.sleep(0.01)
+        job.abort()
+        assert job.status == "cancelled" and job.info().kept_bytes > 0
+    qemu.assert_clean(top)
+    assert qemu.info(top).get("backing-filename")
+    assert qemu.compare(top, want, None, "raw")
+    with blockpull.open(top, copy_on_read=True) as img:
+        assert img.read(0, img.size) == want.read_bytes()
+    qemu.assert_clean(top)
+    info = _pull(top, "keep")
+    assert info.copied_bytes == 0
+    qemu.assert_clean(top)
+    assert qemu.compare(top, want, None, "raw")
+    assert qemu.info(top).get("backing-filename") is None
+    assert _compressed_entries(qemu, top) > 0
+
+
+def test_short_last_cluster(tmp_path, qemu):
+    """A disk size that ends inside a cluster: the last (compressed) cluster is kept."""
+    cs = 65536
+    raw = tmp_path / "src.raw"
+    raw.write_bytes(_raw_data(9, cs)[:8 * cs + 1536])
+    tpl = str(tmp_path / "tpl.qcow2")
+    qemu.img("convert", "-q", "-c", "-O", "qcow2", "-o", "compression_type=zstd", str(raw), tpl)
+    top = qemu.create(tmp_path / "top.qcow2", 8 * cs + 1536, backing=tpl)
+    info = _pull(top, "keep")
+    assert info.kept_bytes % cs == 1536 and info.cur == info.end     # the last one kept
+    qemu.assert_clean(top)
+    assert qemu.compare(top, str(raw), None, "raw")
+    assert qemu.compare(top, tpl)
