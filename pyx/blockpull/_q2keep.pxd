@@ -3,6 +3,7 @@
 from libc.stdint cimport int64_t, uint64_t
 from blockpull._driver cimport Driver
 from blockpull._q2order cimport Qcow2Ordering
+from blockpull._inflight cimport Chunk
 
 
 cdef class KeepPlan:
@@ -22,8 +23,11 @@ cdef class Packer:
     cdef int64_t end              # the end of that cluster (bytes)
 
     cdef int64_t place(self, int64_t nbytes) except -1
+    cdef int place_chunk(self, Chunk ch) except -1
     cdef int give_back(self, int64_t coff, int64_t nbytes) except -1
+    cdef int give_back_chunk(self, Chunk ch) except -1
     cdef int release(self) except -1
 
 
 cdef uint64_t descriptor(int cluster_bits, int64_t coff, int64_t nbytes) noexcept
+cdef list kept_pieces(Chunk ch)

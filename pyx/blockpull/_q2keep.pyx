@@ -13,10 +13,12 @@ that names them, like any pulled cluster (docs/crash-model.md).
 from libc.stdint cimport int64_t, uint64_t
 
 from blockpull._driver cimport Driver
+from blockpull._fileio cimport File
 from blockpull._q2order cimport Qcow2Ordering
 from blockpull._q2compress cimport comp_extent
 from blockpull._q2map cimport OFFSET_MASK, COMPRESSED_FLAG
 from blockpull._tablecache cimport Table
+from blockpull._inflight cimport Chunk
 
 VALUES = ("inflate", "keep")
 _TYPE_NAMES = ("zlib", "zstd")
@@ -30,6 +32,32 @@ cdef uint64_t descriptor(int cluster_bits, int64_t coff, int64_t nbytes) noexcep
     cdef int x = 62 - (cluster_bits - 8)
     cdef uint64_t nsect = ((coff + nbytes - 1) >> 9) - (coff >> 9)
     return COMPRESSED_FLAG | (nsect << x) | <uint64_t>coff
+
+
+cdef list kept_pieces(Chunk ch):
+    """The chunk's kept compressed bytes to write, as (host offset, bytes), the pieces
+    that lie back to back joined."""
+    cdef list out = []
+    cdef int64_t i, at, end = -1
+    for i in range(len(ch.ctodo)):
+        at = ch.cplaces[i]
+        data = ch.craw[ch.ctodo[i]]
+        if at == end:
+            out[len(out) - 1][1].append(data)
+        else:
+            out.append((at, [data]))
+        end = at + len(data)
+    return [(at, b"".join(parts)) for at, parts in out]
+
+
+def write_kept(File f, views, int64_t host, list pieces):
+    """On a writer thread: a chunk's data clusters (``views`` at ``host``, bytes), then
+    its kept compressed bytes (``pieces``, from ``kept_pieces``) into ``f``, none of them
+    linked yet. Raises OSError."""
+    if views:
+        f.pwritev_data(views, host)
+    for at, data in pieces:
+        f.pwrite(data, at)
 
 
 cdef bint _holds_compressed(Qcow2Ordering q) except -1:
@@ -200,6 +228,29 @@ cdef class Packer:
             else:
                 self.cur = self.end = 0
         return coff
+
+    cdef int place_chunk(self, Chunk ch) except -1:
+        """Place the compressed bytes of the chunk's kept clusters (``ch.ctodo``, bytes in
+        ``ch.craw``) into ``ch.cplaces`` (the lock is held). Raises OSError when the space
+        cannot be had; ``ch.ctodo`` then holds the clusters placed so far."""
+        cdef list places = []
+        ch.cplaces = places
+        ch.cdone = 0
+        try:
+            for j in ch.ctodo:
+                places.append(self.place(len(ch.craw[j])))
+        except OSError:
+            del ch.ctodo[len(places):]
+            raise
+        return 0
+
+    cdef int give_back_chunk(self, Chunk ch) except -1:
+        """The chunk's placed bytes not linked yet (``ch.cplaces[ch.cdone:]``) will not
+        be: drop their counts."""
+        cdef int64_t i
+        for i in range(ch.cdone, len(ch.cplaces)):
+            self.give_back(ch.cplaces[i], len(ch.craw[ch.ctodo[i]]))
+        return 0
 
     cdef int give_back(self, int64_t coff, int64_t nbytes) except -1:
         """The bytes placed at ``coff`` will not be linked: drop their counts."""

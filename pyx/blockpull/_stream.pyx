@@ -41,7 +41,8 @@ from blockpull._inflight cimport Chunk, Flight, cor_group, keep_lacking
 from blockpull._plan cimport Planner, lacking
 from blockpull._ratelimit cimport RateLimiter
 from blockpull._reader cimport ReaderPool
-from blockpull._q2keep cimport KeepPlan, Packer, descriptor
+from blockpull._q2keep cimport KeepPlan, Packer, descriptor, kept_pieces
+from blockpull._q2keep import write_kept
 from blockpull._pool import BufferPool
 from blockpull.errors import StreamIOError
 
@@ -280,8 +281,8 @@ cdef class Stream:
                         failed = (ch.off, ch.n, exc)
                     continue
                 if ch.ctodo:
-                    ch.future = self.writer.submit(self._write_kept, ch.views, ch.host,
-                                                   self._kept_pieces(ch))
+                    ch.future = self.writer.submit(write_kept, self.top.file, ch.views,
+                                                   ch.host, kept_pieces(ch))
                 elif ch.todo:
                     ch.future = self.writer.submit(self.top.file.pwritev_data, ch.views, ch.host)
                 inflight.append(ch)
@@ -447,8 +448,7 @@ cdef class Stream:
             ch.todo = []
             try:
                 if ch.cplaces:
-                    for i in range(ch.cdone, len(ch.cplaces)):
-                        self.packer.give_back(ch.cplaces[i], len(ch.craw[ch.ctodo[i]]))
+                    self.packer.give_back_chunk(ch)
             finally:
                 ch.ctodo = ch.cplaces = None
                 ch.craw = None
@@ -505,49 +505,14 @@ cdef class Stream:
             # the re-check: what a guest write filled meanwhile is its own
             keep_lacking(self.top, self.flight, ch, self.keep_base, &self.skipped_zero)
             if ch.ctodo:
-                self._place_kept(ch)
+                try:
+                    self.packer.place_chunk(ch)
+                except OSError as exc:
+                    self._give_back(ch, 0)
+                    raise StreamIOError(exc, "write", ch.off)
         if ch.todo:
             ch.set_views(self.top.cluster_size)
         return 0
-
-    cdef int _place_kept(self, Chunk ch) except -1:
-        """Place the compressed bytes of the chunk's kept clusters in the top (the lock is
-        held); when the space cannot be had, the chunk is given back and StreamIOError
-        raised."""
-        cdef list places = []
-        ch.cplaces = places
-        ch.cdone = 0
-        try:
-            for j in ch.ctodo:
-                places.append(self.packer.place(len(ch.craw[j])))
-        except OSError as exc:
-            del ch.ctodo[len(places):]
-            self._give_back(ch, 0)
-            raise StreamIOError(exc, "write", ch.off)
-        return 0
-
-    cdef list _kept_pieces(self, Chunk ch):
-        """The kept clusters' bytes to write, as (host offset, bytes), the ones that lie
-        back to back joined."""
-        cdef list out = []
-        cdef int64_t i, at, end = -1
-        for i in range(len(ch.ctodo)):
-            at = ch.cplaces[i]
-            data = ch.craw[ch.ctodo[i]]
-            if at == end:
-                out[len(out) - 1][1].append(data)
-            else:
-                out.append((at, [data]))
-            end = at + len(data)
-        return [(at, b"".join(parts)) for at, parts in out]
-
-    def _write_kept(self, views, int64_t host, list pieces):
-        """On a writer thread: the chunk's data clusters (``views`` at ``host``), then its
-        kept compressed bytes (``pieces``), none of them linked yet."""
-        if views:
-            self.top.file.pwritev_data(views, host)
-        for at, data in pieces:
-            self.top.file.pwrite(data, at)
 
     cdef bint _write_first(self, Chunk r, Chunk w):
         """While the read of ``r`` (the next chunk to keep) runs: True once the write of
