@@ -14,7 +14,7 @@ cdef class BackingReader:
     cdef open(self)
     cdef close(self)
     cdef int read(self, int64_t v, unsigned char* out, int64_t n) except -1
-    cdef bytes raw(self, KeepPlan keep, int64_t v, int64_t n)
+    cdef bytes raw(self, KeepPlan keep, int64_t v, int64_t n, int64_t* run)
 
 
 cdef class ReaderPool:

@@ -83,19 +83,23 @@ cdef class BackingReader:
         return 0
 
 
-    cdef bytes raw(self, KeepPlan keep, int64_t v, int64_t n):
-        """The compressed bytes of the cluster at ``v`` (``n`` bytes of it) when the
-        backing layer that holds it keeps them (``KeepPlan.raw``), else None. Raises
-        OSError."""
+    cdef bytes raw(self, KeepPlan keep, int64_t v, int64_t n, int64_t* run):
+        """The compressed bytes of the cluster at ``v`` (``n`` bytes from there to the
+        end of the range) when the backing layer that holds it keeps them
+        (``KeepPlan.raw``), else None and ``run[0]`` bytes from ``v`` that hold none
+        (at least one cluster's worth). Raises OSError."""
         cdef Chain c = self.own
         cdef int d, kind
+        cdef int64_t r
         if c is None:
             with self.lock:
-                d, kind, _r, _h = self.chain.c_find(v, n, 1, self.chain.depth)
+                d, kind, r, _h = self.chain.c_find(v, n, 1, self.chain.depth)
+                run[0] = r
                 if kind != KIND_COMPRESSED:
                     return None
                 return keep.raw(<Driver>self.chain.layers[d], d, v)
-        d, kind, _r, _h = c.c_find(v, n, 1, c.depth)
+        d, kind, r, _h = c.c_find(v, n, 1, c.depth)
+        run[0] = r
         if kind != KIND_COMPRESSED:
             return None
         return keep.raw(<Driver>c.layers[d], d, v)
@@ -106,7 +110,7 @@ cdef int read_kept(BackingReader r, KeepPlan keep, list runs, int64_t off, int64
     """``read_runs`` for a pull that keeps compressed clusters: a cluster whose
     compressed bytes are kept goes to ``craw`` (cluster index -> bytes), marked 3 in
     ``st``; the clusters between such ones are read as usual, a run of them at once."""
-    cdef int64_t i, k, j, g, v, clen
+    cdef int64_t i, k, j, g, v, run = 0
     for i, k, _b in runs:
         g = i              # clusters [g, j) wait to be read as usual
         j = i
@@ -114,13 +118,13 @@ cdef int read_kept(BackingReader r, KeepPlan keep, list runs, int64_t off, int64
             data = None
             if j < i + k:
                 v = off + j * cs
-                clen = min(cs, n - j * cs)
                 try:
-                    data = r.raw(keep, v, clen)
+                    data = r.raw(keep, v, min((i + k) * cs, n) - j * cs, &run)
                 except OSError as exc:
                     raise StreamIOError(exc, "read", v)
                 if data is None:
-                    j += 1
+                    # no compressed cluster in this run of the same kind
+                    j = min(i + k, j + max(1, run // cs))
                     continue
             if j > g:
                 read_runs(r, [(g, j - g, min((j - g) * cs, n - g * cs))], off, n, cs, p, st)
