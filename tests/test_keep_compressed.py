@@ -393,3 +393,27 @@ def test_failed_write_of_kept_bytes(tmp_path, qemu):
     assert info.kept_bytes > 0
     qemu.assert_clean(top)
     assert qemu.compare(top, want, None, "raw")
+
+
+def test_top_with_snapshots_inflates(tmp_path, qemu):
+    cs = 65536
+    top, want = _chain(qemu, tmp_path, cs, "zlib", 10, mid=False)
+    qemu.img("snapshot", "-c", "s1", top)
+    info = _pull(top, "keep")
+    assert info.compressed == "inflate" and "snapshots" in info.compressed_reason
+    qemu.assert_clean(top)
+    assert qemu.compare(top, want, None, "raw")
+    assert _compressed_entries(qemu, top) == 0
+
+
+def test_extended_l2_top_plans_inflate(tmp_path, qemu):
+    """A top with extended L2 entries inflates (its compressed entries would need a
+    bitmap of their own); the plan says so."""
+    from blockpull._q2keep import plan
+    cs = 65536
+    _chain(qemu, tmp_path, cs, "zlib", 10, mid=False)
+    top = qemu.create(tmp_path / "ext.qcow2", 10 * cs, backing=str(tmp_path / "tpl.qcow2"),
+                      opts=["extended_l2=on"])
+    with blockpull.open(top, readonly=True) as img:
+        p = plan(img.chain_obj, img.layers[0], len(img.layers), "keep")
+    assert p.mode == "inflate" and "extended L2" in p.reason
