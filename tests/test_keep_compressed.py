@@ -417,3 +417,29 @@ def test_extended_l2_top_plans_inflate(tmp_path, qemu):
     with blockpull.open(top, readonly=True) as img:
         p = plan(img.chain_obj, img.layers[0], len(img.layers), "keep")
     assert p.mode == "inflate" and "extended L2" in p.reason
+
+
+def test_oneshot_and_libvirt_shaped_keep(tmp_path, qemu):
+    import threading
+    cs = 65536
+    d1, d2 = tmp_path / "a", tmp_path / "b"
+    d1.mkdir()
+    d2.mkdir()
+    t1, w1 = _chain(qemu, d1, cs, "zstd", 10, mid=False)
+    info = blockpull.pull(t1, compressed="keep")
+    assert info.compressed == "keep" and info.kept_bytes > 0
+    with pytest.raises(ValueError):
+        blockpull.pull(t1, compressed="KEEP")
+    t2, w2 = _chain(qemu, d2, cs, "zlib", 10, mid=False)
+    done = threading.Event()
+    eid = blockpull.event_register(blockpull.EVENT_ID_BLOCK_PULL,
+                                   lambda path, status: done.set())
+    try:
+        blockpull.block_pull(t2, compressed="keep")
+        assert done.wait(60)
+    finally:
+        blockpull.event_deregister(eid)
+    for t, w in ((t1, w1), (t2, w2)):
+        qemu.assert_clean(t)
+        assert qemu.compare(t, w, None, "raw")
+        assert _compressed_entries(qemu, t) > 0
