@@ -439,8 +439,8 @@ cdef class Stream:
 
     cdef _give_back(self, Chunk ch, int64_t k):
         """Give back the host clusters of ``ch.todo[k:]``, which are not linked; the
-        chunk leaves the flight (the lock is held)."""
-        cdef int64_t i
+        chunk leaves the flight (the lock is held); so do its kept compressed bytes
+        not linked yet."""
         try:
             if k < len(ch.todo):
                 self.top.free_clusters(ch.host + k * self.top.cluster_size, len(ch.todo) - k)
@@ -641,6 +641,7 @@ cdef class Stream:
                 raise
             raise StreamIOError(exc, "write", v)
         ch.todo = []
+        ch.ctodo = ch.cplaces = None
         ch.craw = None
         self.flight.unreserve(ch)
 
