@@ -1,12 +1,13 @@
 """The process test_crash.py kills: pulls an image (and writes to it as a guest would).
 
-    python crash_child.py TOP BASE|- KILL_AT WRITES_SEED CHUNK BATCH
+    python crash_child.py TOP BASE|- KILL_AT WRITES_SEED CHUNK BATCH [COMPRESSED]
 
 KILL_AT: 0 = run to the end (the parent kills it from outside at a random moment, or it
 finishes and prints the number of top writes and syncs it made); N > 0 = SIGKILL itself
 just before the N-th write or sync of the top file. WRITES_SEED: 0 = no guest writes;
 otherwise a writer thread writes non-overlapping random extents while the pull runs and
 flushes now and then, printing "flushed I" once the flush of write I returned.
+COMPRESSED: the pull's ``compressed`` ("inflate" by default, or "keep").
 """
 import random
 import sys
@@ -22,6 +23,7 @@ from relhelp import guest_extents  # noqa: E402
 def main() -> None:
     top, base, kill_at, wseed, chunk, batch = sys.argv[1:7]
     kill_at, wseed, chunk, batch = int(kill_at), int(wseed), int(chunk), int(batch)
+    compressed = sys.argv[7] if len(sys.argv) > 7 else "inflate"
     img = blockpull.open(top, backing_format="qcow2")
     inj = faults.FaultInjector(record_writes=False)
     if kill_at:
@@ -45,7 +47,8 @@ def main() -> None:
                     out.flush()
                     pending = []
         writer = threading.Thread(target=write_all)
-    job = img.pull(base=None if base == "-" else base, chunk=chunk, batch=batch)
+    job = img.pull(base=None if base == "-" else base, chunk=chunk, batch=batch,
+                   compressed=compressed)
     out.write("ready\n")
     out.flush()
     if writer is not None:

@@ -41,7 +41,8 @@ def soak_marks():
 
 class Variant(NamedTuple):
     """A chain to build: format of the top, cluster size, compat, refcount bits, and the
-    base a pull keeps (None: whole chain)."""
+    base a pull keeps (None: whole chain); ``keep``: the base's data is compressible and
+    compressed with this compression type ("zlib"/"zstd"), for pulls that keep it so."""
     name: str
     fmt: str = "qcow2"
     cluster: int = 65536
@@ -49,6 +50,7 @@ class Variant(NamedTuple):
     refbits: int = 16
     base: Optional[str] = None
     size: int = 4 << 20
+    keep: str = ""
 
 
 VARIANTS = {
@@ -71,12 +73,15 @@ def _qemu(*args: str) -> subprocess.CompletedProcess:
 
 
 def _write_random(path: str, rng: random.Random, writes: Sequence[Tuple[int, int]],
-                  scratch: str, extra: Sequence[str] = ()) -> None:
+                  scratch: str, extra: Sequence[str] = (), compressible: bool = False) -> None:
     cmds: List[str] = []
     for i, (off, n) in enumerate(writes):
         src = f"{scratch}.{i}"
         with open(src, "wb") as f:
-            f.write(rng.randbytes(n))
+            if compressible:       # random runs of 64 bytes, each repeated 16 times
+                f.write(b"".join(rng.randbytes(64) * 16 for _ in range(n // 1024 + 1))[:n])
+            else:
+                f.write(rng.randbytes(n))
         cmds += ["-c", f"write -q -s {src} {off} {n}"]
     for c in extra:
         cmds += ["-c", c]
@@ -99,7 +104,12 @@ def build_chain(d: str, v: Variant, seed: int = 1) -> Dict[str, str]:
     _write_random(base, rng, [(0, size // 4), (size // 4 + 8192, size // 4),
                               (3 * size // 4 - 70000, size // 4 - 4096)],
                   os.path.join(d, "scratch"),
-                  extra=[f"write -c -q -P 0x5a {size // 2 + 65536 * 2} 65536"])
+                  extra=[f"write -c -q -P 0x5a {size // 2 + 65536 * 2} 65536"],
+                  compressible=bool(v.keep))
+    if v.keep:
+        _qemu("qemu-img", "convert", "-q", "-c", "-O", "qcow2", "-o",
+              f"cluster_size=65536,compression_type={v.keep}", base, base + ".c")
+        os.replace(base + ".c", base)
     _qemu("qemu-img", "create", "-q", "-f", "qcow2", "-b", "base.qcow2", "-F", "qcow2",
           "-o", "cluster_size=65536", mid, str(size))
     _write_random(mid, rng, [(100_000, 150_000), (size // 2 - 30_000, 60_000)],

@@ -7,7 +7,9 @@ the image opens and reads what it read before (guest writes: each sector old or 
 flushed ones new), ``qemu-img check`` finds no corruption (leaks are allowed), and a new
 pull finishes the job (equal content, backing as asked).
 
-CI: 60 rounds over the variants; BLOCKPULL_SOAK=1: 240 more. BLOCKPULL_SEED reruns one.
+CI: 60 rounds over the variants, and 8 of a pull that keeps compressed clusters
+compressed (KEEP_VARIANTS; a second pull keeps them too); BLOCKPULL_SOAK=1: 240 more,
+and 40 more of keep. BLOCKPULL_SEED reruns one.
 """
 from __future__ import annotations
 
@@ -20,12 +22,19 @@ import time
 import pytest
 
 import blockpull
-from relhelp import (PY, VARIANTS, Model, assert_no_corruption, backing_of,
+from relhelp import (PY, VARIANTS, Model, Variant, assert_no_corruption, backing_of,
                      build_chain, child_env, copy_chain, guest_extents, raw_of, seed_list)
 
 CHILD = os.path.join(os.path.dirname(os.path.abspath(__file__)), "crash_child.py")
 CI_ROUNDS = 60
 SOAK_ROUNDS = 240
+KEEP_ROUNDS = 8
+KEEP_SOAK_ROUNDS = 40
+#: a compressed template (zstd, with a zlib top to switch) pulled with compressed="keep"
+KEEP_VARIANTS = {
+    "keep-zstd": Variant("keep-zstd", keep="zstd"),
+    "keep-zlib": Variant("keep-zlib", keep="zlib"),
+}
 
 
 def _tuning(v):
@@ -36,7 +45,7 @@ def _tuning(v):
 def _run_child(top, base, kill_at, wseed, v, timeout=120):
     chunk, batch = _tuning(v)
     return subprocess.Popen([PY, CHILD, top, base or "-", str(kill_at), str(wseed),
-                             str(chunk), str(batch)],
+                             str(chunk), str(batch), "keep" if v.keep else "inflate"],
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
                             env=child_env())
 
@@ -70,7 +79,7 @@ _templates = {}
 def template(tmp_path_factory, name):
     if name not in _templates:
         root = str(tmp_path_factory.mktemp("crash-" + name))
-        _templates[name] = Template(root, VARIANTS[name])
+        _templates[name] = Template(root, VARIANTS.get(name) or KEEP_VARIANTS[name])
     return _templates[name]
 
 
@@ -112,7 +121,7 @@ def crash_round(t: Template, d: str, seed: int) -> str:
     # 3. a new pull finishes the job
     if backing_of(top) != v.base:
         with blockpull.open(top, backing_format="qcow2") as img:
-            img.pull(base=v.base).result(timeout=120)
+            img.pull(base=v.base, compressed="keep" if v.keep else "inflate").result(timeout=120)
     assert backing_of(top) == v.base, f"{what}: backing after the second pull"
     assert raw_of(top, os.path.join(d, "final.raw")) == got, f"{what}: second pull changed data"
     assert_no_corruption(top, f"{what}: after the second pull")
@@ -140,6 +149,22 @@ PER_VARIANT = -(-CI_ROUNDS // len(CI_NAMES))
 def test_sigkill_pull(tmp_path_factory, tmp_path, name):
     base = 1000 * (CI_NAMES.index(name) + 1)
     _rounds(tmp_path_factory, tmp_path, name, seed_list(range(base, base + PER_VARIANT)))
+
+
+@pytest.mark.parametrize("name", sorted(KEEP_VARIANTS))
+def test_sigkill_pull_keep(tmp_path_factory, tmp_path, name):
+    base = 50_000 + 1000 * sorted(KEEP_VARIANTS).index(name)
+    _rounds(tmp_path_factory, tmp_path, name,
+            seed_list(range(base, base + KEEP_ROUNDS // len(KEEP_VARIANTS))))
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("name", sorted(KEEP_VARIANTS))
+def test_sigkill_pull_keep_soak(tmp_path_factory, tmp_path, name):
+    n = KEEP_SOAK_ROUNDS // len(KEEP_VARIANTS)
+    base = 900_000 + 1000 * sorted(KEEP_VARIANTS).index(name) + int(time.time()) % 10_000 * 100
+    print(f"soak seeds {base}..{base + n - 1}")
+    _rounds(tmp_path_factory, tmp_path, name, seed_list(range(base, base + n)))
 
 
 #: seeds that once failed, kept: (variant, seed, what it found)

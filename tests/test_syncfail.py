@@ -22,17 +22,19 @@ import pytest
 
 import blockpull
 from blockpull import faults
-from relhelp import (VARIANTS, Model, build_chain, copy_chain, qemu_check, raw_of)
+from relhelp import (VARIANTS, Model, Variant, build_chain, copy_chain, qemu_check, raw_of)
 
 CHUNK = 8192
 BATCH = 16384
 
 _templates = {}
+#: a compressed template pulled with compressed="keep" (the top's type switched to zstd)
+KEEP = {"keep-zstd": Variant("keep-zstd", keep="zstd")}
 
 
 def template(tmp_path_factory, name):
     if name not in _templates:
-        v = VARIANTS[name]
+        v = VARIANTS.get(name) or KEEP[name]
         root = str(tmp_path_factory.mktemp("sf-" + name))
         chain = build_chain(os.path.join(root, "template"), v)
         before = raw_of(chain["top"], os.path.join(root, "before.raw"))
@@ -130,6 +132,34 @@ def test_failed_sync_resume_then_power_cut(tmp_path_factory, tmp_path, name, whe
     assert raw_of(d["top"], str(tmp_path / "after.raw")) == before
     n = cut_power(d["top"], initial, inj.ops(d["top"]), Model(before),
                   f"{name} {where}")
+    assert n > 3
+
+
+@pytest.mark.parametrize("where", ["first", "mid"])
+def test_failed_sync_keep_compressed(tmp_path_factory, tmp_path, where):
+    """As above, for a pull that keeps compressed clusters compressed: what a failed
+    sync covered (compressed bytes, their links) is given back and copied again; every
+    power cut from the failure on reads as the chain did."""
+    v, tchain, before = template(tmp_path_factory, "keep-zstd")
+    d = copy_chain(tchain, str(tmp_path / "img"))
+    with open(d["top"], "rb") as f:
+        initial = f.read()
+    inj = faults.FaultInjector()
+    with blockpull.open(d["top"], backing_format="qcow2") as img:
+        faults.attach(img, inj)
+        rule = inj.fail("sync", "top", errno.EIO, nth=2 if where == "first" else 5,
+                        match=in_job_thread)
+        job = img.pull(on_error="stop", chunk=CHUNK * 8, batch=BATCH * 8, compressed="keep")
+        wait_paused(job)
+        assert rule.fired == 1
+        job.resume()
+        info = job.result(timeout=120)
+        assert info.compressed == "keep" and info.kept_bytes > 0
+        faults.detach(img)
+    assert raw_of(d["top"], str(tmp_path / "after.raw")) == before
+    rc, out = qemu_check(d["top"])
+    assert rc == 0 and "compressed clusters" in out, out
+    n = cut_power(d["top"], initial, inj.ops(d["top"]), Model(before), f"keep {where}")
     assert n > 3
 
 

@@ -30,6 +30,10 @@ cdef class Chunk:
     cdef int64_t epoch
     cdef list runs
     cdef bytearray state
+    cdef dict craw            # cluster index -> compressed bytes kept as they are
+    cdef list ctodo           # cluster indexes linked as compressed clusters, in order
+    cdef list cplaces         # host byte offset of each one's bytes in the top
+    cdef int64_t cdone        # ctodo[:cdone] are linked or given back
 
     cdef release_views(self)
     cdef set_views(self, int64_t cs)

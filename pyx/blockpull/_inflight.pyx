@@ -28,7 +28,9 @@ cdef class Chunk:
     record as zeros, ``skips`` the all-zero ones left out on a pull without a base,
     ``views`` what to write, ``future`` its read, then its write, ``epoch`` the top's
     failed syncs when the chunk was planned, ``runs`` what the top lacked then ((first
-    cluster, clusters, bytes)), ``state`` per cluster read: 1 data, 2 all zeros."""
+    cluster, clusters, bytes)), ``state`` per cluster read: 1 data, 2 all zeros, 3
+    compressed bytes kept as they are (``craw``; of those the top still lacks, ``ctodo``
+    with their places ``cplaces`` in the top, see blockpull._q2keep)."""
 
     cdef release_views(self):
         self.views = None
@@ -84,6 +86,11 @@ cdef class Flight:
                 v = ch.off + <int64_t>j * cs
                 if v < b and a < v + cs:
                     return True
+            if ch.ctodo:
+                for j in ch.ctodo:
+                    v = ch.off + <int64_t>j * cs
+                    if v < b and a < v + cs:
+                        return True
         return False
 
     def await_copies(self, int64_t offset, int64_t n):
@@ -105,7 +112,7 @@ cdef class Flight:
 
     cdef reserve(self, Chunk ch):
         """The chunk's clusters are about to be written (the lock is held)."""
-        if ch.todo:
+        if ch.todo or ch.ctodo:
             self.copying.append(ch)
 
     cdef unreserve(self, Chunk ch):
@@ -140,6 +147,7 @@ cdef int keep_lacking(Driver top, Flight flight, Chunk ch, bint keep_base,
     cdef list todo = []       # cluster indexes (within the chunk) to copy, in order
     cdef list zeros = []
     cdef list skips = []
+    cdef list ctodo = []      # compressed clusters kept as they are
     for i, k, _n in ch.runs:
         e = i + k
         while i < e:
@@ -150,13 +158,15 @@ cdef int keep_lacking(Driver top, Flight flight, Chunk ch, bint keep_base,
                 for j in range(i, i + k):
                     if state[j] == 1:
                         todo.append(j)
+                    elif state[j] == 3:
+                        ctodo.append(j)
                     elif keep_base:
                         zeros.append(j)
                     else:
                         skipped[0] += min(cs, n - j * cs)
                         skips.append(j)
             i += k
-    if todo or zeros:
+    if todo or zeros or ctodo:
         try:
             # tables before data: once the data is written, linking it needs
             # no space (a full disk fails here, before anything is written)
@@ -166,6 +176,7 @@ cdef int keep_lacking(Driver top, Flight flight, Chunk ch, bint keep_base,
         except OSError as exc:
             raise StreamIOError(exc, "write", off)
     ch.todo = todo
+    ch.ctodo = ctodo
     flight.reserve(ch)
     ch.zeros = zeros
     ch.skips = skips

@@ -287,6 +287,24 @@ class Header:
         self.autoclear = bits
         f.pwrite(struct.pack(">Q", bits), 88)
 
+    def write_compression_type(self, File f, int ctype):
+        """Set the compression type (v3, byte 104; 0 zlib, 1 zstd) and incompatible bit 3
+        with it (set for zstd, clear for zlib) in one write of the first sector (QEMU's
+        docs/interop/qcow2.rst, "compression type" header field). Only for an image that
+        holds no compressed cluster, and with a header of at least 112 bytes; the caller
+        syncs before it links a cluster of that type. Raises ValueError otherwise."""
+        if self.version != 3 or self.header_length < 112 or ctype not in (0, 1):
+            raise ValueError("%s: compression type %d needs a qcow2 v3 header of at least "
+                             "112 bytes" % (self.path, ctype))
+        raw = bytearray(f.pread(72, 40))
+        incompat = struct.unpack(">Q", raw[:8])[0]
+        incompat = (incompat | INCOMPAT_COMPRESSION) if ctype else (incompat & ~INCOMPAT_COMPRESSION)
+        raw[:8] = struct.pack(">Q", incompat)
+        raw[32] = ctype
+        f.pwrite(bytes(raw), 72)
+        self.incompatible = incompat
+        self.compression_type = ctype
+
     def write_reftable(self, File f, long long offset, long long clusters):
         """Point the header at a refcount table (bytes 48..59: offset, clusters) in one
         write of the first sector; the caller syncs."""

@@ -139,12 +139,24 @@ cdef class Qcow2Ordering(Driver):
     cdef _unlink_fresh(self, int64_t c, int64_t host, object old):
         """Undo, in memory, a link of cluster ``c`` to ``host`` whose data may be lost:
         ``old`` is the entry it replaced (a guest's allocating write), or None for a link
-        into views that lacked the cluster (a pull's copy)."""
+        into views that lacked the cluster (a pull's copy). A pull's compressed copy
+        (blockpull._q2keep) passes its descriptor as ``host``: every host cluster its
+        bytes touch loses the count the link took."""
         cdef int64_t l1i = c >> self.l2_bits
         cdef int64_t i2 = c & (self.l2_entries - 1)
         cdef int64_t refs = 0, off, k
         cdef Table t, l1
         cdef set seen = set()
+        if old is None and <uint64_t>host & COMPRESSED_FLAG:
+            off = self.l1.get(l1i) & OFFSET_MASK if l1i < self.l1_size else 0
+            if off and self.cmap.load_l2(off).get(i2) == <uint64_t>host:
+                self.cmap.load_l2(off).put(i2, 0)
+                first, count = self._held_by(<uint64_t>host)
+                for k in range(first, first + count):
+                    self.rc.add(k, -1)
+                if self.cmap.last_comp_vcluster == c:
+                    self.cmap.last_comp_vcluster = -1
+            return
         if old is not None:
             if (self.cmap.l2_entry(c) & OFFSET_MASK) != <uint64_t>host:
                 return

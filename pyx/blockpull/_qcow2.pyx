@@ -27,6 +27,7 @@ from blockpull._q2map cimport ClusterMap, OFFSET_MASK, COPIED, COMPRESSED_FLAG, 
 from blockpull._q2refcount cimport Refcounts
 from blockpull._q2snap cimport Snapshots
 from blockpull._q2order cimport Qcow2Ordering
+from blockpull._q2compress cimport comp_extent
 from blockpull.errors import ImageFormatError
 from blockpull._bitmaps import Bitmaps, AUTOCLEAR_BITMAPS
 from blockpull._q2header import (Header, MAGIC, EXT_END, EXT_BACKING_FORMAT,
@@ -433,6 +434,27 @@ cdef class Qcow2(Qcow2Ordering):
             self.rc.add(host >> self.cluster_bits, 1)
         if refs == 1 and (self.cmap.l2_entry(c) & OFFSET_MASK) == <uint64_t>host:
             self._set_l2(c, <uint64_t>host | COPIED)
+        return True
+
+    def link_compressed(self, int64_t vaddr, uint64_t entry):
+        """Link the cluster at ``vaddr`` (bytes) to the compressed descriptor ``entry``
+        (QEMU's docs/interop/qcow2.rst, "Compressed Clusters Descriptor") if the top still
+        lacks it; the bytes it names are written and counted by the caller
+        (blockpull._q2keep.Packer). False when the cluster is filled already. Raises
+        ValueError on an image with internal snapshots or extended L2 entries."""
+        cdef int64_t c = vaddr >> self.cluster_bits
+        cdef uint64_t coff, clen
+        if self.snaps.l1s or self.extended_l2:
+            raise ValueError("compressed clusters are linked only into an image without "
+                             "internal snapshots or extended L2 entries")
+        self._bound_dirty()
+        if self.cmap.l2_entry(c) != 0:
+            return False
+        self._set_l2(c, entry)
+        self.fresh.append((c, <int64_t>entry, None))
+        comp_extent(entry, self.cluster_bits, &coff, &clen)
+        if <int64_t>(coff + clen) > self.rc.file_size:
+            self.rc.file_size = coff + clen    # written by the caller: reads may reach it
         return True
 
     cpdef bint link_zero(self, int64_t vaddr) except -1:

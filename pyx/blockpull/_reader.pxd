@@ -2,6 +2,7 @@
 from libc.stdint cimport int64_t
 
 from blockpull._chain cimport Chain
+from blockpull._q2keep cimport KeepPlan
 
 
 cdef class BackingReader:
@@ -13,6 +14,7 @@ cdef class BackingReader:
     cdef open(self)
     cdef close(self)
     cdef int read(self, int64_t v, unsigned char* out, int64_t n) except -1
+    cdef bytes raw(self, KeepPlan keep, int64_t v, int64_t n, int64_t* run)
 
 
 cdef class ReaderPool:
@@ -25,4 +27,4 @@ cdef class ReaderPool:
     cdef open(self, int depth)
     cdef close(self)
     cdef object submit(self, list runs, int64_t off, int64_t n, int64_t cs, buf,
-                       bytearray state)
+                       bytearray state, KeepPlan keep=*, dict craw=*)

@@ -10,7 +10,8 @@ clusters (zlib, zstd) and zero scans of several chunks run on as many cores.
 from libc.stdint cimport int64_t
 
 from blockpull._chain cimport Chain
-from blockpull._driver cimport Driver
+from blockpull._driver cimport Driver, KIND_COMPRESSED
+from blockpull._q2keep cimport KeepPlan
 from blockpull._fileio cimport File
 from blockpull._inflight cimport all_zero
 from blockpull.errors import StreamIOError
@@ -82,6 +83,59 @@ cdef class BackingReader:
         return 0
 
 
+    cdef bytes raw(self, KeepPlan keep, int64_t v, int64_t n, int64_t* run):
+        """The compressed bytes of the cluster at ``v`` (``n`` bytes from there to the
+        end of the range) when the backing layer that holds it keeps them
+        (``KeepPlan.raw``), else None and ``run[0]`` bytes from ``v`` that hold none
+        (at least one cluster's worth). Raises OSError."""
+        cdef Chain c = self.own
+        cdef int d, kind
+        cdef int64_t r
+        if c is None:
+            with self.lock:
+                d, kind, r, _h = self.chain.c_find(v, n, 1, self.chain.depth)
+                run[0] = r
+                if kind != KIND_COMPRESSED:
+                    return None
+                return keep.raw(<Driver>self.chain.layers[d], d, v)
+        d, kind, r, _h = c.c_find(v, n, 1, c.depth)
+        run[0] = r
+        if kind != KIND_COMPRESSED:
+            return None
+        return keep.raw(<Driver>c.layers[d], d, v)
+
+
+cdef int read_kept(BackingReader r, KeepPlan keep, list runs, int64_t off, int64_t n,
+                   int64_t cs, unsigned char* p, unsigned char* st, dict craw) except -1:
+    """``read_runs`` for a pull that keeps compressed clusters: a cluster whose
+    compressed bytes are kept goes to ``craw`` (cluster index -> bytes), marked 3 in
+    ``st``; the clusters between such ones are read as usual, a run of them at once."""
+    cdef int64_t i, k, j, g, v, run = 0
+    for i, k, _b in runs:
+        g = i              # clusters [g, j) wait to be read as usual
+        j = i
+        while j <= i + k:
+            data = None
+            if j < i + k:
+                v = off + j * cs
+                try:
+                    data = r.raw(keep, v, min((i + k) * cs, n) - j * cs, &run)
+                except OSError as exc:
+                    raise StreamIOError(exc, "read", v)
+                if data is None:
+                    # no compressed cluster in this run of the same kind
+                    j = min(i + k, j + max(1, run // cs))
+                    continue
+            if j > g:
+                read_runs(r, [(g, j - g, min((j - g) * cs, n - g * cs))], off, n, cs, p, st)
+            if data is not None:
+                craw[j] = data
+                st[j] = 3
+            j += 1
+            g = j
+    return 0
+
+
 cdef int read_runs(BackingReader r, list runs, int64_t off, int64_t n, int64_t cs,
                    unsigned char* p, unsigned char* st) except -1:
     """Read ``runs`` ((first cluster, clusters, bytes) of the chunk [off, off+n)) from the
@@ -138,17 +192,22 @@ cdef class ReaderPool:
         self.free = None
 
     cdef object submit(self, list runs, int64_t off, int64_t n, int64_t cs, buf,
-                       bytearray state):
+                       bytearray state, KeepPlan keep=None, dict craw=None):
         """Read ``runs`` of the chunk [off, off+n) (see ``read_runs``) into ``buf`` and
         ``state`` on a reader thread; the future of it (its result raises
-        StreamIOError)."""
-        return self.threads.submit(self._read, runs, off, n, cs, buf, state)
+        StreamIOError). With ``keep`` (a plan in "keep" mode), compressed clusters it
+        keeps go to ``craw`` as they are (``read_kept``)."""
+        return self.threads.submit(self._read, runs, off, n, cs, buf, state, keep, craw)
 
-    def _read(self, list runs, int64_t off, int64_t n, int64_t cs, buf, bytearray state):
+    def _read(self, list runs, int64_t off, int64_t n, int64_t cs, buf, bytearray state,
+              KeepPlan keep, dict craw):
         cdef const unsigned char[::1] mv = buf
         cdef unsigned char[::1] stv = state
         cdef BackingReader r = self.free.get()
         try:
-            read_runs(r, runs, off, n, cs, <unsigned char*>&mv[0], &stv[0])
+            if keep is not None:
+                read_kept(r, keep, runs, off, n, cs, <unsigned char*>&mv[0], &stv[0], craw)
+            else:
+                read_runs(r, runs, off, n, cs, <unsigned char*>&mv[0], &stv[0])
         finally:
             self.free.put(r)

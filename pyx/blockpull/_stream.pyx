@@ -41,6 +41,8 @@ from blockpull._inflight cimport Chunk, Flight, cor_group, keep_lacking
 from blockpull._plan cimport Planner, lacking
 from blockpull._ratelimit cimport RateLimiter
 from blockpull._reader cimport ReaderPool
+from blockpull._q2keep cimport KeepPlan, Packer, descriptor, kept_pieces
+from blockpull._q2keep import write_kept
 from blockpull._pool import BufferPool
 from blockpull.errors import StreamIOError
 
@@ -94,6 +96,9 @@ cdef class Stream:
     cdef int64_t run_epoch    # the top's failed syncs when this pass began
     cdef ReaderPool readers
     cdef Planner planner
+    cdef public KeepPlan keep       # compressed clusters kept as they are, or None
+    cdef Packer packer
+    cdef readonly int64_t kept      # bytes (virtual) linked as compressed clusters
 
     def __init__(self, Chain chain, Driver top, lock, int base_depth, RateLimiter limiter,
                  control=None, int64_t chunk=DEFAULT_CHUNK, int64_t batch=DEFAULT_BATCH):
@@ -275,7 +280,10 @@ cdef class Stream:
                     if failed is None:
                         failed = (ch.off, ch.n, exc)
                     continue
-                if ch.todo:
+                if ch.ctodo:
+                    ch.future = self.writer.submit(write_kept, self.top.file, ch.views,
+                                                   ch.host, kept_pieces(ch))
+                elif ch.todo:
                     ch.future = self.writer.submit(self.top.file.pwritev_data, ch.views, ch.host)
                 inflight.append(ch)
             clean = self.errors == 0
@@ -294,6 +302,8 @@ cdef class Stream:
         self.writer = ThreadPoolExecutor(depth, thread_name_prefix="blockpull-write")
         self.run_epoch = self._epoch()
         self.readers.open(rdepth)
+        if self.keep is not None:
+            self.packer = Packer(self.top)
         return bufs
 
     cdef _end_run(self, list inflight, list reads, list bufs, bint clean):
@@ -313,6 +323,9 @@ cdef class Stream:
             self.tracking = False
             # every chunk is linked or given back by now: nothing is in flight
             self.flight.clear()
+            if self.packer is not None:
+                self.packer.release()
+                self.packer = None
         if not clean:
             try:
                 with self.lock:
@@ -426,13 +439,20 @@ cdef class Stream:
 
     cdef _give_back(self, Chunk ch, int64_t k):
         """Give back the host clusters of ``ch.todo[k:]``, which are not linked; the
-        chunk leaves the flight (the lock is held)."""
+        chunk leaves the flight (the lock is held); so do its kept compressed bytes
+        not linked yet."""
         try:
             if k < len(ch.todo):
                 self.top.free_clusters(ch.host + k * self.top.cluster_size, len(ch.todo) - k)
         finally:
             ch.todo = []
-            self.flight.unreserve(ch)
+            try:
+                if ch.cplaces:
+                    self.packer.give_back_chunk(ch)
+            finally:
+                ch.ctodo = ch.cplaces = None
+                ch.craw = None
+                self.flight.unreserve(ch)
 
     cdef int64_t chunk_limit(self, int64_t chunk, int64_t cs):
         """Chunk size: under a limit, about 1/64 s of budget, so that the limiter stays
@@ -463,7 +483,10 @@ cdef class Stream:
             ch.epoch = self._epoch()
             ch.runs = lacking(self.top, off, n)
         if ch.runs:
-            ch.future = self.readers.submit(ch.runs, off, n, cs, buf, ch.state)
+            if self.keep is not None:
+                ch.craw = {}
+            ch.future = self.readers.submit(ch.runs, off, n, cs, buf, ch.state, self.keep,
+                                            ch.craw)
         return ch
 
     cdef int _finish_read(self, Chunk ch) except -1:
@@ -481,6 +504,12 @@ cdef class Stream:
         with self.lock:
             # the re-check: what a guest write filled meanwhile is its own
             keep_lacking(self.top, self.flight, ch, self.keep_base, &self.skipped_zero)
+            if ch.ctodo:
+                try:
+                    self.packer.place_chunk(ch)
+                except OSError as exc:
+                    self._give_back(ch, 0)
+                    raise StreamIOError(exc, "write", ch.off)
         if ch.todo:
             ch.set_views(self.top.cluster_size)
         return 0
@@ -564,13 +593,14 @@ cdef class Stream:
         with several writes in flight each may be cut short), give back the rest, and
         raise StreamIOError at the first cluster not linked. The kept clusters are
         linked like any others, their data made durable before the tables that point at
-        them (``on_error`` flushes before the policy is asked)."""
+        them (``on_error`` flushes before the policy is asked). A chunk that also holds
+        compressed clusters kept as they are is given back whole."""
         cdef int64_t cs = self.top.cluster_size
         cdef int64_t k = getattr(exc, "bytes_written", 0) // cs
         cdef int64_t first
         k = max(0, min(k, len(ch.todo) - 1))
-        if k == 0 or self._epoch() != ch.epoch:
-            first = ch.off + <int64_t>ch.todo[0] * cs
+        if k == 0 or ch.ctodo or self._epoch() != ch.epoch:
+            first = ch.off + <int64_t>(ch.todo or ch.ctodo)[0] * cs
             self._give_back(ch, 0)
             raise StreamIOError(exc, "write", first)
         first = <int64_t>ch.todo[k]
@@ -598,7 +628,8 @@ cdef class Stream:
         cdef list todo = ch.todo
         order = sorted([(<int64_t>todo[i], 0, i) for i in range(len(todo))] +
                        [(<int64_t>j, 1, 0) for j in ch.zeros] +
-                       [(<int64_t>j, 2, 0) for j in ch.skips])
+                       [(<int64_t>j, 2, 0) for j in ch.skips] +
+                       [(<int64_t>ch.ctodo[i], 3, i) for i in range(len(ch.ctodo or ()))])
         try:
             for j, what, i in order:
                 v = off + j * cs
@@ -619,6 +650,8 @@ cdef class Stream:
                                 self._count(clen)
                     elif self._write_zero_cluster(v, clen) and v >= front:
                         self._count(clen)
+                elif what == 3:
+                    self._link_kept(ch, i, v, clen, front)
                 elif v >= front and top.pull_status(v, cs)[0] == KIND_UNALLOC:
                     # left unallocated: done, unless a guest write filled it meanwhile
                     self._count(clen)
@@ -632,7 +665,25 @@ cdef class Stream:
                 raise
             raise StreamIOError(exc, "write", v)
         ch.todo = []
+        ch.ctodo = ch.cplaces = None
+        ch.craw = None
         self.flight.unreserve(ch)
+
+    cdef int _link_kept(self, Chunk ch, int64_t i, int64_t v, int64_t clen,
+                        int64_t front) except -1:
+        """Link kept cluster ``ch.ctodo[i]`` at ``v`` to its compressed bytes (the lock is
+        held), or give them back when a guest write filled the cluster first."""
+        cdef int64_t at = ch.cplaces[i]
+        cdef int64_t nb = len(ch.craw[ch.ctodo[i]])
+        if self.top.link_compressed(v, descriptor(self.top.cluster_bits, at, nb)):
+            self.copied += clen
+            self.kept += clen
+            if v >= front:
+                self._count(clen)
+        else:
+            self.packer.give_back(at, nb)
+        ch.cdone = i + 1
+        return 0
 
     cdef _partly_done(self, Chunk ch, int64_t v):
         """A chunk failed at ``v`` after its earlier clusters were done (and counted):

@@ -1,11 +1,12 @@
 """Type stubs for the compiled module blockpull._stream."""
-from typing import Any
+from typing import Any, Optional
 
 from typing_extensions import disjoint_base
 
 from blockpull._chain import Chain
 from blockpull._driver import Driver
 from blockpull._inflight import Flight
+from blockpull._q2keep import KeepPlan
 from blockpull._ratelimit import RateLimiter
 
 DEFAULT_CHUNK: int
@@ -36,6 +37,8 @@ class Stream:
     direct: bool
     depth: int
     read_depth: int
+    keep: Optional[KeepPlan]
+    kept: int
     def __init__(self, chain: Chain, top: Driver, lock: Any, base_depth: int,
                  limiter: RateLimiter, control: Any = ..., chunk: int = ...,
                  batch: int = ...) -> None: ...

@@ -101,19 +101,21 @@ def _bytes_per_second(bandwidth: int, in_bytes: bool) -> int:
 
 
 def block_pull(path: str, bandwidth: int = 0, flags: int = 0,
-               budget: "Optional[Budget]" = None) -> int:
+               budget: "Optional[Budget]" = None, compressed: str = "inflate") -> int:
     """Start pulling the whole backing chain of ``path`` into it; returns 0.
 
     ``bandwidth`` is in MiB/s (0 = unlimited), or in bytes/s with
     ``flags=BLOCK_PULL_BANDWIDTH_BYTES``. ``budget`` (a ``blockpull.Budget``, beyond
-    libvirt's signature) shares one bandwidth among every pull started with it.
-    Raises ValueError for a negative or fractional bandwidth.
+    libvirt's signature) shares one bandwidth among every pull started with it;
+    ``compressed="keep"`` (also beyond it) keeps compressed clusters compressed where the
+    formats allow (see ``PullJob.create``). Raises ValueError for a negative or
+    fractional bandwidth, or another ``compressed``.
     """
     bw = _bytes_per_second(bandwidth, bool(flags & BLOCK_PULL_BANDWIDTH_BYTES))
     key = _key(path)
     img = Image(path)
     try:
-        job = img.pull(bandwidth=bw, on_event=_dispatch, budget=budget)
+        job = img.pull(bandwidth=bw, on_event=_dispatch, budget=budget, compressed=compressed)
     except BaseException:
         img.close()
         raise

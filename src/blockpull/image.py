@@ -348,19 +348,23 @@ class Image:
              on_error: str = "report", on_event: Optional[Callable[[Any], None]] = None,
              *, chunk: Optional[int] = None, batch: Optional[int] = None,
              budget: "Optional[Budget]" = None,
-             read_depth: Optional[int] = None) -> "PullJob":
+             read_depth: Optional[int] = None,
+             compressed: str = "inflate") -> "PullJob":
         """Start pulling the backing chain (down to ``base``) into this image in the
         background; returns the running ``PullJob``. ``bandwidth`` (bytes/s) is the job's
         own limit; ``budget`` (a ``blockpull.Budget``) a bandwidth shared with every job
         started with it. ``chunk`` and ``batch`` (bytes) tune how much is copied per step
         and between metadata syncs, ``read_depth`` how many chunk reads of the backing
         chain are in flight at once (default 4: more for a backing on a slow or networked
-        path). Raises what ``PullJob.create`` raises, and OSError if
+        path). ``compressed="keep"`` copies the backing's compressed clusters into a
+        qcow2 top as they are where the formats allow ("inflate", the default, writes
+        them as plain data; see ``PullJob.create``). Raises what ``PullJob.create``
+        raises, and OSError if
         the chain's tables cannot be read."""
         self._top  # closed check
         job = PullJob.create(self, base=base, bandwidth=bandwidth, on_error=on_error,
                              on_event=on_event, chunk=chunk, batch=batch, budget=budget,
-                             read_depth=read_depth)
+                             read_depth=read_depth, compressed=compressed)
         prev, self._job = self._job, job
         try:
             job.start()

@@ -8,6 +8,7 @@ import threading
 import time
 from typing import TYPE_CHECKING, Any, Callable, Generator, List, NamedTuple, Optional, Union
 
+from blockpull._q2keep import plan as keep_plan
 from blockpull._ratelimit import RateLimiter
 from blockpull._stream import MAX_READ_DEPTH, Stream
 from blockpull.budget import Budget
@@ -38,7 +39,11 @@ class PullInfo(NamedTuple):
     a guest write (or a write of zeros, or a copy-on-read) fills first counts as done:
     ``cur`` advances over it and ``end`` stays. ``copied_bytes`` were written as data,
     ``zeroed_bytes`` recorded as zero clusters (or zero data on qcow2 v2); ``errors``
-    counts chunks skipped under ``on_error="ignore"``.
+    counts chunks skipped under ``on_error="ignore"``. ``compressed`` is what the pull
+    does with the backing's compressed clusters: "keep" (copied into the qcow2 top as
+    compressed clusters) or "inflate" (written as plain data, as QEMU's block-stream
+    does), and ``compressed_reason`` one sentence saying why (e.g. why "keep" was asked
+    for and could not be done); ``kept_bytes`` of ``copied_bytes`` were kept compressed.
     """
     cur: int
     end: int
@@ -50,6 +55,9 @@ class PullInfo(NamedTuple):
     elapsed: float
     path: str
     base: Optional[str]
+    compressed: str = "inflate"
+    compressed_reason: str = ""
+    kept_bytes: int = 0
 
 
 class PullEvent(NamedTuple):
@@ -150,7 +158,7 @@ class PullJob(JobFuture):
                  on_event: Optional[Callable[[PullEvent], None]],
                  chunk: Optional[int] = None, batch: Optional[int] = None,
                  budget: "Optional[Budget]" = None,
-                 read_depth: Optional[int] = None) -> None:
+                 read_depth: Optional[int] = None, compressed: str = "inflate") -> None:
         self.image = image
         self.path = image.path
         self._name = self.path
@@ -169,6 +177,8 @@ class PullJob(JobFuture):
             self._stream.batch = int(batch)
         if read_depth:
             self._stream.read_depth = int(read_depth)
+        self._compressed = compressed
+        self._keep = keep_plan(image.chain_obj, image.layers[0], base_depth, "inflate")
         self._status = JobStatus.RUNNING
         self._error: Optional[PullError] = None
         self._last_error: Optional[PullError] = None
@@ -192,7 +202,8 @@ class PullJob(JobFuture):
                on_event: Optional[Callable[[PullEvent], None]] = None,
                chunk: Optional[int] = None, batch: Optional[int] = None,
                budget: "Optional[Budget]" = None,
-               read_depth: Optional[int] = None) -> "PullJob":
+               read_depth: Optional[int] = None,
+               compressed: str = "inflate") -> "PullJob":
         """A pull of ``image`` down to ``base``, set up but not started (``Image.pull``
         calls this, makes it the image's job, then calls ``start``).
 
@@ -201,11 +212,18 @@ class PullJob(JobFuture):
         job started with it, the job's own limit applying inside it; ``chunk`` (bytes
         copied per step), ``batch`` (bytes between metadata syncs) and ``read_depth``
         (chunk reads of the backing chain in flight at once, default 4) tune the copy loop.
-        Raises ValueError (bad on_error, bandwidth or read_depth), TypeError (``budget`` is
+        ``compressed``: "inflate" (the default, as QEMU) writes the backing's compressed
+        clusters as plain data; "keep" copies them into a qcow2 top as compressed
+        clusters where the formats allow (same cluster size; the top's compression type
+        is set to the backing's if it holds no compressed cluster yet), else inflates;
+        ``info().compressed`` and ``compressed_reason`` say which and why.
+        Raises ValueError (bad on_error, bandwidth, read_depth or compressed), TypeError (``budget`` is
         not a Budget), PermissionError (image open read-only), JobActiveError (a pull
         already runs on the image), BackingChainError (``base`` is not in the chain). The
         image is claimed until the job ends, or until ``start`` fails."""
         policy = OnError.parse(on_error)
+        if compressed not in ("inflate", "keep"):
+            raise ValueError(f"compressed must be 'inflate' or 'keep', not {compressed!r}")
         bw = parse_bandwidth(bandwidth)
         if read_depth is not None and not 1 <= read_depth <= MAX_READ_DEPTH:
             raise ValueError(f"read_depth must be 1 to {MAX_READ_DEPTH} (chunk reads in "
@@ -223,7 +241,7 @@ class PullJob(JobFuture):
                                      f"wait for it or abort it first")
             base_depth = image.base_depth(base)
             job = cls(image, base_depth, base, bw, policy, on_event, chunk, batch, budget,
-                      read_depth)
+                      read_depth, compressed)
             job._key = key
             _active[key] = job
         return job
@@ -233,6 +251,14 @@ class PullJob(JobFuture):
         and start its thread. If planning fails (OSError reading the tables), the claim
         on the image is released and the error raised: the job never runs."""
         try:
+            if self._compressed == "keep":
+                with self.image.lock:
+                    self._keep = keep_plan(self.image.chain_obj, self.image.layers[0],
+                                           self._base_depth, "keep")
+                    # the top's compression type, durable before any cluster of it
+                    self._keep.apply(self.image.layers[0])
+                if self._keep.mode == "keep":
+                    self._stream.keep = self._keep
             self._stream.prepare()
         except BaseException:
             with _active_lock:
@@ -412,7 +438,7 @@ class PullJob(JobFuture):
         t1 = self._t1
         return PullInfo(s.cur, s.end, self._limiter.rate, self._status, s.copied, s.zeroed,
                         s.errors, (t1 if t1 is not None else time.monotonic()) - self._t0,
-                        self.path, self.base)
+                        self.path, self.base, self._keep.mode, self._keep.reason, s.kept)
 
     # ---- steering -----------------------------------------------------------------
 

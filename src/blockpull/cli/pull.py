@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import functools
 import os
 import queue
 import signal
@@ -40,6 +41,10 @@ def add_parser(sub: Any, common: argparse.ArgumentParser) -> None:
     p.add_argument("--on-error", choices=("report", "stop", "ignore"), default="report",
                    help="on an I/O error: fail (report, default); pause until SIGUSR1 "
                         "then retry (stop); skip the chunk and finish as failed (ignore)")
+    p.add_argument("--keep-compressed", action="store_true",
+                   help="copy compressed clusters of a qcow2 backing into a qcow2 top as "
+                        "compressed clusters (same cluster size), not inflated; the result "
+                        "says when they had to be inflated and why")
     p.add_argument("--control", metavar="QMP_SOCKET",
                    help="listen on this Unix socket (0600) for QMP: the pull is the block "
                         "job 'top' (query-block-jobs, block-job-set-speed/pause/resume/"
@@ -139,16 +144,18 @@ def _pull_steered(args: argparse.Namespace, img: Image,
     """``run_pull`` with ``--control``'s QMP socket open meanwhile, if given: the pull is
     its job "top" and QMP ``quit`` aborts it."""
     control = None
+    pull_fn: Any = (functools.partial(img.pull, compressed="keep")
+                    if getattr(args, "keep_compressed", False) else img.pull)
     if args.control:
         from blockpull.qmp import ControlServer
 
         def _quit() -> None:
             if img.job is not None:
                 img.job.abort(wait=False)
-        control = ControlServer(args.control, img, img.pull, on_quit=_quit)
+        control = ControlServer(args.control, img, pull_fn, on_quit=_quit)
     try:
         return run_pull(img, progress, base=args.base, bandwidth=args.bandwidth,
-                        on_error=args.on_error, start=control.start if control else None)
+                        on_error=args.on_error, start=control.start if control else pull_fn)
     finally:
         if control is not None:
             control.close()
@@ -191,5 +198,9 @@ def cmd_pull(args: argparse.Namespace) -> int:
         now = f"now backed by {backing}" if backing else "no backing file now"
         print(f"pulled {args.path}: {format_size(info.copied_bytes)} copied"
               + (f", {format_size(info.zeroed_bytes)} as zero clusters" if info.zeroed_bytes else "")
+              + (f", {format_size(info.kept_bytes)} of it kept compressed"
+                 if info.kept_bytes else "")
               + f" in {info.elapsed:.1f} s ({rate:.1f} MiB/s); {now}")
+        if args.keep_compressed and info.compressed != "keep":
+            print(f"{PROG}: note: {info.compressed_reason}", file=sys.stderr)
     return EXIT_OK

@@ -85,7 +85,8 @@ def _start(args: argparse.Namespace, path: str, budget: Budget,
     def on_event(ev: PullEvent) -> None:
         events.put((path, ev))
     try:
-        job = img.pull(on_error=args.on_error, budget=budget, on_event=on_event)
+        job = img.pull(on_error=args.on_error, budget=budget, on_event=on_event,
+                       compressed="keep" if args.keep_compressed else "inflate")
     except BaseException:
         img.close()
         raise
