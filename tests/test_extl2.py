@@ -1,6 +1,7 @@
 """Writable qcow2 images with extended L2 entries (subclusters): guest writes, pulls,
 copy-on-read and check, judged by qemu-img compare / check / map against what the chain
 read before or against a reference image qemu-io wrote the same way."""
+import errno
 import shutil
 import struct
 
@@ -228,3 +229,38 @@ def test_writable_open_with_snapshots_refused(tmp_path, qemu):
     assert open(top, "rb").read() == before
     with blockpull.open(top, readonly=True) as img:
         assert img.read(0, 4096) == b"\4" * 4096
+
+
+def test_failed_sync_unlinks_new_subclusters(tmp_path, qemu):
+    """A failed fdatasync after subcluster writes: the subclusters they allocated (in
+    place, and in a new host cluster) are unallocated again in memory, so no entry is
+    ever written naming data that may be lost; flush then reports the loss, and the
+    image on disk stays consistent and reads as before (or with the lost writes)."""
+    from blockpull import faults
+    cs = 65536
+    sc = cs // 32
+    top, size = ext_chain(qemu, tmp_path, cs)
+    before = qemu.to_raw(top, tmp_path / "before.raw")
+    img = blockpull.open(top)
+    try:
+        drv = img.layers[0]
+        inj = faults.attach(img, faults.FaultInjector(record_writes=False))
+        inj.fail(op="sync", role="top", errno=errno.EIO, nth=1)
+        img.write(4 * cs + 20 * sc, b"\x31" * sc)       # in place: half-allocated cluster
+        img.write(7 * cs + 5 * sc, b"\x32" * 100)       # a new host cluster
+        assert drv.block_status(4 * cs + 20 * sc, sc)[0] == 1
+        with pytest.raises(OSError):
+            img.flush()
+        assert drv.block_status(4 * cs + 20 * sc, sc)[0] == 0
+        assert drv.block_status(7 * cs + 5 * sc, sc)[0] == 0
+        assert drv.block_status(4 * cs, 16 * sc)[0:2] == (1, 16 * sc)
+        with pytest.raises(OSError):
+            img.flush()
+        faults.detach(img)
+    finally:
+        try:
+            img.close()
+        except OSError:
+            pass
+    qemu.assert_clean(top)
+    assert qemu.to_raw(top, tmp_path / "after.raw") == before
