@@ -184,6 +184,57 @@ def test_writes_then_pull_keeping_base(tmp_path, qemu, cs):
     assert qemu.info(top).get("backing-filename") == "mid.qcow2"
 
 
+@pytest.mark.parametrize("cs", [32768, 2 << 20])
+def test_zero_writes_into_compressed_clusters(tmp_path, qemu, cs):
+    """A compressed cluster zeroed whole becomes zero subclusters; zeroed in part it is
+    rewritten whole, every subcluster allocated (a compressed entry's bitmap is 0)."""
+    sc = cs // 32
+    size = 4 * cs
+    base = qemu.create(tmp_path / "base.qcow2", size, opts=[f"cluster_size={cs}"])
+    qemu.io(base, f"write -P 1 0 {size}")
+    top = qemu.create(tmp_path / "top.qcow2", size, backing="base.qcow2",
+                      opts=[f"cluster_size={cs},extended_l2=on"])
+    qemu.io(top, f"write -c -P 7 0 {cs}", f"write -c -P 8 {cs} {cs}",
+            f"write -c -P 9 {2 * cs} {cs}")
+    ref = str(tmp_path / "ref.qcow2")
+    shutil.copy(top, ref)
+    with blockpull.open(top) as img:
+        img.write_zeroes(0, cs)
+        img.write_zeroes(cs + 100, 2 * sc)
+        img.write(2 * cs + sc + 3, b"\x44" * 10)
+    qemu.io(ref, f"write -z 0 {cs}", f"write -z {cs + 100} {2 * sc}",
+            f"write -P 0x44 {2 * cs + sc + 3} 10")
+    qemu.assert_clean(top)
+    assert qemu.compare(top, ref)
+    assert blockpull.check(top).corruptions == 0
+    with blockpull.open(top, readonly=True) as img:
+        assert [e.to_json() for e in img.map()] == qemu.map(top)
+    blockpull.pull(top)
+    qemu.assert_clean(top)
+    assert qemu.compare(top, ref)
+
+
+@pytest.mark.parametrize("cs", [32768, 65536])
+def test_guest_writes_during_pull(tmp_path, qemu, cs):
+    """Guest writes (subclusters of half-allocated and lacking clusters) while a pull
+    runs chunk by chunk: each write wins over the pull's copy, whenever it lands."""
+    top, size = ext_chain(qemu, tmp_path, cs)
+    ref = str(tmp_path / "ref.qcow2")
+    shutil.copy(top, ref)
+    writes = [(off, n, pat) for off, n, pat in ops_for(cs) if pat is not None]
+    with blockpull.open(top) as img:
+        job = img.pull(bandwidth=size // 2, chunk=cs, batch=4 * cs)
+        for off, n, pat in writes:
+            img.write(off, bytes([pat]) * n)
+            img.read(off + n, 1)
+        info = job.result(timeout=120)
+        assert info.status == "completed" and info.cur == info.end
+    qemu.io(ref, *[f"write -P {pat} {off} {n}" for off, n, pat in writes])
+    qemu.assert_clean(top)
+    assert qemu.info(top).get("backing-filename") is None
+    assert qemu.compare(top, ref)
+
+
 def _l2_slot(path, cluster):
     with open(path, "rb") as f:
         h = f.read(72)
