@@ -52,7 +52,8 @@ def ops_for(cs):
         (5 * cs, cs, None),                        # zeros: a whole cluster
         (4 * cs + 3 * sc, 2 * sc, None),           # zeros: whole allocated subclusters
         (4 * cs + 3 * sc + 5, 10, 15),             # data into a zero subcluster again
-    ]
+    ] + ([(8 * cs, 3 * cs + 5, 16)]                # whole new clusters in one run
+         if 12 * cs <= max(8 * cs, 1 << 20) else [])
 
 
 def depth0_data(qemu, path):

@@ -25,6 +25,8 @@ cdef class Qcow2Sub(Qcow2Ordering):
                              bytearray buf, int64_t at, object fill) except -1
     cdef int ext_write(self, int64_t vaddr, const unsigned char* src, int64_t n,
                        object fill) except -1
+    cdef int64_t ext_fresh_run(self, int64_t c, int64_t most) except -1
+    cdef int ext_write_run(self, int64_t c, const unsigned char* src, int64_t k) except -1
     cdef int ext_write_cluster(self, int64_t c, int64_t coff, const unsigned char* src,
                                int64_t n, object fill) except -1
     cdef int ext_rewrite_compressed(self, int64_t c, int64_t coff,

@@ -148,13 +148,55 @@ cdef class Qcow2Sub(Qcow2Ordering):
                        object fill) except -1:
         """A guest write of ``n`` bytes at ``vaddr`` (checked by the caller)."""
         cdef int64_t cs = self.cluster_size
-        cdef int64_t pos = 0, v, coff, take
+        cdef int64_t pos = 0, v, coff, take, k
         while pos < n:
             v = vaddr + pos
             coff = v & (cs - 1)
             take = min(cs - coff, n - pos)
+            if take == cs:
+                k = self.ext_fresh_run(v >> self.cluster_bits, (n - pos) // cs)
+                if k:
+                    self.ext_write_run(v >> self.cluster_bits, src + pos, k)
+                    pos += k * cs
+                    continue
             self.ext_write_cluster(v >> self.cluster_bits, coff, src + pos, take, fill)
             pos += take
+        return 0
+
+    cdef int64_t ext_fresh_run(self, int64_t c, int64_t most) except -1:
+        """How many clusters from ``c`` on (at most ``most``, at most 256) have no host
+        cluster and are not compressed: a write covering them whole keeps nothing of
+        theirs and fills them in one run of new host clusters."""
+        cdef uint64_t e, bm
+        cdef int64_t k = 0
+        most = min(most, 256)
+        while k < most:
+            self.ext_get(c + k, &e, &bm)
+            if e & (OFFSET_MASK | COMPRESSED_FLAG):
+                break
+            k += 1
+        return k
+
+    cdef int ext_write_run(self, int64_t c, const unsigned char* src, int64_t k) except -1:
+        """Write ``k`` whole clusters from ``c`` on (none has a host cluster) into a run of
+        new host clusters, every subcluster allocated."""
+        cdef int64_t cs = self.cluster_size
+        cdef int64_t host, i = 0
+        cdef uint64_t e, bm
+        self.ensure_tables(c << self.cluster_bits, k * cs)     # tables before data
+        host = self.alloc_clusters(k)
+        try:
+            self.guest_dirty = True
+            self.file.write_full(src, k * cs, host)
+            while i < k:
+                self.ext_get(c + i, &e, &bm)
+                self.ext_replace(c + i, <uint64_t>(host + i * cs) | COPIED, SUB_ALLOC_ALL)
+                self.fresh.append((c + i, host + i * cs, (e, bm)))
+                i += 1
+        except OSError:
+            # nothing points at the clusters not linked yet: give them back
+            self.free_clusters(host + i * cs, k - i)
+            raise
         return 0
 
     cdef int ext_write_cluster(self, int64_t c, int64_t coff, const unsigned char* src,
