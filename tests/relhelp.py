@@ -65,6 +65,9 @@ VARIANTS = {
 if "qed" in FORMATS:
     VARIANTS["qed"] = Variant("qed", fmt="qed", cluster=4096)
     VARIANTS["qed-partial"] = Variant("qed-partial", fmt="qed", cluster=4096, base="base.qcow2")
+#: the variants that share a suite's default budget of rounds (their seeds stay as they
+#: were); the extended-L2 ones run a few rounds of their own on top
+CORE_NAMES = sorted(n for n, v in VARIANTS.items() if not v.extl2)
 
 
 def _qemu(*args: str) -> subprocess.CompletedProcess:
