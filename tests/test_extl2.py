@@ -116,6 +116,8 @@ def test_pull(tmp_path, qemu, cs, base):
     assert qemu.compare(top, want, None, "raw"), "pulled image differs from its chain"
     qinfo = qemu.info(top)
     assert qinfo.get("backing-filename") == base
+    with blockpull.open(top, readonly=True) as img:
+        assert [e.to_json() for e in img.map()] == qemu.map(top)
     assert qinfo["format-specific"]["data"]["extended-l2"] is True
     if base is None:
         # every subcluster the chain held data in is the top's own now
@@ -159,6 +161,8 @@ def test_copy_on_read(tmp_path, qemu, cs):
     qemu.assert_clean(top)
     assert qemu.compare(top, want, None, "raw")
     assert all(e["depth"] == 0 for e in qemu.map(top) if e["data"])
+    with blockpull.open(top, readonly=True) as img:
+        assert [e.to_json() for e in img.map()] == qemu.map(top)
     # nothing is left for a pull but to drop the backing link
     with blockpull.open(top) as img:
         info = img.pull().result(timeout=60)
