@@ -22,8 +22,9 @@ import time
 import pytest
 
 import blockpull
-from relhelp import (PY, VARIANTS, Model, Variant, assert_no_corruption, backing_of,
-                     build_chain, child_env, copy_chain, guest_extents, raw_of, seed_list)
+from relhelp import (CORE_NAMES, PY, VARIANTS, Model, Variant, assert_no_corruption,
+                     backing_of, build_chain, child_env, copy_chain, guest_extents, raw_of,
+                     seed_list)
 
 CHILD = os.path.join(os.path.dirname(os.path.abspath(__file__)), "crash_child.py")
 CI_ROUNDS = 60
@@ -142,18 +143,22 @@ def _rounds(tmp_path_factory, tmp_path, name, seeds, need_kills=True):
 
 
 CI_NAMES = sorted(VARIANTS)
-PER_VARIANT = -(-CI_ROUNDS // len(CI_NAMES))
+PER_VARIANT = -(-CI_ROUNDS // len(CORE_NAMES))
+EXTL2_ROUNDS = 6      # per extended-L2 variant, on top of CI_ROUNDS
 
 
 @pytest.mark.parametrize("name", CI_NAMES)
 def test_sigkill_pull(tmp_path_factory, tmp_path, name):
-    base = 1000 * (CI_NAMES.index(name) + 1)
-    _rounds(tmp_path_factory, tmp_path, name, seed_list(range(base, base + PER_VARIANT)))
+    if name in CORE_NAMES:
+        base, n = 1000 * (CORE_NAMES.index(name) + 1), PER_VARIANT
+    else:
+        base, n = 50_000 + 1000 * CI_NAMES.index(name), EXTL2_ROUNDS
+    _rounds(tmp_path_factory, tmp_path, name, seed_list(range(base, base + n)))
 
 
 @pytest.mark.parametrize("name", sorted(KEEP_VARIANTS))
 def test_sigkill_pull_keep(tmp_path_factory, tmp_path, name):
-    base = 50_000 + 1000 * sorted(KEEP_VARIANTS).index(name)
+    base = 70_000 + 1000 * sorted(KEEP_VARIANTS).index(name)
     _rounds(tmp_path_factory, tmp_path, name,
             seed_list(range(base, base + KEEP_ROUNDS // len(KEEP_VARIANTS))))
 
@@ -184,7 +189,7 @@ def test_sigkill_pull_found(tmp_path_factory, tmp_path, name, seed):
 @pytest.mark.slow
 @pytest.mark.parametrize("name", CI_NAMES)
 def test_sigkill_pull_soak(tmp_path_factory, tmp_path, name):
-    n = -(-SOAK_ROUNDS // len(CI_NAMES))
+    n = -(-SOAK_ROUNDS // len(CORE_NAMES))
     base = 100_000 * (CI_NAMES.index(name) + 1) + int(time.time()) % 10_000 * 100
     print(f"soak seeds {base}..{base + n - 1}")
     _rounds(tmp_path_factory, tmp_path, name, seed_list(range(base, base + n)))

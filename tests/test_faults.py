@@ -256,6 +256,19 @@ def test_sync_fault(tmp_path_factory, tmp_path, name, where, policy):
 
 
 @pytest.mark.parametrize("policy", POLICIES)
+@pytest.mark.parametrize("where", ["data", "l2", "link", "sync-mid"])
+def test_fault_extended_l2(tmp_path_factory, tmp_path, where, policy):
+    """The same faults in a pull into a top with extended L2 entries (subclusters),
+    partly allocated clusters and zero subclusters among them, keeping a base."""
+    s = sites(tmp_path_factory, "extl2-partial")
+    if where.startswith("sync"):
+        rule = dict(op="sync", role="top", errno=errno.EIO, nth=s.syncs[where])
+    else:
+        rule = write_rule(s, where, errno.EIO)
+    run_case(tmp_path, s, policy, rule)
+
+
+@pytest.mark.parametrize("policy", POLICIES)
 @pytest.mark.parametrize("name", ["c512", "v3-partial"])
 def test_backing_read_fault(tmp_path_factory, tmp_path, name, policy):
     s = sites(tmp_path_factory, name)

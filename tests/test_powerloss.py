@@ -32,11 +32,12 @@ import pytest
 
 import blockpull
 from blockpull import faults
-from relhelp import (VARIANTS, Model, assert_no_corruption, backing_of, build_chain,
+from relhelp import (CORE_NAMES, VARIANTS, Model, assert_no_corruption, backing_of, build_chain,
                      copy_chain, guest_extents, qemu_check, raw_of, seed_list)
 
 CI_STATES = 330
 SOAK_STATES = 1200
+EXTL2_STATES = 20     # per extended-L2 variant, on top of CI_STATES
 
 _templates = {}
 
@@ -237,12 +238,15 @@ def run_until(tmp_path_factory, tmp_path, name, first_seed, want):
 
 @pytest.mark.parametrize("name", CI_NAMES)
 def test_power_loss_states(tmp_path_factory, tmp_path, name):
-    want = -(-CI_STATES // len(CI_NAMES))
-    total = run_until(tmp_path_factory, tmp_path, name, 7000 + 100 * CI_NAMES.index(name), want)
+    if name in CORE_NAMES:
+        want, first = -(-CI_STATES // len(CORE_NAMES)), 7000 + 100 * CORE_NAMES.index(name)
+    else:
+        want, first = EXTL2_STATES, 8000 + 100 * CI_NAMES.index(name)
+    total = run_until(tmp_path_factory, tmp_path, name, first, want)
     assert total >= want or os.environ.get("BLOCKPULL_SEED")
 
 
-FAIL_NAMES = [n for n in ("v3", "c512", "qed") if n in VARIANTS]
+FAIL_NAMES = [n for n in ("v3", "c512", "qed", "extl2") if n in VARIANTS]
 
 
 @pytest.mark.parametrize("name", FAIL_NAMES)
@@ -260,7 +264,7 @@ def test_power_loss_states_after_failed_sync(tmp_path_factory, tmp_path, name):
 @pytest.mark.slow
 @pytest.mark.parametrize("name", CI_NAMES)
 def test_power_loss_states_soak(tmp_path_factory, tmp_path, name):
-    want = -(-SOAK_STATES // len(CI_NAMES))
+    want = -(-SOAK_STATES // len(CORE_NAMES))
     first = int(time.time()) % 100_000 * 100
     total = run_until(tmp_path_factory, tmp_path, name, first, want)
     assert total >= want or os.environ.get("BLOCKPULL_SEED")

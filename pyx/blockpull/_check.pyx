@@ -253,6 +253,8 @@ cdef class Qcow2Check:
         cdef uint64_t next_contiguous = 0
         for j in range(n):
             e = ld64(self.buf + self.entry_bytes * j)
+            if self.entry_bytes == 16:
+                self.subcluster_rules(l2_off, j, e, ld64(self.buf + 16 * j + 8))
             if e == 0:
                 continue
             if e & COMPRESSED_FLAG:
@@ -278,6 +280,27 @@ cdef class Qcow2Check:
                 self.corrupt("offset=0x%x: data cluster is not properly aligned; L2 entry "
                              "corrupted (L2 table 0x%x entry %d)" % (off, l2_off, j))
             self.add(off, self.cs, R_DATA)
+        return 0
+
+    cdef int subcluster_rules(self, uint64_t l2_off, int64_t j, uint64_t e,
+                              uint64_t bm) except -1:
+        """The rules of an extended L2 entry's subcluster bitmap (QEMU's
+        docs/interop/qcow2.rst, "Extended L2 Entries"): 0 for a compressed cluster; no
+        allocated subcluster without a host offset; no subcluster both allocated and
+        zero. Each broken rule is a corruption, worded as ``qemu-img check`` words it
+        (the cluster's references are still counted, so that a repair of leaks never
+        frees data an entry names)."""
+        if e & COMPRESSED_FLAG:
+            if bm:
+                self.corrupt("compressed cluster with non-zero subcluster allocation "
+                             "bitmap, entry=0x%x (L2 table 0x%x entry %d)" % (e, l2_off, j))
+        elif (e & OFFSET_MASK) == 0 and bm & 0xFFFFFFFFULL:
+            self.corrupt("Unallocated cluster has non-zero subcluster allocation map "
+                         "(L2 table 0x%x entry %d)" % (l2_off, j))
+        elif (bm >> 32) & bm & 0xFFFFFFFFULL:
+            self.corrupt("offset=0x%x: Allocated cluster has corrupted subcluster "
+                         "allocation bitmap (L2 table 0x%x entry %d)"
+                         % (e & OFFSET_MASK, l2_off, j))
         return 0
 
     # ---- stored refcounts -------------------------------------------------------------

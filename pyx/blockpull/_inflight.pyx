@@ -235,7 +235,11 @@ def copy_on_read(Chain chain, int64_t offset, int64_t n, buf=None, Flight flight
         if kind != KIND_UNALLOC:
             v += run
             continue
-        vend = v + ((min(run, end - v) + cs - 1) // cs) * cs
+        # a top with subclusters answers by subcluster: the copy covers whole clusters
+        # (the top's link keeps the subclusters it has)
+        vend = v + min(run, end - v)
+        vend += (cs - vend % cs) % cs
+        v -= v % cs
         views = []
         vaddrs = []
         vc = v

@@ -28,6 +28,7 @@ from blockpull._q2refcount cimport Refcounts
 from blockpull._q2snap cimport Snapshots
 from blockpull._q2order cimport Qcow2Ordering
 from blockpull._q2compress cimport comp_extent
+from blockpull._q2sub cimport Qcow2Sub
 from blockpull.errors import ImageFormatError
 from blockpull._bitmaps import Bitmaps, AUTOCLEAR_BITMAPS
 from blockpull._q2header import (Header, MAGIC, EXT_END, EXT_BACKING_FORMAT,
@@ -45,7 +46,7 @@ def _fmt_err(path, msg):
 
 
 
-cdef class Qcow2(Qcow2Ordering):
+cdef class Qcow2(Qcow2Sub):
     """A qcow2 image file (v2 or v3)."""
 
     def __init__(self, File f, bint writable, *, bint metadata_only=False,
@@ -282,6 +283,10 @@ cdef class Qcow2(Qcow2Ordering):
         self._bound_dirty()
         self._autoclear()
         self._bitmaps_mark(vaddr, n)
+        if self.extended_l2:
+            if n:
+                self.ext_write(vaddr, &src[0], n, fill)
+            return
         pos = 0
         while pos < n:
             v = vaddr + pos
@@ -380,6 +385,8 @@ cdef class Qcow2(Qcow2Ordering):
         cdef int64_t cs = self.cluster_size
         cdef int64_t c, run, k, i
         cdef int kind
+        if self.extended_l2:
+            return self.ext_pull_status(vaddr, n)
         st = self.block_status(vaddr, n)
         if not self.snaps.l1s or st[0] == KIND_UNALLOC:
             return st
@@ -419,6 +426,8 @@ cdef class Qcow2(Qcow2Ordering):
     cpdef bint link(self, int64_t vaddr, int64_t host) except -1:
         cdef int64_t c = vaddr >> self.cluster_bits
         cdef int64_t refs, k
+        if self.extended_l2:
+            return self.ext_link(vaddr, host)
         self._bound_dirty()
         if not self.snaps.l1s:
             if self.cmap.l2_entry(c) != 0:
@@ -459,6 +468,8 @@ cdef class Qcow2(Qcow2Ordering):
 
     cpdef bint link_zero(self, int64_t vaddr) except -1:
         cdef int64_t c = vaddr >> self.cluster_bits
+        if self.extended_l2:
+            return self.ext_link_zero(vaddr)
         if self.version < 3:
             raise ValueError("qcow2 v2 has no zero clusters")
         self._bound_dirty()
@@ -483,6 +494,9 @@ cdef class Qcow2(Qcow2Ordering):
             self._bound_dirty()
             self._autoclear()
             self._bitmaps_mark(vaddr, n)
+        if self.extended_l2:
+            self.ext_write_zeroes(vaddr, n, fill)
+            return
         while v < end:
             c = v >> self.cluster_bits
             nxt = min((c + 1) << self.cluster_bits, end)

@@ -2,7 +2,7 @@
 from typing import Any, Callable, Dict, List, Optional, Tuple
 
 from blockpull._driver import Driver
-from blockpull._q2order import Qcow2Ordering
+from blockpull._q2sub import Qcow2Sub
 from blockpull._fileio import File
 
 MAGIC: bytes
@@ -21,7 +21,7 @@ KNOWN_INCOMPAT: int
 FEATURE_NAMES: List[Any]
 AUTOCLEAR_BITMAPS: int
 
-class Qcow2(Qcow2Ordering):
+class Qcow2(Qcow2Sub):
     def __init__(self, f: File, writable: bool, *, metadata_only: bool = ...,
                  l2_cache_bytes: int = ...) -> None: ...
     @property

@@ -1,0 +1,417 @@
+# cython: language_level=3
+"""qcow2 extended L2 entries in a writable image: allocation per subcluster (QEMU's
+docs/interop/qcow2.rst, "Extended L2 Entries").
+
+With incompatible bit 4 an L2 entry is 128 bits: the standard 64-bit entry (host offset,
+COPIED, COMPRESSED; bit 0 reserved) and a 64-bit bitmap over the cluster's 32
+subclusters, bit x "allocated" (data at host offset + x subclusters), bit 32 + x "reads
+as zeros"; both set is invalid, a compressed entry has a bitmap of 0 and every
+subcluster allocated, and an entry without a host offset has no allocated subcluster.
+
+``Qcow2Sub`` is the base of the qcow2 driver (blockpull._qcow2.Qcow2) that holds these
+paths; the driver sends writes, links, zero writes and the pull's status here when the
+image has extended L2 entries:
+
+- a guest write touches only the subclusters it covers: a partly covered one is filled
+  from what reads there now (the image's own data, zeros, or the chain below through
+  ``fill``); a cluster with a host offset is written in place, one without gets a new
+  host cluster of which only the written subclusters are written; a write into a
+  compressed cluster rewrites it whole, every subcluster allocated;
+- a pull or copy-on-read links a cluster that lacks some subclusters: the new host
+  cluster takes the top's own allocated subclusters (copied from where they are) and the
+  chain's data for the ones it lacked; zero subclusters stay zero. The top's data is
+  never replaced by the backing's;
+- zero writes set the zero bits (and clear the allocated ones) of whole subclusters.
+
+The crash order is the driver's (docs/crash-model.md): data is written into space no
+entry marks allocated, and the 128-bit entry that names it (one unit of its L2 table)
+is written at the next flush point, after the sync that makes the data durable.
+"""
+from libc.stdint cimport int64_t, uint64_t
+from libc.string cimport memcpy, memset
+
+from blockpull._driver cimport KIND_UNALLOC, KIND_DATA, KIND_COMPRESSED
+from blockpull._q2map cimport OFFSET_MASK, COPIED, COMPRESSED_FLAG
+
+
+cdef inline uint64_t sub_mask(int a, int b) noexcept:
+    """Bits a .. b-1 (0 <= a <= b <= 32)."""
+    return ((1ULL << b) - 1) & ~((1ULL << a) - 1)
+
+
+cdef class Qcow2Sub(Qcow2Ordering):
+    """The subcluster paths of the qcow2 driver (see the module docstring); not opened
+    on its own: ``blockpull._qcow2.Qcow2`` is the driver and gives the primitives."""
+
+    cdef Table _l2_for_write(self, int64_t l1i):
+        raise NotImplementedError
+
+    cdef int _bound_dirty(self) except -1:
+        raise NotImplementedError
+
+    cdef _bitmaps_mark(self, int64_t vaddr, int64_t n):
+        raise NotImplementedError
+
+    # ---- entries ----------------------------------------------------------------------
+
+    cdef int ext_get(self, int64_t c, uint64_t* e, uint64_t* bm) except -1:
+        """The entry and bitmap of virtual cluster ``c`` (0, 0 where no table holds it)."""
+        cdef int64_t l1i = c >> self.l2_bits
+        cdef int64_t i = c & (self.l2_entries - 1)
+        cdef int64_t off
+        cdef Table t
+        e[0] = 0
+        bm[0] = 0
+        if l1i >= self.l1_size:
+            return 0
+        off = self.l1.get(l1i) & OFFSET_MASK
+        if off == 0:
+            return 0
+        t = self.cmap.load_l2(off)
+        e[0] = t.get(2 * i)
+        bm[0] = t.get(2 * i + 1)
+        return 0
+
+    cdef int ext_put(self, int64_t c, uint64_t e, uint64_t bm) except -1:
+        """Set the 128-bit entry of cluster ``c`` (written with its table)."""
+        cdef Table t = self._l2_for_write(c >> self.l2_bits)
+        cdef int64_t i = c & (self.l2_entries - 1)
+        t.put(2 * i, e)
+        t.put(2 * i + 1, bm)
+        return 0
+
+    cdef int ext_replace(self, int64_t c, uint64_t e, uint64_t bm) except -1:
+        """Point cluster ``c`` at a new entry, dropping the reference the old one held
+        when it named other host clusters."""
+        cdef Table t = self._l2_for_write(c >> self.l2_bits)
+        cdef int64_t i = c & (self.l2_entries - 1)
+        cdef uint64_t old = t.get(2 * i)
+        t.put(2 * i, e)
+        t.put(2 * i + 1, bm)
+        if (old & COMPRESSED_FLAG) or (old & OFFSET_MASK) != (e & OFFSET_MASK):
+            drop = self._held_by(old)
+            if drop is not None:
+                self._drop_ref(drop[0], drop[1])
+        if old & COMPRESSED_FLAG and c == self.cmap.last_comp_vcluster:
+            self.cmap.last_comp_vcluster = -1
+        return 0
+
+    cdef _unlink_fresh(self, int64_t c, int64_t host, object old):
+        """Undo, after a failed sync, a change of cluster ``c`` whose data at ``host``
+        may be lost: the entry and bitmap ``old`` it replaced come back (a new host
+        cluster is given back; subclusters allocated in place are unallocated again)."""
+        cdef uint64_t e, bm, olde, oldbm
+        cdef Table t
+        if not self.extended_l2:
+            Qcow2Ordering._unlink_fresh(self, c, host, old)
+            return
+        self.ext_get(c, &e, &bm)
+        if (e & OFFSET_MASK) != <uint64_t>host:
+            return
+        olde, oldbm = old
+        t = self.cmap.load_l2(self.l1.get(c >> self.l2_bits) & OFFSET_MASK)
+        t.put(2 * (c & (self.l2_entries - 1)), olde)
+        t.put(2 * (c & (self.l2_entries - 1)) + 1, oldbm)
+        if (olde & OFFSET_MASK) == <uint64_t>host:
+            return
+        self.rc.add(host >> self.cluster_bits, -1)
+        drop = self._held_by(olde)
+        if drop is not None:
+            for lst in (self.free_waiting, self.free_after_sync):
+                if drop in lst:
+                    lst.remove(drop)
+                    break
+
+    # ---- guest writes -----------------------------------------------------------------
+
+    cdef int ext_sub_content(self, int64_t c, int sub, uint64_t e, uint64_t bm,
+                             bytearray buf, int64_t at, object fill) except -1:
+        """What subcluster ``sub`` of cluster ``c`` reads now, into ``buf[at:]`` (one
+        subcluster): zeros, the image's data, or the chain below (``fill``)."""
+        cdef int sb = self.cmap.sc_bits
+        cdef int64_t scs = 1LL << sb
+        cdef int64_t vs = (c << self.cluster_bits) + (<int64_t>sub << sb)
+        cdef int64_t want
+        cdef unsigned char* p = buf
+        if bm & (1ULL << (32 + sub)):
+            memset(p + at, 0, scs)
+        elif bm & (1ULL << sub):
+            self.file.read_full(p + at, scs, (e & OFFSET_MASK) + (<int64_t>sub << sb))
+        else:
+            memset(p + at, 0, scs)
+            want = min(scs, self.size - vs)
+            if fill is not None and want > 0:
+                fill(vs, memoryview(buf)[at:at + want])
+        return 0
+
+    cdef int ext_write(self, int64_t vaddr, const unsigned char* src, int64_t n,
+                       object fill) except -1:
+        """A guest write of ``n`` bytes at ``vaddr`` (checked by the caller)."""
+        cdef int64_t cs = self.cluster_size
+        cdef int64_t pos = 0, v, coff, take, k
+        while pos < n:
+            v = vaddr + pos
+            coff = v & (cs - 1)
+            take = min(cs - coff, n - pos)
+            if take == cs:
+                k = self.ext_fresh_run(v >> self.cluster_bits, (n - pos) // cs)
+                if k:
+                    self.ext_write_run(v >> self.cluster_bits, src + pos, k)
+                    pos += k * cs
+                    continue
+            self.ext_write_cluster(v >> self.cluster_bits, coff, src + pos, take, fill)
+            pos += take
+        return 0
+
+    cdef int64_t ext_fresh_run(self, int64_t c, int64_t most) except -1:
+        """How many clusters from ``c`` on (at most ``most``, at most 256) have no host
+        cluster and are not compressed: a write covering them whole keeps nothing of
+        theirs and fills them in one run of new host clusters."""
+        cdef uint64_t e, bm
+        cdef int64_t k = 0
+        most = min(most, 256)
+        while k < most:
+            self.ext_get(c + k, &e, &bm)
+            if e & (OFFSET_MASK | COMPRESSED_FLAG):
+                break
+            k += 1
+        return k
+
+    cdef int ext_write_run(self, int64_t c, const unsigned char* src, int64_t k) except -1:
+        """Write ``k`` whole clusters from ``c`` on (none has a host cluster) into a run of
+        new host clusters, every subcluster allocated."""
+        cdef int64_t cs = self.cluster_size
+        cdef int64_t host, i = 0
+        cdef uint64_t e, bm
+        self.ensure_tables(c << self.cluster_bits, k * cs)     # tables before data
+        host = self.alloc_clusters(k)
+        try:
+            self.guest_dirty = True
+            self.file.write_full(src, k * cs, host)
+            while i < k:
+                self.ext_get(c + i, &e, &bm)
+                self.ext_replace(c + i, <uint64_t>(host + i * cs) | COPIED, SUB_ALLOC_ALL)
+                self.fresh.append((c + i, host + i * cs, (e, bm)))
+                i += 1
+        except OSError:
+            # nothing points at the clusters not linked yet: give them back
+            self.free_clusters(host + i * cs, k - i)
+            raise
+        return 0
+
+    cdef int ext_write_cluster(self, int64_t c, int64_t coff, const unsigned char* src,
+                               int64_t n, object fill) except -1:
+        """Write ``n`` bytes at byte ``coff`` of cluster ``c``: the subclusters it
+        touches, partly covered ones filled from what they read now, in place when the
+        cluster has a host offset of its own, else into a new host cluster (the
+        subclusters the image had allocated are copied along)."""
+        cdef int sb = self.cmap.sc_bits
+        cdef int64_t scs = 1LL << sb
+        cdef uint64_t e, bm, wmask, newbm, off, keep
+        cdef int s0, s1
+        cdef int64_t a, b, host
+        cdef bytearray buf
+        cdef unsigned char* p
+        self.ext_get(c, &e, &bm)
+        if e & COMPRESSED_FLAG:
+            return self.ext_rewrite_compressed(c, coff, src, n, e, bm)
+        s0 = <int>(coff >> sb)
+        s1 = <int>((coff + n - 1) >> sb)
+        a = <int64_t>s0 << sb
+        b = (<int64_t>s1 + 1) << sb
+        wmask = sub_mask(s0, s1 + 1)
+        off = e & OFFSET_MASK
+        buf = bytearray(b - a)
+        p = buf
+        if coff != a:
+            self.ext_sub_content(c, s0, e, bm, buf, 0, fill)
+        if coff + n != b and (s1 != s0 or coff == a):
+            self.ext_sub_content(c, s1, e, bm, buf, b - a - scs, fill)
+        memcpy(p + (coff - a), src, n)
+        newbm = (bm | wmask) & ~(wmask << 32)
+        if off and (e & COPIED or self.rc.get(off >> self.cluster_bits) == 1):
+            self.guest_dirty = True
+            self.file.write_full(p, b - a, off + a)
+            if (bm & wmask) != wmask:
+                # subclusters allocated in place: undone if a sync loses their data
+                self.fresh.append((c, <int64_t>off, (e, bm)))
+            if newbm != bm or not (e & COPIED):
+                self.ext_put(c, e | COPIED, newbm)
+            return 0
+        self.ensure_tables(c << self.cluster_bits, self.cluster_size)   # tables before data
+        host = self.alloc_clusters(1)
+        try:
+            self.guest_dirty = True
+            keep = bm & SUB_ALLOC_ALL & ~wmask
+            if off and keep:
+                self.ext_copy_subs(keep, off, host)
+            self.file.write_full(p, b - a, host + a)
+            self.ext_replace(c, <uint64_t>host | COPIED, newbm)
+        except OSError:
+            # nothing points at the new cluster yet: give it back
+            self.free_clusters(host, 1)
+            raise
+        self.fresh.append((c, host, (e, bm)))
+        return 0
+
+    cdef int ext_rewrite_compressed(self, int64_t c, int64_t coff,
+                                    const unsigned char* src, int64_t n,
+                                    uint64_t e, uint64_t bm) except -1:
+        """A write into compressed cluster ``c``: the cluster is rewritten whole into a
+        new host cluster, every subcluster allocated (a compressed entry's bitmap is 0;
+        QEMU's docs/interop/qcow2.rst, "Extended L2 Entries")."""
+        cdef int64_t cs = self.cluster_size
+        cdef int64_t host
+        cdef bytearray buf = bytearray(cs)
+        cdef unsigned char* p = buf
+        self.cmap.read_layer(c << self.cluster_bits, p, cs, KIND_COMPRESSED, 0)
+        memcpy(p + coff, src, n)
+        self.ensure_tables(c << self.cluster_bits, cs)
+        host = self.alloc_clusters(1)
+        try:
+            self.guest_dirty = True
+            self.file.write_full(p, cs, host)
+            self.ext_replace(c, <uint64_t>host | COPIED, SUB_ALLOC_ALL)
+        except OSError:
+            self.free_clusters(host, 1)
+            raise
+        self.fresh.append((c, host, (e, bm)))
+        return 0
+
+    cdef int ext_copy_subs(self, uint64_t mask, int64_t src_host, int64_t dst_host) except -1:
+        """Copy the subclusters set in ``mask`` from host cluster ``src_host`` to the
+        same places in ``dst_host`` (runs of them in one read and write each)."""
+        cdef int sb = self.cmap.sc_bits
+        cdef int s = 0, t
+        cdef int64_t at, ln
+        cdef bytearray buf
+        cdef unsigned char* p
+        while s < 32:
+            if not (mask >> s) & 1:
+                s += 1
+                continue
+            t = s
+            while t < 32 and (mask >> t) & 1:
+                t += 1
+            at = <int64_t>s << sb
+            ln = <int64_t>(t - s) << sb
+            buf = bytearray(ln)
+            p = buf
+            self.file.read_full(p, ln, src_host + at)
+            self.file.write_full(p, ln, dst_host + at)
+            s = t
+        return 0
+
+    cdef int ext_write_zeroes(self, int64_t vaddr, int64_t n, object fill) except -1:
+        """Make [vaddr, vaddr+n) read zeros: zero bits (allocated bits cleared) for
+        whole subclusters, zero data written into partly covered ones; a compressed
+        cluster covered whole becomes all zero subclusters, one covered in part is
+        rewritten (``ext_write_cluster``)."""
+        cdef int sb = self.cmap.sc_bits
+        cdef int64_t cs = self.cluster_size, scs = 1LL << sb
+        cdef int64_t v = vaddr, end = vaddr + n, c, nxt, coff, hi
+        cdef int sa, sz
+        cdef uint64_t e, bm, zm, newbm
+        while v < end:
+            c = v >> self.cluster_bits
+            nxt = min((c + 1) << self.cluster_bits, end)
+            coff = v & (cs - 1)
+            hi = coff + (nxt - v)
+            self.ext_get(c, &e, &bm)
+            if e & COMPRESSED_FLAG:
+                if coff == 0 and (hi == cs or nxt == self.size):
+                    self.ext_replace(c, 0, SUB_ZERO_ALL)
+                else:
+                    self.ext_write_cluster(c, coff, bytes(hi - coff), hi - coff, fill)
+                v = nxt
+                continue
+            sa = <int>((coff + scs - 1) >> sb)
+            # the image's last subcluster counts whole: nothing lies past the end
+            sz = <int>(((hi + scs - 1) if nxt == self.size else hi) >> sb)
+            if sa < sz:
+                zm = sub_mask(sa, sz)
+                newbm = (bm & ~zm) | (zm << 32)
+                if newbm != bm:
+                    self.ext_put(c, e, newbm)
+                if (<int64_t>sa << sb) > coff:
+                    self.ext_write_cluster(c, coff, bytes((sa << sb) - coff),
+                                           (<int64_t>sa << sb) - coff, fill)
+                if hi > (<int64_t>sz << sb):
+                    self.ext_write_cluster(c, <int64_t>sz << sb, bytes(hi - (sz << sb)),
+                                           hi - (<int64_t>sz << sb), fill)
+            else:
+                self.ext_write_cluster(c, coff, bytes(hi - coff), hi - coff, fill)
+            v = nxt
+        return 0
+
+    # ---- pulls and copy-on-read -----------------------------------------------------
+
+    cdef bint ext_lacks(self, int64_t c) except -1:
+        """Whether cluster ``c`` has a subcluster neither allocated nor zero."""
+        cdef uint64_t e, bm
+        self.ext_get(c, &e, &bm)
+        if e & COMPRESSED_FLAG:
+            return False
+        return (~(bm | (bm >> 32)) & SUB_ALLOC_ALL) != 0
+
+    cdef tuple ext_pull_status(self, int64_t vaddr, int64_t n):
+        """The pull's view, by whole clusters: KIND_UNALLOC for a run of clusters each
+        lacking some subcluster (the pull fills those), KIND_DATA for a run of complete
+        ones; (kind, length in bytes, 0)."""
+        cdef int64_t end = min(vaddr + n, self.size)
+        cdef int64_t c = vaddr >> self.cluster_bits, i, l1i
+        cdef bint first
+        if vaddr >= self.size:
+            return (KIND_UNALLOC, n, 0)
+        first = self.ext_lacks(c)
+        i = c + 1
+        while (i << self.cluster_bits) < end:
+            l1i = i >> self.l2_bits
+            if l1i >= self.l1_size or (self.l1.get(l1i) & OFFSET_MASK) == 0:
+                if not first:
+                    break
+                i = (l1i + 1) << self.l2_bits     # a whole L2 range lacks everything
+                continue
+            if self.ext_lacks(i) != first:
+                break
+            i += 1
+        return (KIND_UNALLOC if first else KIND_DATA,
+                min(i << self.cluster_bits, end) - vaddr, 0)
+
+    cdef bint ext_link(self, int64_t vaddr, int64_t host) except -1:
+        """Link the copy at ``host`` (the chain's data for the whole cluster) for the
+        subclusters the cluster at ``vaddr`` lacks: the subclusters the image has
+        allocated are copied into ``host`` first and keep their data, zero ones stay
+        zero. False when the cluster lacks nothing (the copy is the caller's to give
+        back)."""
+        cdef int64_t c = vaddr >> self.cluster_bits
+        cdef uint64_t e, bm, lack, have, off
+        self._bound_dirty()
+        self.ext_get(c, &e, &bm)
+        if e & COMPRESSED_FLAG:
+            return False
+        lack = ~(bm | (bm >> 32)) & SUB_ALLOC_ALL
+        if lack == 0:
+            return False
+        off = e & OFFSET_MASK
+        have = bm & SUB_ALLOC_ALL
+        if off and have:
+            self.ext_copy_subs(have, off, host)
+        self.ext_replace(c, <uint64_t>host | COPIED, (bm & SUB_ZERO_ALL) | have | lack)
+        self.fresh.append((c, host, (e, bm)))
+        return True
+
+    cdef bint ext_link_zero(self, int64_t vaddr) except -1:
+        """Mark the subclusters the cluster at ``vaddr`` lacks as zeros; False when it
+        lacks none."""
+        cdef int64_t c = vaddr >> self.cluster_bits
+        cdef uint64_t e, bm, lack
+        self._bound_dirty()
+        self.ext_get(c, &e, &bm)
+        if e & COMPRESSED_FLAG:
+            return False
+        lack = ~(bm | (bm >> 32)) & SUB_ALLOC_ALL
+        if lack == 0:
+            return False
+        self.ext_put(c, e, bm | (lack << 32))
+        return True
