@@ -406,3 +406,124 @@ def test_needs_repair_reads_the_bits():
     e[16:24] = struct.pack("<Q", _qed.F_NEED_CHECK)
     assert repair.needs_repair(bytes(e), None) == "qed"
     assert repair.needs_repair(bytes(e), "qcow2") is None
+
+
+# ---- crashes and I/O errors during the repair itself --------------------------------------
+
+def _dirty_image(qemu, tmp_path, fmt):
+    """A dirty qcow2 (counts to raise and to lower) or a QED with need-check and an
+    entry to clear."""
+    if fmt == "qcow2":
+        opts, pre, cmds = CASES["snapshot"]
+        p = qemu.create(tmp_path / "d.qcow2", 8 * MiB, opts=["lazy_refcounts=on"])
+        qemu.io(p, pre[0])
+        qemu.img(*pre[1], p)
+        abort_after(p, *cmds)
+        return p
+    p = qemu.create(tmp_path / "d.qed", 8 * MiB, fmt="qed", opts=["cluster_size=4096"])
+    qemu.io(p, "write -P 1 0 16k", fmt="qed")
+    abort_after(p, "write -P 2 1M 8k", "write -P 3 7M 4k", fmt="qed")
+    with open(p, "r+b") as f:
+        l1_off, = struct.unpack("<Q", f.read(64)[40:48])
+        f.seek(l1_off)
+        l2_off, = struct.unpack("<Q", f.read(8))
+        f.seek(l2_off + 8 * 5)                   # cluster 5: past the end of the file
+        f.write(struct.pack("<Q", 1 << 40))
+    return p
+
+
+def _before(qemu, p, tmp_path, fmt, out):
+    """What the image reads before the repair (qcow2: a read-only open; QED, whose entry
+    past the end cannot be read: what qemu-img check -r all makes of it), into ``out``."""
+    if fmt == "qcow2":
+        return read_only_raw(p, out)
+    return qemu.to_raw(oracle(qemu, p, tmp_path), str(out))
+
+
+def _recorded(monkeypatch, inj):
+    """The repair's file gets ``inj`` as its fault layer (records, fails, kills)."""
+    real = repair.File
+
+    def opened(path, writable, role, *rest):
+        f = real(path, writable, role, *rest)
+        if writable:
+            f.faults = inj
+        return f
+    monkeypatch.setattr(repair, "File", opened)
+
+
+def _bit_set(p, fmt):
+    return bool(incompat(p) & 1) if fmt == "qcow2" else bool(qed_features(p) & _qed.F_NEED_CHECK)
+
+
+def _assert_sound_after_repair(qemu, p, fmt, before_raw, what):
+    """``p`` repaired (by this open if its bit is still set): no corruption, the same
+    content as before."""
+    with blockpull.open(p) as img:
+        img.read(0, 512)
+    assert not _bit_set(p, fmt), what
+    rc = qemu.check(p, fmt)
+    assert rc in ((0,) if fmt == "qcow2" else (0, 3)), f"{what}: qemu-img check exit {rc}"
+    assert qemu.compare(p, before_raw, fmt, "raw"), what
+
+
+@pytest.mark.parametrize("fmt", ["qcow2", "qed"])
+def test_power_loss_during_the_repair(tmp_path, qemu, monkeypatch, fmt):
+    """Every state a power cut can leave during the repair (each sync point, the writes
+    after it kept or not, torn by sector): either the bit is still set and the image
+    reads as before (a writable open repairs it again), or the repair is durable."""
+    from blockpull import faults
+    import random
+    p = _dirty_image(qemu, tmp_path, fmt)
+    initial = open(p, "rb").read()
+    before = tmp_path / "before.raw"
+    want = _before(qemu, p, tmp_path, fmt, before)
+    inj = faults.FaultInjector()
+    _recorded(monkeypatch, inj)
+    blockpull.open(p).close()
+    monkeypatch.undo()
+    ops = [o for o in inj.ops(p) if o.op in ("write", "sync")]
+    assert ops and ops[-1].op == "sync" and sum(o.op == "sync" for o in ops) >= 2
+    rp = faults.Replayer(initial, ops)
+    n = 0
+    for k, data, desc in rp.states(random.Random(12), per_sync=3):
+        s = str(tmp_path / f"state.{fmt}")
+        with open(s, "wb") as f:
+            f.write(data)
+        if _bit_set(s, fmt) and fmt == "qcow2":     # the QED one has an entry unreadable
+            with blockpull.open(s, readonly=True) as img:
+                assert img.read(0, img.size) == want, desc
+        elif not _bit_set(s, fmt):
+            assert k >= rp.nsyncs - 1, f"{desc}: bit cleared before the repair was durable"
+        _assert_sound_after_repair(qemu, s, fmt, before, desc)
+        n += 1
+    assert n >= 6
+
+
+@pytest.mark.parametrize("fmt", ["qcow2", "qed"])
+def test_io_errors_during_the_repair(tmp_path, qemu, monkeypatch, fmt):
+    """EIO at each write and each sync of the repair: the open fails with that OSError;
+    the next one repairs (or finds it repaired), and nothing is lost."""
+    from blockpull import faults
+    import errno
+    p = _dirty_image(qemu, tmp_path, fmt)
+    initial = open(p, "rb").read()
+    before = tmp_path / "before.raw"
+    _before(qemu, p, tmp_path, fmt, before)
+    inj = faults.FaultInjector(record_writes=False)
+    _recorded(monkeypatch, inj)
+    blockpull.open(p).close()
+    counts = dict(inj.counts)
+    for op in ("write", "sync"):
+        for nth in range(1, counts.get((op, "top"), 0) + 1):
+            what = f"EIO at {op} {nth}"
+            with open(p, "wb") as f:
+                f.write(initial)
+            inj = faults.FaultInjector(record_writes=False)
+            rule = inj.fail(op, role="top", errno=errno.EIO, nth=nth)
+            _recorded(monkeypatch, inj)
+            with pytest.raises(OSError) as ei:
+                blockpull.open(p)
+            assert ei.value.errno == errno.EIO and rule.fired == 1, what
+            monkeypatch.undo()
+            _assert_sound_after_repair(qemu, p, fmt, before, what)
