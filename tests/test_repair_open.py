@@ -210,15 +210,37 @@ def test_dirty_and_corrupt_still_refused(tmp_path, qemu):
         assert img.read(0, 4) == b"\x06" * 4
 
 
-def test_unrepairable_dirty_image_refused_unchanged(tmp_path, qemu):
-    """A dirty image whose clusters no refcount block covers (the refcount table entry
-    zeroed): the rebuild this repair does cannot make blocks; refused, nothing written."""
-    p = qemu.create(tmp_path / "d.qcow2", 1 * MiB, opts=["lazy_refcounts=on"])
-    abort_after(p, "write -P 6 0 64k")
+@pytest.mark.parametrize("cluster,gone", [(65536, 1), (512, 1), (512, 64)])
+def test_refcount_block_gone_made_anew(tmp_path, qemu, caplog, cluster, gone):
+    """A dirty image whose first refcount block (or every one) the table no longer names:
+    their clusters are in use but counted nowhere. As QEMU's repair does, new blocks are made (after the
+    end of the file, counted by themselves or an existing block)."""
+    p = qemu.create(tmp_path / "d.qcow2", 2 * MiB, opts=["lazy_refcounts=on",
+                                                         f"cluster_size={cluster}"])
+    abort_after(p, "write -P 6 0 64k", "write -P 7 1M 300k")
     with open(p, "r+b") as f:
         rt_off, = struct.unpack(">Q", f.read(64)[48:56])
         f.seek(rt_off)
-        f.write(bytes(8))
+        f.write(bytes(8 * gone))      # 64: every block (new ones then count new ones)
+    line = assert_repaired_qcow2(qemu, p, tmp_path, caplog)
+    assert "refcount blocks made" in line
+    with blockpull.open(p) as img:
+        img.write(1536 * KiB, b"\x08" * 200 * KiB)
+    qemu.assert_clean(p)
+
+
+def test_unrepairable_dirty_image_refused_unchanged(tmp_path, qemu):
+    """A dirty image whose data cluster is also its L1 table (two uses): not a matter of
+    counts; refused, nothing written, still readable read-only."""
+    p = qemu.create(tmp_path / "d.qcow2", 1 * MiB, opts=["lazy_refcounts=on"])
+    abort_after(p, "write -P 6 0 64k", "write -P 5 128k 64k")
+    with open(p, "r+b") as f:
+        hdr = f.read(64)
+        l1_off, = struct.unpack(">Q", hdr[40:48])
+        f.seek(l1_off)
+        l2_off = struct.unpack(">Q", f.read(8))[0] & 0x00FFFFFFFFFFFE00
+        f.seek(l2_off + 16)                          # cluster 2 -> the L1 table
+        f.write(struct.pack(">Q", l1_off | (1 << 63)))
     before = open(p, "rb").read()
     with pytest.raises(blockpull.ImageFormatError) as ei:
         blockpull.open(p)
@@ -410,15 +432,24 @@ def test_needs_repair_reads_the_bits():
 
 # ---- crashes and I/O errors during the repair itself --------------------------------------
 
-def _dirty_image(qemu, tmp_path, fmt):
-    """A dirty qcow2 (counts to raise and to lower) or a QED with need-check and an
-    entry to clear."""
-    if fmt == "qcow2":
+def _dirty_image(qemu, tmp_path, kind):
+    """A dirty qcow2 (counts to raise and to lower; "qcow2-noblock": a refcount block to
+    make as well) or a QED with need-check and an entry to clear."""
+    if kind == "qcow2":
         opts, pre, cmds = CASES["snapshot"]
         p = qemu.create(tmp_path / "d.qcow2", 8 * MiB, opts=["lazy_refcounts=on"])
         qemu.io(p, pre[0])
         qemu.img(*pre[1], p)
         abort_after(p, *cmds)
+        return p
+    if kind == "qcow2-noblock":
+        p = qemu.create(tmp_path / "d.qcow2", 2 * MiB, opts=["lazy_refcounts=on",
+                                                             "cluster_size=512"])
+        abort_after(p, "write -P 6 0 64k", "write -P 7 1M 100k")
+        with open(p, "r+b") as f:
+            rt_off, = struct.unpack(">Q", f.read(64)[48:56])
+            f.seek(rt_off)
+            f.write(bytes(8))
         return p
     p = qemu.create(tmp_path / "d.qed", 8 * MiB, fmt="qed", opts=["cluster_size=4096"])
     qemu.io(p, "write -P 1 0 16k", fmt="qed")
@@ -467,14 +498,15 @@ def _assert_sound_after_repair(qemu, p, fmt, before_raw, what):
     assert qemu.compare(p, before_raw, fmt, "raw"), what
 
 
-@pytest.mark.parametrize("fmt", ["qcow2", "qed"])
-def test_power_loss_during_the_repair(tmp_path, qemu, monkeypatch, fmt):
+@pytest.mark.parametrize("kind", ["qcow2", "qcow2-noblock", "qed"])
+def test_power_loss_during_the_repair(tmp_path, qemu, monkeypatch, kind):
     """Every state a power cut can leave during the repair (each sync point, the writes
     after it kept or not, torn by sector): either the bit is still set and the image
     reads as before (a writable open repairs it again), or the repair is durable."""
     from blockpull import faults
     import random
-    p = _dirty_image(qemu, tmp_path, fmt)
+    fmt = kind.split("-")[0]
+    p = _dirty_image(qemu, tmp_path, kind)
     initial = open(p, "rb").read()
     before = tmp_path / "before.raw"
     want = _before(qemu, p, tmp_path, fmt, before)
@@ -500,13 +532,14 @@ def test_power_loss_during_the_repair(tmp_path, qemu, monkeypatch, fmt):
     assert n >= 6
 
 
-@pytest.mark.parametrize("fmt", ["qcow2", "qed"])
-def test_io_errors_during_the_repair(tmp_path, qemu, monkeypatch, fmt):
+@pytest.mark.parametrize("kind", ["qcow2", "qcow2-noblock", "qed"])
+def test_io_errors_during_the_repair(tmp_path, qemu, monkeypatch, kind):
     """EIO at each write and each sync of the repair: the open fails with that OSError;
     the next one repairs (or finds it repaired), and nothing is lost."""
     from blockpull import faults
     import errno
-    p = _dirty_image(qemu, tmp_path, fmt)
+    fmt = kind.split("-")[0]
+    p = _dirty_image(qemu, tmp_path, kind)
     initial = open(p, "rb").read()
     before = tmp_path / "before.raw"
     _before(qemu, p, tmp_path, fmt, before)
