@@ -8,15 +8,17 @@ QEMU repairs two kinds of image when it opens them read-write, and so does
   docs/interop/qcow2.rst, "Header", incompatible and compatible feature bits). The
   refcounts are rebuilt from the tables: every count is set to the references found
   (header, L1/L2 tables, refcount table and blocks, snapshots and their tables, bitmaps'
-  directory, tables and data, compressed clusters' sectors, data clusters), COPIED flags
-  follow, all made durable (fdatasync) before the dirty bit is cleared (then synced);
+  directory, tables and data, compressed clusters' sectors, data clusters), blocks are
+  made where none covers a cluster in use, COPIED flags follow, all made durable
+  (fdatasync) before the dirty bit is cleared (then synced);
 * QED with the need-check feature bit (0x02) set: the table entries QEMU's check clears
   (unaligned, inside the header or past the end of the file) are cleared and made
   durable before the bit is cleared (QEMU's docs/interop/qed_spec.txt, "Feature bits").
 
 A crash during a repair leaves the bit set: the next writable open repairs again.
 What cannot be repaired this way (a structure that cannot be read, a cluster with two
-uses, a refcount block missing) is refused with ``ImageFormatError``. Read-only opens
+uses, a refcount table with no room for a missing block) is refused with
+``ImageFormatError``, nothing written. Read-only opens
 never repair. blockpull itself never sets either bit (docs/crash-model.md).
 """
 from __future__ import annotations
