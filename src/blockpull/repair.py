@@ -18,8 +18,8 @@ QEMU repairs two kinds of image when it opens them read-write, and so does
 A crash during a repair leaves the bit set: the next writable open repairs again.
 What cannot be repaired this way (a structure that cannot be read, a cluster with two
 uses, a refcount table with no room for a missing block) is refused with
-``ImageFormatError``, nothing written. Read-only opens
-never repair. blockpull itself never sets either bit (docs/crash-model.md).
+``ImageFormatError``, nothing written. Read-only opens never repair. blockpull itself
+never sets either bit (docs/crash-model.md).
 """
 from __future__ import annotations
 
