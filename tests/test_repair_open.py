@@ -45,8 +45,10 @@ def kill_after(path, *cmds):
         for c in cmds:
             p.stdin.write(c + "\n")
             p.stdin.flush()
-            while "wrote" not in p.stdout.readline():
-                pass
+            line = p.stdout.readline()
+            while "wrote" not in line:
+                assert line, f"qemu-io ended before {c!r} was done: {p.stderr.read()}"
+                line = p.stdout.readline()
     finally:
         p.send_signal(signal.SIGKILL)
         p.wait()
