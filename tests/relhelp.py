@@ -10,6 +10,7 @@ from __future__ import annotations
 import os
 import random
 import shutil
+import struct
 import subprocess
 import sys
 from typing import Dict, List, NamedTuple, Optional, Sequence, Tuple
@@ -53,6 +54,7 @@ class Variant(NamedTuple):
     size: int = 4 << 20
     keep: str = ""
     extl2: bool = False
+    dirty: bool = False     # qcow2 top with lazy refcounts, its writer died: left dirty
 
 
 VARIANTS = {
@@ -63,6 +65,12 @@ VARIANTS = {
     "c512": Variant("c512", cluster=512, refbits=64, size=3 << 20),
     "extl2": Variant("extl2", cluster=32768, extl2=True),
     "extl2-partial": Variant("extl2-partial", base="base.qcow2", extl2=True),
+}
+#: tops a writable open repairs first (a lazy-refcount writer killed), for the crash and
+#: fault suites; not in VARIANTS: the power-loss replay starts from the file as repaired
+REPAIR_VARIANTS = {
+    "v3-lazy": Variant("v3-lazy", dirty=True),
+    "v3-lazy-partial": Variant("v3-lazy-partial", cluster=4096, base="base.qcow2", dirty=True),
 }
 if "qed" in FORMATS:
     VARIANTS["qed"] = Variant("qed", fmt="qed", cluster=4096)
@@ -128,12 +136,22 @@ def build_chain(d: str, v: Variant, seed: int = 1) -> Dict[str, str]:
             opts += f",refcount_bits={v.refbits}"
         if v.extl2:
             opts += ",extended_l2=on"
+        if v.dirty:
+            opts += ",lazy_refcounts=on"
     _qemu("qemu-img", "create", "-q", "-f", v.fmt, "-b", "mid.qcow2", "-F", "qcow2",
           "-o", opts, top, str(size))
     # with subclusters: partly allocated clusters, and zero subclusters over data below
     extra = [f"write -q -z {size // 4 + 2048} 4096"] if v.extl2 else []
     _write_random(top, rng, [(size // 8, 5000), (size - 9000, 9000)], os.path.join(d, "scratch"),
                   extra=extra)
+    if v.dirty:
+        # more writes, then the writer dies with its refcounts not written back
+        r = subprocess.run(["qemu-io", "-c", f"write -q -P 0x33 {size // 3} 70000",
+                            "-c", f"write -q -P 0x44 {size // 2 + 4096} 9000", "-c", "abort",
+                            top], capture_output=True, text=True)
+        assert r.returncode in (-6, 134), r
+        with open(top, "rb") as f:
+            assert struct.unpack(">Q", f.read(80)[72:80])[0] & 1, "not left dirty"
     return {"top": top, "mid": mid, "base": base, "dir": d}
 
 

@@ -24,7 +24,7 @@ import pytest
 
 import blockpull
 from blockpull import faults
-from relhelp import (VARIANTS, assert_no_corruption, backing_of, build_chain, copy_chain,
+from relhelp import (REPAIR_VARIANTS, VARIANTS, assert_no_corruption, backing_of, build_chain, copy_chain,
                      raw_of)
 
 CHUNK = 65536
@@ -136,7 +136,8 @@ def write_rule(s, kind, err):
 
 def sites(tmp_path_factory, name):
     if name not in _sites:
-        _sites[name] = Sites(str(tmp_path_factory.mktemp("faults-" + name)), VARIANTS[name])
+        _sites[name] = Sites(str(tmp_path_factory.mktemp("faults-" + name)),
+                             {**VARIANTS, **REPAIR_VARIANTS}[name])
     return _sites[name]
 
 
@@ -244,6 +245,15 @@ def test_write_fault_partial_pull(tmp_path_factory, tmp_path, kind, err, policy)
     """A pull that keeps a base: its link change writes a new name, then the header."""
     s = sites(tmp_path_factory, "v3-partial")
     run_case(tmp_path, s, policy, write_rule(s, kind, err))
+
+
+@pytest.mark.parametrize("policy", POLICIES)
+@pytest.mark.parametrize("kind", ["data", "l2", "refblock", "link"])
+def test_write_fault_repaired_on_open(tmp_path_factory, tmp_path, kind, policy):
+    """A lazy-refcount top its writer left dirty: the open repairs it, then the pull
+    meets an I/O error."""
+    s = sites(tmp_path_factory, "v3-lazy")
+    run_case(tmp_path, s, policy, write_rule(s, kind, errno.EIO))
 
 
 @pytest.mark.parametrize("policy", POLICIES)

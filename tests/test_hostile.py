@@ -273,7 +273,11 @@ WRITE_CASES = [
                                                      ">Q", 0x20200), FMT_ERR),
     ("refblock_past_eof", "v3", lambda p, d: q.poke(p, q.header(p)["refcount_table_offset"],
                                                     ">Q", 1 << 44), FMT_ERR),
-    ("dirty_bit_for_writing", "v3", field("incompatible_features", 1), FMT_ERR),
+    # a dirty image is repaired on a writable open; one whose refcount table names an
+    # unaligned block cannot be (a corruption besides stale counts) and is refused
+    ("dirty_bit_refblock_unaligned", "v3", lambda p, d: (
+        q.set_field(p, "incompatible_features", 1),
+        q.poke(p, q.header(p)["refcount_table_offset"], ">Q", 0x20200)), FMT_ERR),
     ("corrupt_bit_for_writing", "v3", field("incompatible_features", 2), FMT_ERR),
 ]
 

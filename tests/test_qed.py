@@ -259,21 +259,22 @@ def test_qcow2_top_over_qed_base(tmp_path, qemu):
     assert want[2 * MiB - 10:2 * MiB + 10] == b"\x42" * 20
 
 
-def test_need_check_refused_read_write(tmp_path, qemu):
+def test_need_check_repaired_on_read_write_open(tmp_path, qemu):
+    """As QEMU does, a writable open checks and repairs an image with the need-check
+    bit (more in tests/test_repair_open.py); read-only opens leave it alone."""
     p = qemu.create(tmp_path / "n.qed", MiB, fmt="qed")
     qemu.io(p, "write -P 1 0 64k", fmt="qed")
     patch(p, 16, "<Q", _qed.F_NEED_CHECK)
-    with pytest.raises(blockpull.ImageFormatError) as ei:
-        blockpull.open(p)
-    assert "n.qed" in str(ei.value)
-    assert "need-check" in str(ei.value) and "qemu-img check -r all" in str(ei.value)
     with blockpull.open(p, readonly=True) as img:
         assert img.read(0, 4) == b"\1" * 4
-    qemu.img("check", "-r", "all", p)
+    assert header(p)[4] & _qed.F_NEED_CHECK
     with blockpull.open(p) as img:
+        assert img.read(0, 4) == b"\1" * 4
         img.write(0, b"ok")
     assert header(p)[4] & _qed.F_NEED_CHECK == 0
     qemu.assert_clean(p)
+    with blockpull.open(p, readonly=True) as img:
+        assert img.read(0, 4) == b"ok\1\1"
 
 
 def test_set_backing_none_and_other(tmp_path, qemu):

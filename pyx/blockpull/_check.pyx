@@ -469,6 +469,37 @@ cdef class Qcow2Check:
     def leaked_blocks(self):
         """Leak repairs, by refcount block: a list of (block offset, new block bytes,
         [host clusters whose count drops]) for every block holding a leaked cluster."""
+        return self._blocks_to_fix(False)
+
+    def recounted_blocks(self):
+        """Every count set to the references found (the repair of an image left dirty
+        by a writer with lazy refcounts): a list of (block offset, new block bytes,
+        [host clusters whose count changes]) for every block with a count that differs,
+        too high or too low. Clusters in use that no valid refcount block covers are
+        not in it (``uncovered``)."""
+        return self._blocks_to_fix(True)
+
+    def uncovered(self):
+        """Host clusters in use whose refcount block is missing or invalid: a list."""
+        cdef uint64_t rt_off = self.hdr["refcount_table_offset"]
+        cdef int64_t rt_bytes = self.hdr["refcount_table_clusters"] * self.cs
+        cdef int64_t c, idx
+        cdef uint64_t off
+        cdef bytes rt = b""
+        if not (rt_off & (self.cs - 1) or rt_off + rt_bytes > <uint64_t>self.file_size):
+            rt = self.f.pread(rt_off, rt_bytes)
+        out = []
+        for c in range(self.nb):
+            if self.expected[c] == 0:
+                continue
+            idx = c // self.rb_entries
+            off = ld64(<const unsigned char*><char*>rt + 8 * idx) if 8 * idx + 8 <= len(rt) else 0
+            if (off == 0 or off & (self.cs - 1) or off & RT_RESERVED or
+                    off + self.cs > <uint64_t>self.file_size):
+                out.append(c)
+        return out
+
+    cdef list _blocks_to_fix(self, bint all_counts):
         cdef uint64_t rt_off = self.hdr["refcount_table_offset"]
         cdef int64_t rt_bytes = self.hdr["refcount_table_clusters"] * self.cs
         cdef int64_t i, j, base, lim
@@ -490,7 +521,8 @@ cdef class Qcow2Check:
             lim = min(self.rb_entries, self.nb - base)
             dropped = []
             for j in range(lim):
-                if self.stored[base + j] > self.expected[base + j]:
+                if self.stored[base + j] > self.expected[base + j] or (
+                        all_counts and self.stored[base + j] != self.expected[base + j]):
                     dropped.append(base + j)
             if not dropped:
                 continue
@@ -505,6 +537,10 @@ cdef class Qcow2Check:
         """Record that host cluster ``c`` now has refcount ``v`` on disk."""
         if 0 <= c < self.nb:
             self.stored[c] = v
+
+    def stored_count(self, int64_t c):
+        """The refcount of host cluster ``c`` as ``run`` read it (or ``set_stored`` set)."""
+        return self.stored[c] if 0 <= c < self.nb else 0
 
     def expected_count(self, int64_t c):
         """The number of references to host cluster ``c`` found by ``run``."""

@@ -9,8 +9,9 @@ reference, brand-new L2 tables written whole and the file extended over every li
 cluster, one fdatasync, then the changed L2 and L1 entries (``flush_metadata``); a failed
 fdatasync makes everything since the last good one count as not written (``_sync_failed``).
 
-The need-check bit is never set (an image with it set is refused read-write): why is in
-docs/crash-model.md, "How the drivers keep it".
+The need-check bit is never set: why is in docs/crash-model.md, "How the drivers keep it".
+An image with it set is refused read-write here; ``blockpull.open`` repairs it first, as
+QEMU does (blockpull.repair).
 
 Every value read from the file is checked before use: header fields at open
 (``read_header``), each L1 and L2 entry when it is used (cluster aligned, after the header,

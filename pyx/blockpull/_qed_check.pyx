@@ -131,3 +131,52 @@ def check_qed(File f):
     chk._walk(f, h)
     chk._count_leaks(h)
     return chk
+
+
+cdef bint _valid(uint64_t off, uint64_t n, uint64_t cs, uint64_t header_end,
+                 uint64_t file_size) noexcept:
+    """Does [off, off + n) name clusters QEMU's check accepts: aligned, after the header,
+    starting inside the file (block/qed-check.c, qed_check_cluster_offset)?"""
+    return (off % cs == 0 and off >= header_end and off < file_size and
+            off + n - cs < file_size)
+
+
+def repair_qed(File f):
+    """Clear the entries QEMU's check clears when it opens an image with the need-check
+    bit set read-write (block/qed-check.c with fix): an L1 entry naming an L2 table, or an
+    L2 entry naming a data cluster, that is unaligned, inside the header or past the end
+    of the file. Changed tables are written and made durable (fdatasync); the need-check
+    bit is the caller's to clear. Returns ``(entries cleared, QedCheck of the result)``:
+    the check's corruptions (clusters referenced twice) are left as they are. Raises
+    ImageFormatError when the header is unusable, OSError when a write or sync fails."""
+    cdef QedHeader h = read_header(f)
+    cdef uint64_t cs = h.cluster_size
+    cdef uint64_t header_end = h.header_size * cs
+    cdef uint64_t file_size = f.size()
+    cdef Table l1 = Table(h.l1_offset, h.table_bytes)
+    cdef Table l2
+    cdef int64_t i, j, cleared = 0
+    cdef uint64_t l2_off, e
+    l1.load(f)
+    for i in range(h.l2_entries):
+        l2_off = l1.get(i)
+        if not l2_off:
+            continue
+        if not _valid(l2_off, h.table_bytes, cs, header_end, file_size):
+            l1.put(i, 0)
+            cleared += 1
+            continue
+        l2 = Table(<int64_t>l2_off, h.table_bytes)
+        l2.load(f)
+        for j in range(h.l2_entries):
+            e = l2.get(j)
+            if e > ZERO_ENTRY and not _valid(e, cs, cs, header_end, file_size):
+                l2.put(j, 0)
+                cleared += 1
+        if l2.dirty():
+            l2.write_dirty(f)
+    if l1.dirty():
+        l1.write_dirty(f)
+    if cleared:
+        f.fdatasync()
+    return cleared, check_qed(f)

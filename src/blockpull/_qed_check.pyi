@@ -1,5 +1,5 @@
 """Type stubs for the compiled module blockpull._qed_check."""
-from typing import List
+from typing import List, Tuple
 
 from typing_extensions import disjoint_base
 
@@ -16,3 +16,4 @@ class QedCheck:
     messages: List[str]
 
 def check_qed(f: File) -> QedCheck: ...
+def repair_qed(f: File) -> Tuple[int, QedCheck]: ...

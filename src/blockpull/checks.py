@@ -14,7 +14,7 @@ from blockpull._check import Qcow2Check, parse_snapshot_table
 from blockpull._fileio import File
 from blockpull.errors import ImageFormatError
 
-__all__ = ["CheckResult", "check_qcow2", "check_qed"]
+__all__ = ["CheckResult", "check_qcow2", "check_qed", "walk_qcow2"]
 
 
 class CheckResult(NamedTuple):
@@ -92,25 +92,8 @@ def check_qcow2(f: File, path: str, repair: bool) -> CheckResult:
     Raises ImageFormatError when the header is unusable."""
     # validates the header and the table extents; encrypted images are checked too
     drv = _qcow2.Qcow2(f, False, metadata_only=True)
-    file_size = f.size()
     cbits = drv.cluster_bits
-    snaps, snap_bytes = parse_snapshot_table(f, drv.snapshots_offset, drv.nb_snapshots,
-                                             cbits, file_size)
-    areas, incomplete = _other_areas(f, drv, file_size)
-    hdr = {
-        "version": drv.version, "cluster_bits": cbits,
-        "refcount_order": drv.refcount_order,
-        "l1_table_offset": drv.l1_offset, "l1_size": drv.l1_size,
-        "refcount_table_offset": drv.rt_offset,
-        "refcount_table_clusters": drv.rt_clusters,
-        "snapshots_offset": drv.snapshots_offset, "snapshots_size": snap_bytes,
-        "extended_l2": bool(drv.incompatible & _qcow2.INCOMPAT_EXTL2),
-    }
-    chk = Qcow2Check(f, hdr, file_size)
-    chk.run(snaps, areas)
-    for reason in incomplete:
-        chk.check_errors += 1
-        chk.messages.append("ERROR check incomplete: " + reason)
+    chk = walk_qcow2(f, drv)
     fixed = 0
     fixable: Set[int] = set()
     if repair and chk.leaks:
@@ -143,6 +126,31 @@ def check_qcow2(f: File, path: str, repair: bool) -> CheckResult:
         compressed_clusters=chk.compressed_clusters,
         leaks_fixed=fixed, dropped_messages=chk.dropped_messages,
         fragmented_clusters=chk.fragmented_clusters)
+
+
+def walk_qcow2(f: File, drv: Any) -> Qcow2Check:
+    """Count every reference to every cluster of the qcow2 image ``drv`` (open as ``f``)
+    and compare with the stored refcounts (``Qcow2Check.run``); a structure that could
+    not be understood counts as a check error."""
+    file_size = f.size()
+    snaps, snap_bytes = parse_snapshot_table(f, drv.snapshots_offset, drv.nb_snapshots,
+                                             drv.cluster_bits, file_size)
+    areas, incomplete = _other_areas(f, drv, file_size)
+    hdr = {
+        "version": drv.version, "cluster_bits": drv.cluster_bits,
+        "refcount_order": drv.refcount_order,
+        "l1_table_offset": drv.l1_offset, "l1_size": drv.l1_size,
+        "refcount_table_offset": drv.rt_offset,
+        "refcount_table_clusters": drv.rt_clusters,
+        "snapshots_offset": drv.snapshots_offset, "snapshots_size": snap_bytes,
+        "extended_l2": bool(drv.incompatible & _qcow2.INCOMPAT_EXTL2),
+    }
+    chk = Qcow2Check(f, hdr, file_size)
+    chk.run(snaps, areas)
+    for reason in incomplete:
+        chk.check_errors += 1
+        chk.messages.append("ERROR check incomplete: " + reason)
+    return chk
 
 
 def _other_areas(f: File, drv: Any, file_size: int) -> Tuple[List[Tuple[int, int, str]],

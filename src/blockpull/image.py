@@ -15,6 +15,7 @@ from blockpull.errors import BackingChainError, ImageFormatError, ImageNotFoundE
 from blockpull.formats import FORMATS, creatable, open_driver, probe_path
 from blockpull.job import PullJob
 from blockpull.locking import lock_image
+from blockpull.repair import repair_on_open
 from blockpull.paths import backing_target, identity, kernel_abspath, local_name, tidy
 
 if TYPE_CHECKING:  # pragma: no cover
@@ -120,6 +121,9 @@ class Image:
     def _open_chain(self, fmt: Optional[str], lock_files: bool) -> None:
         if not os.path.exists(self.path):
             raise ImageNotFoundError(f"{self.path}: no such image file")
+        if not self.readonly:
+            # what QEMU repairs on a read-write open is repaired first, under the lock
+            repair_on_open(self.path, fmt)
         top = open_driver(self.path, fmt, not self.readonly, "top")
         self._drivers.append(top)
         if lock_files:
