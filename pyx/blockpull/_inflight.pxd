@@ -56,3 +56,4 @@ cdef class Flight:
 cdef int keep_lacking(Driver top, Flight flight, Chunk ch, bint keep_base,
                       int64_t* skipped) except -1
 cdef int cor_group(Driver top, list views, list vaddrs, int64_t cs) except -1
+cdef bint write_zero_cluster(Driver top, int64_t v, int64_t n) except -1

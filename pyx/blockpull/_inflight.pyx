@@ -274,3 +274,14 @@ def copy_on_read(Chain chain, int64_t offset, int64_t n, buf=None, Flight flight
         views = None
         piece = None
         v = vend
+
+
+cdef bint write_zero_cluster(Driver top, int64_t v, int64_t n) except -1:
+    """Zeros over a kept base, on a format without zero clusters: write ``n`` bytes of
+    zero data at ``v`` as a pulled cluster (fresh space, linked), unless a guest write
+    got there first; True if written. Raises OSError."""
+    kind, run, _h = top.block_status(v, n)
+    if kind != KIND_UNALLOC:
+        return False
+    cor_group(top, [bytes(top.cluster_size)], [v], top.cluster_size)
+    return True

@@ -19,3 +19,4 @@ cdef class RateLimiter:
     cdef int _draw(self, int64_t n, RateLimiter child, int64_t child_gen) noexcept nogil
     cdef void _give_back(self, int64_t n, int64_t epoch) noexcept nogil
     cdef int consume_nogil(self, int64_t n) noexcept nogil
+    cdef int64_t step_bytes(self, int64_t chunk, int64_t cs)

@@ -175,6 +175,23 @@ cdef class RateLimiter:
             self.sent -= n
         pthread_mutex_unlock(&self.mu)
 
+    cdef int64_t step_bytes(self, int64_t chunk, int64_t cs):
+        """Bytes to copy per step (at most ``chunk``, whole ``cs``-byte clusters): under
+        a limit about 1/64 s of it, so that pacing stays smooth and the wait before the
+        first step costs little of the achieved rate. The limit is the lower of this
+        limiter's and its parent's (a shared budget)."""
+        cdef int64_t rate = self._rate
+        cdef RateLimiter parent = self.parent
+        cdef int64_t c = chunk
+        if parent is not None and parent._rate > 0 and (rate <= 0 or parent._rate < rate):
+            rate = parent._rate
+        if rate > 0:
+            c = min(chunk, max(cs, rate // 64))
+            c -= c % cs
+            if c < cs:
+                c = cs
+        return c
+
     cdef int consume_nogil(self, int64_t n) noexcept nogil:
         """Account n bytes and sleep until the schedule (and the parent's) allows them.
         Returns 1 if woken early (nothing is accounted: the caller re-checks its flags and

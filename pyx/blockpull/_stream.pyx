@@ -37,7 +37,7 @@ from libc.stdint cimport int64_t
 
 from blockpull._driver cimport Driver, KIND_UNALLOC
 from blockpull._chain cimport Chain
-from blockpull._inflight cimport Chunk, Flight, cor_group, keep_lacking
+from blockpull._inflight cimport Chunk, Flight, keep_lacking, write_zero_cluster
 from blockpull._plan cimport Planner, lacking
 from blockpull._ratelimit cimport RateLimiter
 from blockpull._reader cimport ReaderPool
@@ -257,7 +257,7 @@ cdef class Stream:
                         if s >= 0:
                             pos, run_end = s, s + n
                     if pos < run_end:
-                        take = min(self.chunk_limit(chunk, cs), run_end - pos)
+                        take = min(self.limiter.step_bytes(chunk, cs), run_end - pos)
                         if self.limiter.consume(take):
                             continue  # woken: re-check cancel/pause/speed, then draw again
                         reads.append(self._start_chunk(spare.pop(), pos, take))
@@ -454,22 +454,6 @@ cdef class Stream:
                 ch.craw = None
                 self.flight.unreserve(ch)
 
-    cdef int64_t chunk_limit(self, int64_t chunk, int64_t cs):
-        """Chunk size: under a limit, about 1/64 s of budget, so that the limiter stays
-        smooth and the wait before the first chunk costs little of the achieved rate.
-        The limit is the lower of the job's own and its shared budget's (the parent)."""
-        cdef int64_t rate = self.limiter._rate
-        cdef RateLimiter parent = self.limiter.parent
-        cdef int64_t c = chunk
-        if parent is not None and parent._rate > 0 and (rate <= 0 or parent._rate < rate):
-            rate = parent._rate
-        if rate > 0:
-            c = min(chunk, max(cs, rate // 64))
-            c -= c % cs
-            if c < cs:
-                c = cs
-        return c
-
     cdef Chunk _start_chunk(self, buf, int64_t off, int64_t n):
         """Start reading what the top lacks in [off, off+n) from the backing chain into
         ``buf`` on a reader thread (without the lock); ``_finish_read`` keeps it."""
@@ -648,8 +632,14 @@ cdef class Stream:
                             self.zeroed += clen
                             if v >= front:
                                 self._count(clen)
-                    elif self._write_zero_cluster(v, clen) and v >= front:
-                        self._count(clen)
+                    else:
+                        try:
+                            if write_zero_cluster(top, v, clen):
+                                self.zeroed += clen
+                                if v >= front:
+                                    self._count(clen)
+                        except OSError as exc:
+                            raise StreamIOError(exc, "write", v)
                 elif what == 3:
                     self._link_kept(ch, i, v, clen, front)
                 elif v >= front and top.pull_status(v, cs)[0] == KIND_UNALLOC:
@@ -691,21 +681,6 @@ cdef class Stream:
         self.done_front = max(self.done_front, v)
         ch.n -= v - ch.off
         ch.off = v
-
-    cdef bint _write_zero_cluster(self, int64_t v, int64_t n) except -1:
-        """Zeros over a kept base, on a format without zero clusters: write zero data,
-        unless a guest write got there first; True if written."""
-        cdef Driver top = self.top
-        kind, run, _h = top.block_status(v, n)
-        if kind != KIND_UNALLOC:
-            return False
-        try:
-            # a pulled cluster like any other (not a guest write): fresh space, linked
-            cor_group(top, [bytes(top.cluster_size)], [v], top.cluster_size)
-        except OSError as exc:
-            raise StreamIOError(exc, "write", v)
-        self.zeroed += n
-        return True
 
     def finish_sync(self):
         """Make everything copied durable (before the backing link changes). The caller
