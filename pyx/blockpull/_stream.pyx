@@ -38,6 +38,7 @@ from libc.stdint cimport int64_t
 from blockpull._driver cimport Driver, KIND_UNALLOC
 from blockpull._chain cimport Chain
 from blockpull._inflight cimport Chunk, Flight, cor_group, keep_lacking
+from blockpull._inflight import write_at_guest
 from blockpull._plan cimport Planner, lacking
 from blockpull._ratelimit cimport RateLimiter
 from blockpull._reader cimport ReaderPool
@@ -275,7 +276,10 @@ cdef class Stream:
                     if failed is None:
                         failed = (ch.off, ch.n, exc)
                     continue
-                if ch.todo:
+                if ch.todo and ch.host < 0:
+                    ch.future = self.writer.submit(write_at_guest, self.top.data_file, ch,
+                                                   self.top.cluster_size)
+                elif ch.todo:
                     ch.future = self.writer.submit(self.top.file.pwritev_data, ch.views, ch.host)
                 inflight.append(ch)
             clean = self.errors == 0
@@ -289,6 +293,8 @@ cdef class Stream:
         pull's own readers of the chain."""
         if self.direct:
             self.top.file.enable_direct()
+            if self.top.data_file is not None:
+                self.top.data_file.enable_direct()
         self.pool = BufferPool(depth + rdepth, chunk)
         bufs = [self.pool.acquire() for _ in range(depth + rdepth)]
         self.writer = ThreadPoolExecutor(depth, thread_name_prefix="blockpull-write")
@@ -428,7 +434,7 @@ cdef class Stream:
         """Give back the host clusters of ``ch.todo[k:]``, which are not linked; the
         chunk leaves the flight (the lock is held)."""
         try:
-            if k < len(ch.todo):
+            if k < len(ch.todo) and ch.host >= 0:    # (-1: guest offsets, nothing held)
                 self.top.free_clusters(ch.host + k * self.top.cluster_size, len(ch.todo) - k)
         finally:
             ch.todo = []
@@ -581,11 +587,11 @@ cdef class Stream:
                 v = off + j * cs
                 clen = min(cs, n - j * cs)
                 if what == 0:
-                    if top.link(v, host + i * cs):
+                    if top.link(v, v if host < 0 else host + i * cs):
                         self.copied += clen
                         if v >= front:
                             self._count(clen)
-                    else:
+                    elif host >= 0:
                         top.free_clusters(host + i * cs, 1)
                     k = i + 1
                 elif what == 1:

@@ -105,6 +105,7 @@ def check_qcow2(f: File, path: str, repair: bool) -> CheckResult:
         "refcount_table_clusters": drv.rt_clusters,
         "snapshots_offset": drv.snapshots_offset, "snapshots_size": snap_bytes,
         "extended_l2": bool(drv.incompatible & _qcow2.INCOMPAT_EXTL2),
+        "external_data": drv.external_data,
     }
     chk = Qcow2Check(f, hdr, file_size)
     chk.run(snaps, areas)
