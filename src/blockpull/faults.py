@@ -176,8 +176,10 @@ class FaultInjector:
 # ---- attaching ---------------------------------------------------------------------
 
 def files_of(image: Any) -> list:
-    """The open ``File`` objects of an Image's chain, top first."""
-    return [d.file for d in image.layers]
+    """The open ``File`` objects of an Image's chain, top first, then the external data
+    files of its images (role "data"), top first."""
+    return [d.file for d in image.layers] + \
+        [d.data_file for d in image.layers if d.data_file is not None]
 
 
 def attach(image: Any, injector: Optional[FaultInjector]) -> Optional[FaultInjector]:
