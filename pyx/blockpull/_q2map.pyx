@@ -245,7 +245,7 @@ cdef class ClusterMap:
             if k2 != kind or h2 != h0:
                 break
             run += 1LL << ubits
-        return (kind, min(run, limit), vaddr if kind == KIND_DATA else 0)
+        return (kind, min(run, limit), vaddr if h0 else 0)
 
     cdef int unit_ext(self, Table t, int64_t c, int64_t l2i, int sub, bint* hosted) except -1:
         """Kind of cluster ``c`` (entry ``l2i`` of ``t``; subcluster ``sub`` with extended
