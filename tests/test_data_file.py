@@ -334,3 +334,35 @@ def test_sigkill_mid_pull(tmp_path, kill_at):
     assert same(top, want, d)
     r = q("qemu-img", "check", top, cwd=d, check=False)
     assert r.returncode in (0, 3), r.stdout + r.stderr
+
+
+def _rename_data_file(path, old: str, new: str):
+    """Put ``new`` (as long as ``old``) where the header's data file name is."""
+    assert len(old) == len(new)
+    with open(path, "r+b") as f:
+        head = f.read(CS)
+        at = head.index(old.encode())
+        f.seek(at)
+        f.write(new.encode())
+
+
+@pytest.mark.parametrize("name, says", [
+    ("nbd:/x/a.data", "not a plain local path"),
+    ("missing.data0", "does not exist"),
+    ("t.qcow2\0data", "NUL"),
+    ("adirectory00", "is a directory"),
+    ("base.qcow2000", "same chain"),
+])
+def test_a_bad_data_file_is_refused_with_its_reason(tmp_path, name, says):
+    d = tmp_path
+    (d / "adirectory00").mkdir()
+    q("qemu-img", "create", "-q", "-f", "qcow2", "base.qcow2", "1M", cwd=d)
+    os.link(d / "base.qcow2", d / "base.qcow2000")      # the backing under another name
+    old = "x" * (len(name) - 5) + ".data"
+    q("qemu-img", "create", "-q", "-f", "qcow2", "-o", f"data_file={old}", "-b", "base.qcow2",
+      "-F", "qcow2", "t.qcow2", "1M", cwd=d)
+    _rename_data_file(d / "t.qcow2", old, name)
+    with pytest.raises(ImageFormatError, match=says):
+        blockpull.open(str(d / "t.qcow2"))
+    r = cli("info", "t.qcow2", cwd=d)
+    assert r.returncode == 2 and r.stderr.count("\n") == 1, (r.returncode, r.stderr)

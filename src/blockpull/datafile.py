@@ -10,6 +10,7 @@ backing file's header could otherwise make a reader of the chain open any file.
 from __future__ import annotations
 
 import os
+import stat
 from typing import Any, Set
 
 from blockpull._fileio import File
@@ -50,6 +51,10 @@ def attach_data_file(drv: Any, image: str, role: str, allow: bool, lock_files: b
     except IsADirectoryError:
         raise ImageFormatError(f"{image}: its external data file {path} is a directory")
     try:
+        mode = os.fstat(f.fd).st_mode
+        if not (stat.S_ISREG(mode) or stat.S_ISBLK(mode)):
+            raise ImageFormatError(f"{image}: its external data file {path} is a directory "
+                                   f"or special file, not a file or block device")
         ident = f.identity()
         if ident in seen:
             raise ImageFormatError(f"{image}: its external data file {path} is an image or "

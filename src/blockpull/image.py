@@ -151,7 +151,6 @@ class Image:
         if lock_files:
             lock_image(top.file, not self.readonly, self.path)
         seen = {top.file.identity()}
-        attach_data_file(top, self.path, "top", True, lock_files, seen)
         cur = top
         cur_path = self.path
         while cur.backing_name is not None:
@@ -182,8 +181,11 @@ class Image:
             seen.add(ident)
             if lock_files:
                 lock_image(drv.file, False, bpath)
-            attach_data_file(drv, bpath, "backing", self._allow_data_file, lock_files, seen)
             cur, cur_path = drv, bpath
+        # data files last: none may be an image of the chain (or another's data file)
+        for i, drv in enumerate(self._drivers):
+            attach_data_file(drv, drv.file.path, "backing" if i else "top",
+                             self._allow_data_file, lock_files, seen)
 
     # ---- properties -------------------------------------------------------------
 
