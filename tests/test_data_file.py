@@ -162,6 +162,51 @@ def test_copy_on_read_into_the_data_file(backed):
                and e["data"] for e in m), m
 
 
+def test_guest_writes_into_copies_in_flight_win(backed, monkeypatch):
+    # a pulled copy lands in the data file at the guest offset, where a guest write lands
+    # too: a guest write to a cluster whose copy is being written must wait for its link
+    # (then write in place), never be overwritten by the copy
+    import queue
+    import threading
+    import time
+    from blockpull import _stream
+    d = backed
+    top = str(d / "t.qcow2")
+    want = to_raw(top, d)
+    targets: "queue.Queue[int]" = queue.Queue()
+    calls = []
+    real = _stream.write_at_guest
+
+    def slow_write(f, ch, cs):
+        # one-cluster chunks in virtual order: the top lacks clusters 1..15 first
+        if len(calls) < 5:
+            calls.append(1)
+            targets.put(len(calls) * CS)
+            time.sleep(0.05)    # the guest writes into this very cluster meanwhile
+        return real(f, ch, cs)
+    monkeypatch.setattr(_stream, "write_at_guest", slow_write)
+    written = []
+    with blockpull.open(top) as img:
+        def guest():
+            for i in range(5):
+                off = targets.get(timeout=30) + 7
+                img.write(off, bytes([0xA0 + i]) * 100)
+                written.append((off, bytes([0xA0 + i]) * 100))
+
+        t = threading.Thread(target=guest)
+        t.start()
+        job = img.pull(chunk=CS, read_depth=1)
+        t.join()
+        assert job.result(timeout=60).status == "completed"
+        assert len(written) == 5 and len(calls) == 5
+        for off, data in written:
+            want[off:off + len(data)] = data
+        assert bytes(img.read(0, img.size)) == bytes(want)
+    clean(top, d)
+    assert same(top, want, d)
+    assert "backing-filename" not in info(top, d)
+
+
 def test_raw_data_file_stays_a_raw_image(tmp_path):
     d = tmp_path
     q("qemu-img", "create", "-q", "-f", "qcow2", "-o", "data_file=r.data,data_file_raw=on",
