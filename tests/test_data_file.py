@@ -19,6 +19,7 @@ import blockpull
 from blockpull.errors import DataFileNotAllowedError, ImageFormatError
 
 from relhelp import child_env
+from test_blockdev import loopdev  # noqa: F401 (a fixture)
 
 MiB = 1 << 20
 CS = 65536
@@ -411,3 +412,23 @@ def test_a_bad_data_file_is_refused_with_its_reason(tmp_path, name, says):
         blockpull.open(str(d / "t.qcow2"))
     r = cli("info", "t.qcow2", cwd=d)
     assert r.returncode == 2 and r.stderr.count("\n") == 1, (r.returncode, r.stderr)
+
+
+def test_data_file_on_a_block_device(tmp_path, loopdev):
+    d = tmp_path
+    dev = loopdev(4 * MiB)
+    q("qemu-img", "create", "-q", "-f", "qcow2", "base.qcow2", "4M", cwd=d)
+    qio("base.qcow2", "write -P 1 0 4M", cwd=d)
+    q("qemu-img", "create", "-q", "-f", "qcow2", "-o", f"data_file={dev}", "-b", "base.qcow2",
+      "-F", "qcow2", "t.qcow2", "4M", cwd=d)
+    qio("t.qcow2", "write -P 7 64k 64k", cwd=d)
+    top = str(d / "t.qcow2")
+    want = to_raw(top, d)
+    with blockpull.open(top) as img:
+        assert img.layers[0].data_file.is_device
+        img.write(3 * MiB + 1, b"\x05" * 3)
+        want[3 * MiB + 1:3 * MiB + 4] = b"\x05" * 3
+        assert img.pull().result(timeout=60).status == "completed"
+    clean(top, d)
+    assert same(top, want, d)
+    assert "backing-filename" not in info(top, d)
