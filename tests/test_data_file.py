@@ -432,3 +432,30 @@ def test_data_file_on_a_block_device(tmp_path, loopdev):
     clean(top, d)
     assert same(top, want, d)
     assert "backing-filename" not in info(top, d)
+
+
+def test_pull_keeping_a_base_keeps_the_data_file_link(tmp_path):
+    # the header is rewritten for the new (shorter) backing name: the data file
+    # extension stays, and only what the middle image held is copied
+    d = tmp_path
+    mid = "a-much-longer-middle-name.qcow2"
+    q("qemu-img", "create", "-q", "-f", "qcow2", "base.qcow2", "4M", cwd=d)
+    qio("base.qcow2", "write -P 1 0 4M", cwd=d)
+    q("qemu-img", "create", "-q", "-f", "qcow2", "-b", "base.qcow2", "-F", "qcow2", mid, cwd=d)
+    qio(mid, "write -P 2 1M 1M", cwd=d)
+    q("qemu-img", "create", "-q", "-f", "qcow2", "-o", "data_file=t.data", "-b", mid,
+      "-F", "qcow2", "t.qcow2", cwd=d)
+    qio("t.qcow2", "write -z 0 64k", cwd=d)
+    top = str(d / "t.qcow2")
+    want = to_raw(top, d)
+    with blockpull.open(top) as img:
+        job = img.pull(base=str(d / "base.qcow2"))
+        assert job.result(timeout=60).status == "completed"
+    i = info(top, d)
+    assert i["backing-filename"] == "base.qcow2"
+    assert i["format-specific"]["data"]["data-file"] == "t.data"
+    clean(top, d)
+    assert same(top, want, d)
+    same_map(top, d)
+    assert [(e["start"], e["length"]) for e in qmap(top, d)
+            if e["depth"] == 0 and e["data"]] == [(1 * MiB, 1 * MiB)]
