@@ -356,8 +356,9 @@ def test_an_entry_away_from_its_guest_offset_is_corrupt(backed):
             img.read(1 * MiB, 512)
 
 
-@pytest.mark.parametrize("kill_at", [3, 8, 14])
-def test_sigkill_mid_pull(tmp_path, kill_at):
+@pytest.mark.parametrize("role, kill_at", [("top", 3), ("top", 8), ("top", 14),
+                                           ("data", 2), ("data", 9)])
+def test_sigkill_mid_pull(tmp_path, role, kill_at):
     d = tmp_path
     data = d / "t.data"
     q("qemu-img", "create", "-q", "-f", "qcow2", "base.qcow2", "4M", cwd=d)
@@ -368,13 +369,14 @@ def test_sigkill_mid_pull(tmp_path, kill_at):
     top = str(d / "t.qcow2")
     want = to_raw(top, d)
     p = subprocess.run([sys.executable, CHILD, top, "-", str(kill_at), "0", str(CS),
-                        str(3 * CS)], capture_output=True, text=True, env=child_env(),
-                       timeout=120)
+                        str(3 * CS), role], capture_output=True, text=True,
+                       env=child_env(), timeout=120)
     assert p.returncode == -9, (p.returncode, p.stdout, p.stderr)
     r = q("qemu-img", "check", top, cwd=d, check=False)
     assert r.returncode in (0, 3), r.stdout + r.stderr
     assert same(top, want, d)
     data_offsets_are_guest_offsets(top, d)
+    assert info(top, d)["backing-filename"] == "base.qcow2"     # killed mid-pull
     assert blockpull.pull(top).status == "completed"
     assert "backing-filename" not in info(top, d)
     assert same(top, want, d)
