@@ -461,3 +461,7 @@ def test_pull_keeping_a_base_keeps_the_data_file_link(tmp_path):
     same_map(top, d)
     assert [(e["start"], e["length"]) for e in qmap(top, d)
             if e["depth"] == 0 and e["data"]] == [(1 * MiB, 1 * MiB)]
+    # the human map names the file the data lies in, as qemu-img map's table does
+    r = cli("map", "t.qcow2", cwd=d)
+    assert f"0x100000        0x100000        0x100000        {d / 't.data'}" in r.stdout, \
+        r.stdout

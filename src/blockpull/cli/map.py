@@ -35,7 +35,9 @@ def cmd_map(args: argparse.Namespace) -> int:
     """``blockpull map``: the allocation map, in qemu-img map's shapes."""
     with open_image(args, readonly=True) as img:
         extents = img.map()
-        paths = [c.path for c in img.chain]
+        # data of an image with an external data file lies there, as qemu-img map says
+        paths = [d.data_file.path if d.data_file is not None else c.path
+                 for d, c in zip(img.layers, img.chain)]
     if args.output == "json":
         print(format_map_json(extents))
         return EXIT_OK
