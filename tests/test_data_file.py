@@ -399,6 +399,7 @@ def _rename_data_file(path, old: str, new: str):
     ("missing.data0", "does not exist"),
     ("t.qcow2\0data", "NUL"),
     ("adirectory00", "is a directory"),
+    ("/dev/null", "special file"),
     ("base.qcow2000", "same chain"),
 ])
 def test_a_bad_data_file_is_refused_with_its_reason(tmp_path, name, says):

@@ -15,7 +15,6 @@ from typing import Any, Set
 
 from blockpull._fileio import File
 from blockpull.errors import DataFileNotAllowedError, ImageFormatError
-from blockpull.formats import refuse_fifo
 from blockpull.locking import lock_image
 from blockpull.paths import data_file_target
 
@@ -45,16 +44,10 @@ def attach_data_file(drv: Any, image: str, role: str, allow: bool, lock_files: b
     if not os.path.exists(path):
         raise ImageFormatError(f"{image}: its external data file {path} does not exist "
                                f"(a relative name is taken from the image's directory)")
-    refuse_fifo(path)
+    _refuse_special(image, path, os.stat(path).st_mode)   # before opening it at all
+    f = File(path, bool(drv.writable), "data")
     try:
-        f = File(path, bool(drv.writable), "data")
-    except IsADirectoryError:
-        raise ImageFormatError(f"{image}: its external data file {path} is a directory")
-    try:
-        mode = os.fstat(f.fd).st_mode
-        if not (stat.S_ISREG(mode) or stat.S_ISBLK(mode)):
-            raise ImageFormatError(f"{image}: its external data file {path} is a directory "
-                                   f"or special file, not a file or block device")
+        _refuse_special(image, path, os.fstat(f.fd).st_mode)   # what was opened
         ident = f.identity()
         if ident in seen:
             raise ImageFormatError(f"{image}: its external data file {path} is an image or "
@@ -66,3 +59,11 @@ def attach_data_file(drv: Any, image: str, role: str, allow: bool, lock_files: b
         f.close()
         raise
     seen.add(ident)
+
+
+def _refuse_special(image: str, path: str, mode: int) -> None:
+    """A data file is a regular file or a block device: a directory, FIFO, socket or
+    character device is refused (opening some of them has effects of its own)."""
+    if not (stat.S_ISREG(mode) or stat.S_ISBLK(mode)):
+        raise ImageFormatError(f"{image}: its external data file {path} is a directory "
+                               f"or special file, not a file or block device")
