@@ -374,6 +374,7 @@ def test_sigkill_mid_pull(tmp_path, role, kill_at):
     assert p.returncode == -9, (p.returncode, p.stdout, p.stderr)
     r = q("qemu-img", "check", top, cwd=d, check=False)
     assert r.returncode in (0, 3), r.stdout + r.stderr
+    assert cli("check", top, cwd=d).returncode == r.returncode    # the same verdict
     assert same(top, want, d)
     data_offsets_are_guest_offsets(top, d)
     assert info(top, d)["backing-filename"] == "base.qcow2"     # killed mid-pull
@@ -466,3 +467,35 @@ def test_pull_keeping_a_base_keeps_the_data_file_link(tmp_path):
     r = cli("map", "t.qcow2", cwd=d)
     assert f"0x100000        0x100000        0x100000        {d / 't.data'}" in r.stdout, \
         r.stdout
+
+
+def test_served_over_nbd_written_and_pulled(backed):
+    # a guest over NBD writes (unaligned, zeros, discard) while the served image is
+    # pulled; a local raw copy given the same writes is what the image must read
+    d = backed
+    top = str(d / "t.qcow2")
+    model = d / "model.raw"
+    model.write_bytes(bytes(to_raw(top, d)))
+    cmds = ["write -P 17 100000 300000", "write -z 4M 256k", "discard 6M 128k",
+            "write -P 19 6M 128k", "write -P 18 7M 5000", "flush"]
+    with blockpull.serve(top, copy_on_read=True) as srv:
+        job = srv.pull(bandwidth=4 * MiB)
+        qio(srv.uri, *cmds, cwd=d, fmt="raw")
+        # what a discarded range reads is unspecified until it is written again
+        qio(str(model), *[c for c in cmds if not c.startswith("discard")], cwd=d, fmt="raw")
+        job.set_speed(0)
+        assert job.result(timeout=60).status == "completed"
+    clean(top, d)
+    assert same(top, model.read_bytes(), d)
+    assert "backing-filename" not in info(top, d)
+    data_offsets_are_guest_offsets(top, d)
+
+
+def test_serve_refuses_a_backings_data_file_unless_allowed(data_file_backing):
+    d = data_file_backing
+    top = str(d / "top.qcow2")
+    with pytest.raises(DataFileNotAllowedError):
+        blockpull.serve(top)
+    with blockpull.serve(top, allow_data_file=True, readonly=True) as srv:
+        r = q("qemu-img", "compare", "-f", "raw", srv.uri, "top.qcow2", cwd=d, check=False)
+        assert r.returncode == 0, r.stdout + r.stderr
