@@ -499,3 +499,55 @@ def test_serve_refuses_a_backings_data_file_unless_allowed(data_file_backing):
     with blockpull.serve(top, allow_data_file=True, readonly=True) as srv:
         r = q("qemu-img", "compare", "-f", "raw", srv.uri, "top.qcow2", cwd=d, check=False)
         assert r.returncode == 0, r.stdout + r.stderr
+
+
+def test_a_failed_sync_of_the_data_file_during_a_pull(backed):
+    # the data file's fdatasync fails: what was copied since the last good sync is
+    # unlinked (its data may be lost) and copied again after the resume
+    import errno
+    import threading
+    import time
+    from blockpull import faults
+    d = backed
+    top = str(d / "t.qcow2")
+    want = to_raw(top, d)
+    with blockpull.open(top) as img:
+        inj = faults.attach(img, faults.FaultInjector(record_writes=False))
+        rule = inj.fail("sync", "data", errno.EIO, nth=2, match=lambda *_: threading
+                        .current_thread().name.startswith("blockpull-pull"))
+        job = img.pull(on_error="stop", chunk=CS, batch=4 * CS)
+        t0 = time.monotonic()
+        while job.status != "paused":
+            assert not job.done(), job.error
+            assert time.monotonic() - t0 < 60
+            time.sleep(0.005)
+        assert rule.fired == 1 and img.layers[0].sync_failures == 1
+        job.resume()
+        assert job.result(timeout=60).status == "completed"
+        faults.detach(img)
+        assert bytes(img.read(0, img.size)) == bytes(want)
+    clean(top, d)
+    assert same(top, want, d)
+    assert "backing-filename" not in info(top, d)
+
+
+def test_a_failed_sync_of_the_data_file_loses_the_guest_write_loudly(backed):
+    # an allocating guest write, then a flush whose data file sync fails: the write
+    # counts as not written (unlinked, no count touched), and every flush says so
+    import errno
+    from blockpull import faults
+    d = backed
+    top = str(d / "t.qcow2")
+    want = to_raw(top, d)
+    img = blockpull.open(top)
+    inj = faults.attach(img, faults.FaultInjector(record_writes=False))
+    img.write(3 * CS + 10, b"\x33" * 1000)
+    inj.fail("sync", "data", errno.EIO)
+    with pytest.raises(OSError):
+        img.flush()
+    with pytest.raises(OSError):
+        img.flush()
+    with pytest.raises(OSError):
+        img.close()
+    clean(top, d)
+    assert same(top, want, d)
