@@ -551,3 +551,27 @@ def test_a_failed_sync_of_the_data_file_loses_the_guest_write_loudly(backed):
         img.close()
     clean(top, d)
     assert same(top, want, d)
+
+
+def test_a_full_data_file_device_says_so(tmp_path, loopdev):
+    # a data file on a device smaller than the disk: the pull stops at its end with
+    # ENOSPC, keeps what it copied, and says the device must grow
+    d = tmp_path
+    dev = loopdev(4 * MiB)
+    q("qemu-img", "create", "-q", "-f", "qcow2", "base.qcow2", "4M", cwd=d)
+    qio("base.qcow2", "write -P 1 0 4M", cwd=d)
+    q("qemu-img", "create", "-q", "-f", "qcow2", "-o", f"data_file={dev}", "-b", "base.qcow2",
+      "-F", "qcow2", "t.qcow2", "4M", cwd=d)
+    # the volume shrinks under the image (qemu-img would not make it on a small one)
+    os.truncate(d / "loop0.img", 1 * MiB)
+    subprocess.run(["losetup", "-c", dev], check=True)
+    top = str(d / "t.qcow2")
+    want = to_raw(top, d)
+    with blockpull.open(top) as img:
+        with pytest.raises(blockpull.PullError, match="block device") as ei:
+            img.pull(chunk=4 * CS).result(timeout=60)
+    assert ei.value.errno == 28     # ENOSPC
+    clean(top, d)
+    assert same(top, want, d)
+    assert info(top, d)["backing-filename"] == "base.qcow2"
+    assert any(e["depth"] == 0 and e["data"] for e in qmap(top, d))     # kept
