@@ -575,3 +575,28 @@ def test_a_full_data_file_device_says_so(tmp_path, loopdev):
     assert same(top, want, d)
     assert info(top, d)["backing-filename"] == "base.qcow2"
     assert any(e["depth"] == 0 and e["data"] for e in qmap(top, d))     # kept
+
+
+def test_zero_clusters_over_data_map_and_check_as_qemu_does(tmp_path):
+    # a zero cluster that keeps its offset is allocated, except at offset 0: there the
+    # entry cannot say "cluster 0's data" and "zero" at once (QEMU's reading)
+    d = tmp_path
+    q("qemu-img", "create", "-q", "-f", "qcow2", "-o", "data_file=t.data", "t.qcow2", "4M",
+      cwd=d)
+    qio("t.qcow2", "write -P 1 0 1M", "write -z 64k 64k", "write -z 0 64k", "write -z 3M 64k",
+        cwd=d)
+    top = str(d / "t.qcow2")
+    same_map(top, d)
+    ours = cli("check", "t.qcow2", cwd=d)
+    theirs = q("qemu-img", "check", "t.qcow2", cwd=d)
+    assert ours.returncode == 0, ours.stdout + ours.stderr
+    assert ours.stdout.splitlines()[-2:] == theirs.stdout.splitlines()[-2:], \
+        (ours.stdout, theirs.stdout)
+    want = to_raw(top, d)
+    with blockpull.open(top) as img:
+        assert bytes(img.read(0, img.size)) == bytes(want)
+        img.write(10, b"\x02" * 10)         # the zero cluster 0 gets data again
+        want[10:20] = b"\x02" * 10
+    clean(top, d)
+    assert same(top, want, d)
+    same_map(top, d)

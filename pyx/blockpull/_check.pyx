@@ -286,6 +286,11 @@ cdef class Qcow2Check:
             self.add(off, self.cs, R_DATA)
         return 0
 
+    cdef inline bint zero_flag(self, uint64_t e) noexcept:
+        """A standard v3 L2 entry's "reads as zeros" bit (bit 0; reserved with extended
+        L2 entries)."""
+        return self.version == 3 and self.entry_bytes == 8 and (e & ZERO_FLAG) != 0
+
     cdef int walk_l2_ext(self, uint64_t l2_off, bint active) except -1:
         """``walk_l2`` for an image with an external data file (QEMU's
         docs/interop/qcow2.rst, "Header", incompatible bit 2): its data clusters live in
@@ -301,7 +306,7 @@ cdef class Qcow2Check:
                              "external data file" % (l2_off, j))
                 continue
             off = e & OFFSET_MASK
-            if off == 0 and not (e & COPIED):
+            if off == 0 and (not (e & COPIED) or self.zero_flag(e)):
                 continue  # unallocated or zero cluster without space
             guest = (self.l1i * <uint64_t>n + <uint64_t>j) << self.cluster_bits
             if off != guest:
@@ -425,7 +430,7 @@ cdef class Qcow2Check:
                     if e & COMPRESSED_FLAG:
                         continue
                     off = e & OFFSET_MASK
-                    if off == 0 and not (self.ext_data and e & COPIED):
+                    if off == 0 and not (self.ext_data and e & COPIED and not self.zero_flag(e)):
                         continue
                     c = off >> self.cluster_bits
                     rc = self.stored[c] if c < <uint64_t>self.nb else 0

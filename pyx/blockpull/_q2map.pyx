@@ -250,20 +250,24 @@ cdef class ClusterMap:
     cdef int unit_ext(self, Table t, int64_t c, int64_t l2i, int sub, bint* hosted) except -1:
         """Kind of cluster ``c`` (entry ``l2i`` of ``t``; subcluster ``sub`` with extended
         L2 entries) in an image with an external data file; ``hosted`` says whether the
-        entry names a host offset (offset 0 counts when COPIED is set). That offset must
+        entry names a host offset (offset 0 counts when COPIED is set, unless it is a zero
+        cluster). That offset must
         be the cluster's guest offset, and no cluster is compressed."""
         cdef uint64_t e = t.get(l2i << self.extended_l2)
         cdef uint64_t bm = t.get(2 * l2i + 1) if self.extended_l2 else 0
         cdef uint64_t off = e & OFFSET_MASK
+        cdef bint zero = not self.extended_l2 and self.version == 3 and (e & ZERO_FLAG) != 0
         if e & COMPRESSED_FLAG:
             raise self._err("compressed cluster %d in an image with an external data file "
                             "(not allowed by the qcow2 format)" % c)
-        hosted[0] = off != 0 or (e & COPIED) != 0
+        # offset 0 is cluster 0's data when COPIED is set (a zero cluster: no offset),
+        # as QEMU tells them apart
+        hosted[0] = off != 0 or ((e & COPIED) != 0 and not zero)
         if hosted[0] and off != <uint64_t>c << self.cluster_bits:
             raise self._err("L2 entry for cluster %d points at 0x%x in the external data "
                             "file, not at its guest offset 0x%x" % (c, off, c << self.cluster_bits))
         if not self.extended_l2:
-            if self.version == 3 and e & ZERO_FLAG:
+            if zero:
                 return KIND_ZERO
             return KIND_DATA if hosted[0] else KIND_UNALLOC
         if (bm >> 32) & bm & 0xFFFFFFFFULL:
