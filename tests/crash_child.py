@@ -1,10 +1,11 @@
 """The process test_crash.py kills: pulls an image (and writes to it as a guest would).
 
-    python crash_child.py TOP BASE|- KILL_AT WRITES_SEED CHUNK BATCH [COMPRESSED]
+    python crash_child.py TOP BASE|- KILL_AT WRITES_SEED CHUNK BATCH [COMPRESSED] [ROLE]
 
 KILL_AT: 0 = run to the end (the parent kills it from outside at a random moment, or it
 finishes and prints the number of top writes and syncs it made); N > 0 = SIGKILL itself
-just before the N-th write or sync of the top file. WRITES_SEED: 0 = no guest writes;
+just before the N-th write or sync of the top file (of the files in ROLE, default
+"top"; "data" for the top's external data file). WRITES_SEED: 0 = no guest writes;
 otherwise a writer thread writes non-overlapping random extents while the pull runs and
 flushes now and then, printing "flushed I" once the flush of write I returned.
 COMPRESSED: the pull's ``compressed`` ("inflate" by default, or "keep").
@@ -23,11 +24,16 @@ from relhelp import guest_extents  # noqa: E402
 def main() -> None:
     top, base, kill_at, wseed, chunk, batch = sys.argv[1:7]
     kill_at, wseed, chunk, batch = int(kill_at), int(wseed), int(chunk), int(batch)
-    compressed = sys.argv[7] if len(sys.argv) > 7 else "inflate"
+    compressed, role = "inflate", "top"
+    for arg in sys.argv[7:]:        # either optional argument, in any order
+        if arg in ("inflate", "keep"):
+            compressed = arg
+        else:
+            role = arg
     img = blockpull.open(top, backing_format="qcow2")
     inj = faults.FaultInjector(record_writes=False)
     if kill_at:
-        inj.kill_at(role="top", nth=kill_at, match=lambda op, role, off, n: op != "read")
+        inj.kill_at(role=role, nth=kill_at, match=lambda op, role, off, n: op != "read")
     faults.attach(img, inj)
     out = sys.stdout
     writer = None

@@ -211,6 +211,18 @@ def test_qed_top_inflates(tmp_path, qemu):
     assert qemu.compare(top, str(tmp_path / "src.raw"), "qed", "raw")
 
 
+def test_top_with_a_data_file_inflates(tmp_path, qemu):
+    cs = 65536
+    _chain(qemu, tmp_path, cs, "zlib", 10, mid=False)
+    top = qemu.create(tmp_path / "top.qcow2", 10 * cs, backing=str(tmp_path / "tpl.qcow2"),
+                      opts=[f"data_file={tmp_path / 'top.data'}"])
+    info = _pull(top, "keep")
+    assert info.compressed == "inflate" and "data file" in info.compressed_reason
+    assert info.kept_bytes == 0
+    qemu.assert_clean(top)
+    assert qemu.compare(top, str(tmp_path / "src.raw"), None, "raw")
+
+
 def test_default_inflates_and_bad_value(tmp_path, qemu):
     cs = 65536
     top, want = _chain(qemu, tmp_path, cs, "zlib", 10, mid=False)

@@ -96,6 +96,8 @@ cdef class Qcow2Check:
     cdef public int64_t dropped_messages
     cdef public int64_t fragmented_clusters   # as qemu-img check counts them (active L1)
     cdef public object hdr           # dict of header fields
+    cdef bint ext_data               # data clusters in an external data file, not counted
+    cdef uint64_t l1i                # the L1 index of the L2 table walk_l2 reads
 
     def __cinit__(self):
         self.expected = NULL
@@ -112,6 +114,7 @@ cdef class Qcow2Check:
         self.version = hdr["version"]
         self.refcount_order = hdr["refcount_order"]
         self.entry_bytes = 16 if hdr.get("extended_l2") else 8
+        self.ext_data = bool(hdr.get("external_data"))
         self.rb_entries = (self.cs * 8) >> self.refcount_order
         self.file_size = file_size
         self.nb = (file_size + self.cs - 1) >> self.cluster_bits
@@ -240,6 +243,7 @@ cdef class Qcow2Check:
                     continue  # add() counted it
                 if self.read(self.buf, self.cs, l2_off, "L2 table"):
                     continue
+                self.l1i = i
                 self.walk_l2(l2_off, active)
         finally:
             free(l1)
@@ -251,6 +255,8 @@ cdef class Qcow2Check:
         # fragmentation as qemu-img check counts it: within one L2 table, a data cluster
         # that does not follow the previous one in the file; a compressed one always
         cdef uint64_t next_contiguous = 0
+        if self.ext_data:
+            return self.walk_l2_ext(l2_off, active)
         for j in range(n):
             e = ld64(self.buf + self.entry_bytes * j)
             if self.entry_bytes == 16:
@@ -301,6 +307,38 @@ cdef class Qcow2Check:
             self.corrupt("offset=0x%x: Allocated cluster has corrupted subcluster "
                          "allocation bitmap (L2 table 0x%x entry %d)"
                          % (e & OFFSET_MASK, l2_off, j))
+
+    cdef inline bint zero_flag(self, uint64_t e) noexcept:
+        """A standard v3 L2 entry's "reads as zeros" bit (bit 0; reserved with extended
+        L2 entries)."""
+        return self.version == 3 and self.entry_bytes == 8 and (e & ZERO_FLAG) != 0
+
+    cdef int walk_l2_ext(self, uint64_t l2_off, bint active) except -1:
+        """``walk_l2`` for an image with an external data file (QEMU's
+        docs/interop/qcow2.rst, "Header", incompatible bit 2): its data clusters live in
+        the data file and are not refcounted here; each entry must name its cluster's
+        guest offset (offset 0 with COPIED for cluster 0), and none is compressed."""
+        cdef int64_t j, n = self.cs // self.entry_bytes
+        cdef uint64_t e, off, guest
+        cdef uint64_t next_contiguous = 0
+        for j in range(n):
+            e = ld64(self.buf + self.entry_bytes * j)
+            if e & COMPRESSED_FLAG:
+                self.corrupt("L2 table 0x%x entry %d: compressed cluster in an image with an "
+                             "external data file" % (l2_off, j))
+                continue
+            off = e & OFFSET_MASK
+            if off == 0 and (not (e & COPIED) or self.zero_flag(e)):
+                continue  # unallocated or zero cluster without space
+            guest = (self.l1i * <uint64_t>n + <uint64_t>j) << self.cluster_bits
+            if off != guest:
+                self.corrupt("L2 table 0x%x entry %d: data cluster at 0x%x of the external "
+                             "data file, not at its guest offset 0x%x" % (l2_off, j, off, guest))
+            if active:
+                self.allocated_clusters += 1
+                if next_contiguous and off != next_contiguous:
+                    self.fragmented_clusters += 1
+                next_contiguous = off + self.cs
         return 0
 
     # ---- stored refcounts -------------------------------------------------------------
@@ -414,10 +452,12 @@ cdef class Qcow2Check:
                     if e & COMPRESSED_FLAG:
                         continue
                     off = e & OFFSET_MASK
-                    if off == 0:
+                    if off == 0 and not (self.ext_data and e & COPIED and not self.zero_flag(e)):
                         continue
                     c = off >> self.cluster_bits
                     rc = self.stored[c] if c < <uint64_t>self.nb else 0
+                    if self.ext_data:
+                        rc = 1      # a data file's cluster: one owner, not counted
                     if (rc == 1) != ((e & COPIED) != 0):
                         if rc == 1 and c in fixable:
                             fixes.append((l2_off + self.entry_bytes * j, e | COPIED))

@@ -19,6 +19,8 @@ cdef class Driver:
     cdef public object backing_format
     cdef readonly bint writable
     cdef readonly bint has_zero_flag
+    cdef readonly bint external_data   # data clusters live in data_file at their guest offset
+    cdef readonly File data_file       # that file once attached (qcow2's external data file)
 
     cpdef tuple block_status(self, int64_t vaddr, int64_t n)
     cpdef tuple pull_status(self, int64_t vaddr, int64_t n)

@@ -86,11 +86,23 @@ cdef class Driver:
         """Rewrite the backing link (None: no backing) crash-safely."""
         raise NotImplementedError
 
+    def attach_data_file(self, File f):
+        """Give a driver whose ``external_data`` is set the file its data clusters live
+        in (opened, checked and locked by the caller); it is closed with the driver.
+        Raises ValueError for a format without external data."""
+        if not self.external_data:
+            raise ValueError("%s has no external data file" % self.file.path)
+        self.data_file = f
+
     def close(self):
-        """Flush (if writable) and close the file."""
-        if self.file is not None and not self.file.closed:
-            try:
-                if self.writable:
-                    self.flush()
-            finally:
-                self.file.close()
+        """Flush (if writable) and close the file (and the data file)."""
+        try:
+            if self.file is not None and not self.file.closed:
+                try:
+                    if self.writable:
+                        self.flush()
+                finally:
+                    self.file.close()
+        finally:
+            if self.data_file is not None and not self.data_file.closed:
+                self.data_file.close()

@@ -14,6 +14,7 @@ pull, which links the same data.
 from libc.stdint cimport int64_t
 
 from blockpull._driver cimport Driver, KIND_UNALLOC
+from blockpull._fileio cimport File
 from blockpull._chain cimport Chain
 from blockpull._ratelimit cimport RateLimiter
 from blockpull.errors import StreamIOError
@@ -172,7 +173,8 @@ cdef int keep_lacking(Driver top, Flight flight, Chunk ch, bint keep_base,
             # no space (a full disk fails here, before anything is written)
             top.ensure_tables(off, n)
             if todo:
-                ch.host = top.alloc_clusters(len(todo))
+                # an external data file holds each cluster at its guest offset (-1)
+                ch.host = -1 if top.external_data else top.alloc_clusters(len(todo))
         except OSError as exc:
             raise StreamIOError(exc, "write", off)
     ch.todo = todo
@@ -189,6 +191,14 @@ cdef int cor_group(Driver top, list views, list vaddrs, int64_t cs) except -1:
     wins; its copy is given back)."""
     cdef int64_t host, i
     if not vaddrs:
+        return 0
+    if top.external_data:
+        # the clusters of a group are consecutive: written at their guest offsets in the
+        # data file, each linked to its own offset; a cluster a guest write linked first
+        # is in no group (the lock is held from the status to here)
+        top.data_file.writev_data(views, vaddrs[0])
+        for i in range(len(vaddrs)):
+            top.link(vaddrs[i], vaddrs[i])
         return 0
     host = top.alloc_clusters(len(vaddrs))
     i = 0
@@ -227,6 +237,8 @@ def copy_on_read(Chain chain, int64_t offset, int64_t n, buf=None, Flight flight
     cdef list views, vaddrs
     bmv = None
     top.file.enable_direct()
+    if top.data_file is not None:
+        top.data_file.enable_direct()
     if buf is not None:
         bmv = memoryview(buf).cast("B")
         src = bmv
@@ -285,3 +297,19 @@ cdef bint write_zero_cluster(Driver top, int64_t v, int64_t n) except -1:
         return False
     cor_group(top, [bytes(top.cluster_size)], [v], top.cluster_size)
     return True
+
+
+def write_at_guest(File f, Chunk ch, int64_t cs):
+    """The write of a chunk's copies into an external data file ``f``: each run of
+    consecutive clusters of ``ch.todo`` at its guest offset (``ch.views`` must be set),
+    no further than the chunk's end. Raises OSError."""
+    cdef list todo = ch.todo
+    cdef int64_t i = 0, k, start, end
+    while i < len(todo):
+        k = i
+        while k + 1 < len(todo) and todo[k + 1] == todo[k] + 1:
+            k += 1
+        start = <int64_t>todo[i] * cs
+        end = min((<int64_t>todo[k] + 1) * cs, ch.n)
+        f.writev_data([ch.bmv[start:end]], ch.off + start)
+        i = k + 1

@@ -27,6 +27,8 @@ INCOMPAT_DATA_FILE = 4
 INCOMPAT_COMPRESSION = 8
 INCOMPAT_EXTL2 = 16
 KNOWN_INCOMPAT = 0x1F
+#: autoclear bit 1: the external data file is itself a raw image of the guest
+AUTOCLEAR_DATA_RAW = 2
 
 #: the largest L1 table QEMU accepts (QCOW_MAX_L1_SIZE), in bytes
 MAX_L1_BYTES = 32 * 1024 * 1024
@@ -120,7 +122,23 @@ class Header:
         h._tables()
         h._snapshots(f)
         h._extensions(f.pread(0, h.cluster_size))  # zeros past the end of a short file
+        h._data_file_rules()
         return h
+
+    def _data_file_rules(self):
+        """An image with an external data file names it, has no internal snapshots and
+        no compressed clusters (QEMU's docs/interop/qcow2.rst, "Header", incompatible
+        bit 2, and "Header extensions", type 0x44415441)."""
+        if not self.data_file:
+            return
+        if not self.data_file_name:
+            raise _fmt_err(self.path, "incompatible bit 2 (external data file) is set but no "
+                           "data file name is recorded; recreate the link with 'qemu-img "
+                           "amend -o data_file=NAME'")
+        if self.nb_snapshots:
+            raise _fmt_err(self.path, "internal snapshots in an image with an external data "
+                           "file (not allowed by the qcow2 format); remove them with "
+                           "'qemu-img snapshot -d'")
 
     def _fixed(self, raw):
         path = self.path
@@ -165,8 +183,11 @@ class Header:
         unknown = self.incompatible & ~KNOWN_INCOMPAT
         if unknown:
             raise _fmt_err(path, "unknown incompatible feature bits 0x%x; this image needs a newer tool" % unknown)
-        if self.incompatible & INCOMPAT_DATA_FILE:
-            raise _fmt_err(path, "external data files (incompatible bit 2) are not supported")
+        # guest clusters live in an external data file at their guest offset (QEMU's
+        # docs/interop/qcow2.rst, "Header", incompatible bit 2; autoclear bit 1 says the
+        # data file is a raw image of the guest as well)
+        self.data_file = bool(self.incompatible & INCOMPAT_DATA_FILE)
+        self.data_file_raw = self.data_file and bool(self.autoclear & AUTOCLEAR_DATA_RAW)
         self.extended_l2 = bool(self.incompatible & INCOMPAT_EXTL2)
         if self.extended_l2:
             if self.cluster_bits < 14:
@@ -177,6 +198,11 @@ class Header:
                                "and internal snapshots can only be opened read-only; open it "
                                "with readonly=True or delete its snapshots "
                                "('qemu-img snapshot -d')")
+            if writable and self.data_file:
+                raise _fmt_err(path, "images with extended L2 entries (incompatible bit 4) "
+                               "and an external data file can only be opened read-only; open "
+                               "it with readonly=True, or convert it with 'qemu-img convert "
+                               "-O qcow2 -o extended_l2=off'")
         if self.incompatible & INCOMPAT_COMPRESSION:
             if self.compression_type not in (0, 1):
                 raise _fmt_err(path, "unknown compression type %d" % self.compression_type)
@@ -246,6 +272,7 @@ class Header:
         self.extensions = []
         self.backing_format = None
         self.crypto_header = None
+        self.data_file_name = None
         off = self.header_length
         end = bfo if (bfo and bfo < cs) else cs
         while off + 8 <= end:     # no end marker before the name/cluster end: tolerated
@@ -267,6 +294,9 @@ class Header:
                 if len(data) < 16:
                     raise _fmt_err(path, "encryption header extension is too short")
                 self.crypto_header = struct.unpack(">QQ", data[:16])
+            elif etype == EXT_DATA_FILE:
+                # the name as stored (no NUL terminator); judged where it is opened
+                self.data_file_name = data.decode("utf-8", "surrogateescape")
             self.extensions.append((etype, data, off))
             off += 8 + ((elen + 7) & ~7)
         self.backing_name = None

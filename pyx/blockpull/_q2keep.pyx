@@ -138,8 +138,8 @@ def plan(chain, Driver top, int base_depth, str compressed):
     The top keeps a backing image's compressed clusters when both are qcow2 with the
     same cluster size and the top's compression type is the backing's, or can be set
     to it (the top holds no compressed cluster; zstd needs a v3 header of at least
-    112 bytes); a top with extended L2 entries or internal snapshots, and a QED top,
-    inflate. The tables of the top and of the backing images are read (the image lock
+    112 bytes); a top with extended L2 entries, internal snapshots or an external data
+    file, and a QED top, inflate. The tables of the top and of the backing images are read (the image lock
     is held). Raises ValueError for another ``compressed``, OSError."""
     cdef Qcow2Ordering q
     if compressed not in VALUES:
@@ -156,6 +156,9 @@ def plan(chain, Driver top, int base_depth, str compressed):
     if q.nb_snapshots:
         return KeepPlan("inflate", "the top has internal snapshots: compressed clusters "
                         "are inflated")
+    if q.external_data:
+        return KeepPlan("inflate", "the top has an external data file, which holds no "
+                        "compressed clusters: they are inflated")
     layers = chain.layers
     holders = []
     for d in range(1, min(base_depth, len(layers))):

@@ -34,6 +34,8 @@ cdef class ClusterMap:
     cdef int64_t last_comp_vcluster
     cdef unsigned char* comp_in       # compressed bytes of one cluster (2 clusters' room)
     cdef unsigned char* comp_out      # the last cluster decoded for a partial read
+    cdef bint ext_data              # data clusters in an external data file (incompat bit 2)
+    cdef File data                  # that file (None until attached)
 
     cdef Table load_l2(self, int64_t off)
     cdef uint64_t l2_entry(self, int64_t cluster) except? 0xFFFFFFFFFFFFFFFF
@@ -42,6 +44,8 @@ cdef class ClusterMap:
     cdef int read_layer(self, int64_t vaddr, unsigned char* out, int64_t n, int kind,
                         int64_t host) except -1
     cdef int decompress(self, int64_t c, unsigned char* out) except -1
+    cdef tuple status_ext(self, int64_t vaddr, int64_t n)
+    cdef int unit_ext(self, Table t, int64_t c, int64_t l2i, int sub, bint* hosted) except -1
 
     cdef inline int kind(self, uint64_t e) noexcept:
         """What a standard (64-bit) L2 entry maps its cluster to."""
@@ -51,4 +55,6 @@ cdef class ClusterMap:
             return KIND_ZERO
         if e & OFFSET_MASK:
             return KIND_DATA
+        if self.ext_data and e & COPIED:
+            return KIND_DATA        # guest cluster 0 in an external data file
         return KIND_UNALLOC

@@ -41,6 +41,7 @@ cdef class ClusterMap:
             f.read_full(self.l1.buf, self.l1_size * 8, h.l1_offset)
         self.cache = TableCache(max(16, l2_cache_bytes // self.cluster_size))
         self.last_comp_vcluster = -1
+        self.ext_data = h.data_file
 
     def __dealloc__(self):
         free(self.comp_in)
@@ -82,6 +83,8 @@ cdef class ClusterMap:
         cdef Table t
         if vaddr >= self.size:
             return (KIND_UNALLOC, n, 0)
+        if self.ext_data:
+            return self.status_ext(vaddr, n)
         limit = min(n, self.size - vaddr)
         if l1i >= self.l1_size or (self.l1.get(l1i) & OFFSET_MASK) == 0:
             # skip every unallocated L1 range at once: cost follows the data
@@ -173,7 +176,12 @@ cdef class ClusterMap:
         cdef int64_t inoff, c
         cdef bytes plain
         if kind == KIND_DATA:
-            self.file.read_full(out, n, host)
+            if self.ext_data:
+                if self.data is None:
+                    raise self._err("its external data file is not open")
+                self.data.read_full(out, n, host)
+            else:
+                self.file.read_full(out, n, host)
         elif kind == KIND_ZERO:
             memset(out, 0, n)
         elif kind == KIND_COMPRESSED:
@@ -215,3 +223,78 @@ cdef class ClusterMap:
         self.file.read_full(self.comp_in, clen, coff)
         self.decomp.decode(self.comp_in, clen, out, c)
         return 0
+
+    # ---- external data file (QEMU's docs/interop/qcow2.rst, "Header", incompatible bit 2)
+
+    cdef tuple status_ext(self, int64_t vaddr, int64_t n):
+        """``block_status`` of an image whose data clusters live in an external data file
+        at their guest offset: the host offset of data is ``vaddr`` itself (0 included);
+        runs join units of one kind. Only L2 tables are read."""
+        cdef int64_t limit = min(n, self.size - vaddr)
+        cdef int64_t c = vaddr >> self.cluster_bits
+        cdef int64_t l1i = c >> self.l2_bits
+        cdef int64_t l2i, run, i
+        cdef int kind, k2, ubits, per, sub
+        cdef bint h0 = False, h2 = False
+        cdef Table t
+        if l1i >= self.l1_size or (self.l1.get(l1i) & OFFSET_MASK) == 0:
+            i = l1i + 1
+            while i < self.l1_size and (self.l1.get(i) & OFFSET_MASK) == 0 and \
+                    ((i << (self.l2_bits + self.cluster_bits)) - vaddr) < limit:
+                i += 1
+            run = (i << (self.l2_bits + self.cluster_bits)) - vaddr
+            return (KIND_UNALLOC, min(run, limit), 0)
+        t = self.load_l2(self.l1.get(l1i) & OFFSET_MASK)
+        l2i = c & (self.l2_entries - 1)
+        ubits, per, sub = self.cluster_bits, 1, 0
+        if self.extended_l2:
+            ubits, per, sub = self.sc_bits, 32, (vaddr >> self.sc_bits) & 31
+        kind = self.unit_ext(t, c, l2i, sub, &h0)
+        run = (1LL << ubits) - (vaddr & ((1LL << ubits) - 1))
+        while run < limit:
+            sub += 1
+            if sub == per:
+                sub = 0
+                l2i += 1
+                if l2i == self.l2_entries:
+                    break
+            k2 = self.unit_ext(t, (vaddr + run) >> self.cluster_bits, l2i, sub, &h2)
+            if k2 != kind or h2 != h0:
+                break
+            run += 1LL << ubits
+        return (kind, min(run, limit), vaddr if h0 else 0)
+
+    cdef int unit_ext(self, Table t, int64_t c, int64_t l2i, int sub, bint* hosted) except -1:
+        """Kind of cluster ``c`` (entry ``l2i`` of ``t``; subcluster ``sub`` with extended
+        L2 entries) in an image with an external data file; ``hosted`` says whether the
+        entry names a host offset (offset 0 counts when COPIED is set, unless it is a zero
+        cluster). That offset must
+        be the cluster's guest offset, and no cluster is compressed."""
+        cdef uint64_t e = t.get(l2i << self.extended_l2)
+        cdef uint64_t bm = t.get(2 * l2i + 1) if self.extended_l2 else 0
+        cdef uint64_t off = e & OFFSET_MASK
+        cdef bint zero = not self.extended_l2 and self.version == 3 and (e & ZERO_FLAG) != 0
+        if e & COMPRESSED_FLAG:
+            raise self._err("compressed cluster %d in an image with an external data file "
+                            "(not allowed by the qcow2 format)" % c)
+        # offset 0 is cluster 0's data when COPIED is set (a zero cluster: no offset),
+        # as QEMU tells them apart
+        hosted[0] = off != 0 or ((e & COPIED) != 0 and not zero)
+        if hosted[0] and off != <uint64_t>c << self.cluster_bits:
+            raise self._err("L2 entry for cluster %d points at 0x%x in the external data "
+                            "file, not at its guest offset 0x%x" % (c, off, c << self.cluster_bits))
+        if not self.extended_l2:
+            if zero:
+                return KIND_ZERO
+            return KIND_DATA if hosted[0] else KIND_UNALLOC
+        if (bm >> 32) & bm & 0xFFFFFFFFULL:
+            raise self._err("extended L2 entry for cluster %d marks subclusters "
+                            "both allocated and zero (bitmap 0x%016x)" % (c, bm))
+        if not hosted[0] and bm & 0xFFFFFFFFULL:
+            raise self._err("extended L2 entry for cluster %d has allocated "
+                            "subclusters but no host offset" % c)
+        if bm & (1ULL << (32 + sub)):
+            return KIND_ZERO
+        if bm & (1ULL << sub):
+            return KIND_DATA
+        return KIND_UNALLOC

@@ -26,6 +26,7 @@ from blockpull._q2map cimport OFFSET_MASK, COMPRESSED_FLAG
 
 
 from blockpull._bitmaps import AUTOCLEAR_BITMAPS
+from blockpull._q2header import AUTOCLEAR_DATA_RAW
 from blockpull.errors import lost_writes_error
 
 
@@ -45,9 +46,10 @@ cdef class Qcow2Ordering(Driver):
         if self.autoclear_done:
             return
         self.autoclear_done = True
-        if self.version != 3 or not (self.autoclear & ~AUTOCLEAR_BITMAPS):
+        keep = AUTOCLEAR_BITMAPS | (AUTOCLEAR_DATA_RAW if self.header.data_file_raw else 0)
+        if self.version != 3 or not (self.autoclear & ~keep):
             return
-        self.autoclear &= AUTOCLEAR_BITMAPS
+        self.autoclear &= keep
         self.header.write_autoclear(self.file, self.autoclear)
         self._sync()
 
@@ -55,6 +57,8 @@ cdef class Qcow2Ordering(Driver):
         """The host clusters L2 entry ``e`` holds a reference to, as (first, count), or
         None: one data cluster, or every cluster a compressed cluster's bytes touch."""
         cdef uint64_t coff, clen
+        if self.external_data:
+            return None     # data clusters of an external data file are not counted
         if e & COMPRESSED_FLAG:
             comp_extent(e, self.cluster_bits, &coff, &clen)
             return (coff >> self.cluster_bits,
@@ -67,6 +71,9 @@ cdef class Qcow2Ordering(Driver):
 
     cdef _sync(self):
         try:
+            if self.data_file is not None:
+                # data in an external data file is durable before what links it
+                self.data_file.fdatasync()
             self.file.fdatasync()
         except OSError as exc:
             self._sync_failed(exc)
@@ -147,6 +154,13 @@ cdef class Qcow2Ordering(Driver):
         cdef int64_t refs = 0, off, k
         cdef Table t, l1
         cdef set seen = set()
+        if self.external_data:
+            # no counts to give back: the entry goes back to what it was (none for a
+            # pull's copy), the data file's bytes stay unreferenced
+            if (self.cmap.l2_entry(c) & OFFSET_MASK) == <uint64_t>host:
+                t = self.cmap.load_l2(self.l1.get(l1i) & OFFSET_MASK)
+                t.put(i2 << self.extended_l2, <uint64_t>old if old is not None else 0)
+            return
         if old is None and <uint64_t>host & COMPRESSED_FLAG:
             off = self.l1.get(l1i) & OFFSET_MASK if l1i < self.l1_size else 0
             if off and self.cmap.load_l2(off).get(i2) == <uint64_t>host:

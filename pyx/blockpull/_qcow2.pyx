@@ -21,7 +21,7 @@ from libc.stdint cimport int64_t, uint64_t
 from libc.string cimport memcpy, memset
 
 from blockpull._fileio cimport File
-from blockpull._driver cimport KIND_UNALLOC, KIND_ZERO, KIND_COMPRESSED
+from blockpull._driver cimport KIND_UNALLOC, KIND_DATA, KIND_ZERO, KIND_COMPRESSED
 from blockpull._tablecache cimport Table
 from blockpull._q2map cimport ClusterMap, OFFSET_MASK, COPIED, COMPRESSED_FLAG, ZERO_FLAG
 from blockpull._q2refcount cimport Refcounts
@@ -31,7 +31,7 @@ from blockpull._q2compress cimport comp_extent
 from blockpull._q2sub cimport Qcow2Sub
 from blockpull.errors import ImageFormatError
 from blockpull._bitmaps import Bitmaps, AUTOCLEAR_BITMAPS
-from blockpull._q2header import (Header, MAGIC, EXT_END, EXT_BACKING_FORMAT,
+from blockpull._q2header import (Header, MAGIC, EXT_END, EXT_BACKING_FORMAT, AUTOCLEAR_DATA_RAW,
                                  EXT_FEATURE_TABLE, EXT_BITMAPS, EXT_CRYPTO, EXT_DATA_FILE,
                                  INCOMPAT_DIRTY, INCOMPAT_CORRUPT, INCOMPAT_DATA_FILE,
                                  INCOMPAT_COMPRESSION, INCOMPAT_EXTL2, KNOWN_INCOMPAT,
@@ -99,7 +99,8 @@ cdef class Qcow2(Qcow2Sub):
         self.l1 = self.cmap.l1
         self.l2_cache = self.cmap.cache
         self.has_zero_flag = self.version == 3
-        self.autoclear_done = (self.autoclear & ~AUTOCLEAR_BITMAPS) == 0
+        self.external_data = h.data_file
+        self.autoclear_done = (self.autoclear & ~self._autoclear_kept()) == 0
         # a pull fills what the snapshots lack too: their unallocated clusters read
         # the same backing chain
         self.snaps = Snapshots(self.file, self.cmap, h.snapshots)
@@ -110,6 +111,35 @@ cdef class Qcow2(Qcow2Sub):
                     self.bitmaps = Bitmaps(self.file, bytes(data), self.cluster_bits,
                                            self.size, file_size, self.refcount)
                     break
+
+    def _autoclear_kept(self):
+        """The autoclear bits this driver keeps true while it writes: bit 0 (persistent
+        bitmaps, kept up to date) and bit 1 (raw external data: every write goes to the
+        data file at its guest offset, zeros included)."""
+        if self.header.data_file_raw:
+            return AUTOCLEAR_BITMAPS | AUTOCLEAR_DATA_RAW
+        return AUTOCLEAR_BITMAPS
+
+    def attach_data_file(self, File f):
+        """Give an image with an external data file (incompatible bit 2) the file its
+        data clusters live in, opened (writable with the image), checked and locked by
+        the caller; it is closed with the driver. Raises ValueError for an image
+        without one."""
+        if not self.external_data:
+            raise ValueError("%s has no external data file" % self.file.path)
+        self.data_file = f
+        self.cmap.data = f
+
+    @property
+    def data_file_name(self):
+        """The external data file's name as the header records it, or None."""
+        return self.header.data_file_name if self.external_data else None
+
+    @property
+    def data_file_raw(self):
+        """True when the external data file is itself a raw image of the guest
+        (autoclear bit 1)."""
+        return bool(self.header.data_file_raw)
 
     def _take_names(self):
         """The backing link and the extensions, as the header now names them."""
@@ -283,6 +313,8 @@ cdef class Qcow2(Qcow2Sub):
         self._bound_dirty()
         self._autoclear()
         self._bitmaps_mark(vaddr, n)
+        if self.external_data:
+            return self._write_ext(vaddr, src, fill)
         if self.extended_l2:
             if n:
                 self.ext_write(vaddr, &src[0], n, fill)
@@ -360,8 +392,59 @@ cdef class Qcow2(Qcow2Sub):
             memset(&out[0], 0, cs)
         elif kind == KIND_COMPRESSED:
             self.read_layer(vc, &out[0], cs, kind, 0)
+        elif self.external_data:
+            self.read_layer(vc, &out[0], cs, kind, vc)
         else:
             self.file.read_full(&out[0], cs, e & OFFSET_MASK)
+
+    cdef _write_ext(self, int64_t vaddr, const unsigned char[::1] src, object fill):
+        """``write`` of an image with an external data file: every data cluster lives
+        there at its guest offset (QEMU's docs/interop/qcow2.rst, "Header", incompatible
+        bit 2), so a cluster that holds data is written in place, and one that does not
+        is written whole (head and tail from what it reads now) and then linked to its
+        own offset, which needs no cluster of the image file; the link is written at the
+        next flush point, after a sync that covers the data file."""
+        cdef int64_t cs = self.cluster_size
+        cdef int64_t n = src.shape[0], pos = 0, v, c, coff, run_n, k, i, wlen
+        cdef uint64_t e2
+        cdef bytearray buf
+        cdef unsigned char[::1] bv
+        if self.data_file is None:
+            raise _fmt_err(self.file.path, "its external data file is not open")
+        while pos < n:
+            v = vaddr + pos
+            c = v >> self.cluster_bits
+            coff = v & (cs - 1)
+            run_n = min(cs - coff, n - pos)
+            if self.cmap.kind(self.cmap.l2_entry(c)) == KIND_DATA:
+                while pos + run_n < n and self.cmap.kind(
+                        self.cmap.l2_entry((v + run_n) >> self.cluster_bits)) == KIND_DATA:
+                    run_n += min(cs, n - pos - run_n)
+                self.guest_dirty = True
+                self.data_file.write_full(&src[pos], run_n, v)
+                pos += run_n
+                continue
+            k = 1
+            while pos + (k * cs - coff) < n and k < 256 and self.cmap.kind(
+                    self.cmap.l2_entry(c + k)) != KIND_DATA:
+                k += 1
+            run_n = min(k * cs - coff, n - pos)
+            buf = bytearray(k * cs)
+            bv = buf
+            if coff:
+                self._old_content(c, bv[:cs], fill)
+            if (coff + run_n) & (cs - 1):
+                self._old_content(c + k - 1, bv[(k - 1) * cs:], fill)
+            memcpy(&bv[coff], &src[pos], run_n)
+            self.ensure_tables(c << self.cluster_bits, k * cs)     # tables before data
+            wlen = min(k * cs, self.size - (c << self.cluster_bits))
+            self.guest_dirty = True
+            self.data_file.write_full(&bv[0], wlen, c << self.cluster_bits)
+            for i in range(k):
+                e2 = self.cmap.l2_entry(c + i)
+                self._replace(c + i, (<uint64_t>(c + i) << self.cluster_bits) | COPIED)
+                self.fresh.append((c + i, (c + i) << self.cluster_bits, e2))
+            pos += run_n
 
     cdef _set_l2(self, int64_t c, uint64_t e):
         cdef Table t = self._l2_for_write(c >> self.l2_bits)
@@ -426,6 +509,9 @@ cdef class Qcow2(Qcow2Sub):
     cpdef bint link(self, int64_t vaddr, int64_t host) except -1:
         cdef int64_t c = vaddr >> self.cluster_bits
         cdef int64_t refs, k
+        if self.external_data and host != (c << self.cluster_bits):
+            raise ValueError("a data cluster of %s links only its guest offset 0x%x, not 0x%x"
+                             % (self.file.path, c << self.cluster_bits, host))
         if self.extended_l2:
             return self.ext_link(vaddr, host)
         self._bound_dirty()
@@ -494,6 +580,13 @@ cdef class Qcow2(Qcow2Sub):
             self._bound_dirty()
             self._autoclear()
             self._bitmaps_mark(vaddr, n)
+        if self.header.data_file_raw:
+            # the data file stays a raw image of the guest: zeros are written there
+            while v < end:
+                nxt = min(v + 256 * cs, end)
+                self.write(v, bytes(nxt - v), fill)
+                v = nxt
+            return
         if self.extended_l2:
             self.ext_write_zeroes(vaddr, n, fill)
             return

@@ -50,7 +50,17 @@ cdef class BackingReader:
                 files.append((own, theirs))
                 if own.identity() != theirs.identity():
                     raise OSError("reopened another file")
-                layers.append(type(d)(own, False))
+                nd = type(d)(own, False)
+                if (<Driver>d).data_file is not None:
+                    # its external data file (allowed by the caller), reopened as well
+                    theirs = (<Driver>d).data_file
+                    own = File("/proc/self/fd/%d" % theirs.fd, False, theirs.role)
+                    own.path = theirs.path
+                    files.append((own, theirs))
+                    if own.identity() != theirs.identity():
+                        raise OSError("reopened another file")
+                    nd.attach_data_file(own)
+                layers.append(nd)
         except Exception:       # any refusal: read under the lock instead
             for own, _t in files:
                 own.close()

@@ -38,6 +38,7 @@ from libc.stdint cimport int64_t
 from blockpull._driver cimport Driver, KIND_UNALLOC
 from blockpull._chain cimport Chain
 from blockpull._inflight cimport Chunk, Flight, keep_lacking, write_zero_cluster
+from blockpull._inflight import write_at_guest
 from blockpull._plan cimport Planner, lacking
 from blockpull._ratelimit cimport RateLimiter
 from blockpull._reader cimport ReaderPool
@@ -280,7 +281,10 @@ cdef class Stream:
                     if failed is None:
                         failed = (ch.off, ch.n, exc)
                     continue
-                if ch.ctodo:
+                if ch.todo and ch.host < 0:
+                    ch.future = self.writer.submit(write_at_guest, self.top.data_file, ch,
+                                                   self.top.cluster_size)
+                elif ch.ctodo:
                     ch.future = self.writer.submit(write_kept, self.top.file, ch.views,
                                                    ch.host, kept_pieces(ch))
                 elif ch.todo:
@@ -297,6 +301,8 @@ cdef class Stream:
         pull's own readers of the chain."""
         if self.direct:
             self.top.file.enable_direct()
+            if self.top.data_file is not None:
+                self.top.data_file.enable_direct()
         self.pool = BufferPool(depth + rdepth, chunk)
         bufs = [self.pool.acquire() for _ in range(depth + rdepth)]
         self.writer = ThreadPoolExecutor(depth, thread_name_prefix="blockpull-write")
@@ -442,7 +448,7 @@ cdef class Stream:
         chunk leaves the flight (the lock is held); so do its kept compressed bytes
         not linked yet."""
         try:
-            if k < len(ch.todo):
+            if k < len(ch.todo) and ch.host >= 0:    # (-1: guest offsets, nothing held)
                 self.top.free_clusters(ch.host + k * self.top.cluster_size, len(ch.todo) - k)
         finally:
             ch.todo = []
@@ -578,12 +584,13 @@ cdef class Stream:
         raise StreamIOError at the first cluster not linked. The kept clusters are
         linked like any others, their data made durable before the tables that point at
         them (``on_error`` flushes before the policy is asked). A chunk that also holds
-        compressed clusters kept as they are is given back whole."""
+        compressed clusters kept as they are, or is written at guest offsets (an external
+        data file, in runs), is given back whole."""
         cdef int64_t cs = self.top.cluster_size
         cdef int64_t k = getattr(exc, "bytes_written", 0) // cs
         cdef int64_t first
         k = max(0, min(k, len(ch.todo) - 1))
-        if k == 0 or ch.ctodo or self._epoch() != ch.epoch:
+        if k == 0 or ch.ctodo or ch.host < 0 or self._epoch() != ch.epoch:
             first = ch.off + <int64_t>(ch.todo or ch.ctodo)[0] * cs
             self._give_back(ch, 0)
             raise StreamIOError(exc, "write", first)
@@ -619,11 +626,11 @@ cdef class Stream:
                 v = off + j * cs
                 clen = min(cs, n - j * cs)
                 if what == 0:
-                    if top.link(v, host + i * cs):
+                    if top.link(v, v if host < 0 else host + i * cs):
                         self.copied += clen
                         if v >= front:
                             self._count(clen)
-                    else:
+                    elif host >= 0:
                         top.free_clusters(host + i * cs, 1)
                     k = i + 1
                 elif what == 1:

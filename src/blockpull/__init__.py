@@ -12,7 +12,8 @@ from blockpull.compat import (BLOCK_JOB_SPEED_BANDWIDTH_BYTES, BLOCK_PULL_BANDWI
                               EVENT_ID_BLOCK_PULL, BlockPullInfo, block_job_set_speed,
                               block_pull, block_pull_abort, event_deregister, event_register,
                               get_block_pull_info)
-from blockpull.errors import (BackingChainError, BlockpullError, ImageFormatError,
+from blockpull.errors import (BackingChainError, BlockpullError, DataFileNotAllowedError,
+                              ImageFormatError,
                               ImageLockedError, ImageNotFoundError, InconsistentBitmapError,
                               JobActiveError, PullCancelled, PullError, QemuError, ServeError)
 from blockpull.image import ChainEntry, Extent, Image, create, open
@@ -50,7 +51,8 @@ _logging.getLogger("blockpull").addHandler(_logging.NullHandler())
 __version__ = "0.1.0"
 
 __all__ = [
-    "BackingChainError", "BlockpullError", "ImageFormatError", "ImageLockedError",
+    "BackingChainError", "BlockpullError", "DataFileNotAllowedError", "ImageFormatError",
+    "ImageLockedError",
     "ImageNotFoundError", "InconsistentBitmapError", "JobActiveError", "PullCancelled", "PullError", "QemuError",
     "ServeError", "Server", "serve",
     "ChainEntry", "CheckResult", "Extent", "Image", "check", "create", "open",

@@ -4,6 +4,7 @@ from typing import Any, Dict, Optional
 from typing_extensions import disjoint_base
 
 from blockpull._chain import Chain
+from blockpull._fileio import File
 from blockpull._ratelimit import RateLimiter
 
 #: the C functions that other compiled modules cimport (made by Cython)
@@ -20,3 +21,5 @@ class Flight:
 
 def copy_on_read(chain: Chain, offset: int, n: int, buf: Any = ...,
                  flight: Optional[Flight] = ...) -> None: ...
+
+def write_at_guest(f: File, ch: Chunk, cs: int) -> None: ...

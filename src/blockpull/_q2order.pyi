@@ -7,6 +7,7 @@ from blockpull._driver import Driver
 from blockpull._q2header import Header
 
 AUTOCLEAR_BITMAPS: int
+AUTOCLEAR_DATA_RAW: int
 
 
 

@@ -144,6 +144,7 @@ def walk_qcow2(f: File, drv: Any) -> Qcow2Check:
         "refcount_table_clusters": drv.rt_clusters,
         "snapshots_offset": drv.snapshots_offset, "snapshots_size": snap_bytes,
         "extended_l2": bool(drv.incompatible & _qcow2.INCOMPAT_EXTL2),
+        "external_data": drv.external_data,
     }
     chk = Qcow2Check(f, hdr, file_size)
     chk.run(snaps, areas)

@@ -7,6 +7,7 @@ __all__ = [
     "BlockpullError",
     "ImageFormatError",
     "InconsistentBitmapError",
+    "DataFileNotAllowedError",
     "BackingChainError",
     "ImageLockedError",
     "ImageNotFoundError",
@@ -36,6 +37,13 @@ class InconsistentBitmapError(ImageFormatError):
     def __init__(self, message: str, bitmap: Optional[str] = None) -> None:
         super().__init__(message)
         self.bitmap = bitmap
+
+
+class DataFileNotAllowedError(ImageFormatError):
+    """A backing image names an external data file (qcow2 incompatible bit 2), which is
+    not followed unless the caller allows it: a backing's data file name could point at
+    any file (QEMU's rule since CVE-2024-32498). Pass ``allow_data_file=True`` (the
+    command line's ``--allow-data-file``) for a chain you trust."""
 
 
 class BackingChainError(BlockpullError):

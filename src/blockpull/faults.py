@@ -28,7 +28,7 @@ from typing import Any, Callable, Dict, Iterator, List, NamedTuple, Optional, Se
 __all__ = ["FaultInjector", "Rule", "Op", "attach", "detach", "files_of", "Replayer"]
 
 OPS = ("read", "write", "sync")
-ROLES = ("top", "backing")
+ROLES = ("top", "backing", "data")     # "data": an image's external data file
 
 
 class Op(NamedTuple):
@@ -44,8 +44,8 @@ class Op(NamedTuple):
 class Rule:
     """Fail (or kill at) the operations that match.
 
-    ``op`` "read" / "write" / "sync" (or None for any), ``role`` "top" / "backing" (None:
-    any), ``offset`` a (start, end) byte range the operation must overlap (None: any),
+    ``op`` "read" / "write" / "sync" (or None for any), ``role`` "top" / "backing" /
+    "data" (an external data file; None: any), ``offset`` a (start, end) byte range the operation must overlap (None: any),
     ``match`` an extra predicate ``(op, role, offset,
     length) -> bool``. Counting starts at the first matching call: the rule fires on the
     ``nth`` match (1-based) and then ``times`` times in a row (None: for ever).
@@ -176,8 +176,10 @@ class FaultInjector:
 # ---- attaching ---------------------------------------------------------------------
 
 def files_of(image: Any) -> list:
-    """The open ``File`` objects of an Image's chain, top first."""
-    return [d.file for d in image.layers]
+    """The open ``File`` objects of an Image's chain, top first, then the external data
+    files of its images (role "data"), top first."""
+    return [d.file for d in image.layers] + \
+        [d.data_file for d in image.layers if d.data_file is not None]
 
 
 def attach(image: Any, injector: Optional[FaultInjector]) -> Optional[FaultInjector]:

@@ -12,6 +12,7 @@ from blockpull._chain import Chain
 from blockpull._inflight import copy_on_read
 from blockpull.blockmap import Extent, chain_map
 from blockpull.errors import BackingChainError, ImageFormatError, ImageNotFoundError
+from blockpull.datafile import attach_data_file
 from blockpull.formats import FORMATS, creatable, open_driver, probe_path
 from blockpull.job import PullJob
 from blockpull.locking import lock_image
@@ -48,7 +49,8 @@ class Image:
 
     def __init__(self, path: str, *, readonly: bool = False, copy_on_read: bool = False,
                  backing_format: Union[None, str, Dict[str, str]] = None,
-                 format: Optional[str] = None, force_share: bool = False) -> None:
+                 format: Optional[str] = None, force_share: bool = False,
+                 allow_data_file: bool = False) -> None:
         if force_share and not readonly:
             raise ValueError("force_share opens without QEMU's locks, which only a read-only "
                              "open may do: pass readonly=True")
@@ -60,6 +62,7 @@ class Image:
         self._closed = False
         self._drivers: list = []
         self._backing_format = backing_format
+        self._allow_data_file = allow_data_file
         try:
             self._open_chain(format, not force_share)
         except BaseException:
@@ -160,6 +163,10 @@ class Image:
             if lock_files:
                 lock_image(drv.file, False, bpath)
             cur, cur_path = drv, bpath
+        # data files last: none may be an image of the chain (or another's data file)
+        for i, drv in enumerate(self._drivers):
+            attach_data_file(drv, drv.file.path, "backing" if i else "top",
+                             self._allow_data_file, lock_files, seen)
 
     # ---- properties -------------------------------------------------------------
 
@@ -505,7 +512,8 @@ class Image:
 
 def open(path: Union[str, os.PathLike], *, readonly: bool = False, copy_on_read: bool = False,
          backing_format: Union[None, str, Dict[str, str]] = None,
-         format: Optional[str] = None, force_share: bool = False) -> Image:
+         format: Optional[str] = None, force_share: bool = False,
+         allow_data_file: bool = False) -> Image:
     """Open an image and its whole backing chain.
 
     ``readonly`` opens the top read-only (backing files always are). ``copy_on_read`` makes
@@ -516,16 +524,25 @@ def open(path: Union[str, os.PathLike], *, readonly: bool = False, copy_on_read:
     lock bytes, so an image another process writes can be inspected; what it reads may
     then be inconsistent.
 
+    A qcow2 image with an external data file (QEMU's docs/interop/qcow2.rst, "Header",
+    incompatible bit 2) reads and writes its data clusters there, at their guest
+    offsets; a relative name is taken from the image's directory, and the data file is
+    locked as the image is. A data file named by a *backing* image is followed only with
+    ``allow_data_file=True`` (QEMU's rule since CVE-2024-32498: a backing's header could
+    make the reader open any file); without it the open raises DataFileNotAllowedError.
+
     A backing's format comes from the image that names it: qcow2's backing-format
     extension, QED's "backing is raw" bit, or a ``json:`` name's driver. Where QED records
     none and the caller names none, the backing's magic is read and only qcow2 or QED is
     accepted (raw is never guessed); a qcow2 image that records none needs
     ``backing_format``. Chains hold at most ``MAX_CHAIN_DEPTH`` (200) images. Raises
     BackingChainError (missing, looping, too deep, unnamed format, protocol backings),
-    ImageFormatError, ImageLockedError, ValueError (``force_share`` without ``readonly``).
+    ImageFormatError (DataFileNotAllowedError included), ImageLockedError, ValueError
+    (``force_share`` without ``readonly``).
     """
     return Image(os.fspath(path), readonly=readonly, copy_on_read=copy_on_read,
-                 backing_format=backing_format, format=format, force_share=force_share)
+                 backing_format=backing_format, format=format, force_share=force_share,
+                 allow_data_file=allow_data_file)
 
 
 def create(path: Union[str, os.PathLike], size: Union[int, str], *, fmt: str = "qcow2",

@@ -363,7 +363,10 @@ class PullJob(JobFuture):
             left = max(0, self._stream.end - self._stream.cur)
             then = "resume the job" if self.on_error == OnError.STOP else \
                 "pull again to resume"
-            if self.image.layers[0].file.is_device:
+            top = self.image.layers[0]
+            # the copies land in the external data file where there is one
+            holder = top.data_file if top.data_file is not None else top.file
+            if holder.is_device:
                 # a device does not grow: room means a larger device
                 full = "no space left on its block device"
                 room = "grow the device (lvextend, say) by"

@@ -14,11 +14,11 @@ import re
 import stat
 from typing import Any, Dict, List, Optional, Tuple
 
-from blockpull.errors import BackingChainError
+from blockpull.errors import BackingChainError, ImageFormatError
 from blockpull.formats import JSON_FORMATS
 
 __all__ = ["tidy", "kernel_abspath", "identity", "plain_name", "json_backing", "local_name",
-           "backing_target", "resolve_backing"]
+           "backing_target", "resolve_backing", "data_file_target"]
 
 _PROTOCOL = re.compile(r"^[A-Za-z][A-Za-z0-9+.\-]*:")
 
@@ -146,3 +146,24 @@ def resolve_backing(name: str, parent: str) -> str:
     """The path of backing file ``name`` recorded in the image at ``parent`` (see
     ``backing_target``). Raises BackingChainError for names that are not local files."""
     return backing_target(name, parent)[0]
+
+
+def data_file_target(name: str, image: str) -> str:
+    """The path of the external data file ``name`` recorded in the qcow2 image at
+    ``image`` (header extension 0x44415441, QEMU's docs/interop/qcow2.rst, "Header
+    extensions"). A relative name is joined to the directory of ``image``, as a backing
+    name is (QEMU opens it from its working directory: both agree when run there).
+    Raises ImageFormatError for empty names, names with NUL, names over 1023 bytes and
+    anything but a plain local path ("file:" aside)."""
+    if not name or "\0" in name or len(name.encode("utf-8", "surrogateescape")) > 1023:
+        raise ImageFormatError(f"{image}: external data file name {name!r} is empty, holds "
+                               f"a NUL or is longer than 1023 bytes; fix it with 'qemu-img "
+                               f"amend -o data_file=NAME'")
+    if name.startswith("json:") or (_PROTOCOL.match(name) and not name.startswith("file:")):
+        raise ImageFormatError(f"{image}: external data file {name!r} is not a plain local "
+                               f"path (protocols are refused); fix it with 'qemu-img amend "
+                               f"-o data_file=NAME'")
+    local = plain_name(name)
+    if not os.path.isabs(local):
+        local = os.path.join(os.path.dirname(kernel_abspath(image)), local)
+    return tidy(local)

@@ -15,7 +15,8 @@ from blockpull.units import parse_bandwidth, parse_size
 
 __all__ = ["EXIT_OK", "EXIT_FAILED", "EXIT_USAGE", "EXIT_INTERRUPTED", "MiB", "PROG",
            "TERMINAL", "UsageError", "OperationFailed", "Parser", "describe", "size_arg",
-           "bandwidth_arg", "count_arg", "add_output", "add_progress", "add_opener", "want_bar",
+           "bandwidth_arg", "count_arg", "add_output", "add_progress", "add_opener",
+           "add_allow_data_file", "want_bar",
            "suggest_force_share", "open_image", "log"]
 
 log = logging.getLogger("blockpull")
@@ -138,10 +139,18 @@ def add_opener(p: argparse.ArgumentParser, force_share: bool) -> None:
     p.add_argument("-F", "--backing-format", metavar="FMT",
                    help="format of backing files that do not record one (under QED, "
                         "a qcow2 or QED backing is found by its magic)")
+    add_allow_data_file(p)
     if force_share:
         p.add_argument("-U", "--force-share", action="store_true",
                        help="read an image another process (a VM) has open for writing; "
                             "what you see may be changing")
+
+
+def add_allow_data_file(p: argparse.ArgumentParser) -> None:
+    """``--allow-data-file``: follow the external data files backing images name."""
+    p.add_argument("--allow-data-file", action="store_true",
+                   help="follow an external data file named by a backing image (off by "
+                        "default: a backing's header could name any file)")
 
 
 def want_bar(args: argparse.Namespace, json_out: bool) -> bool:
@@ -175,4 +184,5 @@ def open_image(args: argparse.Namespace, readonly: bool) -> Image:
     with opening:
         return Image(args.path, readonly=readonly, format=getattr(args, "fmt", None),
                      backing_format=getattr(args, "backing_format", None),
-                     force_share=force)
+                     force_share=force,
+                     allow_data_file=getattr(args, "allow_data_file", False))

@@ -78,12 +78,15 @@ def _report(args: argparse.Namespace) -> Dict[str, Any]:
     """What ``info --output json`` prints: the top, its chain, the allocation summary."""
     with open_image(args, readonly=True) as img:
         chain = img.chain
+        data_files = [d.data_file.path if d.data_file is not None else None
+                      for d in img.layers]
         alloc = allocation(img.map(), len(chain))
         return {
             "path": img.path, "format": img.format, "virtual_size": img.size,
             "cluster_size": img.cluster_size, "backing": img.backing_name,
             "chain": [{"path": c.path, "format": c.format, "virtual_size": c.size,
-                       "disk_size": _disk_usage(c.path), "data_bytes": alloc.data_by_depth[i]}
+                       "disk_size": _disk_usage(c.path), "data_bytes": alloc.data_by_depth[i],
+                       "data_file": data_files[i]}
                       for i, c in enumerate(chain)],
             "allocation": {"data_in_top": alloc.data_in_top,
                            "data_in_backing": alloc.data_in_backing,
@@ -97,8 +100,11 @@ def _human(report: Dict[str, Any]) -> str:
     lines = [f"image:        {report['path']}",
              f"format:       {report['format']}, cluster size {format_size(report['cluster_size'])}",
              f"virtual size: {format_size(size)} ({size} bytes)",
-             "backing:      " + (report["backing"] or "none"),
-             "chain, top first:"]
+             "backing:      " + (report["backing"] or "none")]
+    for i, c in enumerate(report["chain"]):
+        if c["data_file"]:
+            lines.append(f"data file:    [{i}] {c['data_file']} (holds the data of [{i}])")
+    lines.append("chain, top first:")
     rows = [("", "path", "format", "virtual size", "on disk", "data read from it")]
     for i, c in enumerate(report["chain"]):
         rows.append((f"[{i}]", c["path"], c["format"], format_size(c["virtual_size"]),

@@ -83,6 +83,9 @@ def cmd_map(args: argparse.Namespace) -> int:
     with open_image(args, readonly=True) as img:
         extents = img.map()
         names = chain_names(os.fspath(args.path), [d.backing_name for d in img.layers])
+        # data of an image with an external data file lies there, as qemu-img map says
+        names = [d.data_file.path if d.data_file is not None else name
+                 for d, name in zip(img.layers, names)]
     if args.output == "json":
         print(format_map_json(extents))
         return EXIT_OK

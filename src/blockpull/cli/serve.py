@@ -16,8 +16,8 @@ import threading
 from typing import Any, Optional, Tuple
 
 import blockpull
-from blockpull.cli.common import (EXIT_OK, PROG, UsageError, add_output, add_progress,
-                                  bandwidth_arg, want_bar)
+from blockpull.cli.common import (EXIT_OK, PROG, UsageError, add_allow_data_file, add_output,
+                                  add_progress, bandwidth_arg, want_bar)
 from blockpull.cli.output import Progress, emit_json
 from blockpull.units import format_size
 
@@ -46,6 +46,7 @@ def add_parser(sub: Any, common: argparse.ArgumentParser) -> None:
                    help="reads of inherited data do not copy it into the image")
     p.add_argument("-F", "--backing-format", metavar="FMT",
                    help="format of backing files that do not record one")
+    add_allow_data_file(p)
     p.add_argument("--pull", action="store_true",
                    help="pull the backing chain into the image while serving it")
     p.add_argument("--base", metavar="B", help="with --pull: keep this image as the backing")
@@ -104,7 +105,8 @@ def cmd_serve(args: argparse.Namespace) -> int:
                                  export_name=args.export, readonly=args.readonly,
                                  copy_on_read=args.copy_on_read,
                                  backing_format=args.backing_format, tls=tls,
-                                 control=args.control)
+                                 control=args.control,
+                                 allow_data_file=args.allow_data_file)
         try:
             if json_lines:
                 emit_json({"type": "serving", "uri": server.uri, "path": server.image.path,

@@ -328,7 +328,8 @@ def serve(path: Union[str, "os.PathLike[str]"], *, socket: Optional[str] = None,
           backing_format: Any = None, tls: Optional[Sequence[str]] = None,
           pull: bool = False, base: Optional[str] = None, bandwidth: Union[int, str] = 0,
           on_error: str = "report", on_event: Optional[Callable[[Any], None]] = None,
-          control: Optional[str] = None, budget: Any = None) -> Server:
+          control: Optional[str] = None, budget: Any = None,
+          allow_data_file: bool = False) -> Server:
     """Serve the image at ``path`` over NBD; returns a listening ``Server``.
 
     By default on a new Unix socket (0600, in a private 0700 directory); ``socket`` names
@@ -342,6 +343,8 @@ def serve(path: Union[str, "os.PathLike[str]"], *, socket: Optional[str] = None,
     (``blockpull.qmp``); ``quit`` there closes the server. ``budget`` (a
     ``blockpull.Budget``): every pull of the served image, QMP's too, draws on it as well
     as on its own ``bandwidth``, so many served images can share one bandwidth.
+    ``allow_data_file``: follow external data files that backing images name (see
+    ``blockpull.open``).
 
     Raises ServeError for bad serving options (a ``budget`` that is not a Budget too), and
     what ``blockpull.open`` raises
@@ -365,7 +368,7 @@ def serve(path: Union[str, "os.PathLike[str]"], *, socket: Optional[str] = None,
         raise ServeError(f"budget= takes a blockpull.Budget shared by pulls, not {budget!r}; "
                          f"for the pull's own limit give bandwidth=")
     image = _open(path, readonly=readonly, copy_on_read=copy_on_read and not readonly,
-                  backing_format=backing_format)
+                  backing_format=backing_format, allow_data_file=allow_data_file)
     try:
         server = Server(image, export_name, socket, host, port, tls)
         server.budget = budget
