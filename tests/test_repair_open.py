@@ -231,6 +231,97 @@ def test_refcount_block_gone_made_anew(tmp_path, qemu, caplog, cluster, gone):
     qemu.assert_clean(p)
 
 
+def table_too_small(qemu, tmp_path):
+    """A dirty lazy-refcount image (512-byte clusters, 64-bit refcounts: one refcount
+    block covers 32 KiB of file, one table cluster 2 MiB) whose file grew past what its
+    refcount table covers: QEMU grew the table to two clusters, and the header is edited
+    back to one, as a writer that died before recording its grown table leaves it. The
+    clusters past the first 2 MiB of the file are counted nowhere and the table has no
+    room for their blocks."""
+    p = qemu.create(tmp_path / "g.qcow2", 16 * MiB, opts=["lazy_refcounts=on", "cluster_size=512",
+                                                         "refcount_bits=64"])
+    qemu.io(p, "write -P 1 0 1M")
+    abort_after(p, "write -P 2 4M 1536k", "write -P 3 12M 512k")
+    with open(p, "r+b") as f:
+        f.seek(56)
+        clusters, = struct.unpack(">I", f.read(4))
+        assert clusters >= 2 and os.path.getsize(p) > 2 * MiB
+        f.seek(56)
+        f.write(struct.pack(">I", 1))
+    return p
+
+
+def test_refcount_table_too_small_rebuilt(tmp_path, qemu, caplog):
+    """As QEMU's check does (and ``qemu-img check -r all`` on a copy succeeds), the whole
+    refcount structure is rebuilt after the end of the file and the header switched to
+    it: qemu-img check clean, the content as before, and the image takes writes."""
+    p = table_too_small(qemu, tmp_path)
+    line = assert_repaired_qcow2(qemu, p, tmp_path, caplog)
+    assert "refcount structure rebuilt" in line
+    assert qemu.check(str(tmp_path / "oracle.qcow2")) == 0
+    with open(p, "rb") as f:
+        f.seek(56)
+        assert struct.unpack(">I", f.read(4))[0] >= 2
+    model = bytearray(open(tmp_path / "before.raw", "rb").read())
+    with blockpull.open(p) as img:
+        img.write(14 * MiB, b"\x08" * 1 * MiB)
+    model[14 * MiB:15 * MiB] = b"\x08" * MiB
+    (tmp_path / "model.raw").write_bytes(model)
+    qemu.assert_clean(p)
+    assert qemu.compare(p, tmp_path / "model.raw", "qcow2", "raw")
+
+
+def copied_on_shared(qemu, tmp_path):
+    """A dirty lazy-refcount image with a snapshot whose shared L2 table (L1 entry 0) and
+    four shared data clusters carry COPIED although their refcount is 2 (as a writer that
+    died between raising the counts for a snapshot and clearing the flags leaves them)."""
+    p = qemu.create(tmp_path / "c.qcow2", 8 * MiB, opts=["lazy_refcounts=on",
+                                                        "cluster_size=4096"])
+    qemu.io(p, "write -P 3 0 256k")
+    qemu.img("snapshot", "-c", "s1", p)
+    abort_after(p, "write -P 1 4M 64k")
+    copied = 1 << 63
+    with open(p, "r+b") as f:
+        l1_off, = struct.unpack(">Q", f.read(64)[40:48])
+        f.seek(l1_off)
+        e, = struct.unpack(">Q", f.read(8))
+        assert e and not e & copied
+        f.seek(l1_off)
+        f.write(struct.pack(">Q", e | copied))
+        l2_off = e & 0x00FFFFFFFFFFFE00
+        for i in range(4):
+            f.seek(l2_off + 8 * i)
+            d, = struct.unpack(">Q", f.read(8))
+            assert d and not d & copied
+            f.seek(l2_off + 8 * i)
+            f.write(struct.pack(">Q", d | copied))
+    return p
+
+
+def test_copied_flag_on_shared_cluster_cleared(tmp_path, qemu, caplog):
+    """COPIED on entries whose refcount is above 1: QEMU's check clears the flags
+    (``qemu-img check -r all``: "Repairing OFLAG_COPIED"); so does the repair on open.
+    A write there afterwards must copy, not overwrite the snapshot's clusters."""
+    p = copied_on_shared(qemu, tmp_path)
+    q = qemu.img("check", p, check=False)
+    assert "OFLAG_COPIED L2 cluster" in q.stdout + q.stderr
+    assert "OFLAG_COPIED data cluster" in q.stdout + q.stderr
+    qemu.img("convert", "-U", "-l", "snapshot.name=s1", "-O", "raw", p,
+             str(tmp_path / "s1.before"))
+    line = assert_repaired_qcow2(qemu, p, tmp_path, caplog)
+    assert "0 COPIED flags set, 5 cleared" in line
+    assert qemu.check(str(tmp_path / "oracle.qcow2")) == 0
+    model = bytearray(open(tmp_path / "before.raw", "rb").read())
+    with blockpull.open(p) as img:
+        img.write(0, b"\x09" * 8 * KiB)
+    model[:8 * KiB] = b"\x09" * 8 * KiB
+    (tmp_path / "model.raw").write_bytes(model)
+    qemu.assert_clean(p)
+    assert qemu.compare(p, tmp_path / "model.raw", "qcow2", "raw")
+    qemu.img("convert", "-l", "snapshot.name=s1", "-O", "raw", p, str(tmp_path / "s1.after"))
+    assert (tmp_path / "s1.after").read_bytes() == (tmp_path / "s1.before").read_bytes()
+
+
 def test_unrepairable_dirty_image_refused_unchanged(tmp_path, qemu):
     """A dirty image whose data cluster is also its L1 table (two uses): not a matter of
     counts; refused, nothing written, still readable read-only."""
@@ -436,7 +527,8 @@ def test_needs_repair_reads_the_bits():
 
 def _dirty_image(qemu, tmp_path, kind):
     """A dirty qcow2 (counts to raise and to lower; "qcow2-noblock": a refcount block to
-    make as well) or a QED with need-check and an entry to clear."""
+    make as well; "qcow2-grow": a refcount table too small, "qcow2-copied": COPIED flags
+    to clear) or a QED with need-check and an entry to clear."""
     if kind == "qcow2":
         opts, pre, cmds = CASES["snapshot"]
         p = qemu.create(tmp_path / "d.qcow2", 8 * MiB, opts=["lazy_refcounts=on"])
@@ -444,6 +536,10 @@ def _dirty_image(qemu, tmp_path, kind):
         qemu.img(*pre[1], p)
         abort_after(p, *cmds)
         return p
+    if kind == "qcow2-grow":
+        return table_too_small(qemu, tmp_path)
+    if kind == "qcow2-copied":
+        return copied_on_shared(qemu, tmp_path)
     if kind == "qcow2-noblock":
         p = qemu.create(tmp_path / "d.qcow2", 2 * MiB, opts=["lazy_refcounts=on",
                                                              "cluster_size=512"])
@@ -500,7 +596,8 @@ def _assert_sound_after_repair(qemu, p, fmt, before_raw, what):
     assert qemu.compare(p, before_raw, fmt, "raw"), what
 
 
-@pytest.mark.parametrize("kind", ["qcow2", "qcow2-noblock", "qed"])
+@pytest.mark.parametrize("kind", ["qcow2", "qcow2-noblock", "qcow2-grow",
+                                  "qcow2-copied", "qed"])
 def test_power_loss_during_the_repair(tmp_path, qemu, monkeypatch, kind):
     """Every state a power cut can leave during the repair (each sync point, the writes
     after it kept or not, torn by sector): either the bit is still set and the image
@@ -534,7 +631,8 @@ def test_power_loss_during_the_repair(tmp_path, qemu, monkeypatch, kind):
     assert n >= 6
 
 
-@pytest.mark.parametrize("kind", ["qcow2", "qcow2-noblock", "qed"])
+@pytest.mark.parametrize("kind", ["qcow2", "qcow2-noblock", "qcow2-grow",
+                                  "qcow2-copied", "qed"])
 def test_io_errors_during_the_repair(tmp_path, qemu, monkeypatch, kind):
     """EIO at each write and each sync of the repair: the open fails with that OSError;
     the next one repairs (or finds it repaired), and nothing is lost."""

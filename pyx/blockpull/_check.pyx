@@ -411,10 +411,12 @@ cdef class Qcow2Check:
                 self.msg("Leaked cluster %d refcount=%d reference=%d" % (i, s, x))
         return 0
 
-    cdef int check_copied(self, set fixable, list fixes) except -1:
+    cdef int check_copied(self, set fixable, list fixes, bint all_flags=False) except -1:
         """COPIED must be set exactly where the refcount is 1, in the active tables.
         Entries whose cluster is in ``fixable`` and lacks COPIED are queued in ``fixes``
-        as (file offset of the entry, new entry) instead of being counted."""
+        as (file offset of the entry, new entry) instead of being counted; with
+        ``all_flags``, every entry whose flag is wrong, either way (QEMU's
+        check_oflag_copied with BDRV_FIX_ERRORS)."""
         cdef uint64_t l1_off = self.hdr["l1_table_offset"]
         cdef uint64_t l1_size = self.hdr["l1_size"]
         cdef unsigned char* l1
@@ -438,8 +440,8 @@ cdef class Qcow2Check:
                 c = l2_off >> self.cluster_bits
                 rc = self.stored[c] if c < <uint64_t>self.nb else 0
                 if (rc == 1) != ((e & COPIED) != 0):
-                    if rc == 1 and c in fixable:
-                        fixes.append((l1_off + 8 * i, e | COPIED))
+                    if all_flags or (rc == 1 and c in fixable):
+                        fixes.append((l1_off + 8 * i, e ^ COPIED))
                     else:
                         self.corrupt("OFLAG_COPIED L2 cluster: l1_index=%d l1_entry=%x refcount=%d"
                                      % (i, e, rc))
@@ -459,8 +461,8 @@ cdef class Qcow2Check:
                     if self.ext_data:
                         rc = 1      # a data file's cluster: one owner, not counted
                     if (rc == 1) != ((e & COPIED) != 0):
-                        if rc == 1 and c in fixable:
-                            fixes.append((l2_off + self.entry_bytes * j, e | COPIED))
+                        if all_flags or (rc == 1 and c in fixable):
+                            fixes.append((l2_off + self.entry_bytes * j, e ^ COPIED))
                         else:
                             self.corrupt("OFLAG_COPIED data cluster: l2_entry=%x refcount=%d"
                                          % (e, rc))
@@ -499,11 +501,13 @@ cdef class Qcow2Check:
         self.load_refcounts()
         self.compare()
 
-    def check_flags(self, fixable=None):
+    def check_flags(self, fixable=None, bint all_flags=False):
         """Check COPIED flags against the stored refcounts; returns the (entry offset,
-        new entry) fixes for clusters in ``fixable`` (a set of host cluster numbers)."""
+        new entry) fixes for clusters in ``fixable`` (a set of host cluster numbers) or,
+        with ``all_flags``, for every entry: COPIED set where the count is 1, cleared
+        where it is not (QEMU's docs/interop/qcow2.rst, "Cluster mapping")."""
         fixes = []
-        self.check_copied(fixable if fixable is not None else set(), fixes)
+        self.check_copied(fixable if fixable is not None else set(), fixes, all_flags)
         return fixes
 
     def leaked_blocks(self):
@@ -585,3 +589,47 @@ cdef class Qcow2Check:
     def expected_count(self, int64_t c):
         """The number of references to host cluster ``c`` found by ``run``."""
         return self.expected[c] if 0 <= c < self.nb else 0
+
+    # ---- a refcount structure rebuilt after the end of the file ---------------------------
+
+    cdef inline bint old_structure(self, int64_t c) noexcept:
+        return self.role[c] == R_REFTABLE or self.role[c] == R_REFBLOCK
+
+    def rebuild_in_use(self):
+        """The refcount block indexes a rebuilt refcount structure needs for the file as
+        it is: a list of every index whose clusters include one in use, the refcount
+        table and blocks named by the header not counted (they are replaced)."""
+        cdef int64_t c, last = -1
+        out = []
+        for c in range(self.nb):
+            if self.expected[c] and not self.old_structure(c) and c // self.rb_entries != last:
+                last = c // self.rb_entries
+                out.append(last)
+        return out
+
+    def rebuilt_block(self, int64_t idx, int64_t new_start, int64_t new_end):
+        """Refcount block ``idx`` of a refcount structure rebuilt after the end of the
+        file (QEMU's rebuild_refcount_structure does the same): every host cluster of
+        the file counted as ``run`` found it, except the refcount table and blocks it
+        replaces (0: free once the header names the new ones); clusters ``new_start`` to
+        ``new_end`` (the new blocks and table) counted once. The counts become the stored
+        ones for ``check_flags``. Returns (block bytes, counts raised, counts lowered,
+        counts that were too low, highest count)."""
+        cdef bytearray block = bytearray(self.cs)
+        cdef unsigned char* b = <unsigned char*>(<char*>block)
+        cdef int64_t c, j, raised = 0, lowered = 0, low = 0
+        cdef uint64_t v, top = 0
+        for j in range(self.rb_entries):
+            c = idx * self.rb_entries + j
+            if c < self.nb:
+                v = 0 if self.old_structure(c) else self.expected[c]
+                raised += v > self.stored[c]
+                lowered += v < self.stored[c]
+                low += self.stored[c] < self.expected[c]
+                self.stored[c] = v
+            else:
+                v = 1 if new_start <= c < new_end else 0
+            if v:
+                top = max(top, v)
+                rc_store(b, self.refcount_order, j, v)
+        return bytes(block), raised, lowered, low, top

@@ -9,7 +9,10 @@ QEMU repairs two kinds of image when it opens them read-write, and so does
   refcounts are rebuilt from the tables: every count is set to the references found
   (header, L1/L2 tables, refcount table and blocks, snapshots and their tables, bitmaps'
   directory, tables and data, compressed clusters' sectors, data clusters), blocks are
-  made where none covers a cluster in use, COPIED flags follow, all made durable
+  made where none covers a cluster in use (where the refcount table has no room for
+  them, the whole refcount structure is rebuilt after the end of the file, as QEMU's
+  check does, and the header switched to it in one write), COPIED flags follow the
+  new counts (set where a count is 1, cleared where it is more), all made durable
   (fdatasync) before the dirty bit is cleared (then synced);
 * QED with the need-check feature bit (0x02) set: the table entries QEMU's check clears
   (unaligned, inside the header or past the end of the file) are cleared and made
@@ -17,7 +20,7 @@ QEMU repairs two kinds of image when it opens them read-write, and so does
 
 A crash during a repair leaves the bit set: the next writable open repairs again.
 What cannot be repaired this way (a structure that cannot be read, a cluster with two
-uses, a refcount table with no room for a missing block) is refused with
+uses, an invalid refcount table entry) is refused with
 ``ImageFormatError``, nothing written. Read-only opens never repair. blockpull itself
 never sets either bit (docs/crash-model.md).
 """
@@ -28,6 +31,7 @@ import struct
 from typing import Any, Dict, List, Optional, Tuple
 
 from blockpull import _qcow2, _qed, _qed_check
+from blockpull._q2header import MAX_REFTABLE_BYTES
 from blockpull._fileio import File
 from blockpull.checks import walk_qcow2
 from blockpull.errors import ImageFormatError
@@ -109,19 +113,18 @@ def _repair_qcow2(f: File, path: str) -> str:
         raise _refuse(path, DIRTY, "some metadata could not be read or understood")
     if any(m.startswith("overlap:") for m in chk.messages):
         raise _refuse(path, DIRTY, "a cluster has two different uses")
-    rb = _Refblocks(f, path, drv, chk)
-    raised = lowered = 0
-    fixable = set()
-    for c, want, had in rb.changes():
-        raised += want > had
-        lowered += want < had
-        chk.set_stored(c, want)        # in memory: the flags are judged by the new counts
-        if want == 1:
-            fixable.add(c)
-    # every corruption the walk found must be a count too low, now raised
-    fixes = chk.check_flags(fixable)
-    if chk.corruptions != raised:
-        raise _refuse(path, DIRTY, f"{chk.corruptions - raised} errors besides stale "
+    rb: Any
+    try:
+        rb = _Refblocks(f, path, drv, chk)
+    except _NoRoom:
+        rb = _Rebuilt(f, path, drv, chk)
+    # in memory first: the flags are judged by the new counts
+    raised, lowered, low = rb.apply()
+    # every other corruption the walk found must be a count too low, now raised;
+    # COPIED flags wrong either way are fixed, as QEMU's check_oflag_copied fixes them
+    fixes = chk.check_flags(all_flags=True)
+    if chk.corruptions != low:
+        raise _refuse(path, DIRTY, f"{chk.corruptions - low} errors besides stale "
                                    f"refcounts; see 'qemu-img check'")
     rb.write()
     for off, entry in fixes:
@@ -131,9 +134,10 @@ def _repair_qcow2(f: File, path: str) -> str:
     inc, = struct.unpack(">Q", f.pread(QCOW2_INCOMPAT_AT, 8))
     f.pwrite(struct.pack(">Q", inc & ~_qcow2.INCOMPAT_DIRTY), QCOW2_INCOMPAT_AT)
     f.fdatasync()
-    made = f", {len(rb.new)} refcount blocks made" if rb.new else ""
+    cleared = sum(1 for _off, entry in fixes if not entry >> 63)
     return (f"repaired on open (image was left dirty): {raised} refcounts raised, "
-            f"{lowered} lowered{made}, {len(fixes)} COPIED flags set; dirty bit cleared")
+            f"{lowered} lowered{rb.made()}, {len(fixes) - cleared} COPIED flags set, "
+            f"{cleared} cleared; dirty bit cleared")
 
 
 def _store(buf: bytearray, order: int, i: int, v: int) -> None:
@@ -148,6 +152,10 @@ def _store(buf: bytearray, order: int, i: int, v: int) -> None:
         byte, shift = (i * bits) // 8, (i * bits) % 8
         mask = ((1 << bits) - 1) << shift
         buf[byte] = (buf[byte] & ~mask) | ((v << shift) & mask)
+
+
+class _NoRoom(Exception):
+    """The refcount table has no room for a refcount block the repair must make."""
 
 
 class _Refblocks:
@@ -182,9 +190,19 @@ class _Refblocks:
                 raise _refuse(path, DIRTY, f"cluster {c} has {want} references, more than "
                                            f"{1 << self.order}-bit refcounts hold")
 
-    def changes(self) -> List[Tuple[int, int, int]]:
-        """(host cluster, new count, old count) for every count that changes."""
-        return self.changed
+    def apply(self) -> Tuple[int, int, int]:
+        """Record the new counts as the stored ones (``Qcow2Check.set_stored``); returns
+        (counts raised, counts lowered, counts that were too low)."""
+        raised = lowered = 0
+        for c, want, had in self.changed:
+            raised += want > had
+            lowered += want < had
+            self.chk.set_stored(c, want)
+        return raised, lowered, raised
+
+    def made(self) -> str:
+        """What the repair made, for its log line."""
+        return f", {len(self.new)} refcount blocks made" if self.new else ""
 
     def _place(self, missing: List[int], path: str) -> None:
         """New blocks for the block indexes in ``missing``, after the end of the file."""
@@ -193,8 +211,7 @@ class _Refblocks:
         while queue:
             idx = queue.pop(0)
             if idx >= len(self.table):
-                raise _refuse(path, DIRTY, "the refcount table has no room for the "
-                                           "refcount blocks to make")
+                raise _NoRoom()
             b, nxt = nxt, nxt + 1
             self.new[idx] = b
             self.blocks[idx] = (b * self.cs, bytearray(self.cs))
@@ -230,6 +247,70 @@ class _Refblocks:
             self.f.pwrite(struct.pack(">Q", b * self.cs), self.rt_off + 8 * idx)
         if self.new:
             self.f.fdatasync()
+
+
+class _Rebuilt:
+    """A whole new refcount structure after the end of the file, for a dirty image whose
+    refcount table has no room for the blocks to make (QEMU's check rebuilds it so): a
+    block for every range of clusters in use, then a table naming them, each cluster of
+    it counted once; the old table and blocks become free. ``write`` makes it durable
+    before the header names it (refcount_table_offset and refcount_table_clusters, bytes
+    48 to 59 of the header, QEMU's docs/interop/qcow2.rst, "Header": one sector, one
+    write)."""
+
+    def __init__(self, f: File, path: str, drv: Any, chk: Any) -> None:
+        self.f, self.chk, self.path = f, chk, path
+        cs = self.cs = drv.cluster_size
+        entries = cs * 8 >> drv.refcount_order
+        self.rc_max = (1 << (1 << drv.refcount_order)) - 1
+        nb = self.start = (f.size() + cs - 1) // cs
+        in_use = chk.rebuild_in_use()
+        nblocks, ntable = len(in_use), 1
+        while True:     # the new blocks and table must count themselves too
+            self.end = nb + nblocks + ntable
+            self.idxs = sorted(set(in_use) | set(range(nb // entries,
+                                                       (self.end - 1) // entries + 1)))
+            need = max(ntable, -(-8 * (self.idxs[-1] + 1) // cs))
+            if len(self.idxs) <= nblocks and need == ntable:
+                break
+            nblocks, ntable = max(nblocks, len(self.idxs)), need
+        if ntable * cs > MAX_REFTABLE_BYTES:
+            raise _refuse(path, DIRTY, f"its refcount table would exceed "
+                                       f"{MAX_REFTABLE_BYTES} bytes")
+        self.nblocks, self.ntable = nblocks, ntable
+        self.table_off = (nb + nblocks) * cs
+        self.blocks: List[Tuple[int, bytes]] = []
+
+    def apply(self) -> Tuple[int, int, int]:
+        """Build the blocks and the table in memory, the new counts recorded as the
+        stored ones; returns (counts raised, counts lowered, counts that were too low).
+        Raises ImageFormatError for a count the refcount width cannot hold."""
+        raised = lowered = low = 0
+        table = bytearray(self.ntable * self.cs)
+        for k, idx in enumerate(self.idxs):
+            data, r, lo, too_low, top = self.chk.rebuilt_block(idx, self.start, self.end)
+            if top > self.rc_max:
+                raise _refuse(self.path, DIRTY, f"a cluster has {top} references, more "
+                                                f"than its refcount width holds")
+            off = (self.start + k) * self.cs
+            self.blocks.append((off, data))
+            struct.pack_into(">Q", table, 8 * idx, off)
+            raised, lowered, low = raised + r, lowered + lo, low + too_low
+        self.blocks.append((self.table_off, bytes(table)))
+        return raised, lowered, low
+
+    def made(self) -> str:
+        """What the repair made, for its log line."""
+        return (f", refcount structure rebuilt ({self.nblocks} blocks, a "
+                f"{self.ntable}-cluster table at 0x{self.table_off:x})")
+
+    def write(self) -> None:
+        """Blocks and table, sync; then the header names them, sync."""
+        for off, data in self.blocks:
+            self.f.pwrite(data, off)
+        self.f.fdatasync()
+        self.f.pwrite(struct.pack(">QI", self.table_off, self.ntable), 48)
+        self.f.fdatasync()
 
 
 def _repair_qed(f: File, path: str) -> str:
