@@ -271,6 +271,35 @@ def test_refcount_table_too_small_rebuilt(tmp_path, qemu, caplog):
     assert qemu.compare(p, tmp_path / "model.raw", "qcow2", "raw")
 
 
+def block_outside(qemu, tmp_path):
+    """A dirty image whose refcount table names its first block at 1 GiB, past the end of
+    the file."""
+    p = qemu.create(tmp_path / "o.qcow2", 8 * MiB, opts=["lazy_refcounts=on",
+                                                        "cluster_size=4096"])
+    abort_after(p, "write -P 1 0 64k", "write -P 2 6M 64k")
+    with open(p, "r+b") as f:
+        rt_off, = struct.unpack(">Q", f.read(64)[48:56])
+        f.seek(rt_off)
+        f.write(struct.pack(">Q", 1 << 30))
+    return p
+
+
+def test_refcount_block_past_the_end_rebuilt(tmp_path, qemu, caplog):
+    """``qemu-img check -r all`` repairs a refcount block named past the end of the file
+    ("Repairing refcount block 0 is outside image", then a rebuild); so does the repair
+    on open, by the rebuild, without growing the file to the bogus offset."""
+    p = block_outside(qemu, tmp_path)
+    q = qemu.img("check", p, check=False)
+    assert "refcount block 0 is outside image" in q.stdout + q.stderr
+    line = assert_repaired_qcow2(qemu, p, tmp_path, caplog)
+    assert "refcount structure rebuilt" in line
+    assert qemu.check(str(tmp_path / "oracle.qcow2")) == 0
+    assert os.path.getsize(p) < 1 * MiB
+    with blockpull.open(p) as img:
+        img.write(3 * MiB, b"\x05" * 64 * KiB)
+    qemu.assert_clean(p)
+
+
 def copied_on_shared(qemu, tmp_path):
     """A dirty lazy-refcount image with a snapshot whose shared L2 table (L1 entry 0) and
     four shared data clusters carry COPIED although their refcount is 2 (as a writer that
@@ -527,8 +556,8 @@ def test_needs_repair_reads_the_bits():
 
 def _dirty_image(qemu, tmp_path, kind):
     """A dirty qcow2 (counts to raise and to lower; "qcow2-noblock": a refcount block to
-    make as well; "qcow2-grow": a refcount table too small, "qcow2-copied": COPIED flags
-    to clear) or a QED with need-check and an entry to clear."""
+    make as well; "qcow2-grow": a refcount table too small, "qcow2-outside": a refcount
+    block past the end, "qcow2-copied": COPIED flags to clear) or a QED with need-check and an entry to clear."""
     if kind == "qcow2":
         opts, pre, cmds = CASES["snapshot"]
         p = qemu.create(tmp_path / "d.qcow2", 8 * MiB, opts=["lazy_refcounts=on"])
@@ -538,6 +567,8 @@ def _dirty_image(qemu, tmp_path, kind):
         return p
     if kind == "qcow2-grow":
         return table_too_small(qemu, tmp_path)
+    if kind == "qcow2-outside":
+        return block_outside(qemu, tmp_path)
     if kind == "qcow2-copied":
         return copied_on_shared(qemu, tmp_path)
     if kind == "qcow2-noblock":
@@ -597,7 +628,7 @@ def _assert_sound_after_repair(qemu, p, fmt, before_raw, what):
 
 
 @pytest.mark.parametrize("kind", ["qcow2", "qcow2-noblock", "qcow2-grow",
-                                  "qcow2-copied", "qed"])
+                                  "qcow2-outside", "qcow2-copied", "qed"])
 def test_power_loss_during_the_repair(tmp_path, qemu, monkeypatch, kind):
     """Every state a power cut can leave during the repair (each sync point, the writes
     after it kept or not, torn by sector): either the bit is still set and the image
@@ -632,7 +663,7 @@ def test_power_loss_during_the_repair(tmp_path, qemu, monkeypatch, kind):
 
 
 @pytest.mark.parametrize("kind", ["qcow2", "qcow2-noblock", "qcow2-grow",
-                                  "qcow2-copied", "qed"])
+                                  "qcow2-outside", "qcow2-copied", "qed"])
 def test_io_errors_during_the_repair(tmp_path, qemu, monkeypatch, kind):
     """EIO at each write and each sync of the repair: the open fails with that OSError;
     the next one repairs (or finds it repaired), and nothing is lost."""

@@ -20,7 +20,8 @@ QEMU repairs two kinds of image when it opens them read-write, and so does
 
 A crash during a repair leaves the bit set: the next writable open repairs again.
 What cannot be repaired this way (a structure that cannot be read, a cluster with two
-uses, an invalid refcount table entry) is refused with
+uses, a refcount table entry unaligned or with reserved bits set: QEMU marks those
+corrupt) is refused with
 ``ImageFormatError``, nothing written. Read-only opens never repair. blockpull itself
 never sets either bit (docs/crash-model.md).
 """
@@ -116,7 +117,7 @@ def _repair_qcow2(f: File, path: str) -> str:
     rb: Any
     try:
         rb = _Refblocks(f, path, drv, chk)
-    except _NoRoom:
+    except _Rebuild:
         rb = _Rebuilt(f, path, drv, chk)
     # in memory first: the flags are judged by the new counts
     raised, lowered, low = rb.apply()
@@ -154,8 +155,15 @@ def _store(buf: bytearray, order: int, i: int, v: int) -> None:
         buf[byte] = (buf[byte] & ~mask) | ((v << shift) & mask)
 
 
-class _NoRoom(Exception):
-    """The refcount table has no room for a refcount block the repair must make."""
+class _Rebuild(Exception):
+    """The refcount structure must be rebuilt: its table has no room for a refcount
+    block the repair must make, or names a block past the end of the file."""
+
+
+def _outside(table: List[int], cs: int, size: int) -> int:
+    """Refcount table entries naming a block past the end of a file of ``size`` bytes
+    (aligned, no reserved bit: ``qemu-img check -r all`` repairs those by a rebuild)."""
+    return sum(1 for e in table if e and not e & 0x1FF and not e % cs and e + cs > size)
 
 
 class _Refblocks:
@@ -173,6 +181,8 @@ class _Refblocks:
         self.rt_off = drv.rt_offset
         rt = f.pread(self.rt_off, drv.rt_clusters * self.cs)
         self.table = [struct.unpack_from(">Q", rt, 8 * i)[0] for i in range(len(rt) // 8)]
+        if _outside(self.table, self.cs, f.size()):
+            raise _Rebuild()
         self.nb = (f.size() + self.cs - 1) // self.cs
         # block index -> (offset, bytes) of every block written, and which counts change
         self.blocks: Dict[int, Tuple[int, bytearray]] = {}
@@ -211,7 +221,7 @@ class _Refblocks:
         while queue:
             idx = queue.pop(0)
             if idx >= len(self.table):
-                raise _NoRoom()
+                raise _Rebuild()
             b, nxt = nxt, nxt + 1
             self.new[idx] = b
             self.blocks[idx] = (b * self.cs, bytearray(self.cs))
@@ -251,9 +261,10 @@ class _Refblocks:
 
 class _Rebuilt:
     """A whole new refcount structure after the end of the file, for a dirty image whose
-    refcount table has no room for the blocks to make (QEMU's check rebuilds it so): a
-    block for every range of clusters in use, then a table naming them, each cluster of
-    it counted once; the old table and blocks become free. ``write`` makes it durable
+    refcount table has no room for the blocks to make or names one past the end of the
+    file (QEMU's check rebuilds it so): a block for every range of clusters in use, then
+    a table naming them, each cluster of it counted once; the old table and blocks
+    become free. ``write`` makes it durable
     before the header names it (refcount_table_offset and refcount_table_clusters, bytes
     48 to 59 of the header, QEMU's docs/interop/qcow2.rst, "Header": one sector, one
     write)."""
@@ -280,10 +291,15 @@ class _Rebuilt:
         self.nblocks, self.ntable = nblocks, ntable
         self.table_off = (nb + nblocks) * cs
         self.blocks: List[Tuple[int, bytes]] = []
+        rt = f.pread(drv.rt_offset, drv.rt_clusters * cs)
+        # each counted as a corruption by the walk; the new table names none of them
+        self.outside = _outside([struct.unpack_from(">Q", rt, 8 * i)[0]
+                                 for i in range(len(rt) // 8)], cs, f.size())
 
     def apply(self) -> Tuple[int, int, int]:
         """Build the blocks and the table in memory, the new counts recorded as the
-        stored ones; returns (counts raised, counts lowered, counts that were too low).
+        stored ones; returns (counts raised, counts lowered, errors fixed: counts that
+        were too low and table entries past the end of the file).
         Raises ImageFormatError for a count the refcount width cannot hold."""
         raised = lowered = low = 0
         table = bytearray(self.ntable * self.cs)
@@ -297,7 +313,7 @@ class _Rebuilt:
             struct.pack_into(">Q", table, 8 * idx, off)
             raised, lowered, low = raised + r, lowered + lo, low + too_low
         self.blocks.append((self.table_off, bytes(table)))
-        return raised, lowered, low
+        return raised, lowered, low + self.outside
 
     def made(self) -> str:
         """What the repair made, for its log line."""
