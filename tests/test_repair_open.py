@@ -231,16 +231,20 @@ def test_refcount_block_gone_made_anew(tmp_path, qemu, caplog, cluster, gone):
     qemu.assert_clean(p)
 
 
-def table_too_small(qemu, tmp_path):
+def table_too_small(qemu, tmp_path, snapshot=False):
     """A dirty lazy-refcount image (512-byte clusters, 64-bit refcounts: one refcount
     block covers 32 KiB of file, one table cluster 2 MiB) whose file grew past what its
     refcount table covers: QEMU grew the table to two clusters, and the header is edited
     back to one, as a writer that died before recording its grown table leaves it. The
     clusters past the first 2 MiB of the file are counted nowhere and the table has no
-    room for their blocks."""
+    room for their blocks. ``snapshot``: an internal snapshot of the first MiB, and a
+    compressed cluster, share clusters (counts of 2)."""
     p = qemu.create(tmp_path / "g.qcow2", 16 * MiB, opts=["lazy_refcounts=on", "cluster_size=512",
                                                          "refcount_bits=64"])
     qemu.io(p, "write -P 1 0 1M")
+    if snapshot:
+        qemu.io(p, "write -c -P 4 8M 512")
+        qemu.img("snapshot", "-c", "s1", p)
     abort_after(p, "write -P 2 4M 1536k", "write -P 3 12M 512k")
     with open(p, "r+b") as f:
         f.seek(56)
@@ -251,11 +255,15 @@ def table_too_small(qemu, tmp_path):
     return p
 
 
-def test_refcount_table_too_small_rebuilt(tmp_path, qemu, caplog):
+@pytest.mark.parametrize("snapshot", [False, True])
+def test_refcount_table_too_small_rebuilt(tmp_path, qemu, caplog, snapshot):
     """As QEMU's check does (and ``qemu-img check -r all`` on a copy succeeds), the whole
     refcount structure is rebuilt after the end of the file and the header switched to
     it: qemu-img check clean, the content as before, and the image takes writes."""
-    p = table_too_small(qemu, tmp_path)
+    p = table_too_small(qemu, tmp_path, snapshot)
+    if snapshot:
+        qemu.img("convert", "-U", "-l", "snapshot.name=s1", "-O", "raw", p,
+                 str(tmp_path / "s1.before"))
     line = assert_repaired_qcow2(qemu, p, tmp_path, caplog)
     assert "refcount structure rebuilt" in line
     assert qemu.check(str(tmp_path / "oracle.qcow2")) == 0
@@ -265,17 +273,22 @@ def test_refcount_table_too_small_rebuilt(tmp_path, qemu, caplog):
     model = bytearray(open(tmp_path / "before.raw", "rb").read())
     with blockpull.open(p) as img:
         img.write(14 * MiB, b"\x08" * 1 * MiB)
+        img.write(0, b"\x09" * 64 * KiB)           # shared with the snapshot, if any
     model[14 * MiB:15 * MiB] = b"\x08" * MiB
+    model[:64 * KiB] = b"\x09" * 64 * KiB
     (tmp_path / "model.raw").write_bytes(model)
     qemu.assert_clean(p)
     assert qemu.compare(p, tmp_path / "model.raw", "qcow2", "raw")
+    if snapshot:
+        qemu.img("convert", "-l", "snapshot.name=s1", "-O", "raw", p,
+                 str(tmp_path / "s1.after"))
+        assert (tmp_path / "s1.after").read_bytes() == (tmp_path / "s1.before").read_bytes()
 
 
-def block_outside(qemu, tmp_path):
+def block_outside(qemu, tmp_path, opts=("cluster_size=4096",)):
     """A dirty image whose refcount table names its first block at 1 GiB, past the end of
     the file."""
-    p = qemu.create(tmp_path / "o.qcow2", 8 * MiB, opts=["lazy_refcounts=on",
-                                                        "cluster_size=4096"])
+    p = qemu.create(tmp_path / "o.qcow2", 8 * MiB, opts=["lazy_refcounts=on", *opts])
     abort_after(p, "write -P 1 0 64k", "write -P 2 6M 64k")
     with open(p, "r+b") as f:
         rt_off, = struct.unpack(">Q", f.read(64)[48:56])
@@ -284,11 +297,14 @@ def block_outside(qemu, tmp_path):
     return p
 
 
-def test_refcount_block_past_the_end_rebuilt(tmp_path, qemu, caplog):
+@pytest.mark.parametrize("opts", [["cluster_size=4096"],
+                                  ["cluster_size=512", "refcount_bits=1"],
+                                  ["cluster_size=512", "refcount_bits=4"]])
+def test_refcount_block_past_the_end_rebuilt(tmp_path, qemu, caplog, opts):
     """``qemu-img check -r all`` repairs a refcount block named past the end of the file
     ("Repairing refcount block 0 is outside image", then a rebuild); so does the repair
     on open, by the rebuild, without growing the file to the bogus offset."""
-    p = block_outside(qemu, tmp_path)
+    p = block_outside(qemu, tmp_path, opts)
     q = qemu.img("check", p, check=False)
     assert "refcount block 0 is outside image" in q.stdout + q.stderr
     line = assert_repaired_qcow2(qemu, p, tmp_path, caplog)
