@@ -21,8 +21,7 @@ QEMU repairs two kinds of image when it opens them read-write, and so does
 A crash during a repair leaves the bit set: the next writable open repairs again.
 What cannot be repaired this way (a structure that cannot be read, a cluster with two
 uses, a refcount table entry unaligned or with reserved bits set: QEMU marks those
-corrupt) is refused with
-``ImageFormatError``, nothing written. Read-only opens never repair. blockpull itself
+corrupt) is refused with ``ImageFormatError``, nothing written. Read-only opens never repair. blockpull itself
 never sets either bit (docs/crash-model.md).
 """
 from __future__ import annotations
@@ -264,10 +263,9 @@ class _Rebuilt:
     refcount table has no room for the blocks to make or names one past the end of the
     file (QEMU's check rebuilds it so): a block for every range of clusters in use, then
     a table naming them, each cluster of it counted once; the old table and blocks
-    become free. ``write`` makes it durable
-    before the header names it (refcount_table_offset and refcount_table_clusters, bytes
-    48 to 59 of the header, QEMU's docs/interop/qcow2.rst, "Header": one sector, one
-    write)."""
+    become free. ``write`` makes it durable before the header names it
+    (refcount_table_offset and refcount_table_clusters, bytes 48 to 59 of the header,
+    QEMU's docs/interop/qcow2.rst, "Header": one sector, one write)."""
 
     def __init__(self, f: File, path: str, drv: Any, chk: Any) -> None:
         self.f, self.chk, self.path = f, chk, path
