@@ -1,13 +1,14 @@
 """A keep-compressed pull (``compressed="keep"``) into an overlay on a tmpfs with room
 for only part of it, run by test_found_enospc_keep.py inside a private mount namespace.
 
-    python enospc_keep_child.py WORK_DIR DEPTH CHUNK
+    python enospc_keep_child.py WORK_DIR DEPTH CHUNK [stop]
 
 The template (24 MiB of text, zlib-compressed clusters) lives outside the tmpfs, the
 overlay inside it. The pull must fail on ENOSPC and keep what reached the file: the
 compressed clusters written before the error stay linked (as for inflated clusters, a
 full disk lets part of a write through), nothing leaks, the image reads as before and
-stays backed; with room again a new keep-compressed pull completes. Exit 0 and "ok"
+stays backed; with room again a new keep-compressed pull completes (under "stop": the
+pull pauses instead, and once there is room ``resume()`` completes it). Exit 0 and "ok"
 when all holds.
 """
 import errno
@@ -16,6 +17,7 @@ import os
 import random
 import subprocess
 import sys
+import time
 
 import blockpull
 
@@ -56,6 +58,24 @@ def main():
     sh("mount", "-t", "tmpfs", "-o", "size=3M", "tmpfs", mnt)
     top = os.path.join(mnt, "top.qcow2")
     sh("qemu-img", "create", "-q", "-f", "qcow2", "-b", base, "-F", "qcow2", top)
+    if sys.argv[4:] == ["stop"]:
+        with blockpull.open(top) as img:
+            job = img.pull(compressed="keep", read_depth=depth, chunk=chunk, on_error="stop")
+            t0 = time.monotonic()
+            while job.status != "paused":
+                assert not job.done(), f"ended instead of pausing: {job.error!r}"
+                assert time.monotonic() - t0 < 60, "never paused"
+                time.sleep(0.01)
+            judge(top, raw, "paused on ENOSPC")
+            assert top_map(top), "nothing copied stayed linked"
+            sh("mount", "-o", "remount,size=64M", mnt)
+            job.resume()
+            job.result(timeout=120)
+            assert img.backing is None
+        judge(top, raw, "after the resumed pull")
+        sh("umount", mnt)
+        print("ok")
+        return
     with blockpull.open(top) as img:
         job = img.pull(compressed="keep", read_depth=depth, chunk=chunk)
         try:
