@@ -76,7 +76,7 @@ def write_kept(File f, views, int64_t host, list pieces):
         done += len(parts)
 
 
-cdef int64_t first_unwritten(Chunk ch, int64_t k, int64_t m) noexcept:
+cdef int64_t first_unwritten(Chunk ch, int64_t k, int64_t m) except -2:
     """The chunk's first cluster (index) in virtual order whose copy did not reach the
     file when ``ch.todo[:k]`` and ``ch.ctodo[:m]`` did (the rest did not); -1 if none."""
     cdef int64_t first = -1
