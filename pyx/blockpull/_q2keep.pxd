@@ -26,8 +26,10 @@ cdef class Packer:
     cdef int place_chunk(self, Chunk ch) except -1
     cdef int give_back(self, int64_t coff, int64_t nbytes) except -1
     cdef int give_back_chunk(self, Chunk ch) except -1
+    cdef int give_back_from(self, Chunk ch, int64_t first) except -1
     cdef int release(self) except -1
 
 
 cdef uint64_t descriptor(int cluster_bits, int64_t coff, int64_t nbytes) noexcept
 cdef list kept_pieces(Chunk ch)
+cdef int64_t first_unwritten(Chunk ch, int64_t k, int64_t m) except -2

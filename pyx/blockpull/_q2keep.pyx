@@ -35,8 +35,9 @@ cdef uint64_t descriptor(int cluster_bits, int64_t coff, int64_t nbytes) noexcep
 
 
 cdef list kept_pieces(Chunk ch):
-    """The chunk's kept compressed bytes to write, as (host offset, bytes), the pieces
-    that lie back to back joined."""
+    """The chunk's kept compressed bytes to write, as (host offset, [bytes, ...]): the
+    bytes of the clusters ``ch.ctodo`` in order, those that lie back to back in one
+    piece."""
     cdef list out = []
     cdef int64_t i, at, end = -1
     for i in range(len(ch.ctodo)):
@@ -47,17 +48,43 @@ cdef list kept_pieces(Chunk ch):
         else:
             out.append((at, [data]))
         end = at + len(data)
-    return [(at, b"".join(parts)) for at, parts in out]
+    return out
 
 
 def write_kept(File f, views, int64_t host, list pieces):
     """On a writer thread: a chunk's data clusters (``views`` at ``host``, bytes), then
     its kept compressed bytes (``pieces``, from ``kept_pieces``) into ``f``, none of them
-    linked yet. Raises OSError."""
+    linked yet. Raises OSError; when the data was written whole and the kept bytes were
+    not, the error's ``bytes_written`` counts the data and its ``kept_written`` the kept
+    clusters (in ``ch.ctodo`` order) whose bytes all reached the file."""
+    cdef int64_t done = 0, left
     if views:
         f.pwritev_data(views, host)
-    for at, data in pieces:
-        f.pwrite(data, at)
+    for at, parts in pieces:
+        try:
+            f.pwritev(parts, at)
+        except OSError as exc:
+            left = getattr(exc, "bytes_written", 0)
+            for data in parts:
+                if len(data) > left:
+                    break
+                left -= len(data)
+                done += 1
+            exc.bytes_written = sum(memoryview(v).nbytes for v in views or ())
+            exc.kept_written = done
+            raise
+        done += len(parts)
+
+
+cdef int64_t first_unwritten(Chunk ch, int64_t k, int64_t m) except -2:
+    """The chunk's first cluster (index) in virtual order whose copy did not reach the
+    file when ``ch.todo[:k]`` and ``ch.ctodo[:m]`` did (the rest did not); -1 if none."""
+    cdef int64_t first = -1
+    if k < len(ch.todo):
+        first = ch.todo[k]
+    if ch.ctodo and m < len(ch.ctodo) and (first < 0 or ch.ctodo[m] < first):
+        first = ch.ctodo[m]
+    return first
 
 
 cdef bint _holds_compressed(Qcow2Ordering q) except -1:
@@ -253,6 +280,20 @@ cdef class Packer:
         cdef int64_t i
         for i in range(ch.cdone, len(ch.cplaces)):
             self.give_back(ch.cplaces[i], len(ch.craw[ch.ctodo[i]]))
+        return 0
+
+    cdef int give_back_from(self, Chunk ch, int64_t first) except -1:
+        """The chunk's kept clusters from index ``first`` on (in the chunk) will not be
+        linked: drop their counts and their places (none is linked yet)."""
+        cdef int64_t i = 0
+        if not ch.ctodo:
+            return 0
+        while i < len(ch.ctodo) and ch.ctodo[i] < first:
+            i += 1
+        for j in range(i, len(ch.cplaces)):
+            self.give_back(ch.cplaces[j], len(ch.craw[ch.ctodo[j]]))
+        del ch.ctodo[i:]
+        del ch.cplaces[i:]
         return 0
 
     cdef int give_back(self, int64_t coff, int64_t nbytes) except -1:

@@ -55,10 +55,14 @@ cdef class Qcow2Sub(Qcow2Ordering):
     # ---- entries ----------------------------------------------------------------------
 
     cdef int ext_get(self, int64_t c, uint64_t* e, uint64_t* bm) except -1:
-        """The entry and bitmap of virtual cluster ``c`` (0, 0 where no table holds it)."""
+        """The entry and bitmap of virtual cluster ``c`` (0, 0 where no table holds it).
+        Raises ImageFormatError for an entry reads refuse too (a bitmap marking a
+        subcluster both allocated and zero, allocated subclusters without a host offset,
+        a host offset unaligned or past the end of the file): writes, pulls and
+        copy-on-read never build on it."""
         cdef int64_t l1i = c >> self.l2_bits
         cdef int64_t i = c & (self.l2_entries - 1)
-        cdef int64_t off
+        cdef int64_t off, host
         cdef Table t
         e[0] = 0
         bm[0] = 0
@@ -68,6 +72,7 @@ cdef class Qcow2Sub(Qcow2Ordering):
         if off == 0:
             return 0
         t = self.cmap.load_l2(off)
+        self.cmap.unit(t, c, i, 0, &host)        # the checks every read makes
         e[0] = t.get(2 * i)
         bm[0] = t.get(2 * i + 1)
         return 0

@@ -286,6 +286,21 @@ cdef class Qcow2(Qcow2Sub):
             self.snaps.l2_refs[off] = self.snaps.l2_refs.get(off, 1) - 1
         return nt
 
+    cdef int _entry_ok(self, int64_t c, uint64_t e) except -1:
+        """Raise ImageFormatError, as a read does, when the standard L2 entry ``e`` of
+        cluster ``c`` names a host cluster that is unaligned or past the end of the file:
+        a write must not go there (nor drop a reference to it)."""
+        cdef uint64_t off = e & OFFSET_MASK
+        if e & COMPRESSED_FLAG or off == 0:
+            return 0
+        if off & <uint64_t>(self.cluster_size - 1):
+            raise self.cmap._err("L2 entry for cluster %d points at unaligned offset 0x%x"
+                                 % (c, off))
+        if off + <uint64_t>self.cluster_size > self.rc.host_end():
+            raise self.cmap._err("L2 entry for cluster %d points past the end of "
+                                 "the file (0x%x)" % (c, off))
+        return 0
+
     cdef bint _writable_in_place(self, uint64_t e):
         cdef int64_t off = e & OFFSET_MASK
         if e & COMPRESSED_FLAG or off == 0:
@@ -326,6 +341,7 @@ cdef class Qcow2(Qcow2Sub):
             coff = v & (cs - 1)
             take = min(cs - coff, n - pos)
             e = self.cmap.l2_entry(c)
+            self._entry_ok(c, e)
             if self._writable_in_place(e):
                 # in place: extend over following clusters that are contiguous on the host
                 host = (e & OFFSET_MASK) + coff
@@ -333,6 +349,7 @@ cdef class Qcow2(Qcow2Sub):
                 k = 1
                 while pos + run_n < n:
                     e2 = self.cmap.l2_entry(c + k)
+                    self._entry_ok(c + k, e2)
                     if not self._writable_in_place(e2) or (e2 & OFFSET_MASK) != (e & OFFSET_MASK) + k * cs:
                         break
                     run_n += min(cs, n - pos - run_n)
@@ -348,6 +365,7 @@ cdef class Qcow2(Qcow2Sub):
             k = 1
             while pos + (k * cs - coff) < n and k < 256:
                 e2 = self.cmap.l2_entry(c + k)
+                self._entry_ok(c + k, e2)
                 if self._writable_in_place(e2):
                     break
                 k += 1
@@ -595,6 +613,7 @@ cdef class Qcow2(Qcow2Sub):
             nxt = min((c + 1) << self.cluster_bits, end)
             if (v & (cs - 1)) == 0 and nxt - v == cs:
                 e = self.cmap.l2_entry(c)
+                self._entry_ok(c, e)
                 if self.version == 3:
                     if e != ZERO_FLAG:
                         self._replace(c, ZERO_FLAG)

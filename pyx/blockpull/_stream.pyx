@@ -42,7 +42,7 @@ from blockpull._inflight import write_at_guest
 from blockpull._plan cimport Planner, lacking
 from blockpull._ratelimit cimport RateLimiter
 from blockpull._reader cimport ReaderPool
-from blockpull._q2keep cimport KeepPlan, Packer, descriptor, kept_pieces
+from blockpull._q2keep cimport KeepPlan, Packer, descriptor, kept_pieces, first_unwritten
 from blockpull._q2keep import write_kept
 from blockpull._pool import BufferPool
 from blockpull.errors import StreamIOError
@@ -578,26 +578,28 @@ cdef class Stream:
         return None
 
     cdef _keep_written(self, Chunk ch, int64_t front, exc):
-        """The chunk's write failed (the lock is held): link the whole clusters that
-        reached the file before the error (a full disk lets part of a write through, and
-        with several writes in flight each may be cut short), give back the rest, and
-        raise StreamIOError at the first cluster not linked. The kept clusters are
-        linked like any others, their data made durable before the tables that point at
-        them (``on_error`` flushes before the policy is asked). A chunk that also holds
-        compressed clusters kept as they are, or is written at guest offsets (an external
-        data file, in runs), is given back whole."""
+        """The chunk's write failed (the lock is held): link the clusters that reached
+        the file before the error, in virtual order up to the first that did not (a full
+        disk lets part of a write through, and with several writes in flight each may be
+        cut short; ``write_kept`` tells how many kept compressed clusters were written
+        whole), give back the rest, and raise StreamIOError at the first cluster not
+        linked. They are linked like any others, their data made durable before the
+        tables that point at them (``on_error`` flushes before the policy is asked). A
+        chunk written at guest offsets (an external data file, in runs) is given back
+        whole."""
         cdef int64_t cs = self.top.cluster_size
-        cdef int64_t k = getattr(exc, "bytes_written", 0) // cs
-        cdef int64_t first
-        k = max(0, min(k, len(ch.todo) - 1))
-        if k == 0 or ch.ctodo or ch.host < 0 or self._epoch() != ch.epoch:
-            first = ch.off + <int64_t>(ch.todo or ch.ctodo)[0] * cs
+        cdef int64_t k = max(0, min(getattr(exc, "bytes_written", 0) // cs, len(ch.todo)))
+        cdef int64_t first = first_unwritten(ch, k, getattr(exc, "kept_written", 0))
+        cdef int64_t start = min((ch.todo or ch.ctodo)[0], (ch.ctodo or ch.todo)[0])
+        if first <= start or ch.host < 0 or self._epoch() != ch.epoch:
             self._give_back(ch, 0)
-            raise StreamIOError(exc, "write", first)
-        first = <int64_t>ch.todo[k]
+            raise StreamIOError(exc, "write", ch.off + start * cs)
+        k = len([j for j in ch.todo if j < first])
         if k < len(ch.todo):
             self.top.free_clusters(ch.host + k * cs, len(ch.todo) - k)
         ch.todo = ch.todo[:k]
+        if ch.ctodo:
+            self.packer.give_back_from(ch, first)
         ch.zeros = [j for j in ch.zeros if j < first]
         ch.skips = [j for j in ch.skips if j < first]
         self._link_chunk(ch, front)    # raises StreamIOError itself if linking fails
