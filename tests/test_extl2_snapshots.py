@@ -164,9 +164,10 @@ def test_copy_on_read_then_pull(tmp_path, qemu, cs):
 
 
 def test_failed_sync_during_pull_unlinks_every_view(tmp_path, qemu):
-    """A failed fdatasync after a pull linked clusters into the active view and the
-    snapshot: the links are undone in memory in every view, the pull copies them again,
-    and the image ends complete, clean, its snapshot unchanged."""
+    """The first fdatasync of a pull fails after it linked clusters into the active view
+    and the snapshot: every link is undone in memory in every view (each cluster lacks
+    again what it lacked before), the image on disk stays clean with its snapshot
+    unchanged, and a second pull completes."""
     from blockpull import faults
     cs = 65536
     top, size = snap_image(qemu, tmp_path, cs, True)
@@ -175,18 +176,22 @@ def test_failed_sync_during_pull_unlinks_every_view(tmp_path, qemu):
     qemu.to_raw(top, want)
     img = blockpull.open(top)
     try:
+        drv = img.layers[0]
+        lacking = [drv.pull_status(v, cs)[0] for v in range(0, size, cs)]
+        assert 0 in lacking and 1 in lacking
         inj = faults.attach(img, faults.FaultInjector(record_writes=False))
-        inj.fail(op="sync", role="top", errno=errno.EIO, nth=2)
-        with pytest.raises(blockpull.PullError, match="sync"):
+        inj.fail(op="sync", role="top", errno=errno.EIO, nth=1)
+        with pytest.raises(blockpull.PullError, match="sync: Input/output error"):
             img.pull(chunk=cs, batch=2 * cs).result(timeout=120)
         faults.detach(img)
-        assert qemu.info(top).get("backing-filename") == "mid.qcow2"
-        img.flush()
-        assert img.read(0, size) == want.read_bytes()
-        assert img.pull().result(timeout=120).status == "completed"
+        assert [drv.pull_status(v, cs)[0] for v in range(0, size, cs)] == lacking
         assert img.read(0, size) == want.read_bytes()
     finally:
         img.close()
+    assert_consistent(qemu, top)
+    assert qemu.info(top).get("backing-filename") == "mid.qcow2"
+    assert_snapshot_kept(qemu, tmp_path, top, s1, "failed")
+    assert blockpull.pull(top).status == "completed"
     assert_consistent(qemu, top)
     assert qemu.compare(top, want, None, "raw")
     assert_snapshot_kept(qemu, tmp_path, top, s1, "resync")
