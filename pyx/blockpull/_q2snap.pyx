@@ -6,7 +6,8 @@ A pull fills what the snapshots lack too, since their unallocated clusters read 
 backing chain: ``lacks`` says whether one does, ``put_entry`` links a cluster into every
 snapshot view that lacks it. ``l2_refs`` counts the L1 entries (of every view) that
 name each L2 table, so that an entry put into a shared table is counted once per view.
-Snapshot L1 entries are written back at the owner's flush point (``write_dirty``).
+Snapshot L1 entries are written back at the owner's flush point (``write_dirty``). With
+extended L2 entries ``lacks`` reads 128-bit entries and links go through blockpull._q2sub.
 """
 from libc.stdint cimport int64_t, uint64_t
 

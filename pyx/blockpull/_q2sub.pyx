@@ -21,7 +21,10 @@ image has extended L2 entries:
   cluster takes the top's own allocated subclusters (copied from where they are) and the
   chain's data for the ones it lacked; zero subclusters stay zero. The top's data is
   never replaced by the backing's;
-- zero writes set the zero bits (and clear the allocated ones) of whole subclusters.
+- zero writes set the zero bits (and clear the allocated ones) of whole subclusters;
+- with internal snapshots a cluster whose count is not 1 (shared with a snapshot) is
+  never written in place, and a pull or copy-on-read fills every view that lacks
+  subclusters (``ext_link_views``; see the section below).
 
 The crash order is the driver's (docs/crash-model.md): data is written into space no
 entry marks allocated, and the 128-bit entry that names it (one unit of its L2 table)
