@@ -195,3 +195,37 @@ def test_failed_sync_during_pull_unlinks_every_view(tmp_path, qemu):
     assert_consistent(qemu, top)
     assert qemu.compare(top, want, None, "raw")
     assert_snapshot_kept(qemu, tmp_path, top, s1, "resync")
+
+
+@pytest.mark.parametrize("cs", [32768, 65536])
+def test_pull_moves_the_active_view_off_a_cluster_the_snapshot_leaves(tmp_path, qemu, cs):
+    """The active view zeroed what the snapshot lacks in a cluster they share (QEMU keeps
+    the host offset): the pull gives the snapshot a new cluster, and the active view,
+    complete, moves to one of its own too (or to none when it holds only zeros), so that
+    it never names a cluster whose count is 1 without the COPIED bit."""
+    sc = cs // 32
+    size = 8 * cs
+    base = qemu.create(tmp_path / "base.qcow2", size, opts=[f"cluster_size={cs}"])
+    qemu.io(base, f"write -P 1 0 {size}")
+    top = qemu.create(tmp_path / "top.qcow2", size, backing="base.qcow2",
+                      opts=[f"cluster_size={cs},extended_l2=on"])
+    qemu.io(top, f"write -P 6 {4 * cs} {16 * sc}", f"write -P 7 {5 * cs} {8 * sc}")
+    qemu.img("snapshot", "-c", "s1", top)
+    qemu.io(top, f"write -z {4 * cs + 16 * sc} {16 * sc}", f"write -z {5 * cs} {cs}")
+    s1 = snapshot_raw(qemu, top, tmp_path / "s1.raw")
+    want = tmp_path / "want.raw"
+    qemu.to_raw(top, want)
+    with blockpull.open(top) as img:
+        assert img.pull().result(timeout=60).status == "completed"
+    assert_consistent(qemu, top)
+    assert qemu.info(top).get("backing-filename") is None
+    assert qemu.compare(top, want, None, "raw")
+    assert_snapshot_kept(qemu, tmp_path, top, s1, "moved")
+    with blockpull.open(top) as img:
+        img.write(4 * cs + 3, b"\x61" * 100)
+        img.write(5 * cs + 9 * sc, b"\x62" * sc)
+    qemu.io(str(want), f"write -P 0x61 {4 * cs + 3} 100", f"write -P 0x62 {5 * cs + 9 * sc} {sc}",
+            fmt="raw")
+    assert_consistent(qemu, top)
+    assert qemu.compare(top, want, None, "raw")
+    assert_snapshot_kept(qemu, tmp_path, top, s1, "moved-written")

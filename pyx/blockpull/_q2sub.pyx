@@ -460,16 +460,19 @@ cdef class Qcow2Sub(Qcow2Ordering):
         own allocated subclusters kept and its zero ones left zero. A view with none of
         its own takes ``host`` itself (shared, counted once per view); one with some
         takes a new host cluster (the copy's lacking subclusters and its own), one per
-        distinct old data. Clusters are allocated before any entry changes, so a full
-        disk changes nothing."""
+        distinct old data. The active view, when it lacks nothing but shares a cluster
+        that a lacking view leaves, moves to a copy of its own too (``ext_move_active``).
+        Clusters are allocated before any entry changes, so a full disk changes
+        nothing."""
         cdef int64_t i2 = c & (self.l2_entries - 1)
-        cdef int64_t cs = self.cluster_size, nh, off
+        cdef int64_t nh, off
         cdef uint64_t e, bm, lack, have
         cdef Table t
-        self.ensure_tables(c << self.cluster_bits, cs)    # every view has its table
+        self.ensure_tables(c << self.cluster_bits, self.cluster_size)  # every view's table
         todo = []          # (table offset, views, e, bm, lack, have, key)
         targets = {}       # key -> [host cluster, references]
-        for off, views in self.ext_view_tables(c):
+        tables = self.ext_view_tables(c)
+        for off, views in tables:
             t = self.cmap.load_l2(off)
             e = t.get(2 * i2)
             bm = t.get(2 * i2 + 1)
@@ -486,6 +489,7 @@ cdef class Qcow2Sub(Qcow2Ordering):
             targets[todo[0][6]][0] = host     # the first view with data of its own
         else:
             targets[None][0] = host
+        self.ext_move_active(c, tables, todo, targets)
         made = []
         try:
             for key, tg in targets.items():
@@ -493,7 +497,8 @@ cdef class Qcow2Sub(Qcow2Ordering):
                     nh = self.alloc_clusters(1)
                     made.append(nh)
                     tg[0] = nh
-                    self.ext_copy_subs(SUB_ALLOC_ALL, host, nh)
+                    if len(key) == 2:
+                        self.ext_copy_subs(SUB_ALLOC_ALL, host, nh)
             # then each view's own subclusters over its copy (once per distinct data)
             for key in targets:
                 if key is not None:
@@ -503,6 +508,40 @@ cdef class Qcow2Sub(Qcow2Ordering):
                 self.free_clusters(nh, 1)
             raise
         return self.ext_put_views(c, todo, targets)
+
+    cdef int ext_move_active(self, int64_t c, list tables, list todo, dict targets) except -1:
+        """When the active view lacks nothing of cluster ``c`` but names a host cluster
+        that a lacking view leaves, add to ``todo`` a move of the active entry to a new
+        cluster holding its allocated subclusters (bitmap unchanged): the cluster it
+        named must never stay named by the active view with a count of 1 and no COPIED
+        bit (QEMU's docs/interop/qcow2.rst, "Cluster mapping", bit 63), a state that
+        the counts and the tables, written at different flush steps, cannot reach at
+        once."""
+        cdef int64_t i2 = c & (self.l2_entries - 1)
+        cdef int64_t off
+        cdef uint64_t e, bm, x
+        cdef Table t
+        if not tables or 0 not in tables[0][1]:
+            return 0
+        off, views = tables[0]
+        for td in todo:
+            if td[0] == off:
+                return 0              # it lacks subclusters itself: linked like the rest
+        t = self.cmap.load_l2(off)
+        e = t.get(2 * i2)
+        bm = t.get(2 * i2 + 1)
+        x = e & OFFSET_MASK
+        if x == 0 or (e & COMPRESSED_FLAG):
+            return 0
+        for td in todo:
+            if (<uint64_t>td[2] & OFFSET_MASK) == x:
+                key = (x, bm & SUB_ALLOC_ALL, "move")
+                todo.append((off, views, e, bm, 0, bm & SUB_ALLOC_ALL, key))
+                # with no allocated subcluster it names no cluster at all (offset 0)
+                targets[key] = [-1 if bm & SUB_ALLOC_ALL else 0,
+                                self.snaps.l2_refs.get(off, 1)]
+                return 0
+        return 0
 
     cdef bint ext_put_views(self, int64_t c, list todo, dict targets) except -1:
         """The entries of ``ext_link_views`` (data in place): each table's new entry,
@@ -516,7 +555,7 @@ cdef class Qcow2Sub(Qcow2Ordering):
         for off, views, e, bm, lack, have, key in todo:
             nh, total = targets[key]
             r = self.snaps.l2_refs.get(off, 1)
-            ne = <uint64_t>nh | (COPIED if total == 1 else 0)
+            ne = <uint64_t>nh | (COPIED if total == 1 and nh else 0)
             t = self.cmap.load_l2(off)
             t.put(2 * i2, ne)
             t.put(2 * i2 + 1, (bm & SUB_ZERO_ALL) | have | lack)
@@ -526,7 +565,7 @@ cdef class Qcow2Sub(Qcow2Ordering):
             for v in views:
                 undo.append((v, nh, e, bm))
         for nh, total in targets.values():
-            if total > 1:
+            if total > 1 and nh:
                 self.rc.add(nh >> self.cluster_bits, total - 1)
         self.fresh.append((c, -1, undo))
         return True
@@ -553,10 +592,13 @@ cdef class Qcow2Sub(Qcow2Ordering):
             t = self.cmap.load_l2(off)
             if (t.get(2 * i2) & OFFSET_MASK) != <uint64_t>nh:
                 continue
+            if nh == 0 and t.get(2 * i2 + 1) != (oldbm & SUB_ZERO_ALL):
+                continue              # no longer the entry the move left
             t.put(2 * i2, olde)
             t.put(2 * i2 + 1, oldbm)
             r = self.snaps.l2_refs.get(off, 1)
-            self.rc.add(nh >> self.cluster_bits, -r)
+            if nh:
+                self.rc.add(nh >> self.cluster_bits, -r)
             drop = self._held_by(olde)
             if drop is None or drop[0] == (nh >> self.cluster_bits):
                 continue
