@@ -55,6 +55,7 @@ class Variant(NamedTuple):
     keep: str = ""
     extl2: bool = False
     dirty: bool = False     # qcow2 top with lazy refcounts, its writer died: left dirty
+    snapshot: bool = False  # qcow2 top with an internal snapshot (s1) between its writes
 
 
 VARIANTS = {
@@ -65,6 +66,8 @@ VARIANTS = {
     "c512": Variant("c512", cluster=512, refbits=64, size=3 << 20),
     "extl2": Variant("extl2", cluster=32768, extl2=True),
     "extl2-partial": Variant("extl2-partial", base="base.qcow2", extl2=True),
+    "extl2-snap": Variant("extl2-snap", cluster=32768, base="base.qcow2", extl2=True,
+                          snapshot=True),
 }
 #: tops a writable open repairs first (a lazy-refcount writer killed), for the crash and
 #: fault suites; not in VARIANTS: the power-loss replay starts from the file as repaired
@@ -144,6 +147,11 @@ def build_chain(d: str, v: Variant, seed: int = 1) -> Dict[str, str]:
     extra = [f"write -q -z {size // 4 + 2048} 4096"] if v.extl2 else []
     _write_random(top, rng, [(size // 8, 5000), (size - 9000, 9000)], os.path.join(d, "scratch"),
                   extra=extra)
+    if v.snapshot:
+        # then the active view diverges from s1 inside clusters they share
+        _qemu("qemu-img", "snapshot", "-c", "s1", top)
+        _write_random(top, rng, [(size // 8 + 3000, 8000), (size // 2 - 20000, 70000)],
+                      os.path.join(d, "scratch"), extra=[f"write -q -z {size // 8 + 512} 1024"])
     if v.dirty:
         # more writes, then the writer dies with its refcounts not written back
         r = subprocess.run(["qemu-io", "-c", f"write -q -P 0x33 {size // 3} 70000",
@@ -183,6 +191,15 @@ def assert_no_corruption(path: str, what: str) -> int:
     rc, out = qemu_check(path)
     assert rc in (0, 3), f"{what}: qemu-img check exit {rc}\n{out}"
     return rc
+
+
+def snapshot_of(path: str, out: str, name: str = "s1") -> bytes:
+    """What internal snapshot ``name`` of ``path`` reads, as QEMU reads it."""
+    _qemu("qemu-img", "convert", "-U", "-l", f"snapshot.name={name}", "-O", "raw", path, out)
+    with open(out, "rb") as f:
+        data = f.read()
+    os.unlink(out)
+    return data
 
 
 def backing_of(path: str) -> Optional[str]:

@@ -24,7 +24,7 @@ import pytest
 import blockpull
 from relhelp import (CORE_NAMES, PY, REPAIR_VARIANTS, VARIANTS, Model, Variant,
                      assert_no_corruption, backing_of, build_chain, child_env, copy_chain,
-                     guest_extents, raw_of, seed_list)
+                     guest_extents, raw_of, seed_list, snapshot_of)
 
 CHILD = os.path.join(os.path.dirname(os.path.abspath(__file__)), "crash_child.py")
 CI_ROUNDS = 60
@@ -91,6 +91,7 @@ def crash_round(t: Template, d: str, seed: int) -> str:
     chain = copy_chain(t.chain, d)
     top = chain["top"]
     model = Model(t.before)
+    snap = snapshot_of(top, os.path.join(d, "s1.raw")) if v.snapshot else None
     wseed = rng.choice([0, 0, seed * 7 + 1])
     if wseed:
         for i, (off, n) in enumerate(guest_extents(random.Random(wseed), v.size, 40)):
@@ -117,8 +118,10 @@ def crash_round(t: Template, d: str, seed: int) -> str:
     assert problem is None, f"{what}: after the crash the disk {problem}"
     with blockpull.open(top, readonly=True, backing_format="qcow2") as img:
         assert img.read(0, img.size) == got, f"{what}: blockpull reads differ from qemu-img"
-    # 2. no corruption (leaks allowed)
+    # 2. no corruption (leaks allowed), an internal snapshot reads as before
     assert_no_corruption(top, f"{what}: after the crash")
+    if snap is not None:
+        assert snapshot_of(top, os.path.join(d, "s1.raw")) == snap, f"{what}: snapshot changed"
     # 3. a new pull finishes the job
     if backing_of(top) != v.base:
         with blockpull.open(top, backing_format="qcow2") as img:
@@ -126,6 +129,8 @@ def crash_round(t: Template, d: str, seed: int) -> str:
     assert backing_of(top) == v.base, f"{what}: backing after the second pull"
     assert raw_of(top, os.path.join(d, "final.raw")) == got, f"{what}: second pull changed data"
     assert_no_corruption(top, f"{what}: after the second pull")
+    if snap is not None:
+        assert snapshot_of(top, os.path.join(d, "s1.raw")) == snap, f"{what}: snapshot changed"
     for f in os.listdir(d):
         os.unlink(os.path.join(d, f))
     return what

@@ -275,16 +275,22 @@ def test_check_subcluster_rules(tmp_path, qemu, rule):
     assert any("subcluster" in m for m in r.messages)
 
 
-def test_writable_open_with_snapshots_refused(tmp_path, qemu):
+def test_writable_open_with_snapshots(tmp_path, qemu):
+    """An image with extended L2 entries and internal snapshots opens writable, as QEMU
+    opens it; a write changes the active view only (tests/test_extl2_snapshots.py has
+    the rest)."""
     top, _ = ext_chain(qemu, tmp_path, 65536)
     qemu.img("snapshot", "-c", "s1", top)
-    before = open(top, "rb").read()
-    with pytest.raises(blockpull.ImageFormatError, match="read-only") as ei:
-        blockpull.open(top)
-    assert "top.qcow2" in str(ei.value) and "snapshot" in str(ei.value)
-    assert open(top, "rb").read() == before
-    with blockpull.open(top, readonly=True) as img:
+    s1 = tmp_path / "s1.raw"
+    qemu.img("convert", "-l", "snapshot.name=s1", "-O", "raw", top, str(s1))
+    with blockpull.open(top) as img:
         assert img.read(0, 4096) == b"\4" * 4096
+        img.write(100, b"\x22" * 5000)
+        assert img.read(0, 4096) == b"\4" * 100 + b"\x22" * 3996
+    qemu.assert_clean(top)
+    s1_after = tmp_path / "s1.after.raw"
+    qemu.img("convert", "-l", "snapshot.name=s1", "-O", "raw", top, str(s1_after))
+    assert s1_after.read_bytes() == s1.read_bytes()
 
 
 def test_failed_sync_unlinks_new_subclusters(tmp_path, qemu):

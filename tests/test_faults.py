@@ -25,7 +25,7 @@ import pytest
 import blockpull
 from blockpull import faults
 from relhelp import (REPAIR_VARIANTS, VARIANTS, assert_no_corruption, backing_of, build_chain, copy_chain,
-                     raw_of)
+                     raw_of, snapshot_of)
 
 CHUNK = 65536
 BATCH = 4 * 65536
@@ -157,6 +157,7 @@ def run_case(tmp_path, s, policy, rule_kw):
     v = s.v
     d = copy_chain(s.chain, str(tmp_path / "img"))
     top = d["top"]
+    snap = snapshot_of(top, os.path.join(d["dir"], "s1.raw")) if v.snapshot else None
     events = []
     lock = threading.Lock()
 
@@ -213,12 +214,16 @@ def run_case(tmp_path, s, policy, rule_kw):
     assert backing_of(top) == ("mid.qcow2" if policy != "stop" else v.base)
     assert_no_corruption(top, f"{policy} {rule_kw}: after the job")
     assert subprocess.run(["qemu-img", "compare", "-q", top, s.before_raw]).returncode == 0
+    if snap is not None:
+        assert snapshot_of(top, os.path.join(d["dir"], "s1.raw")) == snap, "snapshot changed"
     if policy != "stop":
         with blockpull.open(top) as img:
             img.pull(base=v.base).result(timeout=120)
         assert backing_of(top) == v.base
         assert_no_corruption(top, f"{policy} {rule_kw}: after a new pull")
         assert subprocess.run(["qemu-img", "compare", "-q", top, s.before_raw]).returncode == 0
+        if snap is not None:
+            assert snapshot_of(top, os.path.join(d["dir"], "s1.raw")) == snap, "snapshot changed"
     shutil.rmtree(d["dir"])
 
 
@@ -267,10 +272,12 @@ def test_sync_fault(tmp_path_factory, tmp_path, name, where, policy):
 
 @pytest.mark.parametrize("policy", POLICIES)
 @pytest.mark.parametrize("where", ["data", "l2", "link", "sync-mid"])
-def test_fault_extended_l2(tmp_path_factory, tmp_path, where, policy):
+@pytest.mark.parametrize("name", ["extl2-partial", "extl2-snap"])
+def test_fault_extended_l2(tmp_path_factory, tmp_path, name, where, policy):
     """The same faults in a pull into a top with extended L2 entries (subclusters),
-    partly allocated clusters and zero subclusters among them, keeping a base."""
-    s = sites(tmp_path_factory, "extl2-partial")
+    partly allocated clusters and zero subclusters among them, keeping a base; and into
+    one with an internal snapshot sharing those clusters."""
+    s = sites(tmp_path_factory, name)
     if where.startswith("sync"):
         rule = dict(op="sync", role="top", errno=errno.EIO, nth=s.syncs[where])
     else:

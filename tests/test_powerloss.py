@@ -33,13 +33,15 @@ import pytest
 import blockpull
 from blockpull import faults
 from relhelp import (CORE_NAMES, VARIANTS, Model, assert_no_corruption, backing_of, build_chain,
-                     copy_chain, guest_extents, qemu_check, raw_of, seed_list)
+                     copy_chain, guest_extents, qemu_check, raw_of, seed_list,
+                     snapshot_of)
 
 CI_STATES = 330
 SOAK_STATES = 1200
 EXTL2_STATES = 20     # per extended-L2 variant, on top of CI_STATES
 
 _templates = {}
+_snaps = {}           # variant name -> what its internal snapshot s1 reads
 
 
 def template(tmp_path_factory, name):
@@ -49,6 +51,8 @@ def template(tmp_path_factory, name):
         chain = build_chain(os.path.join(root, "template"), v)
         before = raw_of(chain["top"], os.path.join(root, "before.raw"))
         _templates[name] = (v, chain, before)
+        if v.snapshot:
+            _snaps[name] = snapshot_of(chain["top"], os.path.join(root, "s1.raw"))
     return _templates[name]
 
 
@@ -143,6 +147,8 @@ def check_state(path, data, model, marks, k, v, what, repull):
     assert problem is None, f"{what}: the disk {problem}"
     with blockpull.open(path, readonly=True, backing_format="qcow2") as img:
         assert img.read(0, img.size) == got, f"{what}: blockpull reads differ from qemu-img"
+    if v.snapshot:
+        assert snapshot_of(path, path + ".s1") == _snaps[v.name], f"{what}: snapshot changed"
     if repull:
         if link != v.base:
             with blockpull.open(path, backing_format="qcow2") as img:
@@ -150,6 +156,8 @@ def check_state(path, data, model, marks, k, v, what, repull):
         assert backing_of(path) == v.base, f"{what}: backing after a new pull"
         assert raw_of(path, path + ".raw") == got, f"{what}: a new pull changed the data"
         assert_no_corruption(path, f"{what}: after a new pull")
+        if v.snapshot:
+            assert snapshot_of(path, path + ".s1") == _snaps[v.name], f"{what}: snapshot changed"
 
 
 def run_powerloss(tmp_path_factory, tmp_path, name, seed, budget, fail_sync=0):

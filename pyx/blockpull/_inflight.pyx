@@ -228,7 +228,7 @@ def copy_on_read(Chain chain, int64_t offset, int64_t n, buf=None, Flight flight
     cdef int64_t cs = top.cluster_size
     cdef int64_t v = offset - offset % cs
     cdef int64_t end = min(offset + n, top.size)
-    cdef int64_t run, vc, vend, clen
+    cdef int64_t run, vc, vend, clen, ustart, uend
     cdef int kind
     cdef bytearray data
     cdef unsigned char[::1] dv
@@ -248,8 +248,13 @@ def copy_on_read(Chain chain, int64_t offset, int64_t n, buf=None, Flight flight
             v += run
             continue
         # a top with subclusters answers by subcluster: the copy covers whole clusters
-        # (the top's link keeps the subclusters it has)
-        vend = v + min(run, end - v)
+        # (the top's link keeps the subclusters it has). ``buf`` holds the top's own
+        # data too: it serves only clusters wholly inside the top's unallocated run, the
+        # others are read from the chain below (a snapshot lacking what the top has
+        # takes the chain's data from the copy)
+        ustart = v
+        uend = v + min(run, end - v)
+        vend = uend
         vend += (cs - vend % cs) % cs
         v -= v % cs
         views = []
@@ -263,7 +268,8 @@ def copy_on_read(Chain chain, int64_t offset, int64_t n, buf=None, Flight flight
                 vaddrs = []
                 vc += cs
                 continue
-            if bmv is not None and vc >= offset and vc + clen <= offset + n:
+            if (bmv is not None and vc >= offset and vc + clen <= offset + n
+                    and vc >= ustart and vc + clen <= uend):
                 p = &src[vc - offset]
                 piece = bmv[vc - offset:vc - offset + clen]
             else:

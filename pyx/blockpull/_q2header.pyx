@@ -193,11 +193,6 @@ class Header:
             if self.cluster_bits < 14:
                 raise _fmt_err(path, "extended L2 entries need clusters of at least 16 KiB "
                                "(cluster_bits %d)" % self.cluster_bits)
-            if writable and self.nb_snapshots:
-                raise _fmt_err(path, "images with extended L2 entries (incompatible bit 4) "
-                               "and internal snapshots can only be opened read-only; open it "
-                               "with readonly=True or delete its snapshots "
-                               "('qemu-img snapshot -d')")
             if writable and self.data_file:
                 raise _fmt_err(path, "images with extended L2 entries (incompatible bit 4) "
                                "and an external data file can only be opened read-only; open "

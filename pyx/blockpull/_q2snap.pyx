@@ -6,12 +6,13 @@ A pull fills what the snapshots lack too, since their unallocated clusters read 
 backing chain: ``lacks`` says whether one does, ``put_entry`` links a cluster into every
 snapshot view that lacks it. ``l2_refs`` counts the L1 entries (of every view) that
 name each L2 table, so that an entry put into a shared table is counted once per view.
-Snapshot L1 entries are written back at the owner's flush point (``write_dirty``).
+Snapshot L1 entries are written back at the owner's flush point (``write_dirty``). With
+extended L2 entries ``lacks`` reads 128-bit entries and links go through blockpull._q2sub.
 """
 from libc.stdint cimport int64_t, uint64_t
 
 from blockpull._tablecache cimport Table
-from blockpull._q2map cimport OFFSET_MASK
+from blockpull._q2map cimport OFFSET_MASK, COMPRESSED_FLAG
 
 
 cdef class Snapshots:
@@ -45,18 +46,29 @@ cdef class Snapshots:
         return len(self.l1s)
 
     cdef bint lacks(self, int64_t c) except -1:
-        """Whether any snapshot has virtual cluster ``c`` unallocated."""
+        """Whether any snapshot has virtual cluster ``c`` unallocated; with extended L2
+        entries, whether any has a subcluster of it neither allocated nor zero (a
+        compressed cluster lacks none; QEMU's docs/interop/qcow2.rst, "Extended L2
+        Entries")."""
         cdef int64_t l1i = c >> self.cmap.l2_bits
-        cdef Table sl1
+        cdef int64_t i2 = c & (self.cmap.l2_entries - 1)
+        cdef Table sl1, t
         cdef int64_t off
+        cdef uint64_t bm
         for sl1 in self.l1s:
             if l1i >= (sl1.nbytes >> 3):
                 continue
             off = sl1.get(l1i) & OFFSET_MASK
             if off == 0:
                 return True
-            if self.cmap.load_l2(off).get(c & (self.cmap.l2_entries - 1)) == 0:
-                return True
+            t = self.cmap.load_l2(off)
+            if not self.cmap.extended_l2:
+                if t.get(i2) == 0:
+                    return True
+            elif not (t.get(2 * i2) & COMPRESSED_FLAG):
+                bm = t.get(2 * i2 + 1)
+                if (~(bm | (bm >> 32))) & 0xFFFFFFFFULL:
+                    return True
         return False
 
     cdef list missing_tables(self, int64_t l1i):
@@ -81,11 +93,14 @@ cdef class Snapshots:
     cdef int64_t put_entry(self, int64_t c, uint64_t entry, set done) except -1:
         """Put ``entry`` for cluster ``c`` into every snapshot's L2 table that lacks it
         (tables in ``done`` were seen already; each one seen is added). The tables must
-        exist. Returns the number of references made."""
+        exist. Returns the number of references made. Standard (64-bit) entries only:
+        an image with extended L2 entries links through blockpull._q2sub (ValueError)."""
         cdef int64_t l1i = c >> self.cmap.l2_bits
         cdef int64_t i2 = c & (self.cmap.l2_entries - 1)
         cdef int64_t refs = 0, off
         cdef Table sl1, t
+        if self.cmap.extended_l2:
+            raise ValueError("put_entry takes standard L2 entries, not extended ones")
         for sl1 in self.l1s:
             if l1i >= (sl1.nbytes >> 3):
                 continue

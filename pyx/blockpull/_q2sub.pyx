@@ -21,7 +21,10 @@ image has extended L2 entries:
   cluster takes the top's own allocated subclusters (copied from where they are) and the
   chain's data for the ones it lacked; zero subclusters stay zero. The top's data is
   never replaced by the backing's;
-- zero writes set the zero bits (and clear the allocated ones) of whole subclusters.
+- zero writes set the zero bits (and clear the allocated ones) of whole subclusters;
+- with internal snapshots a cluster whose count is not 1 (shared with a snapshot) is
+  never written in place, and a pull or copy-on-read fills every view that lacks
+  subclusters (``ext_link_views``; see the section below).
 
 The crash order is the driver's (docs/crash-model.md): data is written into space no
 entry marks allocated, and the 128-bit entry that names it (one unit of its L2 table)
@@ -109,6 +112,9 @@ cdef class Qcow2Sub(Qcow2Ordering):
         cdef Table t
         if not self.extended_l2:
             Qcow2Ordering._unlink_fresh(self, c, host, old)
+            return
+        if type(old) is list:
+            self.ext_unlink_views(c, old)     # a link into the snapshots' views too
             return
         self.ext_get(c, &e, &bm)
         if (e & OFFSET_MASK) != <uint64_t>host:
@@ -352,12 +358,13 @@ cdef class Qcow2Sub(Qcow2Ordering):
     # ---- pulls and copy-on-read -----------------------------------------------------
 
     cdef bint ext_lacks(self, int64_t c) except -1:
-        """Whether cluster ``c`` has a subcluster neither allocated nor zero."""
+        """Whether cluster ``c`` has a subcluster neither allocated nor zero, in the
+        active view or in any internal snapshot's (a pull fills the snapshots too)."""
         cdef uint64_t e, bm
         self.ext_get(c, &e, &bm)
-        if e & COMPRESSED_FLAG:
-            return False
-        return (~(bm | (bm >> 32)) & SUB_ALLOC_ALL) != 0
+        if not (e & COMPRESSED_FLAG) and (~(bm | (bm >> 32)) & SUB_ALLOC_ALL) != 0:
+            return True
+        return len(self.snaps.l1s) > 0 and self.snaps.lacks(c)
 
     cdef tuple ext_pull_status(self, int64_t vaddr, int64_t n):
         """The pull's view, by whole clusters: KIND_UNALLOC for a run of clusters each
@@ -392,6 +399,8 @@ cdef class Qcow2Sub(Qcow2Ordering):
         cdef int64_t c = vaddr >> self.cluster_bits
         cdef uint64_t e, bm, lack, have, off
         self._bound_dirty()
+        if self.snaps.l1s:
+            return self.ext_link_views(c, host)
         self.ext_get(c, &e, &bm)
         if e & COMPRESSED_FLAG:
             return False
@@ -412,6 +421,8 @@ cdef class Qcow2Sub(Qcow2Ordering):
         cdef int64_t c = vaddr >> self.cluster_bits
         cdef uint64_t e, bm, lack
         self._bound_dirty()
+        if self.snaps.l1s:
+            return self.ext_link_zero_views(c)
         self.ext_get(c, &e, &bm)
         if e & COMPRESSED_FLAG:
             return False
@@ -420,3 +431,205 @@ cdef class Qcow2Sub(Qcow2Ordering):
             return False
         self.ext_put(c, e, bm | (lack << 32))
         return True
+
+    # ---- internal snapshots ---------------------------------------------------------
+    # A snapshot's subclusters that are neither allocated nor zero read the backing
+    # chain, like the active view's: a pull fills them too. Each L2 table (a table is
+    # shared by the views whose L1 entries name it) takes its new entry in place, since
+    # every view sharing it lacks the same subclusters; a data cluster is counted once
+    # per view that names it (QEMU's docs/interop/qcow2.rst, "Snapshots").
+
+    cdef list ext_view_tables(self, int64_t c):
+        """The distinct L2 tables of cluster ``c`` over all views (active L1 first, then
+        each snapshot's): [(table offset, [view index...])], view 0 the active one."""
+        cdef int64_t l1i = c >> self.l2_bits
+        cdef int64_t off
+        cdef Table l1
+        cdef Py_ssize_t v = 0
+        cdef dict at = {}
+        cdef list out = []
+        for l1 in [self.l1] + self.snaps.l1s:
+            if l1i < (l1.nbytes >> 3) and (v > 0 or l1i < self.l1_size):
+                off = l1.get(l1i) & OFFSET_MASK
+                if off:
+                    if off not in at:
+                        at[off] = []
+                        out.append((off, at[off]))
+                    at[off].append(v)
+            v += 1
+        return out
+
+    cdef bint ext_link_views(self, int64_t c, int64_t host) except -1:
+        """``ext_link`` on an image with internal snapshots: every view lacking some
+        subclusters of cluster ``c`` gets them from the chain's copy at ``host``, its
+        own allocated subclusters kept and its zero ones left zero. A view with none of
+        its own takes ``host`` itself (shared, counted once per view); one with some
+        takes a new host cluster (the copy's lacking subclusters and its own), one per
+        distinct old data. The active view, when it lacks nothing but shares a cluster
+        that a lacking view leaves, moves to a copy of its own too (``ext_move_active``).
+        Clusters are allocated before any entry changes, so a full disk changes
+        nothing."""
+        cdef int64_t i2 = c & (self.l2_entries - 1)
+        cdef int64_t nh, off
+        cdef uint64_t e, bm, lack, have
+        cdef Table t
+        self.ensure_tables(c << self.cluster_bits, self.cluster_size)  # every view's table
+        todo = []          # (table offset, views, e, bm, lack, have, key)
+        targets = {}       # key -> [host cluster, references]
+        tables = self.ext_view_tables(c)
+        for off, views in tables:
+            t = self.cmap.load_l2(off)
+            e = t.get(2 * i2)
+            bm = t.get(2 * i2 + 1)
+            lack = ~(bm | (bm >> 32)) & SUB_ALLOC_ALL
+            if (e & COMPRESSED_FLAG) or lack == 0:
+                continue
+            have = bm & SUB_ALLOC_ALL
+            key = (e & OFFSET_MASK, have) if (e & OFFSET_MASK) and have else None
+            todo.append((off, views, e, bm, lack, have, key))
+            targets.setdefault(key, [-1, 0])[1] += self.snaps.l2_refs.get(off, 1)
+        if not todo:
+            return False
+        if None not in targets:
+            targets[todo[0][6]][0] = host     # the first view with data of its own
+        else:
+            targets[None][0] = host
+        self.ext_move_active(c, tables, todo, targets)
+        made = []
+        try:
+            for key, tg in targets.items():
+                if tg[0] < 0:
+                    nh = self.alloc_clusters(1)
+                    made.append(nh)
+                    tg[0] = nh
+                    if len(key) == 2:
+                        self.ext_copy_subs(SUB_ALLOC_ALL, host, nh)
+            # then each view's own subclusters over its copy (once per distinct data)
+            for key in targets:
+                if key is not None:
+                    self.ext_copy_subs(key[1], key[0], targets[key][0])
+        except OSError:
+            for nh in made:
+                self.free_clusters(nh, 1)
+            raise
+        return self.ext_put_views(c, todo, targets)
+
+    cdef int ext_move_active(self, int64_t c, list tables, list todo, dict targets) except -1:
+        """When the active view lacks nothing of cluster ``c`` but names a host cluster
+        that a lacking view leaves, add to ``todo`` a move of the active entry to a new
+        cluster holding its allocated subclusters (bitmap unchanged): the cluster it
+        named must never stay named by the active view with a count of 1 and no COPIED
+        bit (QEMU's docs/interop/qcow2.rst, "Cluster mapping", bit 63), a state that
+        the counts and the tables, written at different flush steps, cannot reach at
+        once."""
+        cdef int64_t i2 = c & (self.l2_entries - 1)
+        cdef int64_t off
+        cdef uint64_t e, bm, x
+        cdef Table t
+        if not tables or 0 not in tables[0][1]:
+            return 0
+        off, views = tables[0]
+        for td in todo:
+            if td[0] == off:
+                return 0              # it lacks subclusters itself: linked like the rest
+        t = self.cmap.load_l2(off)
+        e = t.get(2 * i2)
+        bm = t.get(2 * i2 + 1)
+        x = e & OFFSET_MASK
+        if x == 0 or (e & COMPRESSED_FLAG):
+            return 0
+        for td in todo:
+            if (<uint64_t>td[2] & OFFSET_MASK) == x:
+                key = (x, bm & SUB_ALLOC_ALL, "move")
+                todo.append((off, views, e, bm, 0, bm & SUB_ALLOC_ALL, key))
+                # with no allocated subcluster it names no cluster at all (offset 0)
+                targets[key] = [-1 if bm & SUB_ALLOC_ALL else 0,
+                                self.snaps.l2_refs.get(off, 1)]
+                return 0
+        return 0
+
+    cdef bint ext_put_views(self, int64_t c, list todo, dict targets) except -1:
+        """The entries of ``ext_link_views`` (data in place): each table's new entry,
+        the counts (one per view naming a cluster; COPIED where that is one) and the
+        old clusters' references dropped after the next flush point."""
+        cdef int64_t i2 = c & (self.l2_entries - 1)
+        cdef int64_t nh, r, k
+        cdef uint64_t e, bm, lack, have, ne
+        cdef Table t
+        undo = []
+        for off, views, e, bm, lack, have, key in todo:
+            nh, total = targets[key]
+            r = self.snaps.l2_refs.get(off, 1)
+            ne = <uint64_t>nh | (COPIED if total == 1 and nh else 0)
+            t = self.cmap.load_l2(off)
+            t.put(2 * i2, ne)
+            t.put(2 * i2 + 1, (bm & SUB_ZERO_ALL) | have | lack)
+            if (e & OFFSET_MASK) and (e & OFFSET_MASK) != <uint64_t>nh:
+                for k in range(r):
+                    self._drop_ref((e & OFFSET_MASK) >> self.cluster_bits, 1)
+            for v in views:
+                undo.append((v, nh, e, bm))
+        for nh, total in targets.values():
+            if total > 1 and nh:
+                self.rc.add(nh >> self.cluster_bits, total - 1)
+        self.fresh.append((c, -1, undo))
+        return True
+
+    cdef int ext_unlink_views(self, int64_t c, list undo) except -1:
+        """Undo ``ext_link_views`` in memory after a failed sync: each view still naming
+        its new cluster names its old entry again; the counts taken are given back and
+        the old clusters' drops cancelled. A table copied since (a guest write) is found
+        through its view."""
+        cdef int64_t l1i = c >> self.l2_bits
+        cdef int64_t i2 = c & (self.l2_entries - 1)
+        cdef int64_t off, nh, r, k
+        cdef uint64_t olde, oldbm
+        cdef Table l1, t
+        seen = set()
+        for v, nh, olde, oldbm in undo:
+            l1 = self.l1 if v == 0 else self.snaps.l1s[v - 1]
+            if l1i >= (l1.nbytes >> 3):
+                continue
+            off = l1.get(l1i) & OFFSET_MASK
+            if off == 0 or off in seen:
+                continue
+            seen.add(off)
+            t = self.cmap.load_l2(off)
+            if (t.get(2 * i2) & OFFSET_MASK) != <uint64_t>nh:
+                continue
+            if nh == 0 and t.get(2 * i2 + 1) != (oldbm & SUB_ZERO_ALL):
+                continue              # no longer the entry the move left
+            t.put(2 * i2, olde)
+            t.put(2 * i2 + 1, oldbm)
+            r = self.snaps.l2_refs.get(off, 1)
+            if nh:
+                self.rc.add(nh >> self.cluster_bits, -r)
+            drop = self._held_by(olde)
+            if drop is None or drop[0] == (nh >> self.cluster_bits):
+                continue
+            for k in range(r):
+                for lst in (self.free_waiting, self.free_after_sync):
+                    if drop in lst:
+                        lst.remove(drop)
+                        break
+        return 0
+
+    cdef bint ext_link_zero_views(self, int64_t c) except -1:
+        """``ext_link_zero`` on an image with internal snapshots: the subclusters each
+        view lacks are marked zero (no data, no counts change); False when none
+        lacks any."""
+        cdef int64_t i2 = c & (self.l2_entries - 1)
+        cdef uint64_t e, bm, lack
+        cdef Table t
+        cdef bint done = False
+        self.ensure_tables(c << self.cluster_bits, self.cluster_size)
+        for off, views in self.ext_view_tables(c):
+            t = self.cmap.load_l2(off)
+            e = t.get(2 * i2)
+            bm = t.get(2 * i2 + 1)
+            lack = ~(bm | (bm >> 32)) & SUB_ALLOC_ALL
+            if (e & COMPRESSED_FLAG) or lack == 0:
+                continue
+            t.put(2 * i2 + 1, bm | (lack << 32))
+            done = True
+        return done
