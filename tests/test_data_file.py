@@ -246,11 +246,14 @@ def test_extended_l2_with_a_data_file_reads(tmp_path):
     same_map(top, d)
     r = cli("check", "x.qcow2", cwd=d)
     assert r.returncode == 0, r.stdout + r.stderr
-    # writes into such an image are not supported yet: refused, the image untouched
-    before = (d / "x.qcow2").read_bytes(), (d / "x.data").read_bytes()
-    with pytest.raises(blockpull.ImageFormatError, match="read-only"):
-        blockpull.open(top)
-    assert ((d / "x.qcow2").read_bytes(), (d / "x.data").read_bytes()) == before
+    # writable too: the data lands in the data file at the guest offset, per subcluster
+    with blockpull.open(top) as img:
+        img.write(70 * 1024 + 5, b"\x09" * 3000)
+        want[70 * 1024 + 5:70 * 1024 + 3005] = b"\x09" * 3000
+    clean(top, d)
+    assert same(top, want, d)
+    data_offsets_are_guest_offsets(top, d)
+    same_map(top, d)
 
 
 def test_absolute_data_file_name_elsewhere(tmp_path):
@@ -605,3 +608,150 @@ def test_zero_clusters_over_data_map_and_check_as_qemu_does(tmp_path):
     clean(top, d)
     assert same(top, want, d)
     same_map(top, d)
+
+
+# ---- extended L2 entries (subclusters) with an external data file ----------------------
+
+def _ext_pair(d, cs, size, backing):
+    """x.qcow2 and ref.qcow2 (data files x.data, ref.data): extended L2 entries, clusters
+    of ``cs`` bytes, over base.qcow2 when ``backing``, given the same qemu-io writes."""
+    sc = cs // 32
+    if backing:
+        q("qemu-img", "create", "-q", "-f", "qcow2", "base.qcow2", str(size), cwd=d)
+        qio("base.qcow2", "write -P 1 0 3M", f"write -P 2 {size - 3 * MiB} 1M",
+            f"write -P 3 {size - 100 * 1024} 100k", cwd=d)
+    for name in ("x", "ref"):
+        opts = f"data_file={name}.data,extended_l2=on,cluster_size={cs}"
+        back = ["-b", "base.qcow2", "-F", "qcow2"] if backing else []
+        q("qemu-img", "create", "-q", "-f", "qcow2", "-o", opts, *back, f"{name}.qcow2",
+          str(size), cwd=d)
+        qio(f"{name}.qcow2", f"write -P 7 {sc + 100} 300", f"write -z {2 * cs} {cs // 2}",
+            "write -P 8 1M 200k", f"write -P 9 {5 * cs + 3 * sc} {sc}", cwd=d)
+
+
+def _ext_writes(cs, size):
+    """Guest writes (offset, length, byte) and zero writes (offset, length): unaligned,
+    across subclusters and clusters, into data, zeros, the chain and the last cluster."""
+    sc = cs // 32
+    writes = [(100, 5000, 0x41), (3 * cs + 7, 3 * cs, 0x42), (5 * sc + 3, 2 * sc, 0x43),
+              (size - 300, 300, 0x44), (0, 10, 0x45), (2 * cs + sc, sc, 0x46),
+              (5 * cs + 2 * sc - 9, 3 * sc, 0x47), (10 * cs, 2 * cs, 0x48)]
+    # (partly covered subclusters hold data: QEMU makes one that reads zeros already a
+    # zero subcluster, blockpull writes zero data there, and the maps would differ)
+    zeros = [(4 * cs, 2 * cs), (3 * cs + sc + 5, 3 * sc), (1 * MiB + 1000, 3000),
+             (10 * cs + sc, 4 * sc)]
+    return writes, zeros
+
+
+@pytest.mark.parametrize("cs", [32768, 65536, 2 * MiB])
+@pytest.mark.parametrize("backing", [True, False])
+def test_extended_l2_data_file_writes_and_pulls(tmp_path, cs, backing):
+    # blockpull's writes land as qemu-io's do: same bytes, same map (subclusters
+    # allocated per write, zero subclusters), the data at guest offsets in the data file
+    d = tmp_path
+    size = max(8 * MiB, 16 * cs)
+    _ext_pair(d, cs, size, backing)
+    top = str(d / "x.qcow2")
+    writes, zeros = _ext_writes(cs, size)
+    with blockpull.open(top) as img:
+        for off, n, byte in writes:
+            img.write(off, bytes([byte]) * n)
+        for off, n in zeros:
+            img.write_zeroes(off, n)
+    qio("ref.qcow2", *[f"write -P {b} {o} {n}" for o, n, b in writes],
+        *[f"write -z {o} {n}" for o, n in zeros], cwd=d)
+    clean(top, d)
+    r = q("qemu-img", "compare", "x.qcow2", "ref.qcow2", cwd=d, check=False)
+    assert r.returncode == 0, r.stdout + r.stderr
+    assert qmap(top, d) == qmap(d / "ref.qcow2", d)
+    same_map(top, d)
+    data_offsets_are_guest_offsets(top, d)
+    # no cluster of the image file holds data
+    assert os.path.getsize(top) == os.path.getsize(d / "ref.qcow2") <= 6 * cs
+    assert cli("check", "x.qcow2", cwd=d).returncode == 0
+    if not backing:
+        return
+    want = to_raw(top, d)
+    with blockpull.open(top) as img:
+        assert img.pull().result(timeout=60).status == "completed"
+    assert "backing-filename" not in info(top, d)
+    clean(top, d)
+    assert same(top, want, d)
+    same_map(top, d)
+    data_offsets_are_guest_offsets(top, d)
+    assert all(e["depth"] == 0 for e in qmap(top, d) if e["data"])
+    assert os.path.getsize(top) <= 6 * cs
+    assert cli("check", "x.qcow2", cwd=d).returncode == 0
+
+
+def test_extended_l2_data_file_copy_on_read(tmp_path):
+    # copy-on-read fills only the subclusters the top lacks: its own data (300 bytes in
+    # subcluster 1) and zero subclusters stay as they are
+    d = tmp_path
+    cs = 65536
+    _ext_pair(d, cs, 8 * MiB, True)
+    top = str(d / "x.qcow2")
+    want = to_raw(top, d)
+    with blockpull.open(top, copy_on_read=True) as img:
+        assert bytes(img.read(0, 6 * cs)) == bytes(want[:6 * cs])
+        assert bytes(img.read(1 * MiB - 5, 300 * 1024)) == \
+            bytes(want[1 * MiB - 5:1 * MiB - 5 + 300 * 1024])
+    clean(top, d)
+    assert same(top, want, d)
+    same_map(top, d)
+    data_offsets_are_guest_offsets(top, d)
+    m = qmap(top, d)
+    assert [e for e in m if e["start"] < 6 * cs and e["depth"] != 0] == [], m
+    assert any(e["zero"] and e["depth"] == 0 and e["start"] == 2 * cs for e in m), m
+
+
+def test_extended_l2_data_file_pull_keeping_a_base(tmp_path):
+    # only what the middle image holds is copied, and only into the subclusters the
+    # top lacks; all-zero middle data over the base becomes zero subclusters
+    d = tmp_path
+    cs = 65536
+    q("qemu-img", "create", "-q", "-f", "qcow2", "base.qcow2", "4M", cwd=d)
+    qio("base.qcow2", "write -P 1 0 4M", cwd=d)
+    q("qemu-img", "create", "-q", "-f", "qcow2", "-b", "base.qcow2", "-F", "qcow2",
+      "mid.qcow2", cwd=d)
+    qio("mid.qcow2", "write -P 2 0 256k", "write -z 1M 64k", "write -P 3 2M 5000", cwd=d)
+    q("qemu-img", "create", "-q", "-f", "qcow2", "-o", "data_file=t.data,extended_l2=on",
+      "-b", "mid.qcow2", "-F", "qcow2", "t.qcow2", cwd=d)
+    qio("t.qcow2", "write -P 7 3000 100", "write -z 70k 4k", "write -P 8 2M 2k", cwd=d)
+    top = str(d / "t.qcow2")
+    want = to_raw(top, d)
+    with blockpull.open(top) as img:
+        assert img.pull(base=str(d / "base.qcow2")).result(timeout=60).status == "completed"
+    assert info(top, d)["backing-filename"] == "base.qcow2"
+    clean(top, d)
+    assert same(top, want, d)
+    same_map(top, d)
+    data_offsets_are_guest_offsets(top, d)
+    m = [(e["start"], e["length"], e["data"]) for e in qmap(top, d) if e["depth"] == 0]
+    assert m == [(0, 70 * 1024, True), (70 * 1024, 4096, False),      # the top's zeros
+                 (74 * 1024, 182 * 1024, True), (1 * MiB, cs, False), (2 * MiB, cs, True)], m
+
+
+def test_extended_l2_raw_data_file_stays_a_raw_image(tmp_path):
+    d = tmp_path
+    q("qemu-img", "create", "-q", "-f", "qcow2", "-o",
+      "data_file=r.data,data_file_raw=on,extended_l2=on", "r.qcow2", "4M", cwd=d)
+    qio("r.qcow2", "write -P 5 0 2M", "write -P 6 3M 3000", cwd=d)
+    top = str(d / "r.qcow2")
+    want = to_raw(top, d)
+    with blockpull.open(top) as img:
+        img.write(100, b"\x06" * 70000)
+        want[100:70100] = b"\x06" * 70000
+        img.write_zeroes(CS + 5, 3 * CS)
+        want[CS + 5:4 * CS + 5] = bytes(3 * CS)
+        img.write(3 * MiB + 5, b"\x09" * 10)
+        want[3 * MiB + 5:3 * MiB + 15] = b"\x09" * 10
+        img.write(4 * MiB - 7, b"\x0a" * 7)
+        want[4 * MiB - 7:] = b"\x0a" * 7
+    clean(top, d)
+    assert same(top, want, d)
+    same_map(top, d)
+    assert info(top, d)["format-specific"]["data"]["data-file-raw"] is True
+    r = q("qemu-img", "compare", "-q", "-f", "qcow2", "-F", "raw", "r.qcow2", "r.data",
+          cwd=d, check=False)
+    assert r.returncode == 0, r.stdout + r.stderr

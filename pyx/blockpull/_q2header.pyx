@@ -198,11 +198,6 @@ class Header:
                                "and internal snapshots can only be opened read-only; open it "
                                "with readonly=True or delete its snapshots "
                                "('qemu-img snapshot -d')")
-            if writable and self.data_file:
-                raise _fmt_err(path, "images with extended L2 entries (incompatible bit 4) "
-                               "and an external data file can only be opened read-only; open "
-                               "it with readonly=True, or convert it with 'qemu-img convert "
-                               "-O qcow2 -o extended_l2=off'")
         if self.incompatible & INCOMPAT_COMPRESSION:
             if self.compression_type not in (0, 1):
                 raise _fmt_err(path, "unknown compression type %d" % self.compression_type)

@@ -28,7 +28,7 @@ from blockpull._q2refcount cimport Refcounts
 from blockpull._q2snap cimport Snapshots
 from blockpull._q2order cimport Qcow2Ordering
 from blockpull._q2compress cimport comp_extent
-from blockpull._q2sub cimport Qcow2Sub
+from blockpull._q2extdata cimport Qcow2ExtData
 from blockpull.errors import ImageFormatError
 from blockpull._bitmaps import Bitmaps, AUTOCLEAR_BITMAPS
 from blockpull._q2header import (Header, MAGIC, EXT_END, EXT_BACKING_FORMAT, AUTOCLEAR_DATA_RAW,
@@ -46,7 +46,7 @@ def _fmt_err(path, msg):
 
 
 
-cdef class Qcow2(Qcow2Sub):
+cdef class Qcow2(Qcow2ExtData):
     """A qcow2 image file (v2 or v3)."""
 
     def __init__(self, File f, bint writable, *, bint metadata_only=False,
@@ -313,12 +313,12 @@ cdef class Qcow2(Qcow2Sub):
         self._bound_dirty()
         self._autoclear()
         self._bitmaps_mark(vaddr, n)
-        if self.external_data:
-            return self._write_ext(vaddr, src, fill)
         if self.extended_l2:
             if n:
                 self.ext_write(vaddr, &src[0], n, fill)
             return
+        if self.external_data:
+            return self._write_ext(vaddr, src, fill)
         pos = 0
         while pos < n:
             v = vaddr + pos
