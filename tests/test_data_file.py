@@ -367,13 +367,25 @@ def test_an_entry_away_from_its_guest_offset_is_corrupt(backed):
 @pytest.mark.parametrize("role, kill_at", [("top", 3), ("top", 8), ("top", 14),
                                            ("data", 2), ("data", 9)])
 def test_sigkill_mid_pull(tmp_path, role, kill_at):
-    d = tmp_path
+    _sigkill_mid_pull(tmp_path, role, kill_at, "", ["write -P 7 64k 64k"])
+
+
+@pytest.mark.parametrize("role, kill_at", [("top", 3), ("top", 8), ("data", 2), ("data", 9)])
+def test_sigkill_mid_pull_extended_l2(tmp_path, role, kill_at):
+    # the top holds some subclusters of the clusters the pull fills: the copies are
+    # written around them, and a kill at any write leaves them as they were
+    _sigkill_mid_pull(tmp_path, role, kill_at, ",extended_l2=on",
+                      ["write -P 7 64k 64k", "write -P 8 3000 100", "write -z 200k 6k",
+                       "write -P 9 2M 2k", "write -P 10 2100k 1k"])
+
+
+def _sigkill_mid_pull(d, role, kill_at, opts, top_cmds):
     data = d / "t.data"
     q("qemu-img", "create", "-q", "-f", "qcow2", "base.qcow2", "4M", cwd=d)
     qio("base.qcow2", "write -P 1 0 1M", "write -P 2 2M 2M", cwd=d)
-    q("qemu-img", "create", "-q", "-f", "qcow2", "-o", f"data_file={data}", "-b",
+    q("qemu-img", "create", "-q", "-f", "qcow2", "-o", f"data_file={data}{opts}", "-b",
       "base.qcow2", "-F", "qcow2", "t.qcow2", "4M", cwd=d)
-    qio("t.qcow2", "write -P 7 64k 64k", cwd=d)
+    qio("t.qcow2", *top_cmds, cwd=d)
     top = str(d / "t.qcow2")
     want = to_raw(top, d)
     p = subprocess.run([sys.executable, CHILD, top, "-", str(kill_at), "0", str(CS),
@@ -755,3 +767,122 @@ def test_extended_l2_raw_data_file_stays_a_raw_image(tmp_path):
     r = q("qemu-img", "compare", "-q", "-f", "qcow2", "-F", "raw", "r.qcow2", "r.data",
           cwd=d, check=False)
     assert r.returncode == 0, r.stdout + r.stderr
+
+
+@pytest.mark.parametrize("cmds", [["write -P 1 4k 1k"], ["write -P 1 4k 1k", "write -z 0 2k"],
+                                  []])
+def test_extended_l2_data_file_map_names_offset_0(tmp_path, cmds):
+    # cluster 0's entry names guest offset 0: qemu-img map prints "offset": 0 for its
+    # unallocated and zero subclusters too (a raw data file names every cluster)
+    d = tmp_path
+    opts = "data_file=x.data,extended_l2=on" + ("" if cmds else ",data_file_raw=on")
+    q("qemu-img", "create", "-q", "-f", "qcow2", "-o", opts, "x.qcow2", "1M", cwd=d)
+    if cmds:
+        qio("x.qcow2", *cmds, cwd=d)
+    top = str(d / "x.qcow2")
+    assert qmap(top, d)[0]["offset"] == 0
+    same_map(top, d)
+
+
+def test_extended_l2_data_file_failed_syncs(tmp_path):
+    # a failed fdatasync of the data file: the pull's subclusters copied since the last
+    # good sync are unallocated again and copied after the resume; a guest write's new
+    # subclusters are unallocated too, and every flush says the write was lost
+    import errno
+    import threading
+    import time
+    from blockpull import faults
+    d = tmp_path
+    cs = 65536
+    _ext_pair(d, cs, 8 * MiB, True)
+    top = str(d / "x.qcow2")
+    want = to_raw(top, d)
+    with blockpull.open(top) as img:
+        inj = faults.attach(img, faults.FaultInjector(record_writes=False))
+        rule = inj.fail("sync", "data", errno.EIO, nth=2, match=lambda *_: threading
+                        .current_thread().name.startswith("blockpull-pull"))
+        job = img.pull(on_error="stop", chunk=cs, batch=4 * cs)
+        t0 = time.monotonic()
+        while job.status != "paused":
+            assert not job.done(), job.error
+            assert time.monotonic() - t0 < 60
+            time.sleep(0.005)
+        assert rule.fired == 1 and img.layers[0].sync_failures == 1
+        job.resume()
+        assert job.result(timeout=60).status == "completed"
+        faults.detach(img)
+        assert bytes(img.read(0, img.size)) == bytes(want)
+    clean(top, d)
+    assert same(top, want, d)
+    assert "backing-filename" not in info(top, d)
+    same_map(top, d)
+    # the guest's allocating write into a cluster holding some subclusters of its own
+    img = blockpull.open(top)
+    img.write_zeroes(40 * cs, cs)
+    img.flush()
+    inj = faults.attach(img, faults.FaultInjector(record_writes=False))
+    img.write(40 * cs + 2048 + 10, b"\x33" * 5000)
+    inj.fail("sync", "data", errno.EIO)
+    with pytest.raises(OSError):
+        img.flush()
+    with pytest.raises(OSError):
+        img.close()
+    want[40 * cs:41 * cs] = bytes(cs)
+    clean(top, d)
+    assert same(top, want, d)
+    same_map(top, d)
+
+
+def test_extended_l2_entry_away_from_its_guest_offset_is_not_written(tmp_path):
+    # a corrupt entry is refused by writes, pulls and copy-on-read as by reads: never
+    # silently pointed back at the guest offset
+    d = tmp_path
+    q("qemu-img", "create", "-q", "-f", "qcow2", "base.qcow2", "4M", cwd=d)
+    qio("base.qcow2", "write -P 1 0 4M", cwd=d)
+    q("qemu-img", "create", "-q", "-f", "qcow2", "-o", "data_file=t.data,extended_l2=on",
+      "-b", "base.qcow2", "-F", "qcow2", "t.qcow2", cwd=d)
+    qio("t.qcow2", "write -P 7 1M 4k", cwd=d)
+    top = str(d / "t.qcow2")
+    at = _l2_entry_offset(top, 2 * 16)      # 128-bit entries: cluster 16 is unit 32
+    with open(top, "r+b") as f:
+        f.seek(at)
+        assert int.from_bytes(f.read(8), "big") & 0x00FFFFFFFFFFFE00 == 16 * CS
+        f.seek(at)
+        f.write(((1 << 63) | (40 * CS)).to_bytes(8, "big"))
+    before = (d / "t.qcow2").read_bytes(), (d / "t.data").read_bytes()
+    with blockpull.open(top) as img:
+        for op in (lambda: img.write(1 * MiB + 8192, b"\x05" * 100),
+                   lambda: img.write(1 * MiB, b"\x05" * CS),
+                   lambda: img.pull().result(timeout=60)):
+            with pytest.raises((ImageFormatError, blockpull.PullError), match="guest offset"):
+                op()
+    assert ((d / "t.qcow2").read_bytes(), (d / "t.data").read_bytes()) == before
+
+
+def test_a_failed_sync_keeps_a_later_zero_cluster_0(tmp_path):
+    # cluster 0 copied in (linked to offset 0), then made a zero cluster, then the sync
+    # fails: the copy's undo must not bring back "unallocated" over the zero cluster
+    # (both name offset 0), or the disk would read the backing there again
+    import errno
+    from blockpull import faults
+    d = tmp_path
+    q("qemu-img", "create", "-q", "-f", "qcow2", "base.qcow2", "1M", cwd=d)
+    qio("base.qcow2", "write -P 1 0 1M", cwd=d)
+    q("qemu-img", "create", "-q", "-f", "qcow2", "-o", "data_file=t.data", "-b", "base.qcow2",
+      "-F", "qcow2", "t.qcow2", cwd=d)
+    top = str(d / "t.qcow2")
+    want = to_raw(top, d)
+    want[:CS] = bytes(CS)
+    img = blockpull.open(top, copy_on_read=True)
+    img.read(0, 4096)
+    img.write_zeroes(0, CS)
+    inj = faults.attach(img, faults.FaultInjector(record_writes=False))
+    inj.fail("sync", "data", errno.EIO, nth=1)
+    with pytest.raises(OSError):
+        img.flush()
+    faults.detach(img)
+    img.flush()
+    assert bytes(img.read(0, 4096)) == bytes(4096)
+    img.close()
+    clean(top, d)
+    assert same(top, want, d)

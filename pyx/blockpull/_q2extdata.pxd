@@ -7,6 +7,7 @@ from blockpull._q2sub cimport Qcow2Sub
 
 cdef class Qcow2ExtData(Qcow2Sub):
     cdef int _need_data_file(self) except -1
+    cdef int _check_entry(self, int64_t c, uint64_t e) except -1
     cdef _unlink_fresh(self, int64_t c, int64_t host, object old)
     cdef int ext_sub_content(self, int64_t c, int sub, uint64_t e, uint64_t bm,
                              bytearray buf, int64_t at, object fill) except -1

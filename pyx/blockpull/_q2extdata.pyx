@@ -73,6 +73,8 @@ cdef class Qcow2ExtData(Qcow2Sub):
         subcluster x; 0 for a compressed cluster)."""
         cdef uint64_t e, bm
         self.ext_get(c, &e, &bm)
+        if self.external_data:
+            self._check_entry(c, e)
         if e & COMPRESSED_FLAG:
             return 0
         return ~(bm | (bm >> 32)) & SUB_ALLOC_ALL
@@ -94,6 +96,18 @@ cdef class Qcow2ExtData(Qcow2Sub):
     cdef int _need_data_file(self) except -1:
         if self.data_file is None:
             raise ImageFormatError("%s: its external data file is not open" % self.file.path)
+        return 0
+
+    cdef int _check_entry(self, int64_t c, uint64_t e) except -1:
+        """Refuse to write through an entry a reader refuses too: a compressed one, or
+        one naming a place other than the cluster's guest offset (the image is corrupt;
+        'qemu-img check' says where)."""
+        cdef uint64_t off = e & OFFSET_MASK
+        if e & COMPRESSED_FLAG or (off and off != <uint64_t>c << self.cluster_bits):
+            raise ImageFormatError("%s: L2 entry for cluster %d (0x%x) is not a data cluster "
+                                   "at its guest offset 0x%x in the external data file; run "
+                                   "'qemu-img check' on it" % (self.file.path, c, e,
+                                                               c << self.cluster_bits))
         return 0
 
     cdef int ext_sub_content(self, int64_t c, int sub, uint64_t e, uint64_t bm,
@@ -139,6 +153,9 @@ cdef class Qcow2ExtData(Qcow2Sub):
         cdef int64_t cs = self.cluster_size
         cdef int64_t g = c << self.cluster_bits, i
         cdef uint64_t e, bm, newe
+        for i in range(k):
+            self.ext_get(c + i, &e, &bm)
+            self._check_entry(c + i, e)
         self.ensure_tables(g, k * cs)      # tables before data
         self.guest_dirty = True
         self.data_file.write_full(src, min(k * cs, self.size - g), g)
@@ -169,6 +186,7 @@ cdef class Qcow2ExtData(Qcow2Sub):
             return Qcow2Sub.ext_write_cluster(self, c, coff, src, n, fill)
         self._need_data_file()
         self.ext_get(c, &e, &bm)
+        self._check_entry(c, e)
         s0 = <int>(coff >> sb)
         s1 = <int>((coff + n - 1) >> sb)
         a = <int64_t>s0 << sb
@@ -204,8 +222,9 @@ cdef class Qcow2ExtData(Qcow2Sub):
             return Qcow2Sub.ext_link(self, vaddr, host)
         self._bound_dirty()
         self.ext_get(c, &e, &bm)
+        self._check_entry(c, e)
         lack = ~(bm | (bm >> 32)) & SUB_ALLOC_ALL
-        if e & COMPRESSED_FLAG or lack == 0:
+        if lack == 0:
             return False
         self.ext_put(c, (<uint64_t>c << self.cluster_bits) | COPIED, bm | lack)
         self.fresh.append((c, c << self.cluster_bits, (e, bm)))
