@@ -100,7 +100,7 @@ cdef class Qcow2Sub(Qcow2Ordering):
         """Undo, after a failed sync, a change of cluster ``c`` whose data at ``host``
         may be lost: the entry and bitmap ``old`` it replaced come back (a new host
         cluster is given back; subclusters allocated in place are unallocated again)."""
-        cdef uint64_t e, bm, olde, oldbm
+        cdef uint64_t e, bm, olde, oldbm, later
         cdef Table t
         if not self.extended_l2:
             Qcow2Ordering._unlink_fresh(self, c, host, old)
@@ -109,6 +109,11 @@ cdef class Qcow2Sub(Qcow2Ordering):
         if (e & OFFSET_MASK) != <uint64_t>host:
             return
         olde, oldbm = old
+        if not (olde & COMPRESSED_FLAG):
+            # zero bits set since (a later zero write) stay: those subclusters must not
+            # read again what the old entry held there
+            later = bm & SUB_ZERO_ALL & ~oldbm
+            oldbm = (oldbm & ~(later >> 32)) | later
         t = self.cmap.load_l2(self.l1.get(c >> self.l2_bits) & OFFSET_MASK)
         t.put(2 * (c & (self.l2_entries - 1)), olde)
         t.put(2 * (c & (self.l2_entries - 1)) + 1, oldbm)
