@@ -337,7 +337,8 @@ cdef bint write_zero_cluster(Driver top, int64_t v, int64_t n) except -1:
 def write_at_guest(File f, Chunk ch, int64_t cs):
     """The write of a chunk's copies into an external data file ``f``: each run of
     consecutive clusters of ``ch.todo`` at its guest offset (``ch.views`` must be set),
-    no further than the chunk's end. Raises OSError."""
+    no further than the chunk's end; of a cluster with a mask in ``ch.masks`` (extended
+    L2 entries), only the subclusters the mask names. Raises OSError."""
     cdef list todo = ch.todo
     cdef list masks = ch.masks
     cdef int64_t i = 0, k, start, end
