@@ -96,15 +96,16 @@ def data_offsets_are_guest_offsets(path, cwd):
             assert e["offset"] == e["start"], e
 
 
-@pytest.fixture
-def backed(tmp_path, qemu):
+@pytest.fixture(params=["", ",extended_l2=on"], ids=["l2", "extl2"])
+def backed(tmp_path, qemu, request):
     """base.qcow2 (8 MiB, data here and there) under t.qcow2, whose data file is the
-    relative name t.data; t.qcow2 holds some data and a zero cluster of its own."""
+    relative name t.data; t.qcow2 holds some data and a zero cluster of its own (with
+    extended L2 entries too: then 1 KiB at 0 is part of one subcluster)."""
     d = tmp_path
     q("qemu-img", "create", "-q", "-f", "qcow2", "base.qcow2", "8M", cwd=d)
     qio("base.qcow2", "write -P 1 0 3M", "write -P 2 5M 1M", "write -P 3 7M 100k", cwd=d)
-    q("qemu-img", "create", "-q", "-f", "qcow2", "-o", "data_file=t.data", "-b", "base.qcow2",
-      "-F", "qcow2", "t.qcow2", "8M", cwd=d)
+    q("qemu-img", "create", "-q", "-f", "qcow2", "-o", "data_file=t.data" + request.param,
+      "-b", "base.qcow2", "-F", "qcow2", "t.qcow2", "8M", cwd=d)
     qio("t.qcow2", "write -P 7 1M 200k", "write -z 5M 64k", "write -P 8 0 1k", cwd=d)
     return d
 
@@ -338,7 +339,12 @@ def test_cli_pull_allows_a_backings_data_file(data_file_backing):
 
 
 def _l2_entry_offset(path, cluster):
+    """Where the L2 entry of ``cluster`` is (the first L2 table; 128-bit entries with
+    extended L2, incompatible bit 4)."""
     with open(path, "rb") as f:
+        f.seek(72)
+        if int.from_bytes(f.read(8), "big") & 16:
+            cluster *= 2
         f.seek(40)
         l1_off = int.from_bytes(f.read(8), "big")
         f.seek(l1_off)
@@ -843,7 +849,7 @@ def test_extended_l2_entry_away_from_its_guest_offset_is_not_written(tmp_path):
       "-b", "base.qcow2", "-F", "qcow2", "t.qcow2", cwd=d)
     qio("t.qcow2", "write -P 7 1M 4k", cwd=d)
     top = str(d / "t.qcow2")
-    at = _l2_entry_offset(top, 2 * 16)      # 128-bit entries: cluster 16 is unit 32
+    at = _l2_entry_offset(top, 16)
     with open(top, "r+b") as f:
         f.seek(at)
         assert int.from_bytes(f.read(8), "big") & 0x00FFFFFFFFFFFE00 == 16 * CS
