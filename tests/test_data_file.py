@@ -96,15 +96,16 @@ def data_offsets_are_guest_offsets(path, cwd):
             assert e["offset"] == e["start"], e
 
 
-@pytest.fixture
-def backed(tmp_path, qemu):
+@pytest.fixture(params=["", ",extended_l2=on"], ids=["l2", "extl2"])
+def backed(tmp_path, qemu, request):
     """base.qcow2 (8 MiB, data here and there) under t.qcow2, whose data file is the
-    relative name t.data; t.qcow2 holds some data and a zero cluster of its own."""
+    relative name t.data; t.qcow2 holds some data and a zero cluster of its own (with
+    extended L2 entries too: then 1 KiB at 0 is part of one subcluster)."""
     d = tmp_path
     q("qemu-img", "create", "-q", "-f", "qcow2", "base.qcow2", "8M", cwd=d)
     qio("base.qcow2", "write -P 1 0 3M", "write -P 2 5M 1M", "write -P 3 7M 100k", cwd=d)
-    q("qemu-img", "create", "-q", "-f", "qcow2", "-o", "data_file=t.data", "-b", "base.qcow2",
-      "-F", "qcow2", "t.qcow2", "8M", cwd=d)
+    q("qemu-img", "create", "-q", "-f", "qcow2", "-o", "data_file=t.data" + request.param,
+      "-b", "base.qcow2", "-F", "qcow2", "t.qcow2", "8M", cwd=d)
     qio("t.qcow2", "write -P 7 1M 200k", "write -z 5M 64k", "write -P 8 0 1k", cwd=d)
     return d
 
@@ -246,11 +247,14 @@ def test_extended_l2_with_a_data_file_reads(tmp_path):
     same_map(top, d)
     r = cli("check", "x.qcow2", cwd=d)
     assert r.returncode == 0, r.stdout + r.stderr
-    # writes into such an image are not supported yet: refused, the image untouched
-    before = (d / "x.qcow2").read_bytes(), (d / "x.data").read_bytes()
-    with pytest.raises(blockpull.ImageFormatError, match="read-only"):
-        blockpull.open(top)
-    assert ((d / "x.qcow2").read_bytes(), (d / "x.data").read_bytes()) == before
+    # writable too: the data lands in the data file at the guest offset, per subcluster
+    with blockpull.open(top) as img:
+        img.write(70 * 1024 + 5, b"\x09" * 3000)
+        want[70 * 1024 + 5:70 * 1024 + 3005] = b"\x09" * 3000
+    clean(top, d)
+    assert same(top, want, d)
+    data_offsets_are_guest_offsets(top, d)
+    same_map(top, d)
 
 
 def test_absolute_data_file_name_elsewhere(tmp_path):
@@ -335,7 +339,12 @@ def test_cli_pull_allows_a_backings_data_file(data_file_backing):
 
 
 def _l2_entry_offset(path, cluster):
+    """Where the L2 entry of ``cluster`` is (the first L2 table; 128-bit entries with
+    extended L2, incompatible bit 4)."""
     with open(path, "rb") as f:
+        f.seek(72)
+        if int.from_bytes(f.read(8), "big") & 16:
+            cluster *= 2
         f.seek(40)
         l1_off = int.from_bytes(f.read(8), "big")
         f.seek(l1_off)
@@ -364,13 +373,25 @@ def test_an_entry_away_from_its_guest_offset_is_corrupt(backed):
 @pytest.mark.parametrize("role, kill_at", [("top", 3), ("top", 8), ("top", 14),
                                            ("data", 2), ("data", 9)])
 def test_sigkill_mid_pull(tmp_path, role, kill_at):
-    d = tmp_path
+    _sigkill_mid_pull(tmp_path, role, kill_at, "", ["write -P 7 64k 64k"])
+
+
+@pytest.mark.parametrize("role, kill_at", [("top", 3), ("top", 8), ("data", 2), ("data", 9)])
+def test_sigkill_mid_pull_extended_l2(tmp_path, role, kill_at):
+    # the top holds some subclusters of the clusters the pull fills: the copies are
+    # written around them, and a kill at any write leaves them as they were
+    _sigkill_mid_pull(tmp_path, role, kill_at, ",extended_l2=on",
+                      ["write -P 7 64k 64k", "write -P 8 3000 100", "write -z 200k 6k",
+                       "write -P 9 2M 2k", "write -P 10 2100k 1k"])
+
+
+def _sigkill_mid_pull(d, role, kill_at, opts, top_cmds):
     data = d / "t.data"
     q("qemu-img", "create", "-q", "-f", "qcow2", "base.qcow2", "4M", cwd=d)
     qio("base.qcow2", "write -P 1 0 1M", "write -P 2 2M 2M", cwd=d)
-    q("qemu-img", "create", "-q", "-f", "qcow2", "-o", f"data_file={data}", "-b",
+    q("qemu-img", "create", "-q", "-f", "qcow2", "-o", f"data_file={data}{opts}", "-b",
       "base.qcow2", "-F", "qcow2", "t.qcow2", "4M", cwd=d)
-    qio("t.qcow2", "write -P 7 64k 64k", cwd=d)
+    qio("t.qcow2", *top_cmds, cwd=d)
     top = str(d / "t.qcow2")
     want = to_raw(top, d)
     p = subprocess.run([sys.executable, CHILD, top, "-", str(kill_at), "0", str(CS),
@@ -605,3 +626,302 @@ def test_zero_clusters_over_data_map_and_check_as_qemu_does(tmp_path):
     clean(top, d)
     assert same(top, want, d)
     same_map(top, d)
+
+
+# ---- extended L2 entries (subclusters) with an external data file ----------------------
+
+def _ext_pair(d, cs, size, backing):
+    """x.qcow2 and ref.qcow2 (data files x.data, ref.data): extended L2 entries, clusters
+    of ``cs`` bytes, over base.qcow2 when ``backing``, given the same qemu-io writes."""
+    sc = cs // 32
+    if backing:
+        q("qemu-img", "create", "-q", "-f", "qcow2", "base.qcow2", str(size), cwd=d)
+        qio("base.qcow2", "write -P 1 0 3M", f"write -P 2 {size - 3 * MiB} 1M",
+            f"write -P 3 {size - 100 * 1024} 100k", cwd=d)
+    for name in ("x", "ref"):
+        opts = f"data_file={name}.data,extended_l2=on,cluster_size={cs}"
+        back = ["-b", "base.qcow2", "-F", "qcow2"] if backing else []
+        q("qemu-img", "create", "-q", "-f", "qcow2", "-o", opts, *back, f"{name}.qcow2",
+          str(size), cwd=d)
+        qio(f"{name}.qcow2", f"write -P 7 {sc + 100} 300", f"write -z {2 * cs} {cs // 2}",
+            "write -P 8 1M 200k", f"write -P 9 {5 * cs + 3 * sc} {sc}", cwd=d)
+
+
+def _ext_writes(cs, size):
+    """Guest writes (offset, length, byte) and zero writes (offset, length): unaligned,
+    across subclusters and clusters, into data, zeros, the chain and the last cluster."""
+    sc = cs // 32
+    writes = [(100, 5000, 0x41), (3 * cs + 7, 3 * cs, 0x42), (5 * sc + 3, 2 * sc, 0x43),
+              (size - 300, 300, 0x44), (0, 10, 0x45), (2 * cs + sc, sc, 0x46),
+              (5 * cs + 2 * sc - 9, 3 * sc, 0x47), (10 * cs, 2 * cs, 0x48)]
+    # (partly covered subclusters hold data: QEMU makes one that reads zeros already a
+    # zero subcluster, blockpull writes zero data there, and the maps would differ)
+    zeros = [(4 * cs, 2 * cs), (3 * cs + sc + 5, 3 * sc), (1 * MiB + 1000, 3000),
+             (10 * cs + sc, 4 * sc)]
+    return writes, zeros
+
+
+@pytest.mark.parametrize("cs", [32768, 65536, 2 * MiB])
+@pytest.mark.parametrize("backing", [True, False])
+def test_extended_l2_data_file_writes_and_pulls(tmp_path, cs, backing):
+    # blockpull's writes land as qemu-io's do: same bytes, same map (subclusters
+    # allocated per write, zero subclusters), the data at guest offsets in the data file
+    d = tmp_path
+    size = max(8 * MiB, 16 * cs)
+    _ext_pair(d, cs, size, backing)
+    top = str(d / "x.qcow2")
+    writes, zeros = _ext_writes(cs, size)
+    with blockpull.open(top) as img:
+        for off, n, byte in writes:
+            img.write(off, bytes([byte]) * n)
+        for off, n in zeros:
+            img.write_zeroes(off, n)
+    qio("ref.qcow2", *[f"write -P {b} {o} {n}" for o, n, b in writes],
+        *[f"write -z {o} {n}" for o, n in zeros], cwd=d)
+    clean(top, d)
+    r = q("qemu-img", "compare", "x.qcow2", "ref.qcow2", cwd=d, check=False)
+    assert r.returncode == 0, r.stdout + r.stderr
+    assert qmap(top, d) == qmap(d / "ref.qcow2", d)
+    same_map(top, d)
+    data_offsets_are_guest_offsets(top, d)
+    # no cluster of the image file holds data
+    assert os.path.getsize(top) == os.path.getsize(d / "ref.qcow2") <= 6 * cs
+    assert cli("check", "x.qcow2", cwd=d).returncode == 0
+    if not backing:
+        return
+    want = to_raw(top, d)
+    with blockpull.open(top) as img:
+        assert img.pull().result(timeout=60).status == "completed"
+    assert "backing-filename" not in info(top, d)
+    clean(top, d)
+    assert same(top, want, d)
+    same_map(top, d)
+    data_offsets_are_guest_offsets(top, d)
+    assert all(e["depth"] == 0 for e in qmap(top, d) if e["data"])
+    assert os.path.getsize(top) <= 6 * cs
+    assert cli("check", "x.qcow2", cwd=d).returncode == 0
+
+
+def test_extended_l2_data_file_copy_on_read(tmp_path):
+    # copy-on-read fills only the subclusters the top lacks: its own data (300 bytes in
+    # subcluster 1) and zero subclusters stay as they are
+    d = tmp_path
+    cs = 65536
+    _ext_pair(d, cs, 8 * MiB, True)
+    top = str(d / "x.qcow2")
+    want = to_raw(top, d)
+    with blockpull.open(top, copy_on_read=True) as img:
+        assert bytes(img.read(0, 6 * cs)) == bytes(want[:6 * cs])
+        assert bytes(img.read(1 * MiB - 5, 300 * 1024)) == \
+            bytes(want[1 * MiB - 5:1 * MiB - 5 + 300 * 1024])
+    clean(top, d)
+    assert same(top, want, d)
+    same_map(top, d)
+    data_offsets_are_guest_offsets(top, d)
+    m = qmap(top, d)
+    assert [e for e in m if e["start"] < 6 * cs and e["depth"] != 0] == [], m
+    assert any(e["zero"] and e["depth"] == 0 and e["start"] == 2 * cs for e in m), m
+
+
+def test_extended_l2_data_file_pull_keeping_a_base(tmp_path):
+    # only what the middle image holds is copied, and only into the subclusters the
+    # top lacks; all-zero middle data over the base becomes zero subclusters
+    d = tmp_path
+    cs = 65536
+    q("qemu-img", "create", "-q", "-f", "qcow2", "base.qcow2", "4M", cwd=d)
+    qio("base.qcow2", "write -P 1 0 4M", cwd=d)
+    q("qemu-img", "create", "-q", "-f", "qcow2", "-b", "base.qcow2", "-F", "qcow2",
+      "mid.qcow2", cwd=d)
+    qio("mid.qcow2", "write -P 2 0 256k", "write -z 1M 64k", "write -P 3 2M 5000", cwd=d)
+    q("qemu-img", "create", "-q", "-f", "qcow2", "-o", "data_file=t.data,extended_l2=on",
+      "-b", "mid.qcow2", "-F", "qcow2", "t.qcow2", cwd=d)
+    qio("t.qcow2", "write -P 7 3000 100", "write -z 70k 4k", "write -P 8 2M 2k", cwd=d)
+    top = str(d / "t.qcow2")
+    want = to_raw(top, d)
+    with blockpull.open(top) as img:
+        assert img.pull(base=str(d / "base.qcow2")).result(timeout=60).status == "completed"
+    assert info(top, d)["backing-filename"] == "base.qcow2"
+    clean(top, d)
+    assert same(top, want, d)
+    same_map(top, d)
+    data_offsets_are_guest_offsets(top, d)
+    m = [(e["start"], e["length"], e["data"]) for e in qmap(top, d) if e["depth"] == 0]
+    assert m == [(0, 70 * 1024, True), (70 * 1024, 4096, False),      # the top's zeros
+                 (74 * 1024, 182 * 1024, True), (1 * MiB, cs, False), (2 * MiB, cs, True)], m
+
+
+def test_extended_l2_raw_data_file_stays_a_raw_image(tmp_path):
+    d = tmp_path
+    q("qemu-img", "create", "-q", "-f", "qcow2", "-o",
+      "data_file=r.data,data_file_raw=on,extended_l2=on", "r.qcow2", "4M", cwd=d)
+    qio("r.qcow2", "write -P 5 0 2M", "write -P 6 3M 3000", cwd=d)
+    top = str(d / "r.qcow2")
+    want = to_raw(top, d)
+    with blockpull.open(top) as img:
+        img.write(100, b"\x06" * 70000)
+        want[100:70100] = b"\x06" * 70000
+        img.write_zeroes(CS + 5, 3 * CS)
+        want[CS + 5:4 * CS + 5] = bytes(3 * CS)
+        img.write(3 * MiB + 5, b"\x09" * 10)
+        want[3 * MiB + 5:3 * MiB + 15] = b"\x09" * 10
+        img.write(4 * MiB - 7, b"\x0a" * 7)
+        want[4 * MiB - 7:] = b"\x0a" * 7
+    clean(top, d)
+    assert same(top, want, d)
+    same_map(top, d)
+    assert info(top, d)["format-specific"]["data"]["data-file-raw"] is True
+    r = q("qemu-img", "compare", "-q", "-f", "qcow2", "-F", "raw", "r.qcow2", "r.data",
+          cwd=d, check=False)
+    assert r.returncode == 0, r.stdout + r.stderr
+
+
+@pytest.mark.parametrize("cmds", [["write -P 1 4k 1k"], ["write -P 1 4k 1k", "write -z 0 2k"],
+                                  []])
+def test_extended_l2_data_file_map_names_offset_0(tmp_path, cmds):
+    # cluster 0's entry names guest offset 0: qemu-img map prints "offset": 0 for its
+    # unallocated and zero subclusters too (a raw data file names every cluster)
+    d = tmp_path
+    opts = "data_file=x.data,extended_l2=on" + ("" if cmds else ",data_file_raw=on")
+    q("qemu-img", "create", "-q", "-f", "qcow2", "-o", opts, "x.qcow2", "1M", cwd=d)
+    if cmds:
+        qio("x.qcow2", *cmds, cwd=d)
+    top = str(d / "x.qcow2")
+    assert qmap(top, d)[0]["offset"] == 0
+    same_map(top, d)
+
+
+def test_extended_l2_data_file_failed_syncs(tmp_path):
+    # a failed fdatasync of the data file: the pull's subclusters copied since the last
+    # good sync are unallocated again and copied after the resume; a guest write's new
+    # subclusters are unallocated too, and every flush says the write was lost
+    import errno
+    import threading
+    import time
+    from blockpull import faults
+    d = tmp_path
+    cs = 65536
+    _ext_pair(d, cs, 8 * MiB, True)
+    top = str(d / "x.qcow2")
+    want = to_raw(top, d)
+    with blockpull.open(top) as img:
+        inj = faults.attach(img, faults.FaultInjector(record_writes=False))
+        rule = inj.fail("sync", "data", errno.EIO, nth=2, match=lambda *_: threading
+                        .current_thread().name.startswith("blockpull-pull"))
+        job = img.pull(on_error="stop", chunk=cs, batch=4 * cs)
+        t0 = time.monotonic()
+        while job.status != "paused":
+            assert not job.done(), job.error
+            assert time.monotonic() - t0 < 60
+            time.sleep(0.005)
+        assert rule.fired == 1 and img.layers[0].sync_failures == 1
+        job.resume()
+        assert job.result(timeout=60).status == "completed"
+        faults.detach(img)
+        assert bytes(img.read(0, img.size)) == bytes(want)
+    clean(top, d)
+    assert same(top, want, d)
+    assert "backing-filename" not in info(top, d)
+    same_map(top, d)
+    # the guest's allocating write into a cluster holding some subclusters of its own
+    img = blockpull.open(top)
+    img.write_zeroes(40 * cs, cs)
+    img.flush()
+    inj = faults.attach(img, faults.FaultInjector(record_writes=False))
+    img.write(40 * cs + 2048 + 10, b"\x33" * 5000)
+    inj.fail("sync", "data", errno.EIO)
+    with pytest.raises(OSError):
+        img.flush()
+    with pytest.raises(OSError):
+        img.close()
+    want[40 * cs:41 * cs] = bytes(cs)
+    clean(top, d)
+    assert same(top, want, d)
+    same_map(top, d)
+
+
+def test_extended_l2_entry_away_from_its_guest_offset_is_not_written(tmp_path):
+    # a corrupt entry is refused by writes, pulls and copy-on-read as by reads: never
+    # silently pointed back at the guest offset
+    d = tmp_path
+    q("qemu-img", "create", "-q", "-f", "qcow2", "base.qcow2", "4M", cwd=d)
+    qio("base.qcow2", "write -P 1 0 4M", cwd=d)
+    q("qemu-img", "create", "-q", "-f", "qcow2", "-o", "data_file=t.data,extended_l2=on",
+      "-b", "base.qcow2", "-F", "qcow2", "t.qcow2", cwd=d)
+    qio("t.qcow2", "write -P 7 1M 4k", cwd=d)
+    top = str(d / "t.qcow2")
+    at = _l2_entry_offset(top, 16)
+    with open(top, "r+b") as f:
+        f.seek(at)
+        assert int.from_bytes(f.read(8), "big") & 0x00FFFFFFFFFFFE00 == 16 * CS
+        f.seek(at)
+        f.write(((1 << 63) | (40 * CS)).to_bytes(8, "big"))
+    before = (d / "t.qcow2").read_bytes(), (d / "t.data").read_bytes()
+    with blockpull.open(top) as img:
+        for op in (lambda: img.write(1 * MiB + 8192, b"\x05" * 100),
+                   lambda: img.write(1 * MiB, b"\x05" * CS),
+                   lambda: img.pull().result(timeout=60)):
+            with pytest.raises((ImageFormatError, blockpull.PullError), match="guest offset"):
+                op()
+    assert ((d / "t.qcow2").read_bytes(), (d / "t.data").read_bytes()) == before
+
+
+@pytest.mark.parametrize("opts", ["data_file=t.data", "data_file=t.data,extended_l2=on",
+                                  "extended_l2=on", "lazy_refcounts=off"])
+def test_a_failed_sync_keeps_later_zero_writes(tmp_path, opts):
+    # clusters 0 and 1 copied in, then zero writes over them, then the sync fails: the
+    # copies' undo must not bring back what the entries said before over the zeros (at
+    # cluster 0 of a data file the copy and a zero cluster both name offset 0; with
+    # subclusters the zero bits live in the copy's entry), or the disk would read the
+    # backing there again while later flushes succeed
+    import errno
+    from blockpull import faults
+    d = tmp_path
+    q("qemu-img", "create", "-q", "-f", "qcow2", "base.qcow2", "1M", cwd=d)
+    qio("base.qcow2", "write -P 1 0 1M", cwd=d)
+    q("qemu-img", "create", "-q", "-f", "qcow2", "-o", opts, "-b", "base.qcow2",
+      "-F", "qcow2", "t.qcow2", cwd=d)
+    top = str(d / "t.qcow2")
+    want = to_raw(top, d)
+    # metadata only (zero clusters; zero subclusters): no guest data is lost, so the
+    # flushes after the failed one succeed and nothing else says the zeros are gone
+    zeros = [(0, CS), (CS + 4096, 8192) if "extended_l2" in opts else (CS, CS)]
+    img = blockpull.open(top, copy_on_read=True)
+    img.read(0, 2 * CS)
+    for off, n in zeros:
+        img.write_zeroes(off, n)
+        want[off:off + n] = bytes(n)
+    inj = faults.attach(img, faults.FaultInjector(record_writes=False))
+    inj.fail("sync", "data" if "data_file" in opts else "top", errno.EIO, nth=1)
+    with pytest.raises(OSError):
+        img.flush()
+    faults.detach(img)
+    img.flush()
+    assert bytes(img.read(0, 2 * CS)) == bytes(want[:2 * CS])
+    img.close()
+    clean(top, d)
+    assert same(top, want, d)
+
+
+@pytest.mark.parametrize("extl2", [False, True])
+def test_zero_writes_over_data_far_into_the_data_file(tmp_path, extl2):
+    """Whole-cluster zero writes over data the top holds at 4 MiB and more: the entries
+    name offsets in the data file, far past the end of the small image file, and must be
+    taken as the guest offsets they are (not refused as pointing past the image file)."""
+    d = tmp_path
+    q("qemu-img", "create", "-q", "-f", "qcow2", "base.qcow2", "8M", cwd=d)
+    qio("base.qcow2", "write -P 1 0 8M", cwd=d)
+    opts = "data_file=t.data" + (",extended_l2=on" if extl2 else "")
+    q("qemu-img", "create", "-q", "-f", "qcow2", "-o", opts, "-b", "base.qcow2", "-F", "qcow2",
+      "t.qcow2", "8M", cwd=d)
+    qio("t.qcow2", "write -P 2 5M 1M", cwd=d)
+    top = str(d / "t.qcow2")
+    want = to_raw(top, d)
+    with blockpull.open(top) as img:
+        img.write_zeroes(4 << 20, 2 << 20)
+        img.write_zeroes((6 << 20) + 512, 100000)
+        want[4 << 20:6 << 20] = bytes(2 << 20)
+        want[(6 << 20) + 512:(6 << 20) + 512 + 100000] = bytes(100000)
+        assert img.pull().result(timeout=60).status == "completed"
+    assert same(top, bytes(want), d)
+    r = q("qemu-img", "check", "t.qcow2", cwd=d, check=False)
+    assert r.returncode == 0, r.stdout + r.stderr

@@ -34,6 +34,8 @@ cdef class Chunk:
     cdef list ctodo           # cluster indexes linked as compressed clusters, in order
     cdef list cplaces         # host byte offset of each one's bytes in the top
     cdef int64_t cdone        # ctodo[:cdone] are linked or given back
+    cdef list masks           # per todo cluster, the subclusters to write (ext L2 in a
+                              # data file), or None: whole clusters
 
     cdef release_views(self)
     cdef set_views(self, int64_t cs)

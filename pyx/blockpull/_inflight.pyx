@@ -11,15 +11,25 @@ chunk's link (one chunk's write; the lock is released while it waits), and then 
 the cluster allocated and writes in place. Copy-on-read leaves such a cluster to the
 pull, which links the same data.
 """
-from libc.stdint cimport int64_t
+from libc.stdint cimport int64_t, uint64_t
 
 from blockpull._driver cimport Driver, KIND_UNALLOC
 from blockpull._fileio cimport File
 from blockpull._chain cimport Chain
 from blockpull._ratelimit cimport RateLimiter
+from blockpull._q2sub cimport SUB_ALLOC_ALL
+from blockpull._q2extdata cimport Qcow2ExtData, write_lacking
 from blockpull.errors import StreamIOError
 
 import threading
+
+
+cdef inline int sc_bits_of(int64_t cs) noexcept:
+    """log2 of the subcluster size of clusters of ``cs`` bytes (1/32 of a cluster)."""
+    cdef int b = 0
+    while (1LL << b) < cs:
+        b += 1
+    return b - 5
 
 
 cdef class Chunk:
@@ -177,6 +187,13 @@ cdef int keep_lacking(Driver top, Flight flight, Chunk ch, bint keep_base,
                 ch.host = -1 if top.external_data else top.alloc_clusters(len(todo))
         except OSError as exc:
             raise StreamIOError(exc, "write", off)
+    ch.masks = None
+    if todo and top.external_data and isinstance(top, Qcow2ExtData) and \
+            (<Qcow2ExtData>top).extended_l2:
+        # only the subclusters the top lacks are written: its own lie at the same
+        # guest offsets (a guest write to the cluster waits for the link)
+        ch.masks = [(<Qcow2ExtData>top).ext_lack_mask((off >> top.cluster_bits) + j)
+                    for j in todo]
     ch.todo = todo
     ch.ctodo = ctodo
     flight.reserve(ch)
@@ -192,6 +209,10 @@ cdef int cor_group(Driver top, list views, list vaddrs, int64_t cs) except -1:
     cdef int64_t host, i
     if not vaddrs:
         return 0
+    if top.external_data and isinstance(top, Qcow2ExtData) and \
+            (<Qcow2ExtData>top).extended_l2:
+        # subclusters: each cluster's lacking ones written at their guest offsets
+        return cor_subclusters(<Qcow2ExtData>top, views, vaddrs, cs)
     if top.external_data:
         # the clusters of a group are consecutive: written at their guest offsets in the
         # data file, each linked to its own offset; a cluster a guest write linked first
@@ -212,6 +233,20 @@ cdef int cor_group(Driver top, list views, list vaddrs, int64_t cs) except -1:
         # nothing points at the clusters not linked yet: give them back
         top.free_clusters(host + i * cs, len(vaddrs) - i)
         raise
+    return 0
+
+
+cdef int cor_subclusters(Qcow2ExtData top, list views, list vaddrs, int64_t cs) except -1:
+    """``cor_group`` into a top with extended L2 entries and an external data file: of
+    each cluster, the subclusters it lacks are written at their guest offsets and
+    linked (``views``: a view per cluster, a padding view after a short last one)."""
+    cdef int64_t i, vi = 0
+    for i in range(len(vaddrs)):
+        view = views[vi]
+        vi += 1
+        if len(view) < cs:
+            vi += 1     # the padding of a short last cluster
+        top.ext_data_fill(vaddrs[i], view)
     return 0
 
 
@@ -308,12 +343,22 @@ cdef bint write_zero_cluster(Driver top, int64_t v, int64_t n) except -1:
 def write_at_guest(File f, Chunk ch, int64_t cs):
     """The write of a chunk's copies into an external data file ``f``: each run of
     consecutive clusters of ``ch.todo`` at its guest offset (``ch.views`` must be set),
-    no further than the chunk's end. Raises OSError."""
+    no further than the chunk's end; of a cluster with a mask in ``ch.masks`` (extended
+    L2 entries), only the subclusters the mask names. Raises OSError."""
     cdef list todo = ch.todo
+    cdef list masks = ch.masks
     cdef int64_t i = 0, k, start, end
     while i < len(todo):
         k = i
-        while k + 1 < len(todo) and todo[k + 1] == todo[k] + 1:
+        if masks is not None and <uint64_t>masks[i] != SUB_ALLOC_ALL:
+            # a cluster the top holds some subclusters of: only the others
+            start = <int64_t>todo[i] * cs
+            write_lacking(f, ch.bmv[start:min(start + cs, ch.n)], ch.off + start,
+                          <uint64_t>masks[i], sc_bits_of(cs))
+            i += 1
+            continue
+        while k + 1 < len(todo) and todo[k + 1] == todo[k] + 1 and \
+                (masks is None or <uint64_t>masks[k + 1] == SUB_ALLOC_ALL):
             k += 1
         start = <int64_t>todo[i] * cs
         end = min((<int64_t>todo[k] + 1) * cs, ch.n)

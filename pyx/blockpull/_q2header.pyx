@@ -193,11 +193,6 @@ class Header:
             if self.cluster_bits < 14:
                 raise _fmt_err(path, "extended L2 entries need clusters of at least 16 KiB "
                                "(cluster_bits %d)" % self.cluster_bits)
-            if writable and self.data_file:
-                raise _fmt_err(path, "images with extended L2 entries (incompatible bit 4) "
-                               "and an external data file can only be opened read-only; open "
-                               "it with readonly=True, or convert it with 'qemu-img convert "
-                               "-O qcow2 -o extended_l2=off'")
         if self.incompatible & INCOMPAT_COMPRESSION:
             if self.compression_type not in (0, 1):
                 raise _fmt_err(path, "unknown compression type %d" % self.compression_type)

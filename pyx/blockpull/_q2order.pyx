@@ -22,7 +22,7 @@ the write path.
 from libc.stdint cimport int64_t, uint64_t
 
 from blockpull._q2compress cimport comp_extent
-from blockpull._q2map cimport OFFSET_MASK, COMPRESSED_FLAG
+from blockpull._q2map cimport OFFSET_MASK, COMPRESSED_FLAG, COPIED
 
 
 from blockpull._bitmaps import AUTOCLEAR_BITMAPS
@@ -156,8 +156,9 @@ cdef class Qcow2Ordering(Driver):
         cdef set seen = set()
         if self.external_data:
             # no counts to give back: the entry goes back to what it was (none for a
-            # pull's copy), the data file's bytes stay unreferenced
-            if (self.cmap.l2_entry(c) & OFFSET_MASK) == <uint64_t>host:
+            # pull's copy), the data file's bytes stay unreferenced; an entry changed
+            # since (a zero cluster: at cluster 0 its offset is the link's too) stays
+            if self.cmap.l2_entry(c) == (<uint64_t>host | COPIED):
                 t = self.cmap.load_l2(self.l1.get(l1i) & OFFSET_MASK)
                 t.put(i2 << self.extended_l2, <uint64_t>old if old is not None else 0)
             return

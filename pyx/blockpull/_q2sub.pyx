@@ -61,11 +61,13 @@ cdef class Qcow2Sub(Qcow2Ordering):
         """The entry and bitmap of virtual cluster ``c`` (0, 0 where no table holds it).
         Raises ImageFormatError for an entry reads refuse too (a bitmap marking a
         subcluster both allocated and zero, allocated subclusters without a host offset,
-        a host offset unaligned or past the end of the file): writes, pulls and
-        copy-on-read never build on it."""
+        a host offset unaligned or past the end of the file, or with an external data
+        file not the cluster's guest offset): writes, pulls and copy-on-read never build
+        on it."""
         cdef int64_t l1i = c >> self.l2_bits
         cdef int64_t i = c & (self.l2_entries - 1)
         cdef int64_t off, host
+        cdef bint hosted
         cdef Table t
         e[0] = 0
         bm[0] = 0
@@ -75,7 +77,10 @@ cdef class Qcow2Sub(Qcow2Ordering):
         if off == 0:
             return 0
         t = self.cmap.load_l2(off)
-        self.cmap.unit(t, c, i, 0, &host)        # the checks every read makes
+        if self.external_data:                  # the checks every read makes
+            self.cmap.unit_ext(t, c, i, 0, &hosted)
+        else:
+            self.cmap.unit(t, c, i, 0, &host)
         e[0] = t.get(2 * i)
         bm[0] = t.get(2 * i + 1)
         return 0
@@ -108,7 +113,7 @@ cdef class Qcow2Sub(Qcow2Ordering):
         """Undo, after a failed sync, a change of cluster ``c`` whose data at ``host``
         may be lost: the entry and bitmap ``old`` it replaced come back (a new host
         cluster is given back; subclusters allocated in place are unallocated again)."""
-        cdef uint64_t e, bm, olde, oldbm
+        cdef uint64_t e, bm, olde, oldbm, later
         cdef Table t
         if not self.extended_l2:
             Qcow2Ordering._unlink_fresh(self, c, host, old)
@@ -120,6 +125,11 @@ cdef class Qcow2Sub(Qcow2Ordering):
         if (e & OFFSET_MASK) != <uint64_t>host:
             return
         olde, oldbm = old
+        if not (olde & COMPRESSED_FLAG):
+            # zero bits set since (a later zero write) stay: those subclusters must not
+            # read again what the old entry held there
+            later = bm & SUB_ZERO_ALL & ~oldbm
+            oldbm = (oldbm & ~(later >> 32)) | later
         t = self.cmap.load_l2(self.l1.get(c >> self.l2_bits) & OFFSET_MASK)
         t.put(2 * (c & (self.l2_entries - 1)), olde)
         t.put(2 * (c & (self.l2_entries - 1)) + 1, oldbm)

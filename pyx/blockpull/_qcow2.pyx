@@ -28,7 +28,7 @@ from blockpull._q2refcount cimport Refcounts
 from blockpull._q2snap cimport Snapshots
 from blockpull._q2order cimport Qcow2Ordering
 from blockpull._q2compress cimport comp_extent
-from blockpull._q2sub cimport Qcow2Sub
+from blockpull._q2extdata cimport Qcow2ExtData
 from blockpull.errors import ImageFormatError
 from blockpull._bitmaps import Bitmaps, AUTOCLEAR_BITMAPS
 from blockpull._q2header import (Header, MAGIC, EXT_END, EXT_BACKING_FORMAT, AUTOCLEAR_DATA_RAW,
@@ -46,7 +46,7 @@ def _fmt_err(path, msg):
 
 
 
-cdef class Qcow2(Qcow2Sub):
+cdef class Qcow2(Qcow2ExtData):
     """A qcow2 image file (v2 or v3)."""
 
     def __init__(self, File f, bint writable, *, bint metadata_only=False,
@@ -288,9 +288,17 @@ cdef class Qcow2(Qcow2Sub):
 
     cdef int _entry_ok(self, int64_t c, uint64_t e) except -1:
         """Raise ImageFormatError, as a read does, when the standard L2 entry ``e`` of
-        cluster ``c`` names a host cluster that is unaligned or past the end of the file:
-        a write must not go there (nor drop a reference to it)."""
+        cluster ``c`` names a host cluster that is unaligned or past the end of the file
+        (with an external data file: any offset but the cluster's guest offset): a write
+        must not go there (nor drop a reference to it)."""
         cdef uint64_t off = e & OFFSET_MASK
+        if self.external_data:
+            # data lies in the data file at the cluster's guest offset, nowhere else
+            if off and off != (<uint64_t>c << self.cluster_bits):
+                raise self.cmap._err("L2 entry for cluster %d points at 0x%x in the external "
+                                     "data file, not at its guest offset 0x%x"
+                                     % (c, off, <uint64_t>c << self.cluster_bits))
+            return 0
         if e & COMPRESSED_FLAG or off == 0:
             return 0
         if off & <uint64_t>(self.cluster_size - 1):
@@ -328,12 +336,12 @@ cdef class Qcow2(Qcow2Sub):
         self._bound_dirty()
         self._autoclear()
         self._bitmaps_mark(vaddr, n)
-        if self.external_data:
-            return self._write_ext(vaddr, src, fill)
         if self.extended_l2:
             if n:
                 self.ext_write(vaddr, &src[0], n, fill)
             return
+        if self.external_data:
+            return self._write_ext(vaddr, src, fill)
         pos = 0
         while pos < n:
             v = vaddr + pos

@@ -2,7 +2,7 @@
 from typing import Any, Callable, Dict, List, Optional, Tuple
 
 from blockpull._driver import Driver
-from blockpull._q2sub import Qcow2Sub
+from blockpull._q2extdata import Qcow2ExtData
 from blockpull._fileio import File
 
 MAGIC: bytes
@@ -22,7 +22,7 @@ FEATURE_NAMES: List[Any]
 AUTOCLEAR_BITMAPS: int
 AUTOCLEAR_DATA_RAW: int
 
-class Qcow2(Qcow2Sub):
+class Qcow2(Qcow2ExtData):
     def __init__(self, f: File, writable: bool, *, metadata_only: bool = ...,
                  l2_cache_bytes: int = ...) -> None: ...
     @property

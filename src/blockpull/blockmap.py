@@ -119,6 +119,18 @@ def _host_zero(drv: "Driver", host: int, run: int) -> Tuple[bool, int]:
     return False, min(n, hole - host)
 
 
+def _has_offset(drv: "Driver", pos: int, host: int) -> bool:
+    """Whether the unit at ``pos`` that block status placed at ``host`` (0: none) has a
+    host offset to report: any non-zero one, and 0 itself where an external data file
+    holds guest cluster 0 (its entry names offset 0 with COPIED set; QEMU's
+    docs/interop/qcow2.rst, "Header", incompatible bit 2)."""
+    if host:
+        return True
+    if not drv.external_data or pos >= drv.cluster_size:
+        return False
+    return bool(drv.data_offset_named(pos))  # type: ignore[attr-defined]
+
+
 def _extent(pos: int, found: Tuple[int, int, int, int], drivers: Sequence["Driver"],
             recurse: List[Optional[bool]]) -> Extent:
     """The extent at ``pos`` from what ``Chain.find`` found there."""
@@ -127,14 +139,14 @@ def _extent(pos: int, found: Tuple[int, int, int, int], drivers: Sequence["Drive
     present = kind != UNALLOC
     data = kind in (DATA, COMPRESSED)
     zero = kind in (ZERO, UNALLOC)
-    off = host if kind == DATA or (kind == ZERO and host) else None
+    off = host if kind == DATA or (kind == ZERO and _has_offset(drv, pos, host)) else None
     if kind == ZERO and drv.format == "raw":
         off = pos   # a raw hole is the file's own bytes: qemu-img map names them
     if kind == UNALLOC and pos < drv.size:
         # qemu-img map shows where the bottom image keeps space for a range
         # that reads through (allocated but unused subclusters)
         k2, r2, h2 = drv.block_status(pos, run)
-        if k2 == UNALLOC and h2:
+        if k2 == UNALLOC and _has_offset(drv, pos, h2):
             off, run = h2, min(run, r2)
     if kind == DATA and drv.format != "raw":
         if recurse[depth] is None:
