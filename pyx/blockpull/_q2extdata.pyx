@@ -31,7 +31,7 @@ from libc.string cimport memcpy, memset
 from blockpull._fileio cimport File
 from blockpull._tablecache cimport Table
 from blockpull._q2map cimport OFFSET_MASK, COPIED, COMPRESSED_FLAG, ZERO_FLAG
-from blockpull._q2sub cimport SUB_ALLOC_ALL, SUB_ZERO_ALL
+from blockpull._q2sub cimport SUB_ALLOC_ALL, SUB_ZERO_ALL, mask_run
 
 from blockpull.errors import ImageFormatError
 
@@ -49,13 +49,10 @@ cdef int write_lacking(File f, object view, int64_t vaddr, uint64_t mask,
     OSError."""
     cdef int s = 0, t
     cdef int64_t a, b, n = len(view)
-    while s < 32:
-        if not (mask >> s) & 1:
-            s += 1
-            continue
-        t = s
-        while t < 32 and (mask >> t) & 1:
-            t += 1
+    while True:
+        s = mask_run(mask, s, &t)
+        if s == 32:
+            break
         a = <int64_t>s << sc_bits
         b = min(<int64_t>t << sc_bits, n)
         if a < b:

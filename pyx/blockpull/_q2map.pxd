@@ -39,6 +39,7 @@ cdef class ClusterMap:
 
     cdef Table load_l2(self, int64_t off)
     cdef uint64_t l2_entry(self, int64_t cluster) except? 0xFFFFFFFFFFFFFFFF
+    cdef int64_t unalloc_l1_run(self, int64_t vaddr, int64_t l1i, int64_t limit)
     cdef tuple block_status(self, int64_t vaddr, int64_t n)
     cdef int unit(self, Table t, int64_t c, int64_t l2i, int sub, int64_t* host) except -1
     cdef int read_layer(self, int64_t vaddr, unsigned char* out, int64_t n, int kind,

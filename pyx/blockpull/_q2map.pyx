@@ -73,6 +73,16 @@ cdef class ClusterMap:
             return 0
         return self.load_l2(l2off).get((cluster & (self.l2_entries - 1)) << self.extended_l2)
 
+    cdef int64_t unalloc_l1_run(self, int64_t vaddr, int64_t l1i, int64_t limit):
+        """Bytes from ``vaddr`` (whose L1 entry ``l1i`` has no L2 table) through every
+        following L1 entry without one, at most ``limit``: an unallocated L1 range is
+        skipped at once, so that the cost of a map follows the data."""
+        cdef int64_t i = l1i + 1
+        while i < self.l1_size and (self.l1.get(i) & OFFSET_MASK) == 0 and \
+                ((i << (self.l2_bits + self.cluster_bits)) - vaddr) < limit:
+            i += 1
+        return min((i << (self.l2_bits + self.cluster_bits)) - vaddr, limit)
+
     cdef tuple block_status(self, int64_t vaddr, int64_t n):
         cdef int64_t cs = self.cluster_size
         cdef int64_t c = vaddr >> self.cluster_bits
@@ -87,13 +97,7 @@ cdef class ClusterMap:
             return self.status_ext(vaddr, n)
         limit = min(n, self.size - vaddr)
         if l1i >= self.l1_size or (self.l1.get(l1i) & OFFSET_MASK) == 0:
-            # skip every unallocated L1 range at once: cost follows the data
-            i = l1i + 1
-            while i < self.l1_size and (self.l1.get(i) & OFFSET_MASK) == 0 and \
-                    ((i << (self.l2_bits + self.cluster_bits)) - vaddr) < limit:
-                i += 1
-            run = (i << (self.l2_bits + self.cluster_bits)) - vaddr
-            return (KIND_UNALLOC, min(run, limit), 0)
+            return (KIND_UNALLOC, self.unalloc_l1_run(vaddr, l1i, limit), 0)
         t = self.load_l2(self.l1.get(l1i) & OFFSET_MASK)
         l2i = c & (self.l2_entries - 1)
         if self.extended_l2:
@@ -238,12 +242,7 @@ cdef class ClusterMap:
         cdef bint h0 = False, h2 = False
         cdef Table t
         if l1i >= self.l1_size or (self.l1.get(l1i) & OFFSET_MASK) == 0:
-            i = l1i + 1
-            while i < self.l1_size and (self.l1.get(i) & OFFSET_MASK) == 0 and \
-                    ((i << (self.l2_bits + self.cluster_bits)) - vaddr) < limit:
-                i += 1
-            run = (i << (self.l2_bits + self.cluster_bits)) - vaddr
-            return (KIND_UNALLOC, min(run, limit), 0)
+            return (KIND_UNALLOC, self.unalloc_l1_run(vaddr, l1i, limit), 0)
         t = self.load_l2(self.l1.get(l1i) & OFFSET_MASK)
         l2i = c & (self.l2_entries - 1)
         ubits, per, sub = self.cluster_bits, 1, 0

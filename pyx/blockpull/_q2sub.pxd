@@ -11,6 +11,17 @@ cdef extern from *:
     const uint64_t SUB_ZERO_ALL "0xFFFFFFFF00000000ULL"
 
 
+cdef inline int mask_run(uint64_t mask, int s, int* t) noexcept nogil:
+    """The next run of subclusters set in ``mask`` at or after subcluster ``s``: its
+    first (returned; 32 when there is none) and, in ``t``, the one after its last."""
+    while s < 32 and not (mask >> s) & 1:
+        s += 1
+    t[0] = s
+    while t[0] < 32 and (mask >> t[0]) & 1:
+        t[0] += 1
+    return s
+
+
 cdef class Qcow2Sub(Qcow2Ordering):
     # primitives of the write path, given by blockpull._qcow2.Qcow2
     cdef Table _l2_for_write(self, int64_t l1i)

@@ -307,13 +307,10 @@ cdef class Qcow2Sub(Qcow2Ordering):
         cdef int64_t at, ln
         cdef bytearray buf
         cdef unsigned char* p
-        while s < 32:
-            if not (mask >> s) & 1:
-                s += 1
-                continue
-            t = s
-            while t < 32 and (mask >> t) & 1:
-                t += 1
+        while True:
+            s = mask_run(mask, s, &t)
+            if s == 32:
+                break
             at = <int64_t>s << sb
             ln = <int64_t>(t - s) << sb
             buf = bytearray(ln)

@@ -378,14 +378,8 @@ cdef class Qcow2(Qcow2ExtData):
                     break
                 k += 1
             run_n = min(k * cs - coff, n - pos)
-            buf = bytearray(k * cs)
+            buf = self._run_buffer(c, k, coff, &src[pos], run_n, fill)
             bv = buf
-            # fill the head and tail clusters that the write covers only in part
-            if coff:
-                self._old_content(c, bv[:cs], fill)
-            if (coff + run_n) & (cs - 1):
-                self._old_content(c + k - 1, bv[(k - 1) * cs:], fill)
-            memcpy(&bv[coff], &src[pos], run_n)
             self.ensure_tables(c << self.cluster_bits, k * cs)     # tables before data
             host = self.alloc_clusters(k)
             i = 0
@@ -402,6 +396,21 @@ cdef class Qcow2(Qcow2ExtData):
                 self.free_clusters(host + i * cs, k - i)
                 raise
             pos += run_n
+
+    cdef bytearray _run_buffer(self, int64_t c, int64_t k, int64_t coff,
+                               const unsigned char* src, int64_t n, object fill):
+        """The ``k`` whole clusters from cluster ``c`` that a write of ``n`` bytes at
+        ``coff`` into the first of them fills: the head and tail clusters it covers only
+        in part hold what they read now, the rest is the written bytes."""
+        cdef int64_t cs = self.cluster_size
+        cdef bytearray buf = bytearray(k * cs)
+        cdef unsigned char[::1] bv = buf
+        if coff:
+            self._old_content(c, bv[:cs], fill)
+        if (coff + n) & (cs - 1):
+            self._old_content(c + k - 1, bv[(k - 1) * cs:], fill)
+        memcpy(&bv[coff], src, n)
+        return buf
 
     cdef _old_content(self, int64_t c, unsigned char[::1] out, object fill):
         """What cluster c reads now, into out (one cluster)."""
@@ -455,13 +464,8 @@ cdef class Qcow2(Qcow2ExtData):
                     self.cmap.l2_entry(c + k)) != KIND_DATA:
                 k += 1
             run_n = min(k * cs - coff, n - pos)
-            buf = bytearray(k * cs)
+            buf = self._run_buffer(c, k, coff, &src[pos], run_n, fill)
             bv = buf
-            if coff:
-                self._old_content(c, bv[:cs], fill)
-            if (coff + run_n) & (cs - 1):
-                self._old_content(c + k - 1, bv[(k - 1) * cs:], fill)
-            memcpy(&bv[coff], &src[pos], run_n)
             self.ensure_tables(c << self.cluster_bits, k * cs)     # tables before data
             wlen = min(k * cs, self.size - (c << self.cluster_bits))
             self.guest_dirty = True
