@@ -278,3 +278,26 @@ def test_read_depth_knob(qemu, tmp_path):
         faults.detach(img)
     assert gate.most == 2
     _judge(qemu, top, _expect(tmp_path, []), "qcow2")
+
+
+def test_sequential_hint(tmp_path):
+    """The pull's own descriptors of backing files ask the kernel to read ahead
+    (``File.advise_sequential``, POSIX_FADV_SEQUENTIAL): it takes on a regular file, is
+    refused (False, no exception) where there is nothing to read ahead, and a closed file
+    raises as every other call on it does."""
+    from blockpull._fileio import File
+    p = tmp_path / "f"
+    p.write_bytes(b"x" * 4096)
+    f = File(str(p))
+    assert f.advise_sequential() is True
+    assert f.pread(0, 4096) == b"x" * 4096
+    f.close()
+    with pytest.raises(ValueError):
+        f.advise_sequential()
+    fifo = tmp_path / "fifo"
+    os.mkfifo(fifo)
+    g = File(str(fifo), writable=True)      # O_RDWR: a FIFO opens without a peer
+    try:
+        assert g.advise_sequential() is False
+    finally:
+        g.close()

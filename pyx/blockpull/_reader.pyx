@@ -47,6 +47,7 @@ cdef class BackingReader:
                 theirs = (<Driver>d).file
                 own = File("/proc/self/fd/%d" % theirs.fd, False, theirs.role)
                 own.path = theirs.path       # errors name the image, not the descriptor
+                own.advise_sequential()      # a pull reads its backing files in order
                 files.append((own, theirs))
                 if own.identity() != theirs.identity():
                     raise OSError("reopened another file")
@@ -56,6 +57,7 @@ cdef class BackingReader:
                     theirs = (<Driver>d).data_file
                     own = File("/proc/self/fd/%d" % theirs.fd, False, theirs.role)
                     own.path = theirs.path
+                    own.advise_sequential()
                     files.append((own, theirs))
                     if own.identity() != theirs.identity():
                         raise OSError("reopened another file")
