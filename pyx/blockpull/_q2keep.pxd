@@ -2,6 +2,7 @@
 """A pull that keeps compressed clusters compressed (_q2keep.pyx)."""
 from libc.stdint cimport int64_t, uint64_t
 from blockpull._driver cimport Driver
+from blockpull._fileio cimport File
 from blockpull._q2order cimport Qcow2Ordering
 from blockpull._inflight cimport Chunk
 
@@ -14,7 +15,8 @@ cdef class KeepPlan:
     cdef bytearray eligible       # per chain depth: 1 where compressed clusters are kept
     cdef int64_t cs
 
-    cdef bytes raw(self, Driver d, int depth, int64_t vaddr)
+    cdef File extent(self, Driver d, int depth, int64_t vaddr, int64_t* coff,
+                     int64_t* clen)
 
 
 cdef class Packer:

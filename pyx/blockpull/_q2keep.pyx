@@ -119,26 +119,31 @@ cdef class KeepPlan:
         self.eligible = bytearray(eligible or b"")
         self.cs = cs
 
-    cdef bytes raw(self, Driver d, int depth, int64_t vaddr):
-        """The compressed bytes of the cluster at ``vaddr`` (bytes) of layer ``d`` at chain
-        depth ``depth`` when they are to be kept, else None (the cluster is read and
-        inflated as usual): the bytes the descriptor names, at most one cluster of them
-        (a longer one is inflated, so that its new descriptor always fits)."""
+    cdef File extent(self, Driver d, int depth, int64_t vaddr, int64_t* coff,
+                     int64_t* clen):
+        """Where the compressed bytes of the cluster at ``vaddr`` (bytes) of layer ``d``
+        at chain depth ``depth`` lie when they are to be kept: the file holding them,
+        their host offset in ``coff[0]`` and their length in ``clen[0]`` (bytes): the
+        bytes the descriptor names, at most one cluster of them (a longer one is
+        inflated, so that its new descriptor always fits). None when the cluster is read
+        and inflated as usual."""
         cdef Qcow2Ordering q
-        cdef uint64_t e, coff, clen
+        cdef uint64_t e, off, n
         if depth >= len(self.eligible) or not self.eligible[depth]:
             return None
         q = <Qcow2Ordering>d
         e = q.cmap.l2_entry(vaddr >> q.cluster_bits)
         if not (e & COMPRESSED_FLAG):
             return None
-        comp_extent(e, q.cluster_bits, &coff, &clen)
-        if coff >= <uint64_t>q.rc.file_size:
+        comp_extent(e, q.cluster_bits, &off, &n)
+        if off >= <uint64_t>q.rc.file_size:
             return None       # the read reports it
-        clen = min(clen, q.rc.file_size - coff)
-        if clen > <uint64_t>self.cs:
+        n = min(n, q.rc.file_size - off)
+        if n > <uint64_t>self.cs:
             return None
-        return q.file.pread(coff, clen)
+        coff[0] = off
+        clen[0] = n
+        return q.file
 
     def apply(self, top):
         """Set the top's compression type when the plan needs it (the image lock held),
@@ -236,27 +241,35 @@ cdef class Packer:
         self.end = 0
 
     cdef int64_t place(self, int64_t nbytes) except -1:
-        """Host byte offset for ``nbytes`` compressed bytes (the lock is held), counted:
-        each host cluster they touch gets one more reference. Raises OSError when the
-        space cannot be had."""
+        """Host byte offset for ``nbytes`` compressed bytes (at most one cluster, as
+        ``KeepPlan.extent`` keeps them; the lock is held), counted:
+        each host cluster they touch gets one more reference. Bytes that do not fit in
+        the packing cluster go on into the next clusters when those are the ones
+        allocated next, as QEMU packs them (its ``qcow2_alloc_bytes``); else they start
+        a new cluster. Raises OSError when the space cannot be had."""
         cdef Qcow2Ordering top = self.top
         cdef int cb = top.cluster_bits
         cdef int64_t cs = top.cluster_size
-        cdef int64_t coff, k
-        if self.cur and self.end - self.cur >= nbytes:
+        cdef int64_t coff, k, more, room = self.end - self.cur if self.cur else 0
+        if self.cur and room >= nbytes:
             coff = self.cur
             top.rc.add(coff >> cb, 1)
             self.cur += nbytes
+            return coff
+        k = (nbytes - room + cs - 1) // cs
+        more = top.alloc_clusters(k)      # counted once each: these bytes touch them all
+        if room and more == self.end:
+            coff = self.cur               # straddles: its head is in the packing cluster
+            top.rc.add(coff >> cb, 1)
         else:
-            k = (nbytes + cs - 1) // cs
-            self.release()
-            coff = top.alloc_clusters(k)
-            self.cur = coff + nbytes
-            self.end = coff + k * cs
-            if self.cur < self.end:
-                top.rc.add((self.end - 1) >> cb, 1)    # the packer's hold
-            else:
-                self.cur = self.end = 0
+            coff = more                   # k >= 1 clusters hold nbytes <= one cluster
+        self.release()
+        self.cur = coff + nbytes
+        self.end = more + k * cs
+        if self.cur < self.end:
+            top.rc.add((self.end - 1) >> cb, 1)    # the packer's hold
+        else:
+            self.cur = self.end = 0
         return coff
 
     cdef int place_chunk(self, Chunk ch) except -1:

@@ -3,6 +3,7 @@ from libc.stdint cimport int64_t
 
 from blockpull._chain cimport Chain
 from blockpull._q2keep cimport KeepPlan
+from blockpull._fileio cimport File
 
 
 cdef class BackingReader:
@@ -14,7 +15,9 @@ cdef class BackingReader:
     cdef open(self)
     cdef close(self)
     cdef int read(self, int64_t v, unsigned char* out, int64_t n) except -1
-    cdef bytes raw(self, KeepPlan keep, int64_t v, int64_t n, int64_t* run)
+    cdef int follow_faults(self) except -1
+    cdef File kept_extent(self, KeepPlan keep, int64_t v, int64_t n, int64_t* run,
+                          int64_t* coff, int64_t* clen)
 
 
 cdef class ReaderPool:

@@ -89,17 +89,25 @@ cdef class BackingReader:
             with self.lock:
                 self.chain.c_read(1, v, out, n)
             return 0
-        for own, theirs in self.files:
-            own.faults = theirs.faults       # fault injection follows the image's files
+        self.follow_faults()
         self.own.c_read(1, v, out, n)
         return 0
 
+    cdef int follow_faults(self) except -1:
+        """Fault injection on the image's files (tests) applies to this pull's own."""
+        cdef File own, theirs
+        for own, theirs in self.files:
+            own.faults = theirs.faults
+        return 0
 
-    cdef bytes raw(self, KeepPlan keep, int64_t v, int64_t n, int64_t* run):
-        """The compressed bytes of the cluster at ``v`` (``n`` bytes from there to the
-        end of the range) when the backing layer that holds it keeps them
-        (``KeepPlan.raw``), else None and ``run[0]`` bytes from ``v`` that hold none
-        (at least one cluster's worth). Raises OSError."""
+
+    cdef File kept_extent(self, KeepPlan keep, int64_t v, int64_t n, int64_t* run,
+                          int64_t* coff, int64_t* clen):
+        """Where the compressed bytes of the cluster at ``v`` lie (``KeepPlan.extent``:
+        the file, ``coff[0]``, ``clen[0]``) when the backing layer that holds it keeps
+        them, else None and ``run[0]`` bytes from ``v`` (``n`` bytes from there to the
+        end of the range) that hold none (at least one cluster's worth). Raises
+        OSError."""
         cdef Chain c = self.own
         cdef int d, kind
         cdef int64_t r
@@ -109,42 +117,99 @@ cdef class BackingReader:
                 run[0] = r
                 if kind != KIND_COMPRESSED:
                     return None
-                return keep.raw(<Driver>self.chain.layers[d], d, v)
+                return keep.extent(<Driver>self.chain.layers[d], d, v, coff, clen)
+        self.follow_faults()
         d, kind, r, _h = c.c_find(v, n, 1, c.depth)
         run[0] = r
         if kind != KIND_COMPRESSED:
             return None
-        return keep.raw(<Driver>c.layers[d], d, v)
+        return keep.extent(<Driver>c.layers[d], d, v, coff, clen)
+
+
+cdef enum:
+    # kept compressed bytes read in one pread: the span of back-to-back clusters (bytes),
+    # and the gap between two of them that is read through rather than split at
+    KEPT_SPAN = 4 * 1024 * 1024
+    KEPT_GAP = 4096
+
+
+cdef class KeptSpan:
+    """Kept clusters whose compressed bytes lie close together in one file, read with one
+    pread (``flush``) and handed out as views of it: a template's compressed clusters lie
+    back to back, and one read a cluster cost a system call and a buffer each."""
+    cdef File f
+    cdef int64_t start, end
+    cdef list parts          # (cluster index, host offset, length)
+
+    def __init__(self):
+        self.f = None
+        self.parts = []
+
+    cdef bint takes(self, File f, int64_t coff, int64_t clen):
+        return (f is self.f and self.start <= coff <= self.end + KEPT_GAP
+                and coff + clen - self.start <= KEPT_SPAN)
+
+    cdef int add(self, File f, int64_t j, int64_t coff, int64_t clen) except -1:
+        if not self.takes(f, coff, clen):
+            self.f = f
+            self.start = coff
+            self.end = coff
+        self.end = max(self.end, coff + clen)
+        self.parts.append((j, coff, clen))
+        return 0
+
+    cdef int flush(self, int64_t off, int64_t cs, unsigned char* st, dict craw) except -1:
+        """Read the span, put each cluster's bytes (a view) in ``craw`` and mark it 3 in
+        ``st``. Raises StreamIOError (at the first cluster's virtual offset)."""
+        cdef int64_t j, coff, clen
+        if not self.parts:
+            return 0
+        try:
+            data = memoryview(self.f.pread(self.start, self.end - self.start))
+        except OSError as exc:
+            raise StreamIOError(exc, "read", off + self.parts[0][0] * cs)
+        for j, coff, clen in self.parts:
+            craw[j] = data[coff - self.start:coff - self.start + clen]
+            st[j] = 3
+        self.parts = []
+        self.f = None
+        return 0
 
 
 cdef int read_kept(BackingReader r, KeepPlan keep, list runs, int64_t off, int64_t n,
                    int64_t cs, unsigned char* p, unsigned char* st, dict craw) except -1:
     """``read_runs`` for a pull that keeps compressed clusters: a cluster whose
     compressed bytes are kept goes to ``craw`` (cluster index -> bytes), marked 3 in
-    ``st``; the clusters between such ones are read as usual, a run of them at once."""
-    cdef int64_t i, k, j, g, v, run = 0
+    ``st``, those lying close together in one read (``KeptSpan``); the clusters between
+    such ones are read as usual, a run of them at once."""
+    cdef int64_t i, k, j, g, v, coff = 0, clen = 0, run = 0
+    cdef File f
+    cdef KeptSpan span = KeptSpan()
     for i, k, _b in runs:
         g = i              # clusters [g, j) wait to be read as usual
         j = i
         while j <= i + k:
-            data = None
+            f = None
             if j < i + k:
                 v = off + j * cs
                 try:
-                    data = r.raw(keep, v, min((i + k) * cs, n) - j * cs, &run)
+                    f = r.kept_extent(keep, v, min((i + k) * cs, n) - j * cs, &run,
+                                      &coff, &clen)
                 except OSError as exc:
                     raise StreamIOError(exc, "read", v)
-                if data is None:
+                if f is None:
                     # no compressed cluster in this run of the same kind
                     j = min(i + k, j + max(1, run // cs))
                     continue
             if j > g:
                 read_runs(r, [(g, j - g, min((j - g) * cs, n - g * cs))], off, n, cs, p, st)
-            if data is not None:
-                craw[j] = data
-                st[j] = 3
+            if f is not None:
+                if not span.takes(f, coff, clen):
+                    span.flush(off, cs, st, craw)
+                span.add(f, j, coff, clen)
             j += 1
             g = j
+    span.flush(off, cs, st, craw)
     return 0
 
 
