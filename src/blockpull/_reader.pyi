@@ -12,3 +12,7 @@ class BackingReader:
 @disjoint_base
 class ReaderPool:
     def __init__(self, chain: Chain, lock: Any) -> None: ...
+
+@disjoint_base
+class KeptSpan:
+    def __init__(self, *args: Any, **kwargs: Any) -> None: ...
