@@ -404,8 +404,9 @@ def _rss_mib(field: str) -> float:
 
 def burst(fresh: Callable[[int], List[str]]) -> None:
     """The provisioning burst against one pull at a time of the same bytes: the MANY
-    overlays pulled one after another, then all at once with the template cold (page
-    cache dropped): aggregate rates (medians), how many bytes the burst read from the disk
+    overlays pulled one after another, then all at once, each way starting with the
+    template cold (page cache dropped): aggregate rates (medians), how many bytes the
+    burst read from the disk
     against the template's size, and its peak memory (this process's RSS high-water mark,
     reset before the burst)."""
     seq: List[float] = []
@@ -417,6 +418,8 @@ def burst(fresh: Callable[[int], List[str]]) -> None:
     for r in range(ROUNDS):
         images = fresh(r)
         settle()
+        if cold:
+            drop_caches()        # both ways start from a cold template
         t0 = time.perf_counter()
         for p in images:
             blockpull_all([p])
@@ -437,7 +440,8 @@ def burst(fresh: Callable[[int], List[str]]) -> None:
             grew.append(peak[-1] - rss0)
     nbytes = MANY * MANY_SIZE
     s, t = statistics.median(seq), statistics.median(together)
-    record(f"{MANY} pulls one after another (same bytes)", figure="%.0f MiB/s" % (nbytes / s / MiB),
+    record(f"{MANY} pulls one after another (same bytes)" + (", template cold" if cold else ""),
+           figure="%.0f MiB/s" % (nbytes / s / MiB),
            notes="median of %d, %.2f s" % (ROUNDS, s))
     record(f"{MANY} pulls at once, template cold" if cold else
            f"{MANY} pulls at once (warm: cannot drop the page cache)",
