@@ -94,3 +94,60 @@ def test_keep_into_narrow_refcounts(tmp_path, qemu, bits, data):
     qemu.assert_clean(top)
     assert qemu.compare(top, str(raw), None, "raw")
 
+
+def _snap_top(qemu, d, bits, snaps, cs=4096, n=64):
+    raw, tpl = _template(qemu, d, _text(n, cs), cs)
+    top = qemu.create(d / "top.qcow2", n * cs, backing=tpl,
+                      opts=[f"cluster_size={cs}", f"refcount_bits={bits}"])
+    for i in range(snaps):
+        qemu.img("snapshot", "-c", f"s{i}", top)
+    return raw, tpl, top
+
+
+@pytest.mark.parametrize("bits,snaps", [(1, 1), (2, 3)])
+def test_pull_refused_where_views_overflow_refcounts(tmp_path, qemu, bits, snaps):
+    """A pull links each copied cluster into the image and every internal snapshot that
+    lacks it: with 1 + snapshots views above what ``refcount_bits`` counts, it is refused
+    up front with ImageFormatError saying what to do, nothing written (a pull used to
+    fail midway leaving clusters counted once and named twice: corrupt)."""
+    raw, tpl, top = _snap_top(qemu, tmp_path, bits, snaps)
+    with blockpull.open(top) as img:
+        with pytest.raises(blockpull.ImageFormatError, match="refcount_bits=16"):
+            img.pull()
+        with pytest.raises(blockpull.ImageFormatError, match="refcount_bits=16"):
+            img.pull(compressed="keep")
+    qemu.assert_clean(top)
+    assert qemu.compare(top, str(raw), None, "raw")
+    assert qemu.info(top)["backing-filename"] == tpl
+
+
+def test_copy_on_read_refused_where_views_overflow_refcounts(tmp_path, qemu):
+    """Copy-on-read links like a pull: a read that would overflow the refcounts fails
+    with ImageFormatError before any view names the copy (no corruption; the copy's
+    clusters may leak), and reads without copy-on-read still give the chain's bytes."""
+    cs = 4096
+    raw, tpl, top = _snap_top(qemu, tmp_path, 1, 1, cs)
+    body = raw.read_bytes()
+    with blockpull.open(top, copy_on_read=True) as img:
+        with pytest.raises(blockpull.ImageFormatError, match="refcount_bits=16"):
+            img.read(5 * cs, cs)
+    r = qemu.img("check", "--output=json", top, check=False)
+    assert json.loads(r.stdout).get("corruptions", 0) == 0
+    with blockpull.open(top) as img:
+        assert img.read(5 * cs, 2 * cs) == body[5 * cs:7 * cs]
+    assert qemu.compare(top, str(raw), None, "raw")
+
+
+def test_pull_into_snapshots_within_refcount_width(tmp_path, qemu):
+    """2-bit refcounts count 3: a top with two internal snapshots (three views) is pulled,
+    every view reading the chain's bytes afterwards, the image clean."""
+    raw, tpl, top = _snap_top(qemu, tmp_path, 2, 2)
+    with blockpull.open(top) as img:
+        img.pull().result(timeout=60)
+    qemu.assert_clean(top)
+    assert qemu.compare(top, str(raw), None, "raw")
+    assert qemu.info(top).get("backing-filename") is None
+    for s in ("s0", "s1"):
+        out = tmp_path / f"{s}.raw"
+        qemu.img("convert", "-l", f"snapshot.name={s}", "-O", "raw", top, str(out))
+        assert out.read_bytes() == raw.read_bytes()

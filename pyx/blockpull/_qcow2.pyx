@@ -551,6 +551,7 @@ cdef class Qcow2(Qcow2ExtData):
             self._set_l2(c, <uint64_t>host | COPIED)
             self.fresh.append((c, host, None))
             return True
+        self.snaps.views_fit(c, self.cmap.l2_entry(c) == 0, self.rc.rc_max, self.file.path)
         refs = self._link_views(c, <uint64_t>host)
         if refs == 0:
             return False
