@@ -327,3 +327,25 @@ def test_keep_with_guest_writes_and_copy_on_read_racing(tmp_path, qemu, cs):
     after.write_bytes(bytes(data))
     assert qemu.compare(top, str(after), None, "raw")
     assert qemu.info(top).get("backing-filename") is None
+
+
+def test_copy_on_read_extended_l2_snapshots_never_wraps_refcounts(tmp_path, qemu):
+    """An extended-L2 top with 2-bit refcounts (at most 3) and three internal snapshots:
+    a copy-on-read link would count a cluster in four views. It is refused with
+    ImageFormatError before any view changes (the count used to be stored wrapped to 0:
+    qemu-img check found the image corrupt), and a pull is refused up front."""
+    cs, n = 65536, 8
+    raw, tpl = _template(qemu, tmp_path, _text(n, cs), cs)
+    top = qemu.create(tmp_path / "top.qcow2", n * cs, backing=tpl,
+                      opts=[f"cluster_size={cs}", "refcount_bits=2", "extended_l2=on"])
+    for i in range(3):
+        qemu.img("snapshot", "-c", f"s{i}", top)
+    with blockpull.open(top, copy_on_read=True) as img:
+        with pytest.raises(blockpull.ImageFormatError, match="refcount_bits=16"):
+            img.read(0, cs)
+    r = qemu.img("check", "--output=json", top, check=False)
+    assert json.loads(r.stdout).get("corruptions", 0) == 0
+    with blockpull.open(top) as img:
+        with pytest.raises(blockpull.ImageFormatError, match="refcount_bits=16"):
+            img.pull()
+    assert qemu.compare(top, str(raw), None, "raw")

@@ -93,8 +93,13 @@ cdef class Snapshots:
         virtual cluster ``c`` into every view lacking it (the active one too when
         ``active``) would need a refcount above ``rc_max``, the most the image's
         ``refcount_bits`` hold (QEMU's docs/interop/qcow2.rst, "Header",
-        refcount_order)."""
-        cdef int64_t need = self.views_lacking(c) + (1 if active else 0)
+        refcount_order). With extended L2 entries every view is counted (one may lack
+        a subcluster of a cluster it has)."""
+        cdef int64_t need
+        if self.cmap.extended_l2:
+            need = 1 + len(self.l1s)
+        else:
+            need = self.views_lacking(c) + (1 if active else 0)
         if <uint64_t>need > rc_max:
             raise ImageFormatError(
                 "%s: a cluster copied into the %d views (the image and its internal "
