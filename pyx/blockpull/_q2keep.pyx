@@ -233,7 +233,8 @@ def plan(chain, Driver top, int base_depth, str compressed):
 cdef class Packer:
     """Places compressed bytes in the top, packed into host clusters. While it packs into
     a cluster it holds one count on it (given back by ``release``), so that the cluster
-    is never freed and handed out again while more bytes may go into it."""
+    is never freed and handed out again while more bytes may go into it (with 1-bit
+    refcounts it packs nothing and holds none)."""
 
     def __init__(self, Qcow2Ordering top):
         self.top = top
@@ -246,11 +247,16 @@ cdef class Packer:
         each host cluster they touch gets one more reference. Bytes that do not fit in
         the packing cluster go on into the next clusters when those are the ones
         allocated next, as QEMU packs them (its ``qcow2_alloc_bytes``); else they start
-        a new cluster. Raises OSError when the space cannot be had."""
+        a new cluster. So do bytes for a packing cluster whose count is at the top's
+        refcount maximum (``refcount_bits`` wide: 1 with 1-bit counts, where nothing is
+        packed and no cluster held). Raises OSError when the space cannot be had."""
         cdef Qcow2Ordering top = self.top
         cdef int cb = top.cluster_bits
         cdef int64_t cs = top.cluster_size
-        cdef int64_t coff, k, more, room = self.end - self.cur if self.cur else 0
+        cdef int64_t coff, k, more, room
+        if self.cur and top.rc.get((self.end - 1) >> cb) >= top.rc.rc_max:
+            self.release()                # it counts all it can: pack no more into it
+        room = self.end - self.cur if self.cur else 0
         if self.cur and room >= nbytes:
             coff = self.cur
             top.rc.add(coff >> cb, 1)
@@ -266,7 +272,7 @@ cdef class Packer:
         self.release()
         self.cur = coff + nbytes
         self.end = more + k * cs
-        if self.cur < self.end:
+        if self.cur < self.end and top.rc.rc_max > 1:
             top.rc.add((self.end - 1) >> cb, 1)    # the packer's hold
         else:
             self.cur = self.end = 0

@@ -88,7 +88,9 @@ cdef class Refcounts:
         return rc_load(t.buf, self.refcount_order, cluster & (self.rb_entries - 1))
 
     cdef int add(self, int64_t cluster, int delta) except -1:
-        """Change the count of ``cluster`` by ``delta`` (+1 or -1) in memory."""
+        """Change the count of ``cluster`` by ``delta`` in memory. Raises
+        ImageFormatError when the count would drop below zero or exceed what the
+        refcount width holds (never stored wrapped)."""
         cdef Table t = self.block(cluster >> self.rb_bits)
         cdef uint64_t v
         cdef int64_t i = cluster & (self.rb_entries - 1)
@@ -97,9 +99,9 @@ cdef class Refcounts:
                 raise self._err("freeing cluster %d that has no refcount block" % cluster)
             raise RuntimeError("refcount block missing for cluster %d" % cluster)
         v = rc_load(t.buf, self.refcount_order, i)
-        if delta < 0 and v == 0:
+        if delta < 0 and v < <uint64_t>(-<int64_t>delta):
             raise self._err("refcount of cluster %d would drop below zero" % cluster)
-        if delta > 0 and v >= self.rc_max:
+        if delta > 0 and (<uint64_t>delta > self.rc_max or v > self.rc_max - <uint64_t>delta):
             raise self._err("refcount of cluster %d would overflow" % cluster)
         rc_store(t.buf, self.refcount_order, i, v + delta)
         t.dirty = True

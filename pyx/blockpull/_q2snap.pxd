@@ -14,6 +14,8 @@ cdef class Snapshots:
     cdef dict wrote               # snapshot index -> L1 indexes written since the last sync
 
     cdef bint lacks(self, int64_t c) except -1
+    cdef int64_t views_lacking(self, int64_t c) except -1
+    cdef int views_fit(self, int64_t c, bint active, uint64_t rc_max, path) except -1
     cdef list missing_tables(self, int64_t l1i)
     cdef int attach(self, Py_ssize_t si, int64_t l1i, int64_t off) except -1
     cdef int64_t put_entry(self, int64_t c, uint64_t entry, set done) except -1

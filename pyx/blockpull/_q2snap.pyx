@@ -13,6 +13,7 @@ from libc.stdint cimport int64_t, uint64_t
 
 from blockpull._tablecache cimport Table
 from blockpull._q2map cimport OFFSET_MASK, COMPRESSED_FLAG
+from blockpull.errors import ImageFormatError
 
 
 cdef class Snapshots:
@@ -70,6 +71,42 @@ cdef class Snapshots:
                 if (~(bm | (bm >> 32))) & 0xFFFFFFFFULL:
                     return True
         return False
+
+    cdef int64_t views_lacking(self, int64_t c) except -1:
+        """How many snapshots (views) take a reference to a cluster that ``put_entry``
+        links at virtual cluster ``c``: those whose L1 entry names no L2 table yet, or
+        whose L2 entry for ``c`` is 0 (standard entries)."""
+        cdef int64_t l1i = c >> self.cmap.l2_bits
+        cdef int64_t i2 = c & (self.cmap.l2_entries - 1)
+        cdef int64_t off, n = 0
+        cdef Table sl1
+        for sl1 in self.l1s:
+            if l1i >= (sl1.nbytes >> 3):
+                continue
+            off = sl1.get(l1i) & OFFSET_MASK
+            if off == 0 or self.cmap.load_l2(off).get(i2) == 0:
+                n += 1
+        return n
+
+    cdef int views_fit(self, int64_t c, bint active, uint64_t rc_max, path) except -1:
+        """Raise ImageFormatError, before any view is changed, when a cluster linked at
+        virtual cluster ``c`` into every view lacking it (the active one too when
+        ``active``) would need a refcount above ``rc_max``, the most the image's
+        ``refcount_bits`` hold (QEMU's docs/interop/qcow2.rst, "Header",
+        refcount_order). With extended L2 entries every view is counted (one may lack
+        a subcluster of a cluster it has)."""
+        cdef int64_t need
+        if self.cmap.extended_l2:
+            need = 1 + len(self.l1s)
+        else:
+            need = self.views_lacking(c) + (1 if active else 0)
+        if <uint64_t>need > rc_max:
+            raise ImageFormatError(
+                "%s: a cluster copied into the %d views (the image and its internal "
+                "snapshots) that lack it needs a refcount of %d, more than its refcounts "
+                "hold (at most %d): widen them with 'qemu-img amend -o refcount_bits=16'"
+                % (path, need, need, rc_max))
+        return 0
 
     cdef list missing_tables(self, int64_t l1i):
         """The snapshots whose L1 entry ``l1i`` names no L2 table."""

@@ -542,6 +542,8 @@ cdef class Qcow2(Qcow2ExtData):
         if self.external_data and host != (c << self.cluster_bits):
             raise ValueError("a data cluster of %s links only its guest offset 0x%x, not 0x%x"
                              % (self.file.path, c << self.cluster_bits, host))
+        if self.snaps.l1s:
+            self.snaps.views_fit(c, self.cmap.l2_entry(c) == 0, self.rc.rc_max, self.file.path)
         if self.extended_l2:
             return self.ext_link(vaddr, host)
         self._bound_dirty()

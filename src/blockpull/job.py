@@ -12,7 +12,8 @@ from blockpull._q2keep import plan as keep_plan
 from blockpull._ratelimit import RateLimiter
 from blockpull._stream import MAX_READ_DEPTH, Stream
 from blockpull.budget import Budget
-from blockpull.errors import JobActiveError, PullCancelled, PullError, StreamIOError
+from blockpull.errors import (ImageFormatError, JobActiveError, PullCancelled, PullError,
+                             StreamIOError)
 from blockpull.policy import JobStatus, OnError
 from blockpull.units import format_size, parse_bandwidth
 
@@ -146,6 +147,25 @@ class JobFuture:
         return self.result(0)
 
 
+def _refuse_narrow_refcounts(image: "Image") -> None:
+    """Raise ImageFormatError when the top is qcow2 with internal snapshots and its
+    refcounts (``refcount_bits`` wide; QEMU's docs/interop/qcow2.rst, "Header",
+    refcount_order) cannot count a copied cluster once in each view (the image and each
+    snapshot) that lacks it, as a pull links it: nothing is written."""
+    top = image.layers[0]
+    order = getattr(top, "refcount_order", None)
+    views = 1 + int(getattr(top, "nb_snapshots", 0) or 0)
+    if order is None or views == 1:
+        return
+    bits = 1 << order
+    if bits < 64 and views > (1 << bits) - 1:
+        raise ImageFormatError(
+            f"{image.path}: a pull links each copied cluster into the image and its "
+            f"{views - 1} internal snapshots, a refcount of up to {views}, more than its "
+            f"{bits}-bit refcounts hold: widen them with 'qemu-img amend -o "
+            f"refcount_bits=16' (or delete snapshots)")
+
+
 class PullJob(JobFuture):
     """A pull running on its own thread. Get one from ``Image.pull()``.
 
@@ -219,8 +239,9 @@ class PullJob(JobFuture):
         ``info().compressed`` and ``compressed_reason`` say which and why.
         Raises ValueError (bad on_error, bandwidth, read_depth or compressed), TypeError (``budget`` is
         not a Budget), PermissionError (image open read-only), JobActiveError (a pull
-        already runs on the image), BackingChainError (``base`` is not in the chain). The
-        image is claimed until the job ends, or until ``start`` fails."""
+        already runs on the image), BackingChainError (``base`` is not in the chain),
+        ImageFormatError (a qcow2 top with internal snapshots whose refcounts are too
+        narrow to count a copied cluster once per view lacking it). The image is claimed until the job ends, or until ``start`` fails."""
         policy = OnError.parse(on_error)
         if compressed not in ("inflate", "keep"):
             raise ValueError(f"compressed must be 'inflate' or 'keep', not {compressed!r}")
@@ -233,6 +254,7 @@ class PullJob(JobFuture):
                             f"{budget!r}; for this pull's own limit give bandwidth=")
         if image.readonly:
             raise PermissionError(f"{image.path}: open the image read-write to pull into it")
+        _refuse_narrow_refcounts(image)
         key = image.layers[0].file.identity()
         with _active_lock:
             other = _active.get(key)
