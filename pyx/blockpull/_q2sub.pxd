@@ -58,7 +58,6 @@ cdef class Qcow2Sub(Qcow2Ordering):
     cdef bint ext_link_zero(self, int64_t vaddr) except -1
     cdef tuple ext_pull_status(self, int64_t vaddr, int64_t n)
     cdef bint ext_lacks(self, int64_t c) except -1
-    cdef list ext_view_tables(self, int64_t c)
     cdef bint ext_link_views(self, int64_t c, int64_t host) except -1
     cdef int ext_move_active(self, int64_t c, list tables, list todo, dict targets) except -1
     cdef bint ext_put_views(self, int64_t c, list todo, dict targets) except -1

@@ -438,26 +438,6 @@ cdef class Qcow2Sub(Qcow2Ordering):
     # every view sharing it lacks the same subclusters; a data cluster is counted once
     # per view that names it (QEMU's docs/interop/qcow2.rst, "Snapshots").
 
-    cdef list ext_view_tables(self, int64_t c):
-        """The distinct L2 tables of cluster ``c`` over all views (active L1 first, then
-        each snapshot's): [(table offset, [view index...])], view 0 the active one."""
-        cdef int64_t l1i = c >> self.l2_bits
-        cdef int64_t off
-        cdef Table l1
-        cdef Py_ssize_t v = 0
-        cdef dict at = {}
-        cdef list out = []
-        for l1 in [self.l1] + self.snaps.l1s:
-            if l1i < (l1.nbytes >> 3) and (v > 0 or l1i < self.l1_size):
-                off = l1.get(l1i) & OFFSET_MASK
-                if off:
-                    if off not in at:
-                        at[off] = []
-                        out.append((off, at[off]))
-                    at[off].append(v)
-            v += 1
-        return out
-
     cdef bint ext_link_views(self, int64_t c, int64_t host) except -1:
         """``ext_link`` on an image with internal snapshots: every view lacking some
         subclusters of cluster ``c`` gets them from the chain's copy at ``host``, its
@@ -475,7 +455,7 @@ cdef class Qcow2Sub(Qcow2Ordering):
         self.ensure_tables(c << self.cluster_bits, self.cluster_size)  # every view's table
         todo = []          # (table offset, views, e, bm, lack, have, key)
         targets = {}       # key -> [host cluster, references]
-        tables = self.ext_view_tables(c)
+        tables = self.view_tables(c >> self.l2_bits)
         for off, views in tables:
             t = self.cmap.load_l2(off)
             e = t.get(2 * i2)
@@ -575,24 +555,26 @@ cdef class Qcow2Sub(Qcow2Ordering):
         return True
 
     cdef int ext_unlink_views(self, int64_t c, list undo) except -1:
-        """Undo ``ext_link_views`` in memory after a failed sync: each view still naming
-        its new cluster names its old entry again; the counts taken are given back and
-        the old clusters' drops cancelled. A table copied since (a guest write) is found
-        through its view."""
-        cdef int64_t l1i = c >> self.l2_bits
+        """Undo ``ext_link_views`` in memory after a failed sync: each table a linked
+        view names now that still names its new cluster names the old entry again; the
+        counts taken are given back and the old clusters' drops cancelled. A table
+        copied since (a guest write) is found through its view."""
         cdef int64_t i2 = c & (self.l2_entries - 1)
-        cdef int64_t off, nh, r, k
+        cdef int64_t nh, r, k
         cdef uint64_t olde, oldbm
-        cdef Table l1, t
-        seen = set()
-        for v, nh, olde, oldbm in undo:
-            l1 = self.l1 if v == 0 else self.snaps.l1s[v - 1]
-            if l1i >= (l1.nbytes >> 3):
+        cdef Table t
+        cdef dict linked = {}
+        for rec in undo:
+            linked.setdefault(rec[0], rec)
+        for off, views in self.view_tables(c >> self.l2_bits):
+            rec = None
+            for v in views:
+                if v in linked:
+                    rec = linked[v]
+                    break
+            if rec is None:
                 continue
-            off = l1.get(l1i) & OFFSET_MASK
-            if off == 0 or off in seen:
-                continue
-            seen.add(off)
+            _v, nh, olde, oldbm = rec
             t = self.cmap.load_l2(off)
             if (t.get(2 * i2) & OFFSET_MASK) != <uint64_t>nh:
                 continue
@@ -622,7 +604,7 @@ cdef class Qcow2Sub(Qcow2Ordering):
         cdef Table t
         cdef bint done = False
         self.ensure_tables(c << self.cluster_bits, self.cluster_size)
-        for off, views in self.ext_view_tables(c):
+        for off, views in self.view_tables(c >> self.l2_bits):
             t = self.cmap.load_l2(off)
             e = t.get(2 * i2)
             bm = t.get(2 * i2 + 1)
