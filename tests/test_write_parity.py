@@ -224,3 +224,24 @@ def test_zero_write_over_raw_holes(tmp_path, qemu):
     run_both(qemu, top, ref, [(cs + 10, 10), (cs + 5 * sc + 10, 10),
                               (3 * cs + 5 * sc + 10, 10), (cs + 20 * sc + 10, 10)], True)
     assert_same(qemu, top, ref)
+
+
+def test_external_data_file(tmp_path, qemu):
+    """The same rules with an external data file (subclusters at their guest offsets):
+    partly covered zero writes over data, zeros and zero subclusters below, into the
+    top's own data, and a small data write."""
+    cs = 65536
+    sc = cs // 32
+    base = qemu.create(tmp_path / "base.qcow2", 1 << 20)
+    qemu.io(base, f"write -P 1 0 {2 * cs}", f"write -z {2 * cs} {cs}")
+    top = qemu.create(tmp_path / "top.qcow2", 1 << 20, backing="base.qcow2",
+                      opts=[f"extended_l2=on,data_file={tmp_path / 'top.data'}"])
+    qemu.io(top, f"write -P 3 {cs + 9 * sc} {sc}", f"write -z {3 * cs + 2 * sc} {4 * sc}")
+    ref = str(tmp_path / "ref.qcow2")
+    shutil.copy(top, ref)
+    shutil.copy(tmp_path / "top.data", tmp_path / "ref.data")
+    qemu.img("amend", "-o", f"data_file={tmp_path / 'ref.data'}", ref)
+    pieces = [(c * cs + 3 * sc + 5, 10) for c in (1, 2, 3)] + [(cs + 9 * sc + 5, 10)]
+    run_both(qemu, top, ref, pieces, True)
+    run_both(qemu, top, ref, [(4 * cs + 3 * sc + 5, 10)], False)
+    assert_same(qemu, top, ref)
