@@ -72,7 +72,37 @@ cdef class Chain:
         return out
 
     def filler(self, int start):
-        """A fill(vaddr, buffer) callable reading layers[start:], for copy-on-write."""
-        def fill(vaddr, buf):
-            self.readinto(vaddr, buf, start)
-        return fill
+        """A ChainFill over layers[start:], for copy-on-write."""
+        return ChainFill(self, start)
+
+    cpdef bint reads_zero(self, int64_t vaddr, int64_t n, int start=0) except -1:
+        """Whether [vaddr, vaddr+n) reads as zeros through layers[start:] by block
+        status alone (zero or unallocated everywhere, or past a layer's end), as QEMU
+        judges whether a range already reads zeros before a zero write: data that
+        happens to be zero bytes does not count."""
+        cdef int64_t run, host
+        cdef int d, kind
+        while n > 0:
+            d, kind, run, host = self.c_find(vaddr, n, start, self.depth)
+            if kind != KIND_UNALLOC and kind != KIND_ZERO:
+                return False
+            vaddr += run
+            n -= run
+        return True
+
+
+cdef class ChainFill:
+    """``fill(vaddr, buffer)``: read layers[start:] of ``chain`` into ``buffer``, for
+    copy-on-write; ``zeros(vaddr, n)``: ``Chain.reads_zero`` over the same layers."""
+    cdef Chain chain
+    cdef int start
+
+    def __init__(self, Chain chain, int start):
+        self.chain = chain
+        self.start = start
+
+    def __call__(self, int64_t vaddr, buf):
+        self.chain.readinto(vaddr, buf, self.start)
+
+    def zeros(self, int64_t vaddr, int64_t n):
+        return self.chain.reads_zero(vaddr, n, self.start)

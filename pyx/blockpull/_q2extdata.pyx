@@ -31,14 +31,9 @@ from libc.string cimport memcpy, memset
 from blockpull._fileio cimport File
 from blockpull._tablecache cimport Table
 from blockpull._q2map cimport OFFSET_MASK, COPIED, COMPRESSED_FLAG, ZERO_FLAG
-from blockpull._q2sub cimport SUB_ALLOC_ALL, SUB_ZERO_ALL, mask_run
+from blockpull._q2sub cimport SUB_ALLOC_ALL, SUB_ZERO_ALL, mask_run, sub_mask
 
 from blockpull.errors import ImageFormatError
-
-
-cdef inline uint64_t span_mask(int a, int b) noexcept:
-    """Bits a .. b-1 (0 <= a <= b <= 32)."""
-    return ((1ULL << b) - 1) & ~((1ULL << a) - 1)
 
 
 cdef int write_lacking(File f, object view, int64_t vaddr, uint64_t mask,
@@ -188,7 +183,7 @@ cdef class Qcow2ExtData(Qcow2Sub):
         s1 = <int>((coff + n - 1) >> sb)
         a = <int64_t>s0 << sb
         b = (<int64_t>s1 + 1) << sb
-        wmask = span_mask(s0, s1 + 1)
+        wmask = sub_mask(s0, s1 + 1)
         buf = bytearray(b - a)
         p = buf
         if coff != a:

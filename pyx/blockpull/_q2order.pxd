@@ -59,6 +59,7 @@ cdef class Qcow2Ordering(Driver):
     cdef _drop_ref(self, int64_t host_cluster, int64_t n)
     cdef _autoclear(self)
     cdef object _held_by(self, uint64_t e)
+    cdef list view_tables(self, int64_t l1i)
     cdef _sync(self)
     cdef _synced(self)
     cdef _sync_failed(self, exc)

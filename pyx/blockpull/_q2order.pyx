@@ -67,6 +67,28 @@ cdef class Qcow2Ordering(Driver):
             return ((e & OFFSET_MASK) >> self.cluster_bits, 1)
         return None
 
+    cdef list view_tables(self, int64_t l1i):
+        """The distinct L2 tables that L1 index ``l1i`` names over all views (the
+        active L1 first, then each internal snapshot's): [(table offset, [view
+        index...])], view 0 the active one, v > 0 snapshot v - 1. A table shared by
+        several views is listed once, with each of them (QEMU's docs/interop/qcow2.rst,
+        "Snapshots")."""
+        cdef int64_t off
+        cdef Table l1
+        cdef Py_ssize_t v = 0
+        cdef dict at = {}
+        cdef list out = []
+        for l1 in [self.l1] + self.snaps.l1s:
+            if l1i < (l1.nbytes >> 3) and (v > 0 or l1i < self.l1_size):
+                off = l1.get(l1i) & OFFSET_MASK
+                if off:
+                    if off not in at:
+                        at[off] = []
+                        out.append((off, at[off]))
+                    at[off].append(v)
+            v += 1
+        return out
+
     # ---- ordering -----------------------------------------------------------------
 
     cdef _sync(self):
@@ -152,8 +174,7 @@ cdef class Qcow2Ordering(Driver):
         cdef int64_t l1i = c >> self.l2_bits
         cdef int64_t i2 = c & (self.l2_entries - 1)
         cdef int64_t refs = 0, off, k
-        cdef Table t, l1
-        cdef set seen = set()
+        cdef Table t
         if self.external_data:
             # no counts to give back: the entry goes back to what it was (none for a
             # pull's copy), the data file's bytes stay unreferenced; an entry changed
@@ -185,13 +206,7 @@ cdef class Qcow2Ordering(Driver):
                         lst.remove(drop)
                         break
             return
-        for l1 in [self.l1] + self.snaps.l1s:
-            if l1i >= (l1.nbytes >> 3):
-                continue
-            off = l1.get(l1i) & OFFSET_MASK
-            if off == 0 or off in seen:
-                continue
-            seen.add(off)
+        for off, _views in self.view_tables(l1i):
             t = self.cmap.load_l2(off)
             if (t.get(i2) & OFFSET_MASK) == <uint64_t>host:
                 t.put(i2, 0)

@@ -11,6 +11,11 @@ cdef extern from *:
     const uint64_t SUB_ZERO_ALL "0xFFFFFFFF00000000ULL"
 
 
+cdef inline uint64_t sub_mask(int a, int b) noexcept nogil:
+    """Bits a .. b-1 (0 <= a <= b <= 32)."""
+    return ((1ULL << b) - 1) & ~((1ULL << a) - 1)
+
+
 cdef inline int mask_run(uint64_t mask, int s, int* t) noexcept nogil:
     """The next run of subclusters set in ``mask`` at or after subcluster ``s``: its
     first (returned; 32 when there is none) and, in ``t``, the one after its last."""
@@ -40,16 +45,19 @@ cdef class Qcow2Sub(Qcow2Ordering):
     cdef int ext_write_run(self, int64_t c, const unsigned char* src, int64_t k) except -1
     cdef int ext_write_cluster(self, int64_t c, int64_t coff, const unsigned char* src,
                                int64_t n, object fill) except -1
+    cdef bytearray ext_span_buffer(self, int64_t c, int s0, int s1, int64_t coff,
+                                   const unsigned char* src, int64_t n, uint64_t e,
+                                   uint64_t bm, object fill)
+    cdef int ext_new_cluster(self, int64_t c, const unsigned char* p, int64_t at,
+                             int64_t n, uint64_t e, uint64_t bm, uint64_t newbm) except -1
     cdef int ext_rewrite_compressed(self, int64_t c, int64_t coff,
                                     const unsigned char* src, int64_t n,
                                     uint64_t e, uint64_t bm) except -1
     cdef int ext_copy_subs(self, uint64_t mask, int64_t src_host, int64_t dst_host) except -1
     cdef bint ext_link(self, int64_t vaddr, int64_t host) except -1
     cdef bint ext_link_zero(self, int64_t vaddr) except -1
-    cdef int ext_write_zeroes(self, int64_t vaddr, int64_t n, object fill) except -1
     cdef tuple ext_pull_status(self, int64_t vaddr, int64_t n)
     cdef bint ext_lacks(self, int64_t c) except -1
-    cdef list ext_view_tables(self, int64_t c)
     cdef bint ext_link_views(self, int64_t c, int64_t host) except -1
     cdef int ext_move_active(self, int64_t c, list tables, list todo, dict targets) except -1
     cdef bint ext_put_views(self, int64_t c, list todo, dict targets) except -1

@@ -12,16 +12,20 @@ subcluster allocated, and an entry without a host offset has no allocated subclu
 paths; the driver sends writes, links, zero writes and the pull's status here when the
 image has extended L2 entries:
 
-- a guest write touches only the subclusters it covers: a partly covered one is filled
-  from what reads there now (the image's own data, zeros, or the chain below through
-  ``fill``); a cluster with a host offset is written in place, one without gets a new
-  host cluster of which only the written subclusters are written; a write into a
-  compressed cluster rewrites it whole, every subcluster allocated;
+- a guest write into a cluster with a host offset of its own touches only the
+  subclusters it covers, a partly covered one filled from what reads there now (the
+  image's own data, zeros, or the chain below through ``fill``); a cluster without one
+  (none, or shared with a snapshot) gets a new host cluster written, as by QEMU, from
+  the first to the last of the written and the old allocated subclusters, each filled
+  likewise; a write into a compressed cluster rewrites it whole, every subcluster
+  allocated;
 - a pull or copy-on-read links a cluster that lacks some subclusters: the new host
   cluster takes the top's own allocated subclusters (copied from where they are) and the
   chain's data for the ones it lacked; zero subclusters stay zero. The top's data is
   never replaced by the backing's;
-- zero writes set the zero bits (and clear the allocated ones) of whole subclusters;
+- zero writes (blockpull._q2zero) set the zero bits (and clear the allocated ones) of
+  whole subclusters, and of a partly covered one that is unallocated or zero where the
+  rest of it reads zeros already; other partly covered ones take zero data, as QEMU's;
 - with internal snapshots a cluster whose count is not 1 (shared with a snapshot) is
   never written in place, and a pull or copy-on-read fills every view that lacks
   subclusters (``ext_link_views``; see the section below).
@@ -37,9 +41,20 @@ from blockpull._driver cimport KIND_UNALLOC, KIND_DATA, KIND_COMPRESSED
 from blockpull._q2map cimport OFFSET_MASK, COPIED, COMPRESSED_FLAG
 
 
-cdef inline uint64_t sub_mask(int a, int b) noexcept:
-    """Bits a .. b-1 (0 <= a <= b <= 32)."""
-    return ((1ULL << b) - 1) & ~((1ULL << a) - 1)
+cdef inline int sub_first(uint64_t mask) noexcept:
+    """The lowest bit set in ``mask`` (not 0)."""
+    cdef int s = 0
+    while not (mask >> s) & 1:
+        s += 1
+    return s
+
+
+cdef inline int sub_last(uint64_t mask) noexcept:
+    """The highest bit set in ``mask`` (not 0)."""
+    cdef int s = 63
+    while not (mask >> s) & 1:
+        s -= 1
+    return s
 
 
 cdef class Qcow2Sub(Qcow2Ordering):
@@ -205,6 +220,9 @@ cdef class Qcow2Sub(Qcow2Ordering):
         cdef int64_t host, i = 0
         cdef uint64_t e, bm
         self.ensure_tables(c << self.cluster_bits, k * cs)     # tables before data
+        for i in range(c >> self.l2_bits, ((c + k - 1) >> self.l2_bits) + 1):
+            self._l2_for_write(i)                              # then the clusters
+        i = 0
         host = self.alloc_clusters(k)
         try:
             self.guest_dirty = True
@@ -222,51 +240,60 @@ cdef class Qcow2Sub(Qcow2Ordering):
 
     cdef int ext_write_cluster(self, int64_t c, int64_t coff, const unsigned char* src,
                                int64_t n, object fill) except -1:
-        """Write ``n`` bytes at byte ``coff`` of cluster ``c``: the subclusters it
-        touches, partly covered ones filled from what they read now, in place when the
-        cluster has a host offset of its own, else into a new host cluster (the
-        subclusters the image had allocated are copied along)."""
+        """Write ``n`` bytes at byte ``coff`` of cluster ``c``: in place when the cluster
+        has a host offset of its own (only the subclusters the write touches, partly
+        covered ones filled from what they read now), else into a new host cluster
+        whose written span runs, as QEMU's copy-on-write does, from the first of the
+        write's and the old allocated subclusters to the last of them, every subcluster
+        in it filled from what it reads now (own data, zeros or the chain) and
+        allocated (docs/formats.md, "Extended L2")."""
         cdef int sb = self.cmap.sc_bits
-        cdef int64_t scs = 1LL << sb
-        cdef uint64_t e, bm, wmask, newbm, off, keep
+        cdef uint64_t e, bm, span, newbm, off
         cdef int s0, s1
-        cdef int64_t a, b, host
+        cdef int64_t a
         cdef bytearray buf
         cdef unsigned char* p
+        cdef bint inplace
         self.ext_get(c, &e, &bm)
         if e & COMPRESSED_FLAG:
             return self.ext_rewrite_compressed(c, coff, src, n, e, bm)
+        off = e & OFFSET_MASK
+        inplace = off and (e & COPIED or self.rc.get(off >> self.cluster_bits) == 1)
         s0 = <int>(coff >> sb)
         s1 = <int>((coff + n - 1) >> sb)
+        if not inplace and bm & SUB_ALLOC_ALL:
+            s0 = min(s0, sub_first(bm & SUB_ALLOC_ALL))
+            s1 = max(s1, sub_last(bm & SUB_ALLOC_ALL))
         a = <int64_t>s0 << sb
-        b = (<int64_t>s1 + 1) << sb
-        wmask = sub_mask(s0, s1 + 1)
-        off = e & OFFSET_MASK
-        buf = bytearray(b - a)
+        span = sub_mask(s0, s1 + 1)
+        buf = self.ext_span_buffer(c, s0, s1, coff, src, n, e, bm, fill)
         p = buf
-        if coff != a:
-            self.ext_sub_content(c, s0, e, bm, buf, 0, fill)
-        if coff + n != b and (s1 != s0 or coff == a):
-            self.ext_sub_content(c, s1, e, bm, buf, b - a - scs, fill)
-        memcpy(p + (coff - a), src, n)
-        newbm = (bm | wmask) & ~(wmask << 32)
-        if off and (e & COPIED or self.rc.get(off >> self.cluster_bits) == 1):
+        newbm = (bm | span) & ~(span << 32)
+        if inplace:
             self.guest_dirty = True
-            self.file.write_full(p, b - a, off + a)
-            if (bm & wmask) != wmask:
+            self.file.write_full(p, len(buf), off + a)
+            if (bm & span) != span:
                 # subclusters allocated in place: undone if a sync loses their data
                 self.fresh.append((c, <int64_t>off, (e, bm)))
             if newbm != bm or not (e & COPIED):
                 self.ext_put(c, e | COPIED, newbm)
             return 0
+        return self.ext_new_cluster(c, p, a, len(buf), e, bm, newbm)
+
+    cdef int ext_new_cluster(self, int64_t c, const unsigned char* p, int64_t at,
+                             int64_t n, uint64_t e, uint64_t bm, uint64_t newbm) except -1:
+        """Write the ``n`` bytes at ``p`` at byte ``at`` of a new host cluster and point
+        cluster ``c`` (entry ``e``, bitmap ``bm``) at it with bitmap ``newbm``: its L2
+        table is made writable before the cluster is allocated (as QEMU orders them),
+        the cluster is given back if the write fails, and the link is undone if a sync
+        loses the data (``fresh``)."""
+        cdef int64_t host
         self.ensure_tables(c << self.cluster_bits, self.cluster_size)   # tables before data
+        self._l2_for_write(c >> self.l2_bits)
         host = self.alloc_clusters(1)
         try:
             self.guest_dirty = True
-            keep = bm & SUB_ALLOC_ALL & ~wmask
-            if off and keep:
-                self.ext_copy_subs(keep, off, host)
-            self.file.write_full(p, b - a, host + a)
+            self.file.write_full(p, n, host + at)
             self.ext_replace(c, <uint64_t>host | COPIED, newbm)
         except OSError:
             # nothing points at the new cluster yet: give it back
@@ -275,6 +302,24 @@ cdef class Qcow2Sub(Qcow2Ordering):
         self.fresh.append((c, host, (e, bm)))
         return 0
 
+    cdef bytearray ext_span_buffer(self, int64_t c, int s0, int s1, int64_t coff,
+                                   const unsigned char* src, int64_t n, uint64_t e,
+                                   uint64_t bm, object fill):
+        """Subclusters ``s0`` .. ``s1`` of cluster ``c`` with the ``n`` bytes of ``src``
+        at byte ``coff`` of the cluster written over them: each one the write does not
+        cover whole holds what it reads now."""
+        cdef int sb = self.cmap.sc_bits
+        cdef int64_t scs = 1LL << sb
+        cdef int64_t a = <int64_t>s0 << sb
+        cdef bytearray buf = bytearray(((<int64_t>s1 + 1) << sb) - a)
+        cdef unsigned char* p = buf
+        cdef int s
+        for s in range(s0, s1 + 1):
+            if (<int64_t>s << sb) < coff or ((<int64_t>s + 1) << sb) > coff + n:
+                self.ext_sub_content(c, s, e, bm, buf, (<int64_t>s << sb) - a, fill)
+        memcpy(p + (coff - a), src, n)
+        return buf
+
     cdef int ext_rewrite_compressed(self, int64_t c, int64_t coff,
                                     const unsigned char* src, int64_t n,
                                     uint64_t e, uint64_t bm) except -1:
@@ -282,22 +327,11 @@ cdef class Qcow2Sub(Qcow2Ordering):
         new host cluster, every subcluster allocated (a compressed entry's bitmap is 0;
         QEMU's docs/interop/qcow2.rst, "Extended L2 Entries")."""
         cdef int64_t cs = self.cluster_size
-        cdef int64_t host
         cdef bytearray buf = bytearray(cs)
         cdef unsigned char* p = buf
         self.cmap.read_layer(c << self.cluster_bits, p, cs, KIND_COMPRESSED, 0)
         memcpy(p + coff, src, n)
-        self.ensure_tables(c << self.cluster_bits, cs)
-        host = self.alloc_clusters(1)
-        try:
-            self.guest_dirty = True
-            self.file.write_full(p, cs, host)
-            self.ext_replace(c, <uint64_t>host | COPIED, SUB_ALLOC_ALL)
-        except OSError:
-            self.free_clusters(host, 1)
-            raise
-        self.fresh.append((c, host, (e, bm)))
-        return 0
+        return self.ext_new_cluster(c, p, 0, cs, e, bm, SUB_ALLOC_ALL)
 
     cdef int ext_copy_subs(self, uint64_t mask, int64_t src_host, int64_t dst_host) except -1:
         """Copy the subclusters set in ``mask`` from host cluster ``src_host`` to the
@@ -318,48 +352,6 @@ cdef class Qcow2Sub(Qcow2Ordering):
             self.file.read_full(p, ln, src_host + at)
             self.file.write_full(p, ln, dst_host + at)
             s = t
-        return 0
-
-    cdef int ext_write_zeroes(self, int64_t vaddr, int64_t n, object fill) except -1:
-        """Make [vaddr, vaddr+n) read zeros: zero bits (allocated bits cleared) for
-        whole subclusters, zero data written into partly covered ones; a compressed
-        cluster covered whole becomes all zero subclusters, one covered in part is
-        rewritten (``ext_write_cluster``)."""
-        cdef int sb = self.cmap.sc_bits
-        cdef int64_t cs = self.cluster_size, scs = 1LL << sb
-        cdef int64_t v = vaddr, end = vaddr + n, c, nxt, coff, hi
-        cdef int sa, sz
-        cdef uint64_t e, bm, zm, newbm
-        while v < end:
-            c = v >> self.cluster_bits
-            nxt = min((c + 1) << self.cluster_bits, end)
-            coff = v & (cs - 1)
-            hi = coff + (nxt - v)
-            self.ext_get(c, &e, &bm)
-            if e & COMPRESSED_FLAG:
-                if coff == 0 and (hi == cs or nxt == self.size):
-                    self.ext_replace(c, 0, SUB_ZERO_ALL)
-                else:
-                    self.ext_write_cluster(c, coff, bytes(hi - coff), hi - coff, fill)
-                v = nxt
-                continue
-            sa = <int>((coff + scs - 1) >> sb)
-            # the image's last subcluster counts whole: nothing lies past the end
-            sz = <int>(((hi + scs - 1) if nxt == self.size else hi) >> sb)
-            if sa < sz:
-                zm = sub_mask(sa, sz)
-                newbm = (bm & ~zm) | (zm << 32)
-                if newbm != bm:
-                    self.ext_put(c, e, newbm)
-                if (<int64_t>sa << sb) > coff:
-                    self.ext_write_cluster(c, coff, bytes((sa << sb) - coff),
-                                           (<int64_t>sa << sb) - coff, fill)
-                if hi > (<int64_t>sz << sb):
-                    self.ext_write_cluster(c, <int64_t>sz << sb, bytes(hi - (sz << sb)),
-                                           hi - (<int64_t>sz << sb), fill)
-            else:
-                self.ext_write_cluster(c, coff, bytes(hi - coff), hi - coff, fill)
-            v = nxt
         return 0
 
     # ---- pulls and copy-on-read -----------------------------------------------------
@@ -446,26 +438,6 @@ cdef class Qcow2Sub(Qcow2Ordering):
     # every view sharing it lacks the same subclusters; a data cluster is counted once
     # per view that names it (QEMU's docs/interop/qcow2.rst, "Snapshots").
 
-    cdef list ext_view_tables(self, int64_t c):
-        """The distinct L2 tables of cluster ``c`` over all views (active L1 first, then
-        each snapshot's): [(table offset, [view index...])], view 0 the active one."""
-        cdef int64_t l1i = c >> self.l2_bits
-        cdef int64_t off
-        cdef Table l1
-        cdef Py_ssize_t v = 0
-        cdef dict at = {}
-        cdef list out = []
-        for l1 in [self.l1] + self.snaps.l1s:
-            if l1i < (l1.nbytes >> 3) and (v > 0 or l1i < self.l1_size):
-                off = l1.get(l1i) & OFFSET_MASK
-                if off:
-                    if off not in at:
-                        at[off] = []
-                        out.append((off, at[off]))
-                    at[off].append(v)
-            v += 1
-        return out
-
     cdef bint ext_link_views(self, int64_t c, int64_t host) except -1:
         """``ext_link`` on an image with internal snapshots: every view lacking some
         subclusters of cluster ``c`` gets them from the chain's copy at ``host``, its
@@ -483,7 +455,7 @@ cdef class Qcow2Sub(Qcow2Ordering):
         self.ensure_tables(c << self.cluster_bits, self.cluster_size)  # every view's table
         todo = []          # (table offset, views, e, bm, lack, have, key)
         targets = {}       # key -> [host cluster, references]
-        tables = self.ext_view_tables(c)
+        tables = self.view_tables(c >> self.l2_bits)
         for off, views in tables:
             t = self.cmap.load_l2(off)
             e = t.get(2 * i2)
@@ -583,24 +555,26 @@ cdef class Qcow2Sub(Qcow2Ordering):
         return True
 
     cdef int ext_unlink_views(self, int64_t c, list undo) except -1:
-        """Undo ``ext_link_views`` in memory after a failed sync: each view still naming
-        its new cluster names its old entry again; the counts taken are given back and
-        the old clusters' drops cancelled. A table copied since (a guest write) is found
-        through its view."""
-        cdef int64_t l1i = c >> self.l2_bits
+        """Undo ``ext_link_views`` in memory after a failed sync: each table a linked
+        view names now that still names its new cluster names the old entry again; the
+        counts taken are given back and the old clusters' drops cancelled. A table
+        copied since (a guest write) is found through its view."""
         cdef int64_t i2 = c & (self.l2_entries - 1)
-        cdef int64_t off, nh, r, k
+        cdef int64_t nh, r, k
         cdef uint64_t olde, oldbm
-        cdef Table l1, t
-        seen = set()
-        for v, nh, olde, oldbm in undo:
-            l1 = self.l1 if v == 0 else self.snaps.l1s[v - 1]
-            if l1i >= (l1.nbytes >> 3):
+        cdef Table t
+        cdef dict linked = {}
+        for rec in undo:
+            linked.setdefault(rec[0], rec)
+        for off, views in self.view_tables(c >> self.l2_bits):
+            rec = None
+            for v in views:
+                if v in linked:
+                    rec = linked[v]
+                    break
+            if rec is None:
                 continue
-            off = l1.get(l1i) & OFFSET_MASK
-            if off == 0 or off in seen:
-                continue
-            seen.add(off)
+            _v, nh, olde, oldbm = rec
             t = self.cmap.load_l2(off)
             if (t.get(2 * i2) & OFFSET_MASK) != <uint64_t>nh:
                 continue
@@ -630,7 +604,7 @@ cdef class Qcow2Sub(Qcow2Ordering):
         cdef Table t
         cdef bint done = False
         self.ensure_tables(c << self.cluster_bits, self.cluster_size)
-        for off, views in self.ext_view_tables(c):
+        for off, views in self.view_tables(c >> self.l2_bits):
             t = self.cmap.load_l2(off)
             e = t.get(2 * i2)
             bm = t.get(2 * i2 + 1)

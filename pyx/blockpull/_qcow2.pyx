@@ -29,6 +29,7 @@ from blockpull._q2snap cimport Snapshots
 from blockpull._q2order cimport Qcow2Ordering
 from blockpull._q2compress cimport comp_extent
 from blockpull._q2extdata cimport Qcow2ExtData
+from blockpull._q2zero cimport ext_write_zeroes, zero_unit_whole
 from blockpull.errors import ImageFormatError
 from blockpull._bitmaps import Bitmaps, AUTOCLEAR_BITMAPS
 from blockpull._q2header import (Header, MAGIC, EXT_END, EXT_BACKING_FORMAT, AUTOCLEAR_DATA_RAW,
@@ -600,12 +601,17 @@ cdef class Qcow2(Qcow2ExtData):
 
     def write_zeroes(self, int64_t vaddr, int64_t n, object fill, bint backed):
         """Make [vaddr, vaddr+n) read zeros: zero flags for whole clusters on v3,
-        zero data elsewhere (and on v2 where a backing file would show through). A guest
-        write: it sets the enabled persistent bitmaps' bits for the whole range, as QEMU
-        does. Raises ValueError for a range outside the virtual size."""
+        zero data elsewhere (and on v2 where a backing file would show through). A
+        cluster covered in part counts as covered whole where QEMU makes it a zero
+        cluster: unallocated or zero, the rest of it reading zeros already (``fill``,
+        a ChainFill, says for the chain below; blockpull._q2zero). A guest write: it
+        sets the enabled persistent bitmaps' bits for the whole range, as QEMU does.
+        Raises ValueError for a range outside the virtual size."""
         cdef int64_t cs = self.cluster_size
         cdef int64_t end = vaddr + n, v = vaddr, c, nxt
         cdef uint64_t e
+        cdef bint whole
+        cdef int kind
         if vaddr < 0 or n < 0 or vaddr + n > self.size:
             raise ValueError("write_zeroes [%d, %d) outside the virtual size %d" % (vaddr, vaddr + n, self.size))
         if n:
@@ -620,12 +626,20 @@ cdef class Qcow2(Qcow2ExtData):
                 v = nxt
             return
         if self.extended_l2:
-            self.ext_write_zeroes(vaddr, n, fill)
+            ext_write_zeroes(self, vaddr, n, fill)
             return
         while v < end:
             c = v >> self.cluster_bits
             nxt = min((c + 1) << self.cluster_bits, end)
-            if (v & (cs - 1)) == 0 and nxt - v == cs:
+            whole = (v & (cs - 1)) == 0 and (nxt - v == cs or nxt == self.size)
+            if not whole and (self.version == 3 or not backed):
+                kind = self.cmap.kind(self.cmap.l2_entry(c))
+                whole = zero_unit_whole(kind, c * cs, min((c + 1) * cs, self.size),
+                                        v, nxt, fill)
+                if whole and kind == KIND_ZERO:
+                    v = nxt             # a zero cluster already: left as it is
+                    continue
+            if whole:
                 e = self.cmap.l2_entry(c)
                 self._entry_ok(c, e)
                 if self.version == 3:
