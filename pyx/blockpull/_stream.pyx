@@ -31,7 +31,8 @@ did before reads ran ahead; only the copies between reservation and link
 
 The plan is ``_plan.Planner``'s (and ``_plan.lacking``), the reads without the lock go
 through ``_reader.ReaderPool``, and the copies in flight (which guest writes wait for)
-are kept in ``_inflight.Flight``; all are cimported, their methods called in C.
+are kept in ``_inflight.Flight``; all are cimported, their methods called in C. What a
+failed chunk leads to (the error policy) is ``_streamerr.StreamErrors``, Stream's base.
 """
 from libc.stdint cimport int64_t
 
@@ -42,7 +43,8 @@ from blockpull._inflight import write_at_guest
 from blockpull._plan cimport Planner, lacking
 from blockpull._ratelimit cimport RateLimiter
 from blockpull._reader cimport ReaderPool
-from blockpull._q2keep cimport KeepPlan, Packer, descriptor, kept_pieces, first_unwritten
+from blockpull._q2keep cimport KeepPlan, Packer, descriptor, kept_pieces
+from blockpull._streamerr cimport StreamErrors
 from blockpull._q2keep import write_kept
 from blockpull._pool import BufferPool
 from blockpull.errors import StreamIOError
@@ -57,7 +59,7 @@ DEFAULT_READ_DEPTH = 4  # chunk reads in flight (reader threads)
 MAX_READ_DEPTH = 64     # a pass holds depth + read_depth chunk buffers
 
 
-cdef class Stream:
+cdef class Stream(StreamErrors):
     """One pull's copy loop over ``chain`` (a blockpull._chain.Chain) into its top driver
     ``top`` (``chain.layers[0]``), down to chain index ``base_depth`` (the chain's depth:
     no base), under ``lock``, the image lock that every writer of the top holds. The
@@ -67,9 +69,7 @@ cdef class Stream:
     once. ``flight`` holds its copies in flight, which writes into the top wait for
     (``await_copies``) and copy-on-read leaves alone. Raises ValueError when ``top``
     is not the chain's top."""
-    cdef object lock
     cdef Chain chain
-    cdef Driver top
     cdef readonly Flight flight
     cdef readonly int base_depth
     cdef readonly bint keep_base
@@ -79,9 +79,7 @@ cdef class Stream:
     cdef readonly int64_t copied
     cdef readonly int64_t zeroed
     cdef readonly int64_t skipped_zero
-    cdef readonly int64_t errors
     cdef readonly int64_t plan_pos      # ``end`` holds the plan of [0, plan_pos)
-    cdef readonly int64_t done_front    # what lies before it is counted or being linked
     cdef readonly bint tracking         # guest writes are counted into ``cur``
     cdef public bint cancel_requested
     cdef public bint pause_requested
@@ -89,16 +87,13 @@ cdef class Stream:
     cdef public int64_t batch
     cdef int64_t since_batch
     cdef object pool
-    cdef object control
     cdef object writer
     cdef public bint direct
     cdef public int depth
     cdef public int read_depth
-    cdef int64_t run_epoch    # the top's failed syncs when this pass began
     cdef ReaderPool readers
     cdef Planner planner
     cdef public KeepPlan keep       # compressed clusters kept as they are, or None
-    cdef Packer packer
     cdef readonly int64_t kept      # bytes (virtual) linked as compressed clusters
 
     def __init__(self, Chain chain, Driver top, lock, int base_depth, RateLimiter limiter,
@@ -343,93 +338,11 @@ cdef class Stream:
             b.release()
         self.pool = None
 
-    cdef int64_t _epoch(self):
-        """How many of the top's fdatasyncs have failed so far."""
-        return getattr(self.top, "sync_failures", 0)
-
     def intact(self):
         """False when an fdatasync of the top failed since this pass of the copy loop
         began (or went back to the start): clusters linked before it may have been given
         back, and a new pass must copy them again before the backing link changes."""
         return self._epoch() == self.run_epoch
-
-    cdef object _settle(self, list inflight, list spare, int count):
-        """Link the ``count`` oldest chunks in flight, in order. On a failed write the
-        chunks after it are given back as well; returns (offset, length, error) of the
-        failed one, or None. A chunk whose data was written before a failed fdatasync
-        is given back instead of linked, and returned with error None."""
-        cdef Chunk ch
-        cdef object exc
-        while count > 0 and inflight:
-            ch = inflight.pop(0)
-            count -= 1
-            exc = None
-            try:
-                linked = self.finish_chunk(ch)
-            except StreamIOError as e:
-                linked, exc = False, e
-            spare.append(ch.buf)
-            ch.buf = None
-            if not linked:
-                # the chunks after it are given back: they are read again from there
-                while inflight:
-                    later = <Chunk>inflight.pop(0)
-                    self._discard(later)
-                    spare.append(later.buf)
-                    later.buf = None
-                return (ch.off, ch.n, exc)
-        return None
-
-    cdef int64_t _handle(self, tuple failed) except -1:
-        """Ask ``on_error`` about a failed chunk; the position to carry on from.
-
-        After a failed fdatasync of the top (this pull's or a guest flush's), the
-        clusters linked since the last good one were given back (their data may never
-        have reached the disk): a retry goes back to the start, so that they are copied
-        again before anything points at them."""
-        off, n, exc = failed
-        if self._epoch() != self.run_epoch:
-            if exc is None or self._on_error(exc) == "stop":
-                self.run_epoch = self._epoch()
-                return 0
-            self._skipped(off, n)
-            return off + n
-        if exc is None:
-            return off
-        if self._on_error(exc) == "ignore":
-            self._skipped(off, n)
-            return off + n
-        return off
-
-    cdef object _on_error(self, exc):
-        """The control's policy for the error: "stop" (try the chunk again) or "ignore"
-        (give it up); raises the error on "report", or without a control.
-
-        Before the control hears of the error, what is linked so far is written back
-        (as best the disk allows): while the job waits paused, or carries on past the
-        failed chunk, the image on disk holds everything copied before the failure."""
-        try:
-            with self.lock:
-                self.top.flush_metadata()
-        except OSError:
-            pass
-        policy = self.control.on_io_error(exc) if self.control is not None else "report"
-        if policy == "stop" or policy == "ignore":
-            return policy
-        raise exc
-
-    cdef _skipped(self, int64_t off, int64_t n):
-        """A chunk given up under on_error="ignore": what it still lacked counts as
-        done (a guest write that filled part of it was counted already)."""
-        cdef int64_t pend
-        self.errors += 1
-        with self.lock:
-            try:
-                pend = self._pending(off, n)
-            except OSError:
-                pend = n      # the chain's tables fail as well: count the chunk whole
-            self._count(pend)
-            self.done_front = max(self.done_front, off + n)
 
     cdef _discard(self, Chunk ch):
         """Give back the clusters of a chunk that will not be linked."""
@@ -577,36 +490,6 @@ cdef class Stream:
             return exc
         return None
 
-    cdef _keep_written(self, Chunk ch, int64_t front, exc):
-        """The chunk's write failed (the lock is held): link the clusters that reached
-        the file before the error, in virtual order up to the first that did not (a full
-        disk lets part of a write through, and with several writes in flight each may be
-        cut short; ``write_kept`` tells how many kept compressed clusters were written
-        whole), give back the rest, and raise StreamIOError at the first cluster not
-        linked. They are linked like any others, their data made durable before the
-        tables that point at them (``on_error`` flushes before the policy is asked). A
-        chunk written at guest offsets (an external data file, in runs) is given back
-        whole."""
-        cdef int64_t cs = self.top.cluster_size
-        cdef int64_t k = max(0, min(getattr(exc, "bytes_written", 0) // cs, len(ch.todo)))
-        cdef int64_t first = first_unwritten(ch, k, getattr(exc, "kept_written", 0))
-        cdef int64_t start = min((ch.todo or ch.ctodo)[0], (ch.ctodo or ch.todo)[0])
-        if first <= start or ch.host < 0 or self._epoch() != ch.epoch:
-            self._give_back(ch, 0)
-            raise StreamIOError(exc, "write", ch.off + start * cs)
-        k = len([j for j in ch.todo if j < first])
-        if k < len(ch.todo):
-            self.top.free_clusters(ch.host + k * cs, len(ch.todo) - k)
-        ch.todo = ch.todo[:k]
-        if ch.ctodo:
-            self.packer.give_back_from(ch, first)
-        ch.zeros = [j for j in ch.zeros if j < first]
-        ch.skips = [j for j in ch.skips if j < first]
-        self._link_chunk(ch, front)    # raises StreamIOError itself if linking fails
-        v = ch.off + first * cs
-        self._partly_done(ch, v)       # the chunk to retry (or give up) is [v, end)
-        raise StreamIOError(exc, "write", v)
-
     cdef _link_chunk(self, Chunk ch, int64_t front):
         """Link the chunk's clusters (the lock is held), in virtual order, so that a
         failure at ``v`` leaves every cluster before it done and the chunk to retry is
@@ -683,13 +566,6 @@ cdef class Stream:
             self.packer.give_back(at, nb)
         ch.cdone = i + 1
         return 0
-
-    cdef _partly_done(self, Chunk ch, int64_t v):
-        """A chunk failed at ``v`` after its earlier clusters were done (and counted):
-        leave the chunk as [v, end) for the error policy."""
-        self.done_front = max(self.done_front, v)
-        ch.n -= v - ch.off
-        ch.off = v
 
     def finish_sync(self):
         """Make everything copied durable (before the backing link changes). The caller
