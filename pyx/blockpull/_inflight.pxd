@@ -4,6 +4,7 @@ from libc.stdint cimport int64_t
 from libc.string cimport memcmp
 
 from blockpull._driver cimport Driver
+from blockpull._fileio cimport File
 from blockpull._ratelimit cimport RateLimiter
 
 
@@ -59,3 +60,4 @@ cdef int keep_lacking(Driver top, Flight flight, Chunk ch, bint keep_base,
                       int64_t* skipped) except -1
 cdef int cor_group(Driver top, list views, list vaddrs, int64_t cs) except -1
 cdef bint write_zero_cluster(Driver top, int64_t v, int64_t n) except -1
+cdef int host_write(File f, Chunk ch, int64_t cs) except -1

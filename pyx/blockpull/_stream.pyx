@@ -39,7 +39,7 @@ from libc.stdint cimport int64_t
 from blockpull._driver cimport Driver, KIND_UNALLOC
 from blockpull._chain cimport Chain
 from blockpull._inflight cimport Chunk, Flight, keep_lacking, write_zero_cluster
-from blockpull._inflight import write_at_guest
+from blockpull._inflight import write_at_guest, write_at_host
 from blockpull._plan cimport Planner, lacking
 from blockpull._ratelimit cimport RateLimiter
 from blockpull._reader cimport ReaderPool
@@ -277,13 +277,12 @@ cdef class Stream(StreamErrors):
                         failed = (ch.off, ch.n, exc)
                     continue
                 if ch.todo and ch.host < 0:
-                    ch.future = self.writer.submit(write_at_guest, self.top.data_file, ch,
-                                                   self.top.cluster_size)
+                    ch.future = self.writer.submit(write_at_guest, self.top.data_file, ch, cs)
                 elif ch.ctodo:
-                    ch.future = self.writer.submit(write_kept, self.top.file, ch.views,
-                                                   ch.host, kept_pieces(ch))
+                    ch.future = self.writer.submit(write_kept, self.top.file, ch, cs,
+                                                   kept_pieces(ch))
                 elif ch.todo:
-                    ch.future = self.writer.submit(self.top.file.pwritev_data, ch.views, ch.host)
+                    ch.future = self.writer.submit(write_at_host, self.top.file, ch, cs)
                 inflight.append(ch)
             clean = self.errors == 0
             return "completed"

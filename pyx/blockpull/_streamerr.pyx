@@ -17,8 +17,27 @@ after what is linked so far was written back.
 from libc.stdint cimport int64_t
 
 from blockpull._inflight cimport Chunk
-from blockpull._q2keep cimport first_unwritten
 from blockpull.errors import StreamIOError
+
+
+cdef int64_t first_unwritten(Chunk ch, object written) except -2:
+    """The chunk's first cluster (index) in virtual order to be written, as a data
+    cluster (``ch.todo``) or a kept compressed one (``ch.ctodo``), whose bytes did not
+    all reach the file by ``written`` (a writer's report, see blockpull._inflight);
+    -1 if none, or without a report."""
+    cdef int64_t first = -1
+    if written is None:
+        return -1
+    for j in ch.todo:
+        if not written[j]:
+            first = j
+            break
+    for j in ch.ctodo or ():
+        if not written[j]:
+            if first < 0 or j < first:
+                first = j
+            break
+    return first
 
 
 cdef class StreamErrors:
@@ -134,23 +153,24 @@ cdef class StreamErrors:
         """The chunk's write failed (the lock is held): link the clusters that reached
         the file before the error, in virtual order up to the first that did not (a full
         disk lets part of a write through, and with several writes in flight each may be
-        cut short; ``write_kept`` tells how many kept compressed clusters were written
-        whole), give back the rest, and raise StreamIOError at the first cluster not
-        linked. They are linked like any others, their data made durable before the
-        tables that point at them (``on_error`` flushes before the policy is asked). A
-        chunk written at guest offsets (an external data file, in runs) is given back
-        whole."""
+        cut short), give back the rest, and raise StreamIOError at the first cluster not
+        linked. What reached the file is the writer's report, the same from every writer
+        (``exc.written``, see blockpull._inflight). They are linked like any others,
+        their data made durable before the tables that point at them (``on_error``
+        flushes before the policy is asked)."""
         cdef int64_t cs = self.top.cluster_size
-        cdef int64_t k = max(0, min(getattr(exc, "bytes_written", 0) // cs, len(ch.todo)))
-        cdef int64_t first = first_unwritten(ch, k, getattr(exc, "kept_written", 0))
+        cdef int64_t first = first_unwritten(ch, getattr(exc, "written", None))
         cdef int64_t start = min((ch.todo or ch.ctodo)[0], (ch.ctodo or ch.todo)[0])
-        if first <= start or ch.host < 0 or self._epoch() != ch.epoch:
+        cdef int64_t k
+        if first <= start or self._epoch() != ch.epoch:
             self._give_back(ch, 0)
             raise StreamIOError(exc, "write", ch.off + start * cs)
         k = len([j for j in ch.todo if j < first])
-        if k < len(ch.todo):
+        if k < len(ch.todo) and ch.host >= 0:    # (-1: guest offsets, nothing held)
             self.top.free_clusters(ch.host + k * cs, len(ch.todo) - k)
         ch.todo = ch.todo[:k]
+        if ch.masks is not None:
+            ch.masks = ch.masks[:k]
         if ch.ctodo:
             self.packer.give_back_from(ch, first)
         ch.zeros = [j for j in ch.zeros if j < first]
