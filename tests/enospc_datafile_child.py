@@ -38,7 +38,8 @@ def sh(*args, check=True):
 
 def judge(top, base, what):
     r = sh("qemu-img", "check", "-U", top, check=False)
-    assert r.returncode == 0, f"{what}: qemu-img check exit {r.returncode}\n{r.stdout}{r.stderr}"
+    assert r.returncode == 0, \
+        f"{what}: qemu-img check exit {r.returncode}\n{r.stdout}{r.stderr}"
     r = sh("qemu-img", "compare", "-U", top, base, check=False)
     assert r.returncode == 0, f"{what}: reads differ from the chain\n{r.stdout}{r.stderr}"
 

@@ -37,6 +37,8 @@ cdef class Chunk:
     cdef int64_t cdone        # ctodo[:cdone] are linked or given back
     cdef list masks           # per todo cluster, the subclusters to write (ext L2 in a
                               # data file), or None: whole clusters
+    cdef int64_t charge       # bytes drawn for it from the pull's rate limiter
+    cdef int64_t charge_epochs[2]   # that limiter's and its parent's epochs then
 
     cdef release_views(self)
     cdef set_views(self, int64_t cs)

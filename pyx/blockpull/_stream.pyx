@@ -21,7 +21,9 @@ The steps overlap: while ``depth`` chunks are being written, the next ``read_dep
 ones are read into spare buffers, by as many reader threads (each with drivers of its
 own: compressed clusters are inflated on every core); chunks are kept and linked in
 order. Buffers come from one pool of ``depth + read_depth`` chunks. The rate limiter is
-drawn from before each chunk's read. The progress counters are C integers read without
+drawn from before each chunk's read, for what the top lacks of it then, and what the
+re-check finds filled meanwhile is given back: a limited pull pays for the clusters it
+reads and copies, not for ranges copy-on-read or guest writes filled. The progress counters are C integers read without
 a lock. The system calls release the GIL; nothing per cluster goes back to Python.
 
 A read in flight holds no reservation: a guest write into its range goes ahead (and
@@ -254,9 +256,11 @@ cdef class Stream(StreamErrors):
                             pos, run_end = s, s + n
                     if pos < run_end:
                         take = min(self.limiter.step_bytes(chunk, cs), run_end - pos)
-                        if self.limiter.consume(take):
+                        ch = self._plan_chunk(pos, take)
+                        if self._charge(ch):
                             continue  # woken: re-check cancel/pause/speed, then draw again
-                        reads.append(self._start_chunk(spare.pop(), pos, take))
+                        self._start_read(ch, spare.pop())
+                        reads.append(ch)
                         pos += take
                         continue
                 if not reads:
@@ -372,24 +376,56 @@ cdef class Stream(StreamErrors):
                 ch.craw = None
                 self.flight.unreserve(ch)
 
-    cdef Chunk _start_chunk(self, buf, int64_t off, int64_t n):
-        """Start reading what the top lacks in [off, off+n) from the backing chain into
-        ``buf`` on a reader thread (without the lock); ``_finish_read`` keeps it."""
+    cdef Chunk _plan_chunk(self, int64_t off, int64_t n):
+        """A chunk over [off, off+n) with what the top lacks of it now (``runs``), which
+        is what it is charged for (``charge``, bytes); nothing is read yet."""
         cdef int64_t cs = self.top.cluster_size
         cdef Chunk ch = Chunk.__new__(Chunk)
         ch.off = off
         ch.n = n
-        ch.buf = buf
         ch.state = bytearray((n + cs - 1) // cs)
         with self.lock:
-            ch.epoch = self._epoch()
             ch.runs = lacking(self.top, off, n)
+        ch.charge = sum([<int64_t>r[2] for r in ch.runs])
+        return ch
+
+    cdef bint _charge(self, Chunk ch) except -1:
+        """Draw the chunk's charge from the rate limiter, sleeping (without the GIL)
+        until its schedule allows it; True when woken early (nothing is charged, the
+        chunk is dropped: it is planned again). Nothing lacking costs nothing."""
+        cdef int r
+        cdef RateLimiter lim = self.limiter
+        if ch.charge <= 0:
+            return False
+        lim.epochs(&ch.charge_epochs[0], &ch.charge_epochs[1])
+        with nogil:
+            r = lim.consume_nogil(ch.charge)
+        if r:
+            ch.charge = 0
+        return r != 0
+
+    cdef _refund(self, Chunk ch, int64_t used):
+        """Give back what the chunk was charged beyond ``used`` bytes (what a guest write
+        or copy-on-read filled after it was planned, or all of it when it is dropped)."""
+        cdef int64_t extra = ch.charge - used
+        if extra > 0:
+            self.limiter.refund(extra, ch.charge_epochs[0], ch.charge_epochs[1])
+            ch.charge = used
+
+    cdef _start_read(self, Chunk ch, buf):
+        """Start reading what the top lacks of the chunk (looked at again: the draw may
+        have slept) from the backing chain into ``buf`` on a reader thread (without the
+        lock); ``_finish_read`` keeps it."""
+        cdef int64_t cs = self.top.cluster_size
+        ch.buf = buf
+        with self.lock:
+            ch.epoch = self._epoch()
+            ch.runs = lacking(self.top, ch.off, ch.n)
         if ch.runs:
             if self.keep is not None:
                 ch.craw = {}
-            ch.future = self.readers.submit(ch.runs, off, n, cs, buf, ch.state, self.keep,
-                                            ch.craw)
-        return ch
+            ch.future = self.readers.submit(ch.runs, ch.off, ch.n, cs, buf, ch.state,
+                                            self.keep, ch.craw)
 
     cdef int _finish_read(self, Chunk ch) except -1:
         """Wait for the chunk's read (raises its StreamIOError), then under the lock keep
@@ -406,6 +442,7 @@ cdef class Stream(StreamErrors):
         with self.lock:
             # the re-check: what a guest write filled meanwhile is its own
             keep_lacking(self.top, self.flight, ch, self.keep_base, &self.skipped_zero)
+            self._refund(ch, self._kept_bytes(ch))
             if ch.ctodo:
                 try:
                     self.packer.place_chunk(ch)
@@ -415,6 +452,15 @@ cdef class Stream(StreamErrors):
         if ch.todo:
             ch.set_views(self.top.cluster_size)
         return 0
+
+    cdef int64_t _kept_bytes(self, Chunk ch) except -1:
+        """Bytes of the chunk's clusters that its re-check kept (the top still lacked
+        them; all were read): to copy, kept compressed, zeros, all-zero skips."""
+        cdef int64_t cs = self.top.cluster_size, n = ch.n, total = 0
+        for lst in (ch.todo, ch.ctodo, ch.zeros, ch.skips):
+            for j in lst or ():
+                total += min(cs, n - <int64_t>j * cs)
+        return total
 
     cdef bint _write_first(self, Chunk r, Chunk w):
         """While the read of ``r`` (the next chunk to keep) runs: True once the write of
@@ -434,6 +480,7 @@ cdef class Stream(StreamErrors):
         if ch.future is not None:
             futures.wait((ch.future,))
             ch.future = None
+        self._refund(ch, 0)
         spare.append(ch.buf)
         ch.buf = None
 
