@@ -318,8 +318,8 @@ def _dense_chain(qemu, tmp_path, name, size):
     base = tmp_path / f"{name}-base.qcow2"
     top = tmp_path / f"{name}.qcow2"
     qemu.img("create", "-q", "-f", "qcow2", str(base), str(size))
-    qemu.io(str(base), f"write -P 0x5a 0 {size // 2}", f"write -P 0xa5 {size // 2} {size // 2}",
-            fmt="qcow2")
+    half = size // 2
+    qemu.io(str(base), f"write -P 0x5a 0 {half}", f"write -P 0xa5 {half} {half}", fmt="qcow2")
     qemu.img("create", "-q", "-f", "qcow2", "-b", base.name, "-F", "qcow2", str(top))
     ref = tmp_path / f"{name}.raw"
     qemu.img("convert", "-O", "raw", str(top), str(ref))

@@ -188,6 +188,10 @@ cdef class RateLimiter:
             self.sent -= n
         pthread_mutex_unlock(&self.mu)
 
+    cdef bint limited(self) noexcept nogil:
+        """True when a draw may sleep: this limiter or its parent has a rate."""
+        return self._rate > 0 or (self.parent is not None and self.parent._rate > 0)
+
     cdef void epochs(self, int64_t* mine, int64_t* parents) noexcept nogil:
         """The epochs of this limiter's and its parent's schedules (-1: no parent), taken
         before a draw that may be refunded."""

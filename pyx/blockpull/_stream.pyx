@@ -23,8 +23,9 @@ own: compressed clusters are inflated on every core); chunks are kept and linked
 order. Buffers come from one pool of ``depth + read_depth`` chunks. The rate limiter is
 drawn from before each chunk's read, for what the top lacks of it then, and what the
 re-check finds filled meanwhile is given back: a limited pull pays for the clusters it
-reads and copies, not for ranges copy-on-read or guest writes filled. The progress counters are C integers read without
-a lock. The system calls release the GIL; nothing per cluster goes back to Python.
+reads and copies, not for ranges copy-on-read or guest writes filled. The progress
+counters are C integers read without a lock. The system calls release the GIL; nothing
+per cluster goes back to Python.
 
 A read in flight holds no reservation: a guest write into its range goes ahead (and
 wins at the re-check), and copy-on-read of that range reads the chain itself, as it
@@ -259,7 +260,8 @@ cdef class Stream(StreamErrors):
                         ch = self._plan_chunk(pos, take)
                         if self._charge(ch):
                             continue  # woken: re-check cancel/pause/speed, then draw again
-                        self._start_read(ch, spare.pop())
+                        self._start_read(ch, spare.pop(),
+                                         ch.charge > 0 and self.limiter.limited())
                         reads.append(ch)
                         pos += take
                         continue
@@ -321,6 +323,8 @@ cdef class Stream(StreamErrors):
         for ch in inflight:
             self._discard(ch)
         self._await_reads(reads)
+        for ch in reads:
+            self._refund(ch, 0)     # read, never copied
         self.writer.shutdown(wait=True)
         self.writer = None
         with self.lock:
@@ -385,6 +389,7 @@ cdef class Stream(StreamErrors):
         ch.n = n
         ch.state = bytearray((n + cs - 1) // cs)
         with self.lock:
+            ch.epoch = self._epoch()
             ch.runs = lacking(self.top, off, n)
         ch.charge = sum([<int64_t>r[2] for r in ch.runs])
         return ch
@@ -412,15 +417,16 @@ cdef class Stream(StreamErrors):
             self.limiter.refund(extra, ch.charge_epochs[0], ch.charge_epochs[1])
             ch.charge = used
 
-    cdef _start_read(self, Chunk ch, buf):
-        """Start reading what the top lacks of the chunk (looked at again: the draw may
-        have slept) from the backing chain into ``buf`` on a reader thread (without the
-        lock); ``_finish_read`` keeps it."""
+    cdef _start_read(self, Chunk ch, buf, bint slept):
+        """Start reading what the top lacks of the chunk (looked at again when the draw
+        may have ``slept``) from the backing chain into ``buf`` on a reader thread
+        (without the lock); ``_finish_read`` keeps it."""
         cdef int64_t cs = self.top.cluster_size
         ch.buf = buf
-        with self.lock:
-            ch.epoch = self._epoch()
-            ch.runs = lacking(self.top, ch.off, ch.n)
+        if slept:
+            with self.lock:
+                ch.epoch = self._epoch()
+                ch.runs = lacking(self.top, ch.off, ch.n)
         if ch.runs:
             if self.keep is not None:
                 ch.craw = {}
