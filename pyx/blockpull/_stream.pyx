@@ -282,18 +282,25 @@ cdef class Stream(StreamErrors):
                     if failed is None:
                         failed = (ch.off, ch.n, exc)
                     continue
-                if ch.todo and ch.host < 0:
-                    ch.future = self.writer.submit(write_at_guest, self.top.data_file, ch, cs)
-                elif ch.ctodo:
-                    ch.future = self.writer.submit(write_kept, self.top.file, ch, cs,
-                                                   kept_pieces(ch))
-                elif ch.todo:
-                    ch.future = self.writer.submit(write_at_host, self.top.file, ch, cs)
+                self._submit_write(ch)
                 inflight.append(ch)
             clean = self.errors == 0
             return "completed"
         finally:
             self._end_run(inflight, reads, bufs, clean)
+
+    cdef _submit_write(self, Chunk ch):
+        """Start the chunk's write on a writer thread: into the external data file at
+        guest offsets, or into the image file (kept compressed bytes after the data).
+        Every writer reports a failure the same way (``OSError.written``, see
+        blockpull._inflight)."""
+        cdef int64_t cs = self.top.cluster_size
+        if ch.todo and ch.host < 0:
+            ch.future = self.writer.submit(write_at_guest, self.top.data_file, ch, cs)
+        elif ch.ctodo:
+            ch.future = self.writer.submit(write_kept, self.top.file, ch, cs, kept_pieces(ch))
+        elif ch.todo:
+            ch.future = self.writer.submit(write_at_host, self.top.file, ch, cs)
 
     cdef list _begin_run(self, int depth, int rdepth, int64_t chunk):
         """Set up a pass of the copy loop: ``depth + rdepth`` pool buffers of ``chunk``
