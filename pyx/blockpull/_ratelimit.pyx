@@ -255,8 +255,8 @@ cdef class RateLimiter:
         return bool(r)
 
     def give_back(self, int64_t n, int64_t mine, int64_t parents):
-        """Python face of ``refund``: give back ``n`` bytes (> 0) of a granted draw taken
-        when ``draw_epochs()`` was (``mine``, ``parents``)."""
+        """Python face of ``refund``: give back ``n`` bytes of a granted draw taken when
+        ``draw_epochs()`` was (``mine``, ``parents``). Raises ValueError unless n > 0."""
         if n <= 0:
             raise ValueError("n must be > 0")
         with nogil:
