@@ -352,10 +352,11 @@ def test_a_limited_pull_is_charged_for_what_it_copies(qemu, tmp_path):
     assert "backing-filename" not in qemu.info(str(top))
 
 
-@pytest.mark.parametrize("own", [True, False], ids=["own-limit", "budget"])
-def test_a_whole_limited_pull_is_charged_exactly_what_it_copies(qemu, tmp_path, own):
+@pytest.mark.parametrize("own,size", [(True, 8 * MiB), (False, 8 * MiB),
+                                      (True, 8 * MiB - 1536)],
+                         ids=["own-limit", "budget", "short-last-cluster"])
+def test_a_whole_limited_pull_is_charged_exactly_what_it_copies(qemu, tmp_path, own, size):
     import blockpull
-    size = 8 * MiB
     top, ref = _dense_chain(qemu, tmp_path, "whole", size)
     budget = blockpull.Budget(0 if own else "256M")
     with blockpull.open(str(top)) as img:

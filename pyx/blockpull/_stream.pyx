@@ -470,9 +470,12 @@ cdef class Stream(StreamErrors):
         """Bytes of the chunk's clusters that its re-check kept (the top still lacked
         them; all were read): to copy, kept compressed, zeros, all-zero skips."""
         cdef int64_t cs = self.top.cluster_size, n = ch.n, total = 0
+        cdef int64_t last = (n + cs - 1) // cs - 1     # the only one that may be short
         for lst in (ch.todo, ch.ctodo, ch.zeros, ch.skips):
-            for j in lst or ():
-                total += min(cs, n - <int64_t>j * cs)
+            if lst:
+                total += len(lst) * cs
+                if <int64_t>lst[len(lst) - 1] == last:     # (each list is in order)
+                    total -= last * cs + cs - n
         return total
 
     cdef bint _write_first(self, Chunk r, Chunk w):
