@@ -285,3 +285,82 @@ def test_a_budget_that_is_not_a_budget_is_refused_at_once(qemu, tmp_path):
         blockpull.block_pull(str(top), 1, budget="10M")
     qemu.img("check", str(top))
     assert qemu.info(str(top))["backing-filename"] == f"{top.stem}-base.qcow2"
+
+
+# ---- what a pull is charged for ---------------------------------------------------------
+
+def test_a_limiter_counts_what_was_drawn_and_given_back():
+    # ``charged``: draws granted minus refunds, here and on the parent; a woken draw
+    # costs nothing; a refund moves the schedule back only within the draw's epoch
+    budget = Budget(0)
+    lim = budget.job_limiter()
+    assert not lim.consume(3 * MiB)
+    epochs = lim.draw_epochs()
+    assert not lim.consume(2 * MiB)
+    lim.give_back(MiB, *epochs)
+    assert (lim.charged, budget.limiter.charged) == (4 * MiB, 4 * MiB)
+    slow = RateLimiter(MiB)
+    assert not slow.consume(64 * 1024)          # the schedule starts
+    mine, parents = slow.draw_epochs()
+    assert parents == -1
+    result = {}
+    t = threading.Thread(target=lambda: result.setdefault("woken", slow.consume(100 * MiB)))
+    t.start()
+    while t.is_alive():
+        slow.wake()
+        t.join(0.05)
+    assert result["woken"] and slow.charged == 64 * 1024
+    with pytest.raises(ValueError):
+        slow.give_back(0, mine, parents)
+
+
+def _dense_chain(qemu, tmp_path, name, size):
+    base = tmp_path / f"{name}-base.qcow2"
+    top = tmp_path / f"{name}.qcow2"
+    qemu.img("create", "-q", "-f", "qcow2", str(base), str(size))
+    half = size // 2
+    qemu.io(str(base), f"write -P 0x5a 0 {half}", f"write -P 0xa5 {half} {half}", fmt="qcow2")
+    qemu.img("create", "-q", "-f", "qcow2", "-b", base.name, "-F", "qcow2", str(top))
+    ref = tmp_path / f"{name}.raw"
+    qemu.img("convert", "-O", "raw", str(top), str(ref))
+    return top, ref
+
+
+def test_a_limited_pull_is_charged_for_what_it_copies(qemu, tmp_path):
+    # the pull plans the whole disk, then pauses; copy-on-read fills the second half.
+    # Before, every chunk drew its whole range from the limiter before looking at what
+    # the top lacked: the second half cost as much as copying it, and the pull ended late
+    import blockpull
+    size = 16 * MiB
+    top, ref = _dense_chain(qemu, tmp_path, "cor", size)
+    budget = blockpull.Budget("1M")       # 64 KiB steps; the first half takes 8 s
+    with blockpull.open(str(top), copy_on_read=True) as img:
+        job = img.pull(budget=budget)
+        while job.info().cur == 0 and not job.done():
+            time.sleep(0.005)
+        job.pause()
+        assert job.status == "paused"
+        img.read(size // 2, size // 2)    # copy-on-read: the second half is the top's now
+        budget.set_speed(0)
+        job.resume()
+        info = job.result(timeout=60)
+        assert info.cur == info.end
+    assert info.copied_bytes == size // 2
+    assert budget.limiter.charged == info.copied_bytes
+    qemu.img("check", str(top))
+    qemu.img("compare", "-f", "qcow2", "-F", "raw", str(top), str(ref))
+    assert "backing-filename" not in qemu.info(str(top))
+
+
+@pytest.mark.parametrize("own,size", [(True, 8 * MiB), (False, 8 * MiB),
+                                      (True, 8 * MiB - 1536)],
+                         ids=["own-limit", "budget", "short-last-cluster"])
+def test_a_whole_limited_pull_is_charged_exactly_what_it_copies(qemu, tmp_path, own, size):
+    import blockpull
+    top, ref = _dense_chain(qemu, tmp_path, "whole", size)
+    budget = blockpull.Budget(0 if own else "256M")
+    with blockpull.open(str(top)) as img:
+        info = img.pull(budget=budget, bandwidth="256M" if own else 0).result(timeout=60)
+    assert info.copied_bytes == size
+    assert budget.limiter.charged == size
+    qemu.img("compare", "-f", "qcow2", "-F", "raw", str(top), str(ref))

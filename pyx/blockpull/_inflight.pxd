@@ -4,6 +4,7 @@ from libc.stdint cimport int64_t
 from libc.string cimport memcmp
 
 from blockpull._driver cimport Driver
+from blockpull._fileio cimport File
 from blockpull._ratelimit cimport RateLimiter
 
 
@@ -36,6 +37,8 @@ cdef class Chunk:
     cdef int64_t cdone        # ctodo[:cdone] are linked or given back
     cdef list masks           # per todo cluster, the subclusters to write (ext L2 in a
                               # data file), or None: whole clusters
+    cdef int64_t charge       # bytes drawn for it from the pull's rate limiter
+    cdef int64_t charge_epochs[2]   # that limiter's and its parent's epochs then
 
     cdef release_views(self)
     cdef set_views(self, int64_t cs)
@@ -59,3 +62,4 @@ cdef int keep_lacking(Driver top, Flight flight, Chunk ch, bint keep_base,
                       int64_t* skipped) except -1
 cdef int cor_group(Driver top, list views, list vaddrs, int64_t cs) except -1
 cdef bint write_zero_cluster(Driver top, int64_t v, int64_t n) except -1
+cdef int host_write(File f, Chunk ch, int64_t cs) except -1

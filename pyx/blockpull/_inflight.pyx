@@ -10,8 +10,17 @@ serialises them: a guest write to a cluster whose copy is in flight waits for th
 chunk's link (one chunk's write; the lock is released while it waits), and then finds
 the cluster allocated and writes in place. Copy-on-read leaves such a cluster to the
 pull, which links the same data.
+
+What reached the file: every writer of a chunk's copies (``write_at_host`` into the
+image file, ``write_at_guest`` into an external data file, ``blockpull._q2keep.write_kept``
+for kept compressed clusters) reports a failure the same way. The OSError it raises has
+``written``: a bytearray with one byte per cluster of the chunk (index ``j`` is the
+cluster at ``ch.off + j * cluster_size``), 1 where every byte the writer had to write
+for that cluster reached the file before the error, 0 elsewhere. A full disk lets part
+of a write through, and the copy loop links the clusters it let through
+(``blockpull._streamerr``).
 """
-from libc.stdint cimport int64_t, uint64_t
+from libc.stdint cimport int64_t, uint64_t, INT64_MAX
 
 from blockpull._driver cimport Driver, KIND_UNALLOC
 from blockpull._fileio cimport File
@@ -340,27 +349,79 @@ cdef bint write_zero_cluster(Driver top, int64_t v, int64_t n) except -1:
     return True
 
 
+cdef int mark_written(bytearray w, list todo, int64_t i, int64_t k, int64_t done,
+                      int64_t cs, int64_t n) except -1:
+    """Mark in ``w`` (see "What reached the file") the clusters ``todo[i:k]``, laid back
+    to back from the start of one write of which ``done`` bytes reached the file, whose
+    bytes all did: cluster ``todo[m]`` takes ``cs`` bytes, or the bytes left of a chunk
+    of ``n`` bytes when fewer."""
+    cdef int64_t m, j
+    for m in range(i, k):
+        j = todo[m]
+        if (m - i) * cs + min(cs, n - j * cs) > done:
+            break
+        w[j] = 1
+    return 0
+
+
+cdef int host_write(File f, Chunk ch, int64_t cs) except -1:
+    """The write of a chunk's copies into the image file ``f`` at the host clusters
+    reserved for them: ``ch.views`` (``set_views``: a short last cluster padded to
+    ``cs`` bytes) in one vectored write from ``ch.host``. Raises OSError with
+    ``written`` (see "What reached the file"; a padded cluster counts once its padding
+    reached the file too)."""
+    try:
+        f.writev_data(ch.views, ch.host)
+    except OSError as exc:
+        w = bytearray((ch.n + cs - 1) // cs)
+        mark_written(w, ch.todo, 0, len(ch.todo), getattr(exc, "bytes_written", 0), cs,
+                     INT64_MAX)     # (padded: every cluster takes ``cs`` bytes)
+        exc.written = w
+        raise
+    return 0
+
+
+def write_at_host(File f, Chunk ch, int64_t cs):
+    """On a writer thread: ``host_write`` (the chunk's copies into the image file ``f``
+    at ``ch.host``). Raises OSError with ``written`` (see "What reached the file")."""
+    host_write(f, ch, cs)
+
+
 def write_at_guest(File f, Chunk ch, int64_t cs):
     """The write of a chunk's copies into an external data file ``f``: each run of
     consecutive clusters of ``ch.todo`` at its guest offset (``ch.views`` must be set),
     no further than the chunk's end; of a cluster with a mask in ``ch.masks`` (extended
-    L2 entries), only the subclusters the mask names. Raises OSError."""
+    L2 entries), only the subclusters the mask names. Raises OSError with ``written``
+    (see "What reached the file": the runs written before the failing one, and the
+    whole clusters of that one that reached the file; a cluster of which only some
+    subclusters were written counts as not written)."""
     cdef list todo = ch.todo
     cdef list masks = ch.masks
     cdef int64_t i = 0, k, start, end
+    cdef bytearray w = bytearray((ch.n + cs - 1) // cs)
     while i < len(todo):
         k = i
+        start = <int64_t>todo[i] * cs
         if masks is not None and <uint64_t>masks[i] != SUB_ALLOC_ALL:
             # a cluster the top holds some subclusters of: only the others
-            start = <int64_t>todo[i] * cs
-            write_lacking(f, ch.bmv[start:min(start + cs, ch.n)], ch.off + start,
-                          <uint64_t>masks[i], sc_bits_of(cs))
+            try:
+                write_lacking(f, ch.bmv[start:min(start + cs, ch.n)], ch.off + start,
+                              <uint64_t>masks[i], sc_bits_of(cs))
+            except OSError as exc:
+                exc.written = w
+                raise
+            w[todo[i]] = 1
             i += 1
             continue
         while k + 1 < len(todo) and todo[k + 1] == todo[k] + 1 and \
                 (masks is None or <uint64_t>masks[k + 1] == SUB_ALLOC_ALL):
             k += 1
-        start = <int64_t>todo[i] * cs
         end = min((<int64_t>todo[k] + 1) * cs, ch.n)
-        f.writev_data([ch.bmv[start:end]], ch.off + start)
+        try:
+            f.writev_data([ch.bmv[start:end]], ch.off + start)
+        except OSError as exc:
+            mark_written(w, todo, i, k + 1, getattr(exc, "bytes_written", 0), cs, ch.n)
+            exc.written = w
+            raise
+        mark_written(w, todo, i, k + 1, end - start, cs, ch.n)
         i = k + 1

@@ -34,4 +34,3 @@ cdef class Packer:
 
 cdef uint64_t descriptor(int cluster_bits, int64_t coff, int64_t nbytes) noexcept
 cdef list kept_pieces(Chunk ch)
-cdef int64_t first_unwritten(Chunk ch, int64_t k, int64_t m) except -2

@@ -18,7 +18,7 @@ from blockpull._q2order cimport Qcow2Ordering
 from blockpull._q2compress cimport comp_extent
 from blockpull._q2map cimport OFFSET_MASK, COMPRESSED_FLAG
 from blockpull._tablecache cimport Table
-from blockpull._inflight cimport Chunk
+from blockpull._inflight cimport Chunk, host_write
 
 VALUES = ("inflate", "keep")
 _TYPE_NAMES = ("zlib", "zstd")
@@ -51,15 +51,15 @@ cdef list kept_pieces(Chunk ch):
     return out
 
 
-def write_kept(File f, views, int64_t host, list pieces):
-    """On a writer thread: a chunk's data clusters (``views`` at ``host``, bytes), then
-    its kept compressed bytes (``pieces``, from ``kept_pieces``) into ``f``, none of them
-    linked yet. Raises OSError; when the data was written whole and the kept bytes were
-    not, the error's ``bytes_written`` counts the data and its ``kept_written`` the kept
-    clusters (in ``ch.ctodo`` order) whose bytes all reached the file."""
+def write_kept(File f, Chunk ch, int64_t cs, list pieces):
+    """On a writer thread: a chunk's data clusters (``host_write``: ``ch.views`` at
+    ``ch.host``), then its kept compressed bytes (``pieces``, from ``kept_pieces``) into
+    ``f``, none of them linked yet. Raises OSError with ``written`` (one byte per
+    cluster of the chunk, as blockpull._inflight describes it): the data clusters and
+    the kept clusters whose bytes all reached the file."""
     cdef int64_t done = 0, left
-    if views:
-        f.pwritev_data(views, host)
+    if ch.todo:
+        host_write(f, ch, cs)
     for at, parts in pieces:
         try:
             f.pwritev(parts, at)
@@ -70,21 +70,14 @@ def write_kept(File f, views, int64_t host, list pieces):
                     break
                 left -= len(data)
                 done += 1
-            exc.bytes_written = sum(memoryview(v).nbytes for v in views or ())
-            exc.kept_written = done
+            w = bytearray((ch.n + cs - 1) // cs)
+            for j in ch.todo:
+                w[j] = 1
+            for j in ch.ctodo[:done]:
+                w[j] = 1
+            exc.written = w
             raise
         done += len(parts)
-
-
-cdef int64_t first_unwritten(Chunk ch, int64_t k, int64_t m) except -2:
-    """The chunk's first cluster (index) in virtual order whose copy did not reach the
-    file when ``ch.todo[:k]`` and ``ch.ctodo[:m]`` did (the rest did not); -1 if none."""
-    cdef int64_t first = -1
-    if k < len(ch.todo):
-        first = ch.todo[k]
-    if ch.ctodo and m < len(ch.ctodo) and (first < 0 or ch.ctodo[m] < first):
-        first = ch.ctodo[m]
-    return first
 
 
 cdef bint _holds_compressed(Qcow2Ordering q) except -1:

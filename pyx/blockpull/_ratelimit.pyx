@@ -15,6 +15,12 @@ A draw reserves its bytes on the schedule before sleeping (and gives them back i
 early), so several threads drawing on one limiter share its rate: that is how a budget
 shared by many pulls works. A limiter may have a ``parent``: a draw then waits on its own
 schedule and then on the parent's, so a job keeps its own speed inside a shared budget.
+
+A consumer that drew for more than it then used (a pull draws for what the top lacks
+before reading a chunk, and a guest write may fill part of it before the copy) gives the
+rest back with ``refund``: the schedule moves back by as much, unless it began a new epoch
+meanwhile. ``charged`` counts the bytes drawn and not given back, over the limiter's life
+(whatever its rate, 0 included).
 """
 from libc.stdint cimport int64_t
 
@@ -84,6 +90,7 @@ cdef class RateLimiter:
         self.sent = 0
         self.gen = 0
         self.epoch = 0
+        self.charged = 0
         self.parent = parent
 
     def __dealloc__(self):
@@ -144,6 +151,7 @@ cdef class RateLimiter:
         cdef int woken = 0
         pthread_mutex_lock(&self.mu)
         if self._rate <= 0:
+            self.charged += n
             pthread_mutex_unlock(&self.mu)
             return 0
         g = self.gen
@@ -166,14 +174,43 @@ cdef class RateLimiter:
             pthread_cond_timedwait(&self.cond, &self.mu, &ts)
         if woken and self.epoch == ep:
             self.sent -= n
+        if not woken:
+            self.charged += n
         pthread_mutex_unlock(&self.mu)
         return woken
 
     cdef void _give_back(self, int64_t n, int64_t epoch) noexcept nogil:
+        """Give back ``n`` bytes of a draw made in ``epoch``: no longer charged, and
+        off the schedule if it is still that epoch's."""
         pthread_mutex_lock(&self.mu)
+        self.charged -= n
         if self.epoch == epoch and self._rate > 0:
             self.sent -= n
         pthread_mutex_unlock(&self.mu)
+
+    cdef bint limited(self) noexcept nogil:
+        """True when a draw may sleep: this limiter or its parent has a rate."""
+        return self._rate > 0 or (self.parent is not None and self.parent._rate > 0)
+
+    cdef void epochs(self, int64_t* mine, int64_t* parents) noexcept nogil:
+        """The epochs of this limiter's and its parent's schedules (-1: no parent), taken
+        before a draw that may be refunded."""
+        pthread_mutex_lock(&self.mu)
+        mine[0] = self.epoch
+        pthread_mutex_unlock(&self.mu)
+        parents[0] = -1
+        if self.parent is not None:
+            pthread_mutex_lock(&self.parent.mu)
+            parents[0] = self.parent.epoch
+            pthread_mutex_unlock(&self.parent.mu)
+
+    cdef void refund(self, int64_t n, int64_t mine, int64_t parents) noexcept nogil:
+        """Give back ``n`` bytes (> 0) of a granted draw whose ``epochs`` were ``mine``
+        and ``parents``: no longer charged, here or on the parent, and each schedule
+        still in that epoch moves back by ``n`` (the next draws may start earlier)."""
+        self._give_back(n, mine)
+        if self.parent is not None:
+            self.parent._give_back(n, parents)
 
     cdef int64_t step_bytes(self, int64_t chunk, int64_t cs):
         """Bytes to copy per step (at most ``chunk``, whole ``cs``-byte clusters): under
@@ -216,3 +253,17 @@ cdef class RateLimiter:
         with nogil:
             r = self.consume_nogil(n)
         return bool(r)
+
+    def give_back(self, int64_t n, int64_t mine, int64_t parents):
+        """Python face of ``refund``: give back ``n`` bytes of a granted draw taken when
+        ``draw_epochs()`` was (``mine``, ``parents``). Raises ValueError unless n > 0."""
+        if n <= 0:
+            raise ValueError("n must be > 0")
+        with nogil:
+            self.refund(n, mine, parents)
+
+    def draw_epochs(self):
+        """(this limiter's epoch, its parent's or -1): what ``give_back`` needs."""
+        cdef int64_t mine, parents
+        self.epochs(&mine, &parents)
+        return mine, parents

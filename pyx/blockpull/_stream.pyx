@@ -21,8 +21,11 @@ The steps overlap: while ``depth`` chunks are being written, the next ``read_dep
 ones are read into spare buffers, by as many reader threads (each with drivers of its
 own: compressed clusters are inflated on every core); chunks are kept and linked in
 order. Buffers come from one pool of ``depth + read_depth`` chunks. The rate limiter is
-drawn from before each chunk's read. The progress counters are C integers read without
-a lock. The system calls release the GIL; nothing per cluster goes back to Python.
+drawn from before each chunk's read, for what the top lacks of it then, and what the
+re-check finds filled meanwhile is given back: a limited pull pays for the clusters it
+reads and copies, not for ranges copy-on-read or guest writes filled. The progress
+counters are C integers read without a lock. The system calls release the GIL; nothing
+per cluster goes back to Python.
 
 A read in flight holds no reservation: a guest write into its range goes ahead (and
 wins at the re-check), and copy-on-read of that range reads the chain itself, as it
@@ -31,18 +34,20 @@ did before reads ran ahead; only the copies between reservation and link
 
 The plan is ``_plan.Planner``'s (and ``_plan.lacking``), the reads without the lock go
 through ``_reader.ReaderPool``, and the copies in flight (which guest writes wait for)
-are kept in ``_inflight.Flight``; all are cimported, their methods called in C.
+are kept in ``_inflight.Flight``; all are cimported, their methods called in C. What a
+failed chunk leads to (the error policy) is ``_streamerr.StreamErrors``, Stream's base.
 """
 from libc.stdint cimport int64_t
 
 from blockpull._driver cimport Driver, KIND_UNALLOC
 from blockpull._chain cimport Chain
 from blockpull._inflight cimport Chunk, Flight, keep_lacking, write_zero_cluster
-from blockpull._inflight import write_at_guest
+from blockpull._inflight import write_at_guest, write_at_host
 from blockpull._plan cimport Planner, lacking
 from blockpull._ratelimit cimport RateLimiter
 from blockpull._reader cimport ReaderPool
-from blockpull._q2keep cimport KeepPlan, Packer, descriptor, kept_pieces, first_unwritten
+from blockpull._q2keep cimport KeepPlan, Packer, descriptor, kept_pieces
+from blockpull._streamerr cimport StreamErrors
 from blockpull._q2keep import write_kept
 from blockpull._pool import BufferPool
 from blockpull.errors import StreamIOError
@@ -57,7 +62,7 @@ DEFAULT_READ_DEPTH = 4  # chunk reads in flight (reader threads)
 MAX_READ_DEPTH = 64     # a pass holds depth + read_depth chunk buffers
 
 
-cdef class Stream:
+cdef class Stream(StreamErrors):
     """One pull's copy loop over ``chain`` (a blockpull._chain.Chain) into its top driver
     ``top`` (``chain.layers[0]``), down to chain index ``base_depth`` (the chain's depth:
     no base), under ``lock``, the image lock that every writer of the top holds. The
@@ -67,9 +72,7 @@ cdef class Stream:
     once. ``flight`` holds its copies in flight, which writes into the top wait for
     (``await_copies``) and copy-on-read leaves alone. Raises ValueError when ``top``
     is not the chain's top."""
-    cdef object lock
     cdef Chain chain
-    cdef Driver top
     cdef readonly Flight flight
     cdef readonly int base_depth
     cdef readonly bint keep_base
@@ -79,9 +82,7 @@ cdef class Stream:
     cdef readonly int64_t copied
     cdef readonly int64_t zeroed
     cdef readonly int64_t skipped_zero
-    cdef readonly int64_t errors
     cdef readonly int64_t plan_pos      # ``end`` holds the plan of [0, plan_pos)
-    cdef readonly int64_t done_front    # what lies before it is counted or being linked
     cdef readonly bint tracking         # guest writes are counted into ``cur``
     cdef public bint cancel_requested
     cdef public bint pause_requested
@@ -89,16 +90,13 @@ cdef class Stream:
     cdef public int64_t batch
     cdef int64_t since_batch
     cdef object pool
-    cdef object control
     cdef object writer
     cdef public bint direct
     cdef public int depth
     cdef public int read_depth
-    cdef int64_t run_epoch    # the top's failed syncs when this pass began
     cdef ReaderPool readers
     cdef Planner planner
     cdef public KeepPlan keep       # compressed clusters kept as they are, or None
-    cdef Packer packer
     cdef readonly int64_t kept      # bytes (virtual) linked as compressed clusters
 
     def __init__(self, Chain chain, Driver top, lock, int base_depth, RateLimiter limiter,
@@ -259,9 +257,12 @@ cdef class Stream:
                             pos, run_end = s, s + n
                     if pos < run_end:
                         take = min(self.limiter.step_bytes(chunk, cs), run_end - pos)
-                        if self.limiter.consume(take):
+                        ch = self._plan_chunk(pos, take)
+                        if self._charge(ch):
                             continue  # woken: re-check cancel/pause/speed, then draw again
-                        reads.append(self._start_chunk(spare.pop(), pos, take))
+                        self._start_read(ch, spare.pop(),
+                                         ch.charge > 0 and self.limiter.limited())
+                        reads.append(ch)
                         pos += take
                         continue
                 if not reads:
@@ -281,19 +282,25 @@ cdef class Stream:
                     if failed is None:
                         failed = (ch.off, ch.n, exc)
                     continue
-                if ch.todo and ch.host < 0:
-                    ch.future = self.writer.submit(write_at_guest, self.top.data_file, ch,
-                                                   self.top.cluster_size)
-                elif ch.ctodo:
-                    ch.future = self.writer.submit(write_kept, self.top.file, ch.views,
-                                                   ch.host, kept_pieces(ch))
-                elif ch.todo:
-                    ch.future = self.writer.submit(self.top.file.pwritev_data, ch.views, ch.host)
+                self._submit_write(ch)
                 inflight.append(ch)
             clean = self.errors == 0
             return "completed"
         finally:
             self._end_run(inflight, reads, bufs, clean)
+
+    cdef _submit_write(self, Chunk ch):
+        """Start the chunk's write on a writer thread: into the external data file at
+        guest offsets, or into the image file (kept compressed bytes after the data).
+        Every writer reports a failure the same way (``OSError.written``, see
+        blockpull._inflight)."""
+        cdef int64_t cs = self.top.cluster_size
+        if ch.todo and ch.host < 0:
+            ch.future = self.writer.submit(write_at_guest, self.top.data_file, ch, cs)
+        elif ch.ctodo:
+            ch.future = self.writer.submit(write_kept, self.top.file, ch, cs, kept_pieces(ch))
+        elif ch.todo:
+            ch.future = self.writer.submit(write_at_host, self.top.file, ch, cs)
 
     cdef list _begin_run(self, int depth, int rdepth, int64_t chunk):
         """Set up a pass of the copy loop: ``depth + rdepth`` pool buffers of ``chunk``
@@ -323,6 +330,8 @@ cdef class Stream:
         for ch in inflight:
             self._discard(ch)
         self._await_reads(reads)
+        for ch in reads:
+            self._refund(ch, 0)     # read, never copied
         self.writer.shutdown(wait=True)
         self.writer = None
         with self.lock:
@@ -343,93 +352,11 @@ cdef class Stream:
             b.release()
         self.pool = None
 
-    cdef int64_t _epoch(self):
-        """How many of the top's fdatasyncs have failed so far."""
-        return getattr(self.top, "sync_failures", 0)
-
     def intact(self):
         """False when an fdatasync of the top failed since this pass of the copy loop
         began (or went back to the start): clusters linked before it may have been given
         back, and a new pass must copy them again before the backing link changes."""
         return self._epoch() == self.run_epoch
-
-    cdef object _settle(self, list inflight, list spare, int count):
-        """Link the ``count`` oldest chunks in flight, in order. On a failed write the
-        chunks after it are given back as well; returns (offset, length, error) of the
-        failed one, or None. A chunk whose data was written before a failed fdatasync
-        is given back instead of linked, and returned with error None."""
-        cdef Chunk ch
-        cdef object exc
-        while count > 0 and inflight:
-            ch = inflight.pop(0)
-            count -= 1
-            exc = None
-            try:
-                linked = self.finish_chunk(ch)
-            except StreamIOError as e:
-                linked, exc = False, e
-            spare.append(ch.buf)
-            ch.buf = None
-            if not linked:
-                # the chunks after it are given back: they are read again from there
-                while inflight:
-                    later = <Chunk>inflight.pop(0)
-                    self._discard(later)
-                    spare.append(later.buf)
-                    later.buf = None
-                return (ch.off, ch.n, exc)
-        return None
-
-    cdef int64_t _handle(self, tuple failed) except -1:
-        """Ask ``on_error`` about a failed chunk; the position to carry on from.
-
-        After a failed fdatasync of the top (this pull's or a guest flush's), the
-        clusters linked since the last good one were given back (their data may never
-        have reached the disk): a retry goes back to the start, so that they are copied
-        again before anything points at them."""
-        off, n, exc = failed
-        if self._epoch() != self.run_epoch:
-            if exc is None or self._on_error(exc) == "stop":
-                self.run_epoch = self._epoch()
-                return 0
-            self._skipped(off, n)
-            return off + n
-        if exc is None:
-            return off
-        if self._on_error(exc) == "ignore":
-            self._skipped(off, n)
-            return off + n
-        return off
-
-    cdef object _on_error(self, exc):
-        """The control's policy for the error: "stop" (try the chunk again) or "ignore"
-        (give it up); raises the error on "report", or without a control.
-
-        Before the control hears of the error, what is linked so far is written back
-        (as best the disk allows): while the job waits paused, or carries on past the
-        failed chunk, the image on disk holds everything copied before the failure."""
-        try:
-            with self.lock:
-                self.top.flush_metadata()
-        except OSError:
-            pass
-        policy = self.control.on_io_error(exc) if self.control is not None else "report"
-        if policy == "stop" or policy == "ignore":
-            return policy
-        raise exc
-
-    cdef _skipped(self, int64_t off, int64_t n):
-        """A chunk given up under on_error="ignore": what it still lacked counts as
-        done (a guest write that filled part of it was counted already)."""
-        cdef int64_t pend
-        self.errors += 1
-        with self.lock:
-            try:
-                pend = self._pending(off, n)
-            except OSError:
-                pend = n      # the chain's tables fail as well: count the chunk whole
-            self._count(pend)
-            self.done_front = max(self.done_front, off + n)
 
     cdef _discard(self, Chunk ch):
         """Give back the clusters of a chunk that will not be linked."""
@@ -460,24 +387,58 @@ cdef class Stream:
                 ch.craw = None
                 self.flight.unreserve(ch)
 
-    cdef Chunk _start_chunk(self, buf, int64_t off, int64_t n):
-        """Start reading what the top lacks in [off, off+n) from the backing chain into
-        ``buf`` on a reader thread (without the lock); ``_finish_read`` keeps it."""
+    cdef Chunk _plan_chunk(self, int64_t off, int64_t n):
+        """A chunk over [off, off+n) with what the top lacks of it now (``runs``), which
+        is what it is charged for (``charge``, bytes); nothing is read yet."""
         cdef int64_t cs = self.top.cluster_size
         cdef Chunk ch = Chunk.__new__(Chunk)
         ch.off = off
         ch.n = n
-        ch.buf = buf
         ch.state = bytearray((n + cs - 1) // cs)
         with self.lock:
             ch.epoch = self._epoch()
             ch.runs = lacking(self.top, off, n)
+        ch.charge = sum([<int64_t>r[2] for r in ch.runs])
+        return ch
+
+    cdef bint _charge(self, Chunk ch) except -1:
+        """Draw the chunk's charge from the rate limiter, sleeping (without the GIL)
+        until its schedule allows it; True when woken early (nothing is charged, the
+        chunk is dropped: it is planned again). Nothing lacking costs nothing."""
+        cdef int r
+        cdef RateLimiter lim = self.limiter
+        if ch.charge <= 0:
+            return False
+        lim.epochs(&ch.charge_epochs[0], &ch.charge_epochs[1])
+        with nogil:
+            r = lim.consume_nogil(ch.charge)
+        if r:
+            ch.charge = 0
+        return r != 0
+
+    cdef _refund(self, Chunk ch, int64_t used):
+        """Give back what the chunk was charged beyond ``used`` bytes (what a guest write
+        or copy-on-read filled after it was planned, or all of it when it is dropped)."""
+        cdef int64_t extra = ch.charge - used
+        if extra > 0:
+            self.limiter.refund(extra, ch.charge_epochs[0], ch.charge_epochs[1])
+            ch.charge = used
+
+    cdef _start_read(self, Chunk ch, buf, bint slept):
+        """Start reading what the top lacks of the chunk (looked at again when the draw
+        may have ``slept``) from the backing chain into ``buf`` on a reader thread
+        (without the lock); ``_finish_read`` keeps it."""
+        cdef int64_t cs = self.top.cluster_size
+        ch.buf = buf
+        if slept:
+            with self.lock:
+                ch.epoch = self._epoch()
+                ch.runs = lacking(self.top, ch.off, ch.n)
         if ch.runs:
             if self.keep is not None:
                 ch.craw = {}
-            ch.future = self.readers.submit(ch.runs, off, n, cs, buf, ch.state, self.keep,
-                                            ch.craw)
-        return ch
+            ch.future = self.readers.submit(ch.runs, ch.off, ch.n, cs, buf, ch.state,
+                                            self.keep, ch.craw)
 
     cdef int _finish_read(self, Chunk ch) except -1:
         """Wait for the chunk's read (raises its StreamIOError), then under the lock keep
@@ -494,6 +455,7 @@ cdef class Stream:
         with self.lock:
             # the re-check: what a guest write filled meanwhile is its own
             keep_lacking(self.top, self.flight, ch, self.keep_base, &self.skipped_zero)
+            self._refund(ch, self._kept_bytes(ch))
             if ch.ctodo:
                 try:
                     self.packer.place_chunk(ch)
@@ -503,6 +465,18 @@ cdef class Stream:
         if ch.todo:
             ch.set_views(self.top.cluster_size)
         return 0
+
+    cdef int64_t _kept_bytes(self, Chunk ch) except -1:
+        """Bytes of the chunk's clusters that its re-check kept (the top still lacked
+        them; all were read): to copy, kept compressed, zeros, all-zero skips."""
+        cdef int64_t cs = self.top.cluster_size, n = ch.n, total = 0
+        cdef int64_t last = (n + cs - 1) // cs - 1     # the only one that may be short
+        for lst in (ch.todo, ch.ctodo, ch.zeros, ch.skips):
+            if lst:
+                total += len(lst) * cs
+                if <int64_t>lst[len(lst) - 1] == last:     # (each list is in order)
+                    total -= last * cs + cs - n
+        return total
 
     cdef bint _write_first(self, Chunk r, Chunk w):
         """While the read of ``r`` (the next chunk to keep) runs: True once the write of
@@ -522,6 +496,7 @@ cdef class Stream:
         if ch.future is not None:
             futures.wait((ch.future,))
             ch.future = None
+        self._refund(ch, 0)
         spare.append(ch.buf)
         ch.buf = None
 
@@ -576,36 +551,6 @@ cdef class Stream:
         except OSError as exc:
             return exc
         return None
-
-    cdef _keep_written(self, Chunk ch, int64_t front, exc):
-        """The chunk's write failed (the lock is held): link the clusters that reached
-        the file before the error, in virtual order up to the first that did not (a full
-        disk lets part of a write through, and with several writes in flight each may be
-        cut short; ``write_kept`` tells how many kept compressed clusters were written
-        whole), give back the rest, and raise StreamIOError at the first cluster not
-        linked. They are linked like any others, their data made durable before the
-        tables that point at them (``on_error`` flushes before the policy is asked). A
-        chunk written at guest offsets (an external data file, in runs) is given back
-        whole."""
-        cdef int64_t cs = self.top.cluster_size
-        cdef int64_t k = max(0, min(getattr(exc, "bytes_written", 0) // cs, len(ch.todo)))
-        cdef int64_t first = first_unwritten(ch, k, getattr(exc, "kept_written", 0))
-        cdef int64_t start = min((ch.todo or ch.ctodo)[0], (ch.ctodo or ch.todo)[0])
-        if first <= start or ch.host < 0 or self._epoch() != ch.epoch:
-            self._give_back(ch, 0)
-            raise StreamIOError(exc, "write", ch.off + start * cs)
-        k = len([j for j in ch.todo if j < first])
-        if k < len(ch.todo):
-            self.top.free_clusters(ch.host + k * cs, len(ch.todo) - k)
-        ch.todo = ch.todo[:k]
-        if ch.ctodo:
-            self.packer.give_back_from(ch, first)
-        ch.zeros = [j for j in ch.zeros if j < first]
-        ch.skips = [j for j in ch.skips if j < first]
-        self._link_chunk(ch, front)    # raises StreamIOError itself if linking fails
-        v = ch.off + first * cs
-        self._partly_done(ch, v)       # the chunk to retry (or give up) is [v, end)
-        raise StreamIOError(exc, "write", v)
 
     cdef _link_chunk(self, Chunk ch, int64_t front):
         """Link the chunk's clusters (the lock is held), in virtual order, so that a
@@ -683,13 +628,6 @@ cdef class Stream:
             self.packer.give_back(at, nb)
         ch.cdone = i + 1
         return 0
-
-    cdef _partly_done(self, Chunk ch, int64_t v):
-        """A chunk failed at ``v`` after its earlier clusters were done (and counted):
-        leave the chunk as [v, end) for the error policy."""
-        self.done_front = max(self.done_front, v)
-        ch.n -= v - ch.off
-        ch.off = v
 
     def finish_sync(self):
         """Make everything copied durable (before the backing link changes). The caller

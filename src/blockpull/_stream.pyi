@@ -8,6 +8,7 @@ from blockpull._driver import Driver
 from blockpull._inflight import Flight
 from blockpull._q2keep import KeepPlan
 from blockpull._ratelimit import RateLimiter
+from blockpull._streamerr import StreamErrors
 
 DEFAULT_CHUNK: int
 DEFAULT_BATCH: int
@@ -16,7 +17,7 @@ DEFAULT_READ_DEPTH: int
 MAX_READ_DEPTH: int
 
 @disjoint_base
-class Stream:
+class Stream(StreamErrors):
     flight: Flight
     base_depth: int
     keep_base: bool
@@ -26,9 +27,7 @@ class Stream:
     copied: int
     zeroed: int
     skipped_zero: int
-    errors: int
     plan_pos: int
-    done_front: int
     tracking: bool
     cancel_requested: bool
     pause_requested: bool

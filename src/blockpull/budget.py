@@ -20,6 +20,8 @@ class Budget:
     """A bandwidth in bytes/s (0: unlimited) shared by every pull started with it.
 
     ``bandwidth`` takes an int (bytes/s) or a string such as ``"200M"`` (MiB/s).
+    ``limiter`` is its schedule (``limiter.charged``: the bytes its pulls paid for, the
+    clusters they read and copied).
     Raises ValueError for a negative or malformed bandwidth.
     """
 
