@@ -238,7 +238,7 @@ cdef int cor_group(Driver top, list views, list vaddrs, int64_t cs) except -1:
             if not top.link(vaddrs[i], host + i * cs):
                 top.free_clusters(host + i * cs, 1)
             i += 1
-    except OSError:
+    except Exception:
         # nothing points at the clusters not linked yet: give them back
         top.free_clusters(host + i * cs, len(vaddrs) - i)
         raise

@@ -232,7 +232,7 @@ cdef class Qcow2Sub(Qcow2Ordering):
                 self.ext_replace(c + i, <uint64_t>(host + i * cs) | COPIED, SUB_ALLOC_ALL)
                 self.fresh.append((c + i, host + i * cs, (e, bm)))
                 i += 1
-        except OSError:
+        except Exception:
             # nothing points at the clusters not linked yet: give them back
             self.free_clusters(host + i * cs, k - i)
             raise
@@ -295,7 +295,7 @@ cdef class Qcow2Sub(Qcow2Ordering):
             self.guest_dirty = True
             self.file.write_full(p, n, host + at)
             self.ext_replace(c, <uint64_t>host | COPIED, newbm)
-        except OSError:
+        except Exception:
             # nothing points at the new cluster yet: give it back
             self.free_clusters(host, 1)
             raise
@@ -487,7 +487,7 @@ cdef class Qcow2Sub(Qcow2Ordering):
             for key in targets:
                 if key is not None:
                     self.ext_copy_subs(key[1], key[0], targets[key][0])
-        except OSError:
+        except Exception:
             for nh in made:
                 self.free_clusters(nh, 1)
             raise

@@ -187,7 +187,7 @@ cdef class Qcow2(Qcow2ExtData):
         cdef int64_t off = self.alloc_clusters(1)
         try:
             self.rc.claim(off >> self.cluster_bits, 1)
-        except OSError:
+        except Exception:
             self.free_clusters(off, 1)
             raise
         return off
@@ -392,7 +392,7 @@ cdef class Qcow2(Qcow2ExtData):
                     self._replace(c + i, <uint64_t>(host + i * cs) | COPIED)
                     self.fresh.append((c + i, host + i * cs, e2))
                     i += 1
-            except OSError:
+            except Exception:
                 # nothing points at the clusters not linked yet: give them back
                 self.free_clusters(host + i * cs, k - i)
                 raise

@@ -312,7 +312,7 @@ cdef class Qed(Driver):
         # must not be the write that a full disk fails, after data was linked to it.
         try:
             self.file.write_full(bytes(self.table_bytes), self.table_bytes, off)
-        except OSError:
+        except Exception:
             self.free_clusters(off, self.table_size)
             raise
         nt = Table(off, self.table_bytes)
@@ -485,7 +485,7 @@ cdef class Qed(Driver):
                     self._note_linked(host + (i + 1) * cs)
                     self.fresh.append((c + i, host + i * cs, e2))
                     i += 1
-            except OSError:
+            except Exception:
                 # nothing points at the clusters not linked yet: give them back
                 self.free_clusters(host + i * cs, k - i)
                 raise
