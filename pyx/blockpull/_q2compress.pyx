@@ -154,6 +154,18 @@ cdef class Decompressor:
         path = self.path
         if self.zstd_dctx is None:
             self.zstd_dctx = _zstd_module().ZstdDecompressor()
+        # the common case, one frame that completes the cluster, decoded in one call
+        # (no stream, no copies); anything else takes the frame-by-frame walk below,
+        # which also words the errors
+        flen = zstd_frame_len(comp, 0)
+        if flen > 0:
+            try:
+                plain = self.zstd_dctx.decompress(comp[:flen] if flen < len(comp) else comp,
+                                                  max_output_size=cs)
+            except _zstd_module().ZstdError:
+                plain = None
+            if plain is not None and len(plain) == cs:
+                return plain
         out = bytearray()
         while len(out) < cs:
             if pos >= len(comp):
