@@ -13,16 +13,10 @@ import pytest
 
 import blockpull
 import qcow2_edit
+from compdata import text_clusters
 
 
-def _text(n, cs, seed=3):
-    """``n`` clusters of text that compresses to about a third."""
-    rnd = random.Random(seed)
-    words = b"disk image cluster table refcount backing template overlay pull".split()
-    out = bytearray()
-    while len(out) < n * cs:
-        out += b" ".join(rnd.choice(words) for _ in range(12)) + b" %d\n" % rnd.randrange(1 << 30)
-    return bytes(out[:n * cs])
+_text = text_clusters
 
 
 def _tiny(n, cs):
