@@ -96,6 +96,8 @@ cdef class Snapshots:
         refcount_order). With extended L2 entries every view is counted (one may lack
         a subcluster of a cluster it has)."""
         cdef int64_t need
+        if <uint64_t>(1 + len(self.l1s)) <= rc_max:
+            return 0        # every view at once fits: nothing to count (a pull's case)
         if self.cmap.extended_l2:
             need = 1 + len(self.l1s)
         else:

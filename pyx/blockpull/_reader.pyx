@@ -150,7 +150,9 @@ cdef class KeptSpan:
                 and coff + clen - self.start <= KEPT_SPAN)
 
     cdef int add(self, File f, int64_t j, int64_t coff, int64_t clen) except -1:
-        if not self.takes(f, coff, clen):
+        """Add cluster ``j``'s bytes: to the span when it ``takes`` them (the caller
+        flushes it first when it does not), else as the start of a new one."""
+        if self.f is None:
             self.f = f
             self.start = coff
             self.end = coff
