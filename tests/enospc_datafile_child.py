@@ -16,32 +16,21 @@ equals the chain. CASE "extl2": extended L2 entries, the top already holding som
 subclusters of the clusters to pull. Exit 0 and "ok" when all holds.
 """
 import errno
-import json
 import os
 import random
-import subprocess
 import sys
 import time
 
 import blockpull
+from childhelp import backing_of, judge, sh, top_map
 
 MiB = 1 << 20
 CS = 64 << 10
 
 
-def sh(*args, check=True):
-    r = subprocess.run(list(args), capture_output=True, text=True)
-    if check and r.returncode != 0:
-        raise AssertionError(f"{' '.join(args)}: {r.returncode}\n{r.stdout}{r.stderr}")
-    return r
-
-
-def judge(top, base, what):
-    r = sh("qemu-img", "check", "-U", top, check=False)
-    assert r.returncode == 0, \
-        f"{what}: qemu-img check exit {r.returncode}\n{r.stdout}{r.stderr}"
-    r = sh("qemu-img", "compare", "-U", top, base, check=False)
-    assert r.returncode == 0, f"{what}: reads differ from the chain\n{r.stdout}{r.stderr}"
+def top_extents(path):
+    """The ranges the top itself maps; in a data file they are at their guest offsets."""
+    return [(e["start"], e["start"] + e["length"]) for e in top_map(path)]
 
 
 def top_bytes(path):
@@ -70,19 +59,6 @@ def data_extents(path):
 def clusters(extents):
     """The whole clusters within ``extents`` (byte ranges), as cluster numbers."""
     return {c for a, b in extents for c in range((a + CS - 1) // CS, b // CS)}
-
-
-def top_extents(path):
-    """The ranges the top itself maps (qemu-img map: depth 0, data); in a data file
-    they are at their guest offsets."""
-    r = sh("qemu-img", "map", "-U", "--output=json", path)
-    return [(e["start"], e["start"] + e["length"]) for e in json.loads(r.stdout)
-            if e["depth"] == 0 and e["data"]]
-
-
-def backing_of(path):
-    r = sh("qemu-img", "info", "-U", "--output=json", path)
-    return json.loads(r.stdout).get("backing-filename")
 
 
 def make_chain(work, mnt, case):

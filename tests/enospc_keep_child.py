@@ -12,35 +12,19 @@ pull pauses instead, and once there is room ``resume()`` completes it). Exit 0 a
 when all holds.
 """
 import errno
-import json
 import os
 import random
-import subprocess
 import sys
 import time
 
 import blockpull
+from childhelp import judge as _judge, sh, top_map
 
 MiB = 1 << 20
 
 
-def sh(*args, check=True):
-    r = subprocess.run(list(args), capture_output=True, text=True)
-    if check and r.returncode != 0:
-        raise AssertionError(f"{' '.join(args)}: {r.returncode}\n{r.stdout}{r.stderr}")
-    return r
-
-
 def judge(top, raw, what):
-    r = sh("qemu-img", "check", "-U", top, check=False)
-    assert r.returncode == 0, f"{what}: qemu-img check exit {r.returncode}\n{r.stdout}{r.stderr}"
-    r = sh("qemu-img", "compare", "-U", "-F", "raw", top, raw, check=False)
-    assert r.returncode == 0, f"{what}: reads differ\n{r.stdout}{r.stderr}"
-
-
-def top_map(path):
-    r = sh("qemu-img", "map", "-U", "--output=json", path)
-    return [e for e in json.loads(r.stdout) if e["depth"] == 0 and e["data"]]
+    _judge(top, raw, what, "raw")
 
 
 def main():

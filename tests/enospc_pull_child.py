@@ -12,43 +12,15 @@ link kept; with room again, a new pull (or the resumed one) completes. MODE "cli
 and "ok" when all holds.
 """
 import errno
-import json
 import os
 import subprocess
 import sys
 import time
 
 import blockpull
+from childhelp import backing_of, check_clean, same, sh, top_bytes
 
 MiB = 1 << 20
-
-
-def sh(*args, check=True):
-    r = subprocess.run(list(args), capture_output=True, text=True)
-    if check and r.returncode != 0:
-        raise AssertionError(f"{' '.join(args)}: {r.returncode}\n{r.stdout}{r.stderr}")
-    return r
-
-
-def check_clean(path, what):
-    r = sh("qemu-img", "check", "-U", path, check=False)
-    assert r.returncode == 0, f"{what}: qemu-img check exit {r.returncode}\n{r.stdout}{r.stderr}"
-
-
-def same(path, base, what):
-    r = sh("qemu-img", "compare", "-U", path, base, check=False)
-    assert r.returncode == 0, f"{what}: reads differ from the chain\n{r.stdout}{r.stderr}"
-
-
-def top_bytes(path):
-    """Bytes the overlay itself maps (qemu-img map: depth 0, data)."""
-    r = sh("qemu-img", "map", "-U", "--output=json", path)
-    return sum(e["length"] for e in json.loads(r.stdout) if e["depth"] == 0 and e["data"])
-
-
-def backing_of(path):
-    r = sh("qemu-img", "info", "-U", "--output=json", path)
-    return json.loads(r.stdout).get("backing-filename")
 
 
 def main():
