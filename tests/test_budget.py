@@ -149,11 +149,13 @@ def test_a_jobs_own_speed_holds_after_the_budget_held_it_back():
 
 # ---- real pulls sharing a budget ----------------------------------------------------------
 
-def _chain(qemu, tmp_path, name, size):
+def _chain(qemu, tmp_path, name, size, writes=None):
+    """base (``writes``, qemu-io commands; default: 0x5a all over) <- empty top: the
+    top and a raw file of what it reads."""
     base = tmp_path / f"{name}-base.qcow2"
     top = tmp_path / f"{name}.qcow2"
     qemu.img("create", "-q", "-f", "qcow2", str(base), str(size))
-    qemu.io(str(base), f"write -P 0x5a 0 {size}", fmt="qcow2")
+    qemu.io(str(base), *(writes or [f"write -P 0x5a 0 {size}"]), fmt="qcow2")
     qemu.img("create", "-q", "-f", "qcow2", "-b", base.name, "-F", "qcow2", str(top))
     ref = tmp_path / f"{name}.raw"
     qemu.img("convert", "-O", "raw", str(top), str(ref))
@@ -315,15 +317,9 @@ def test_a_limiter_counts_what_was_drawn_and_given_back():
 
 
 def _dense_chain(qemu, tmp_path, name, size):
-    base = tmp_path / f"{name}-base.qcow2"
-    top = tmp_path / f"{name}.qcow2"
-    qemu.img("create", "-q", "-f", "qcow2", str(base), str(size))
     half = size // 2
-    qemu.io(str(base), f"write -P 0x5a 0 {half}", f"write -P 0xa5 {half} {half}", fmt="qcow2")
-    qemu.img("create", "-q", "-f", "qcow2", "-b", base.name, "-F", "qcow2", str(top))
-    ref = tmp_path / f"{name}.raw"
-    qemu.img("convert", "-O", "raw", str(top), str(ref))
-    return top, ref
+    return _chain(qemu, tmp_path, name, size,
+                  [f"write -P 0x5a 0 {half}", f"write -P 0xa5 {half} {half}"])
 
 
 def test_a_limited_pull_is_charged_for_what_it_copies(qemu, tmp_path):
